@@ -1,0 +1,3 @@
+//! The `mlx-worker` binary.
+
+fn main() {}

@@ -1,0 +1,547 @@
+//! The worker's configuration: one YAML file, then `MLX_WORKER_*` environment variables, then
+//! command-line flags, resolved into one validated [`WorkerConfig`] before anything starts.
+//!
+//! The file format is the existing mlx-serving `cluster.yaml` (camelCase keys), with the PRD's
+//! snake_case spellings accepted as aliases and a top-level `cluster:` wrapper allowed. Sections
+//! that only the controller reads (`controller`, `workers`, `loadBalancing`, `requestRouting`)
+//! are accepted and ignored, so one file serves both; any other unknown key is an error naming
+//! the key and its line. Environment variables and flags set individual [`Setting`]s.
+//!
+//! This module is the only one that reads the process environment. It owns parsing and
+//! validation; it does not start anything.
+
+mod raw;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::protocol::request::RequestLimits;
+use crate::tier::ModelTier;
+
+use raw::RawConfig;
+
+/// Default heartbeat interval (the existing controller's).
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(5000);
+/// Default number of heartbeats between two periodic re-registrations.
+pub const DEFAULT_REREGISTER_EVERY_HEARTBEATS: u32 = 12;
+/// Default deadline of one request, from receipt to its terminal message.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default time a drain waits for running and queued requests.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default longest wait for a listener on `response.{requestId}` before the first message.
+pub const DEFAULT_LATE_SUBSCRIBER_WAIT: Duration = Duration::from_secs(2);
+/// Default NATS server when none is configured and the embedded server is used.
+pub const DEFAULT_EMBEDDED_PORT: u16 = 4222;
+/// Default NATS client ping interval: a dead link is noticed within two of these.
+pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(5);
+/// Default upper bound of the NATS reconnect backoff (the existing `reconnectTimeWait`).
+pub const DEFAULT_RECONNECT_WAIT: Duration = Duration::from_millis(2000);
+/// Default worker HTTP port (metrics and health).
+pub const DEFAULT_PORT: u16 = 8080;
+/// Default operator priority (the controller's own default).
+pub const DEFAULT_PRIORITY: u8 = 50;
+/// Default queue bound.
+pub const DEFAULT_QUEUE_DEPTH: usize = 100;
+/// Default `maxTokens` when a request sets none (the existing worker's).
+pub const DEFAULT_MAX_TOKENS: u32 = 100;
+/// Default temperature when a request sets none.
+pub const DEFAULT_TEMPERATURE: f64 = 0.7;
+/// Default top-p when a request sets none.
+pub const DEFAULT_TOP_P: f64 = 0.9;
+/// Default directory scanned for models (the existing worker's, relative to the working dir).
+pub const DEFAULT_MODEL_DIR: &str = "model";
+/// Default directory holding the worker's persistent state (its generated id).
+pub const DEFAULT_STATE_DIR: &str = ".state";
+/// Default Python interpreter for the MLX runtime: the project-local venv.
+pub const DEFAULT_PYTHON: &str = ".venv/bin/python";
+/// Default directory of the MLX runtime package.
+pub const DEFAULT_RUNTIME_DIR: &str = "runtime";
+/// Default time the MLX runtime has to become ready.
+pub const DEFAULT_ENGINE_STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default deadline of one JSON-RPC call that is not a model load.
+pub const DEFAULT_ENGINE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default deadline of one model load.
+pub const DEFAULT_MODEL_LOAD_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default restarts of the MLX runtime allowed per restart window.
+pub const DEFAULT_ENGINE_RESTARTS_MAX: u32 = 5;
+/// Default restart window.
+pub const DEFAULT_ENGINE_RESTART_WINDOW: Duration = Duration::from_secs(300);
+/// Default share of failed requests in the recent window above which the worker is degraded.
+pub const DEFAULT_DEGRADED_ERROR_RATIO: f64 = 0.5;
+
+/// The whole resolved configuration. Components receive their own section by value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerConfig {
+    /// The NATS connection.
+    pub nats: NatsConfig,
+    /// The worker node: identity, heartbeats, admission, timeouts.
+    pub node: NodeConfig,
+    /// The MLX engine and the models on disk.
+    pub engine: EngineConfig,
+    /// Logs.
+    pub logging: LoggingConfig,
+}
+
+/// A string that must never be printed: `Debug` shows `"<redacted>"`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that hands it to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// How the worker reaches NATS.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NatsConfig {
+    /// Server URLs; more than one for a cluster.
+    pub servers: Vec<String>,
+    /// When set, the worker starts its own `nats-server` on this port before connecting.
+    pub embedded: Option<EmbeddedNats>,
+    /// Connection name shown by the server.
+    pub name: String,
+    /// Credentials.
+    pub auth: NatsAuth,
+    /// Upper bound of the reconnect backoff.
+    pub reconnect_wait_max: Duration,
+    /// Reconnect attempts before giving up; `None` retries forever.
+    pub max_reconnect_attempts: Option<usize>,
+    /// Client ping interval.
+    pub ping_interval: Duration,
+}
+
+/// The embedded `nats-server` the worker starts itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EmbeddedNats {
+    /// Client port, on the loopback interface.
+    pub port: u16,
+}
+
+/// NATS credentials.
+#[derive(Clone, Debug, PartialEq)]
+pub enum NatsAuth {
+    /// No authentication.
+    None,
+    /// User and password.
+    UserPassword {
+        /// The user.
+        user: String,
+        /// The password.
+        password: Secret,
+    },
+    /// A bearer token.
+    Token(Secret),
+}
+
+/// Concurrency bounds of one model tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TierLimit {
+    /// Requests of this tier that may run at once.
+    pub max_concurrent: usize,
+    /// Requests of this tier that may wait.
+    pub queue_depth: usize,
+}
+
+/// Sampling defaults for requests that leave a field out.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GenerationDefaults {
+    /// `maxTokens` default.
+    pub max_tokens: u32,
+    /// `temperature` default.
+    pub temperature: f64,
+    /// `topP` default.
+    pub top_p: f64,
+}
+
+/// The worker node.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeConfig {
+    /// Configured id; when `None` the worker generates one and keeps it in `state_dir`.
+    pub worker_id: Option<String>,
+    /// Where the generated worker id is kept across restarts.
+    pub state_dir: PathBuf,
+    /// HTTP port for metrics and health; 0 lets the system choose.
+    pub port: u16,
+    /// Operator labels sent in the registration.
+    pub tags: Vec<String>,
+    /// Operator priority, 0–100, sent in the registration.
+    pub priority: u8,
+    /// Heartbeat period.
+    pub heartbeat_interval: Duration,
+    /// Re-register every this many heartbeats (and after every reconnect).
+    pub reregister_every: u32,
+    /// Deadline of a request from receipt, unless the request asks for less.
+    pub request_timeout: Duration,
+    /// Time a drain waits for running and queued requests.
+    pub drain_timeout: Duration,
+    /// Longest wait for a listener before the first message of a stream.
+    pub late_subscriber_wait: Duration,
+    /// Requests running at once; `None` takes the hardware recommendation.
+    pub inflight_max: Option<usize>,
+    /// Requests waiting at most.
+    pub queue_depth_max: usize,
+    /// Per-tier overrides of the hardware recommendation.
+    pub tier_limits: BTreeMap<ModelTier, TierLimit>,
+    /// Bounds on inbound requests.
+    pub request_limits: RequestLimits,
+    /// Defaults for fields a request leaves out.
+    pub generation_defaults: GenerationDefaults,
+    /// Share of failed requests in the recent window above which the worker reports degraded.
+    pub degraded_error_ratio: f64,
+}
+
+/// The MLX engine and the models it serves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineConfig {
+    /// Python interpreter that runs the runtime.
+    pub python: PathBuf,
+    /// Directory holding the `mlx_runtime` package.
+    pub runtime_dir: PathBuf,
+    /// Root scanned for models.
+    pub model_dir: PathBuf,
+    /// Models loaded at start.
+    pub preload: Vec<String>,
+    /// Unload a model after it has been idle this long; `None` keeps models loaded.
+    pub keep_alive: Option<Duration>,
+    /// Time the runtime has to become ready.
+    pub startup_timeout: Duration,
+    /// Deadline of a JSON-RPC call other than a load.
+    pub call_timeout: Duration,
+    /// Deadline of a model load.
+    pub load_timeout: Duration,
+    /// Restarts allowed within `restart_window` before the worker gives up on the engine.
+    pub restarts_max: u32,
+    /// Window of the restart budget.
+    pub restart_window: Duration,
+}
+
+/// Log output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoggingConfig {
+    /// A `tracing` filter directive such as `info` or `mlx_worker=debug`.
+    pub level: String,
+    /// Line format.
+    pub format: LogFormat,
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable text.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A value that can be set from the environment or a flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Setting {
+    /// `nats.serverUrl` (comma-separated for several servers).
+    NatsUrl,
+    /// `nats.mode`: `embedded` or `external`.
+    NatsMode,
+    /// `nats.embedded.port`.
+    NatsEmbeddedPort,
+    /// `nats.user`.
+    NatsUser,
+    /// `nats.password`.
+    NatsPassword,
+    /// `nats.token`.
+    NatsToken,
+    /// `worker.workerId`.
+    WorkerId,
+    /// `worker.port`.
+    Port,
+    /// `worker.tags` (comma-separated).
+    Tags,
+    /// `worker.priority`.
+    Priority,
+    /// `worker.stateDir`.
+    StateDir,
+    /// `worker.modelDir`.
+    ModelDir,
+    /// `worker.preWarming.models` (comma-separated).
+    Preload,
+    /// `worker.maxConcurrent`.
+    MaxConcurrent,
+    /// `worker.requestQueue.maxDepth`.
+    QueueDepth,
+    /// `worker.requestTimeoutMs`.
+    RequestTimeoutMs,
+    /// `worker.drainTimeoutMs`.
+    DrainTimeoutMs,
+    /// `discovery.heartbeatIntervalMs`.
+    HeartbeatIntervalMs,
+    /// `runtime.pythonPath`.
+    Python,
+    /// `runtime.runtimeDir`.
+    RuntimeDir,
+    /// `logging.level`.
+    LogLevel,
+    /// `logging.format`.
+    LogFormat,
+}
+
+impl Setting {
+    /// Every setting.
+    pub const ALL: [Setting; 22] = [
+        Setting::NatsUrl,
+        Setting::NatsMode,
+        Setting::NatsEmbeddedPort,
+        Setting::NatsUser,
+        Setting::NatsPassword,
+        Setting::NatsToken,
+        Setting::WorkerId,
+        Setting::Port,
+        Setting::Tags,
+        Setting::Priority,
+        Setting::StateDir,
+        Setting::ModelDir,
+        Setting::Preload,
+        Setting::MaxConcurrent,
+        Setting::QueueDepth,
+        Setting::RequestTimeoutMs,
+        Setting::DrainTimeoutMs,
+        Setting::HeartbeatIntervalMs,
+        Setting::Python,
+        Setting::RuntimeDir,
+        Setting::LogLevel,
+        Setting::LogFormat,
+    ];
+
+    /// The environment variable's name without the `MLX_WORKER_` prefix.
+    pub fn env_suffix(self) -> &'static str {
+        match self {
+            Setting::NatsUrl => "NATS_URL",
+            Setting::NatsMode => "NATS_MODE",
+            Setting::NatsEmbeddedPort => "NATS_EMBEDDED_PORT",
+            Setting::NatsUser => "NATS_USER",
+            Setting::NatsPassword => "NATS_PASSWORD",
+            Setting::NatsToken => "NATS_TOKEN",
+            Setting::WorkerId => "ID",
+            Setting::Port => "PORT",
+            Setting::Tags => "TAGS",
+            Setting::Priority => "PRIORITY",
+            Setting::StateDir => "STATE_DIR",
+            Setting::ModelDir => "MODEL_DIR",
+            Setting::Preload => "PRELOAD",
+            Setting::MaxConcurrent => "MAX_CONCURRENT",
+            Setting::QueueDepth => "QUEUE_DEPTH",
+            Setting::RequestTimeoutMs => "REQUEST_TIMEOUT_MS",
+            Setting::DrainTimeoutMs => "DRAIN_TIMEOUT_MS",
+            Setting::HeartbeatIntervalMs => "HEARTBEAT_INTERVAL_MS",
+            Setting::Python => "PYTHON",
+            Setting::RuntimeDir => "RUNTIME_DIR",
+            Setting::LogLevel => "LOG_LEVEL",
+            Setting::LogFormat => "LOG_FORMAT",
+        }
+    }
+
+    /// The configuration key the setting overrides, for messages and docs.
+    pub fn key(self) -> &'static str {
+        match self {
+            Setting::NatsUrl => "nats.serverUrl",
+            Setting::NatsMode => "nats.mode",
+            Setting::NatsEmbeddedPort => "nats.embedded.port",
+            Setting::NatsUser => "nats.user",
+            Setting::NatsPassword => "nats.password",
+            Setting::NatsToken => "nats.token",
+            Setting::WorkerId => "worker.workerId",
+            Setting::Port => "worker.port",
+            Setting::Tags => "worker.tags",
+            Setting::Priority => "worker.priority",
+            Setting::StateDir => "worker.stateDir",
+            Setting::ModelDir => "worker.modelDir",
+            Setting::Preload => "worker.preWarming.models",
+            Setting::MaxConcurrent => "worker.maxConcurrent",
+            Setting::QueueDepth => "worker.requestQueue.maxDepth",
+            Setting::RequestTimeoutMs => "worker.requestTimeoutMs",
+            Setting::DrainTimeoutMs => "worker.drainTimeoutMs",
+            Setting::HeartbeatIntervalMs => "discovery.heartbeatIntervalMs",
+            Setting::Python => "runtime.pythonPath",
+            Setting::RuntimeDir => "runtime.runtimeDir",
+            Setting::LogLevel => "logging.level",
+            Setting::LogFormat => "logging.format",
+        }
+    }
+
+    /// Whether the value is a secret that must not appear in messages.
+    pub fn is_secret(self) -> bool {
+        matches!(self, Setting::NatsPassword | Setting::NatsToken)
+    }
+}
+
+/// Where an override came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// An environment variable, by name.
+    Env(String),
+    /// A command-line flag, by name.
+    Flag(&'static str),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Env(name) => write!(f, "environment variable {name}"),
+            Origin::Flag(flag) => write!(f, "flag {flag}"),
+        }
+    }
+}
+
+/// One setting's value from the environment or a flag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Override {
+    /// What it sets.
+    pub setting: Setting,
+    /// The text given.
+    pub value: String,
+    /// Where it came from.
+    pub origin: Origin,
+}
+
+/// Why the configuration could not be resolved.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is larger than [`crate::limits::CONFIG_BYTES_MAX`].
+    #[error("config file {path} is {len} bytes, limit {limit}")]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        len: u64,
+        /// The limit.
+        limit: usize,
+    },
+    /// The YAML is malformed or has an unknown or mistyped key.
+    #[error("config file {path}: {message}")]
+    Yaml {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with the line and column.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("config key {key}: {reason}")]
+    Invalid {
+        /// The dotted key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+    /// An environment variable or flag could not be applied.
+    #[error("{origin} ({key}): {reason}")]
+    Override {
+        /// Where it came from.
+        origin: Origin,
+        /// The key it sets.
+        key: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// An `MLX_WORKER_*` environment variable names no setting.
+    #[error("unknown environment variable {name}; known: {known}")]
+    UnknownEnv {
+        /// The variable.
+        name: String,
+        /// The known names.
+        known: String,
+    },
+}
+
+/// The prefix of every environment variable the worker reads.
+pub const ENV_PREFIX: &str = "MLX_WORKER_";
+
+/// The environment variable naming the config file, read by the binary.
+pub const ENV_CONFIG_FILE: &str = "MLX_WORKER_CONFIG";
+
+/// Reads the process environment once and returns the `MLX_WORKER_*` pairs, sorted by name.
+///
+/// This is the one place the worker reads its environment.
+pub fn read_environment() -> Vec<(String, String)> {
+    let mut vars: Vec<(String, String)> = std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    vars.sort();
+    vars
+}
+
+/// Turns `MLX_WORKER_*` pairs into overrides. `MLX_WORKER_CONFIG` (the file path) and
+/// `RUST_LOG`-style variables are not settings and are skipped; any other unknown
+/// `MLX_WORKER_*` name is an error, so a misspelt variable is not silently ignored.
+pub fn environment_overrides(vars: &[(String, String)]) -> Result<Vec<Override>, ConfigError> {
+    let mut overrides = Vec::new();
+    for (name, value) in vars {
+        let Some(suffix) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        if name == ENV_CONFIG_FILE {
+            continue;
+        }
+        let setting = Setting::ALL
+            .into_iter()
+            .find(|s| s.env_suffix() == suffix)
+            .ok_or_else(|| ConfigError::UnknownEnv {
+                name: name.clone(),
+                known: Setting::ALL
+                    .iter()
+                    .map(|s| format!("{ENV_PREFIX}{}", s.env_suffix()))
+                    .chain([ENV_CONFIG_FILE.to_owned()])
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        overrides.push(Override {
+            setting,
+            value: value.clone(),
+            origin: Origin::Env(name.clone()),
+        });
+    }
+    Ok(overrides)
+}
+
+/// Resolves the configuration: the file (if any), then `env`, then `flags`, then validation.
+pub fn load(
+    file: Option<&Path>,
+    env: &[Override],
+    flags: &[Override],
+) -> Result<WorkerConfig, ConfigError> {
+    let mut raw = match file {
+        Some(path) => raw::read_file(path)?,
+        None => RawConfig::default(),
+    };
+    for o in env.iter().chain(flags) {
+        raw.apply(o)?;
+    }
+    raw.resolve()
+}
+
+/// Parses YAML text (as if read from `path`) and validates it, with no overrides.
+pub fn from_yaml(text: &str, path: &Path) -> Result<WorkerConfig, ConfigError> {
+    raw::parse(text, path)?.resolve()
+}

@@ -1,0 +1,20 @@
+//! mlx-worker: the worker node of a distributed LLM-inference cluster.
+//!
+//! A worker joins a cluster over NATS, announces its hardware and models, sends heartbeats,
+//! takes inference requests on its own subject, runs them on a local engine (MLX, through a
+//! Python runtime spoken to with JSON-RPC over stdio) and streams every token back over NATS.
+//! Its wire format is the one the existing mlx-serving controller (TypeScript) expects.
+//!
+//! # Layout
+//!
+//! Modules in reading order:
+//!
+//! - [`limits`]: every hard bound, as documented constants.
+//! - [`protocol`]: the NATS wire messages, subjects, error codes and inbound validation.
+//! - [`tier`]: model size tiers, the unit of concurrency planning.
+//! - [`config`]: the layered configuration (YAML, then `MLX_WORKER_*` environment, then flags).
+
+pub mod config;
+pub mod limits;
+pub mod protocol;
+pub mod tier;

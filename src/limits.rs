@@ -1,0 +1,85 @@
+//! Every hard bound of the worker, in one place.
+//!
+//! Configuration may lower any of these, never raise one: `config` checks each configured value
+//! against the constant here. The relations between them are checked at compile time at the
+//! bottom of the file, so a change that breaks one does not build.
+
+use std::time::Duration;
+
+/// Largest NATS payload the worker publishes or accepts: nats-server's default `max_payload`.
+pub const NATS_PAYLOAD_BYTES_MAX: usize = 1024 * 1024;
+
+/// Largest prompt, in UTF-8 bytes, that a request may carry.
+pub const PROMPT_BYTES_MAX: usize = 512 * 1024;
+
+/// Largest `maxTokens` a request may ask for (the MLX runtime's own generation cap).
+pub const MAX_TOKENS_MAX: u32 = 4096;
+
+/// Longest request id, worker id or session id, in bytes.
+pub const ID_BYTES_MAX: usize = 128;
+
+/// Longest model id, in bytes (the MLX runtime rejects longer ones).
+pub const MODEL_ID_BYTES_MAX: usize = 512;
+
+/// Deepest JSON nesting accepted in an inbound NATS message.
+pub const JSON_DEPTH_MAX: usize = 32;
+
+/// Longest line read from the MLX runtime's stdout. The existing runtime repeats the whole
+/// text so far in every token, so its lines grow with the output; ours are short.
+pub const RPC_LINE_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// Longest line written to the MLX runtime's stdin (the runtime rejects longer ones).
+pub const RPC_REQUEST_BYTES_MAX: usize = 1024 * 1024;
+
+/// Largest configuration file read, in bytes.
+pub const CONFIG_BYTES_MAX: usize = 1024 * 1024;
+
+/// Most requests one worker runs at once, whatever the configuration says.
+pub const INFLIGHT_REQUESTS_MAX: usize = 1024;
+
+/// Most requests one worker holds waiting for a slot.
+pub const QUEUE_DEPTH_MAX: usize = 10_000;
+
+/// Most tags a worker may carry, and the longest tag in bytes.
+pub const TAGS_MAX: usize = 32;
+/// Longest tag, in bytes.
+pub const TAG_BYTES_MAX: usize = 64;
+
+/// Capacity of the channel that carries one generation's tokens from the engine to the
+/// publisher; a full channel makes the engine wait, so memory per stream stays bounded.
+pub const TOKEN_CHANNEL_CAPACITY: usize = 64;
+
+/// Messages a subscription buffers before the transport applies back-pressure.
+pub const SUBSCRIPTION_CAPACITY: usize = 4096;
+
+/// Samples kept by the metrics collector's rolling window.
+pub const METRICS_WINDOW_REQUESTS: usize = 1000;
+
+/// Shortest heartbeat interval the configuration accepts.
+pub const HEARTBEAT_INTERVAL_MIN: Duration = Duration::from_millis(50);
+
+/// Longest any single request may run, whatever the configuration or the request says.
+pub const REQUEST_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
+
+/// Longest drain the worker waits for at stop.
+pub const DRAIN_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
+
+/// Longest the worker holds the first message of a stream while nobody listens yet.
+pub const LATE_SUBSCRIBER_WAIT_MAX: Duration = Duration::from_secs(60);
+
+/// Upper bound of the registration retry backoff.
+pub const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Request ids remembered after they finished, to answer a late duplicate.
+pub const FINISHED_IDS_REMEMBERED: usize = 4096;
+
+/// Bytes of JSON framing around a prompt in an inference request, at most, besides the
+/// prompt itself (ids, numbers, field names, escapes are counted in the prompt's share).
+const REQUEST_FRAMING_BYTES: usize = 4 * 1024;
+
+const _: () = assert!(PROMPT_BYTES_MAX + REQUEST_FRAMING_BYTES <= NATS_PAYLOAD_BYTES_MAX);
+const _: () = assert!(PROMPT_BYTES_MAX + REQUEST_FRAMING_BYTES <= RPC_REQUEST_BYTES_MAX);
+const _: () = assert!(RPC_REQUEST_BYTES_MAX <= RPC_LINE_BYTES_MAX);
+const _: () = assert!(ID_BYTES_MAX <= MODEL_ID_BYTES_MAX);
+const _: () = assert!(INFLIGHT_REQUESTS_MAX <= QUEUE_DEPTH_MAX);
+const _: () = assert!(TAGS_MAX * TAG_BYTES_MAX <= REQUEST_FRAMING_BYTES);
