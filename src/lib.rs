@@ -13,8 +13,19 @@
 //! - [`protocol`]: the NATS wire messages, subjects, error codes and inbound validation.
 //! - [`tier`]: model size tiers, the unit of concurrency planning.
 //! - [`config`]: the layered configuration (YAML, then `MLX_WORKER_*` environment, then flags).
+//! - [`hardware`]: the `HardwareProbe` seam, host profiles and concurrency recommendations.
 
+pub mod clock;
 pub mod config;
+pub mod engine;
+pub mod hardware;
+pub mod identity;
+pub mod lifecycle;
 pub mod limits;
+pub mod metrics;
+pub mod models;
 pub mod protocol;
+pub mod scheduler;
 pub mod tier;
+pub mod transport;
+pub mod worker;

@@ -1,0 +1,162 @@
+"""Loaded models: loading from local directories, lookup by id, unloading.
+
+Models are loaded on the compute thread (`LoadJob`); lookups and unloads
+happen on the read loop. A stream holds its own reference to the model it
+was admitted with, so unloading never pulls a model out from under a
+running or queued generation: the memory is freed when the last one ends.
+"""
+
+import logging
+import threading
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+from mlx.utils import tree_flatten
+from mlx_lm.tokenizer_utils import TokenizerWrapper
+from mlx_lm.utils import get_total_parameters
+
+from . import limits
+from .jsonrpc import MODEL_LOAD_ERROR, MODEL_NOT_LOADED, RpcError, internal_error
+
+log = logging.getLogger(__name__)
+
+_CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_ctx", "max_sequence_length", "seq_length")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model_id: str
+    model: nn.Module
+    tokenizer: TokenizerWrapper
+    # The `load_model` result, returned again for repeated loads.
+    info: dict[str, Any]
+
+
+def load_error(model_id: str, reason: str) -> RpcError:
+    return RpcError(
+        MODEL_LOAD_ERROR, f"Failed to load model {model_id}: {reason}", {"model_id": model_id}
+    )
+
+
+def not_loaded(model_id: str) -> RpcError:
+    return RpcError(MODEL_NOT_LOADED, f"Model not loaded: {model_id}", {"model_id": model_id})
+
+
+def model_directory(model_id: str, local_path: str | None) -> Path:
+    """The directory to load from: `local_path`, else the model id as a path.
+
+    Never a Hugging Face repository: nothing is downloaded.
+    """
+    path = Path(local_path if local_path is not None else model_id).resolve()
+    if not path.is_dir():
+        raise load_error(model_id, f"Model path not found: {path}")
+    return path
+
+
+def _context_length(config: dict) -> int:
+    for key in _CONTEXT_LENGTH_KEYS:
+        value = config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return limits.CONTEXT_LENGTH_DEFAULT
+
+
+def _dtype_name(model: nn.Module, config: dict) -> str:
+    """Quantized models as "q4" etc., else the float dtype holding most weights."""
+    quantization = config.get("quantization")
+    if isinstance(quantization, dict) and "bits" in quantization:
+        return f"q{quantization['bits']}"
+    elements: Counter = Counter()
+    for _, array in tree_flatten(model.parameters()):
+        if mx.issubdtype(array.dtype, mx.floating):
+            elements[array.dtype] += array.size
+    if not elements:
+        return "unknown"
+    dtype = elements.most_common(1)[0][0]
+    # str(mx.float16) is "mlx.core.float16".
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+class ModelRegistry:
+    """Models by id. `_models` is shared by the read loop and the compute thread."""
+
+    def __init__(self, models_max: int):
+        self._models_max = models_max
+        self._lock = threading.Lock()
+        self._models: dict[str, LoadedModel] = {}
+
+    def get(self, model_id: str) -> LoadedModel:
+        with self._lock:
+            loaded = self._models.get(model_id)
+        if loaded is None:
+            raise not_loaded(model_id)
+        return loaded
+
+    def find(self, model_id: str) -> LoadedModel | None:
+        with self._lock:
+            return self._models.get(model_id)
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
+
+    def unload(self, model_id: str) -> bool:
+        with self._lock:
+            return self._models.pop(model_id, None) is not None
+
+    def load(self, model_id: str, path: Path) -> LoadedModel:
+        """Load from `path` (compute thread only). A loaded id is returned as is."""
+        existing = self.find(model_id)
+        if existing is not None:
+            return existing
+        if len(self.ids()) >= self._models_max:
+            raise load_error(
+                model_id, f"{self._models_max} models are loaded, limit {self._models_max}"
+            )
+        try:
+            model, tokenizer, config = mlx_lm.load(str(path), return_config=True)
+        except Exception as exc:
+            log.exception("loading %s from %s failed", model_id, path)
+            raise load_error(model_id, str(exc) or type(exc).__name__) from None
+        info = {
+            "model_id": model_id,
+            "state": "ready",
+            "context_length": _context_length(config),
+            "parameter_count": int(get_total_parameters(model)),
+            "dtype": _dtype_name(model, config),
+            "is_vision_model": False,
+            "cached_path": str(path),
+        }
+        loaded = LoadedModel(model_id=model_id, model=model, tokenizer=tokenizer, info=info)
+        with self._lock:
+            self._models[model_id] = loaded
+        log.info("loaded %s from %s (%d parameters)", model_id, path, info["parameter_count"])
+        return loaded
+
+
+@dataclass
+class LoadJob:
+    """A `load_model` call waiting for the compute thread; `future` carries the reply."""
+
+    registry: ModelRegistry
+    model_id: str
+    path: Path
+    future: Future
+
+    def run(self) -> None:
+        try:
+            self.future.set_result(self.registry.load(self.model_id, self.path).info)
+        except RpcError as exc:
+            self.future.set_exception(exc)
+        except Exception as exc:
+            log.exception("loading %s failed unexpectedly", self.model_id)
+            self.future.set_exception(load_error(self.model_id, str(exc) or type(exc).__name__))
+
+    def abandon(self) -> None:
+        self.future.set_exception(internal_error("runtime is shutting down", "ShuttingDown"))

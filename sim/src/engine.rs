@@ -1,0 +1,285 @@
+//! [`SimEngine`]: a scripted [`Engine`] with per-token latency, load latency and injectable
+//! faults (load failure, failure mid-stream, crash, hang).
+//!
+//! Tokens are `tok0`, ` tok1`, … (deterministic, so tests can check order and content); a
+//! generation yields `max_tokens` of them unless a fault intervenes. Time is `tokio::time`, so
+//! paused runtimes and turmoil drive it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use mlx_worker::engine::{
+    Catalog, Engine, EngineError, EngineHealth, FinishReason, GenerateRequest, LoadedModel,
+    ModelEntry, TokenEvent, TokenStream,
+};
+use mlx_worker::limits::TOKEN_CHANNEL_CAPACITY;
+use tokio::sync::{mpsc, watch};
+
+/// A fault the engine injects into the next generations.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Fault {
+    /// Loading fails.
+    LoadFails,
+    /// The generation fails after this many tokens.
+    FailAfter(u32),
+    /// The engine crashes after this many tokens: every live stream ends with `Crashed`, the
+    /// health goes `Restarting` for `restart` and then back `Up` with no model loaded.
+    CrashAfter {
+        /// Tokens before the crash.
+        tokens: u32,
+        /// Time the restart takes.
+        restart: Duration,
+    },
+    /// The generation stops producing tokens after this many, forever.
+    HangAfter(u32),
+}
+
+/// How the simulated engine behaves.
+#[derive(Clone, Debug)]
+pub struct SimEngineConfig {
+    /// Models served, with their parameter counts.
+    pub models: BTreeMap<String, u64>,
+    /// Delay before each token.
+    pub token_latency: Duration,
+    /// Time a load takes.
+    pub load_latency: Duration,
+}
+
+impl Default for SimEngineConfig {
+    fn default() -> Self {
+        SimEngineConfig {
+            models: BTreeMap::from([("sim/tiny".to_owned(), 1_000_000)]),
+            token_latency: Duration::ZERO,
+            load_latency: Duration::ZERO,
+        }
+    }
+}
+
+struct State {
+    loaded: BTreeSet<String>,
+    faults: Vec<Fault>,
+    loads: u64,
+    generations: u64,
+    cancelled: u64,
+    shut_down: bool,
+    /// Every live generation's sender, so a crash can end them all.
+    live: Vec<mpsc::Sender<TokenEvent>>,
+}
+
+/// A scripted engine.
+#[derive(Clone)]
+pub struct SimEngine {
+    config: SimEngineConfig,
+    state: Arc<Mutex<State>>,
+    health: Arc<watch::Sender<EngineHealth>>,
+}
+
+/// Counts of what the engine was asked to do.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SimEngineStats {
+    /// Loads that actually loaded (not no-ops).
+    pub loads: u64,
+    /// Generations started.
+    pub generations: u64,
+    /// Generations whose receiver was dropped before the end.
+    pub cancelled: u64,
+}
+
+impl SimEngine {
+    /// An engine with this behaviour and no faults.
+    pub fn new(config: SimEngineConfig) -> SimEngine {
+        SimEngine {
+            config,
+            state: Arc::new(Mutex::new(State {
+                loaded: BTreeSet::new(),
+                faults: Vec::new(),
+                loads: 0,
+                generations: 0,
+                cancelled: 0,
+                shut_down: false,
+                live: Vec::new(),
+            })),
+            health: Arc::new(watch::Sender::new(EngineHealth::Up { loaded: Vec::new() })),
+        }
+    }
+
+    /// Injects `fault` into the next generation (or load, for `LoadFails`).
+    pub fn inject(&self, fault: Fault) {
+        self.lock().faults.push(fault);
+    }
+
+    /// What the engine was asked to do so far.
+    pub fn stats(&self) -> SimEngineStats {
+        let s = self.lock();
+        SimEngineStats {
+            loads: s.loads,
+            generations: s.generations,
+            cancelled: s.cancelled,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding this lock is a bug in the simulator itself.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn take_fault(&self, pick: impl Fn(&Fault) -> bool) -> Option<Fault> {
+        let mut s = self.lock();
+        let pos = s.faults.iter().position(pick)?;
+        Some(s.faults.remove(pos))
+    }
+
+    fn publish_health(&self) {
+        let loaded: Vec<String> = self.lock().loaded.iter().cloned().collect();
+        self.health.send_replace(EngineHealth::Up { loaded });
+    }
+
+    fn crash(&self, restart: Duration) {
+        let live = {
+            let mut s = self.lock();
+            s.loaded.clear();
+            std::mem::take(&mut s.live)
+        };
+        self.health.send_replace(EngineHealth::Restarting);
+        for tx in live {
+            let _ = tx.try_send(TokenEvent::Failed(EngineError::Crashed {
+                reason: "simulated crash".to_owned(),
+            }));
+        }
+        let engine = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(restart).await;
+            engine.publish_health();
+        });
+    }
+}
+
+#[async_trait]
+impl Engine for SimEngine {
+    async fn catalog(&self) -> Result<Catalog, EngineError> {
+        Ok(Catalog {
+            models: self
+                .config
+                .models
+                .iter()
+                .map(|(id, &params)| {
+                    (
+                        id.clone(),
+                        ModelEntry {
+                            path: PathBuf::from(id),
+                            size_bytes: params * 2,
+                            parameter_count: Some(params),
+                        },
+                    )
+                })
+                .collect(),
+        })
+    }
+
+    async fn load(&self, model_id: &str) -> Result<LoadedModel, EngineError> {
+        let Some(&params) = self.config.models.get(model_id) else {
+            return Err(EngineError::ModelNotFound {
+                model: model_id.to_owned(),
+            });
+        };
+        if matches!(*self.health.borrow(), EngineHealth::Restarting) {
+            return Err(EngineError::Unavailable {
+                reason: "restarting".to_owned(),
+            });
+        }
+        if self.take_fault(|f| *f == Fault::LoadFails).is_some() {
+            return Err(EngineError::LoadFailed {
+                model: model_id.to_owned(),
+                reason: "simulated load failure".to_owned(),
+            });
+        }
+        let already = self.lock().loaded.contains(model_id);
+        if !already {
+            tokio::time::sleep(self.config.load_latency).await;
+            let mut s = self.lock();
+            s.loaded.insert(model_id.to_owned());
+            s.loads += 1;
+        }
+        self.publish_health();
+        Ok(LoadedModel {
+            model_id: model_id.to_owned(),
+            context_length: 2048,
+            parameter_count: Some(params),
+        })
+    }
+
+    async fn unload(&self, model_id: &str) -> Result<(), EngineError> {
+        self.lock().loaded.remove(model_id);
+        self.publish_health();
+        Ok(())
+    }
+
+    async fn generate(&self, request: GenerateRequest) -> Result<TokenStream, EngineError> {
+        if !self.lock().loaded.contains(&request.model_id) {
+            return Err(EngineError::Generation {
+                reason: format!("model not loaded: {}", request.model_id),
+            });
+        }
+        let fault = self.take_fault(|f| *f != Fault::LoadFails);
+        let (tx, rx) = mpsc::channel(TOKEN_CHANNEL_CAPACITY);
+        {
+            let mut s = self.lock();
+            s.generations += 1;
+            s.live.retain(|t| !t.is_closed());
+            s.live.push(tx.clone());
+        }
+        let engine = self.clone();
+        let latency = self.config.token_latency;
+        tokio::spawn(async move {
+            for i in 0..request.max_tokens {
+                match &fault {
+                    Some(Fault::FailAfter(n)) if *n == i => {
+                        let _ = tx
+                            .send(TokenEvent::Failed(EngineError::Generation {
+                                reason: "simulated failure".to_owned(),
+                            }))
+                            .await;
+                        return;
+                    }
+                    Some(Fault::CrashAfter { tokens, restart }) if *tokens == i => {
+                        engine.crash(*restart);
+                        return;
+                    }
+                    Some(Fault::HangAfter(n)) if *n == i => {
+                        tx.closed().await;
+                        engine.lock().cancelled += 1;
+                        return;
+                    }
+                    _ => {}
+                }
+                if !latency.is_zero() {
+                    tokio::time::sleep(latency).await;
+                }
+                let text = if i == 0 {
+                    "tok0".to_owned()
+                } else {
+                    format!(" tok{i}")
+                };
+                if tx.send(TokenEvent::Token(text)).await.is_err() {
+                    engine.lock().cancelled += 1;
+                    return;
+                }
+            }
+            let _ = tx.send(TokenEvent::Finished(FinishReason::Length)).await;
+        });
+        Ok(rx)
+    }
+
+    fn health(&self) -> watch::Receiver<EngineHealth> {
+        self.health.subscribe()
+    }
+
+    async fn shutdown(&self, _grace: Duration) {
+        self.lock().shut_down = true;
+    }
+}

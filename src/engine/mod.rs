@@ -1,0 +1,200 @@
+//! The inference engine, behind the [`Engine`] seam: which models it can serve, loading them,
+//! and generating tokens.
+//!
+//! A generation's tokens arrive on a bounded channel ([`TokenStream`]); a full channel makes the
+//! engine wait, and dropping the receiver cancels the generation. The production engine is the
+//! MLX runtime, a supervised Python child spoken to over JSON-RPC (`engine::mlx`); the `sim`
+//! crate has a scripted one. This module owns the shapes, not the worker's use of them.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, watch};
+
+use crate::protocol::ErrorCode;
+
+pub mod mlx;
+pub mod rpc;
+
+/// One model the engine can serve.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelEntry {
+    /// Where it lives, relative to the model directory (as advertised in `modelPaths`).
+    pub path: PathBuf,
+    /// Bytes of its files on disk.
+    pub size_bytes: u64,
+    /// Parameters, when known from its configuration or weights.
+    pub parameter_count: Option<u64>,
+}
+
+/// Every model the engine can serve, by the id clients send.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Catalog {
+    /// Model id → entry.
+    pub models: BTreeMap<String, ModelEntry>,
+}
+
+impl Catalog {
+    /// Bytes of every model on disk.
+    pub fn total_size_bytes(&self) -> u64 {
+        self.models.values().map(|m| m.size_bytes).sum()
+    }
+}
+
+/// A generation to run.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateRequest {
+    /// Correlates the stream; unique among live generations (the worker uses the request id).
+    pub stream_id: String,
+    /// A model id from the catalog.
+    pub model_id: String,
+    /// Prompt text.
+    pub prompt: String,
+    /// Tokens to generate at most.
+    pub max_tokens: u32,
+    /// Sampling temperature.
+    pub temperature: f64,
+    /// Nucleus sampling mass.
+    pub top_p: f64,
+}
+
+/// Why a generation stopped normally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    /// It reached `max_tokens`.
+    Length,
+    /// The model emitted its end-of-sequence token.
+    Stop,
+}
+
+/// One event of a generation, in order: tokens, then exactly one `Finished` or `Failed`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TokenEvent {
+    /// A token's text (possibly empty, when a multi-byte character is split across tokens).
+    Token(String),
+    /// The end.
+    Finished(FinishReason),
+    /// The generation failed.
+    Failed(EngineError),
+}
+
+/// The receiving end of a generation. Dropping it cancels the generation.
+pub type TokenStream = mpsc::Receiver<TokenEvent>;
+
+/// How the engine is doing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EngineHealth {
+    /// Starting for the first time.
+    Starting,
+    /// Serving; with the ids of the loaded models.
+    Up {
+        /// Loaded model ids.
+        loaded: Vec<String>,
+    },
+    /// Recovering from a crash; requests fail until it is back.
+    Restarting,
+    /// Gave up (restart budget exhausted, or stopped).
+    Down,
+}
+
+/// Why an engine operation failed.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EngineError {
+    /// The model is not in the catalog.
+    #[error("model {model:?} is not served by this worker")]
+    ModelNotFound {
+        /// The id asked for.
+        model: String,
+    },
+    /// The model could not be loaded.
+    #[error("model {model:?} failed to load: {reason}")]
+    LoadFailed {
+        /// The model.
+        model: String,
+        /// The engine's words.
+        reason: String,
+    },
+    /// The engine rejected the generation's parameters.
+    #[error("the engine rejected the request: {reason}")]
+    Rejected {
+        /// The engine's words.
+        reason: String,
+    },
+    /// The generation failed inside the engine.
+    #[error("generation failed: {reason}")]
+    Generation {
+        /// The engine's words.
+        reason: String,
+    },
+    /// The engine process died or stopped answering.
+    #[error("the engine crashed: {reason}")]
+    Crashed {
+        /// What was seen.
+        reason: String,
+    },
+    /// The engine is not available (restarting, or down for good).
+    #[error("the engine is unavailable: {reason}")]
+    Unavailable {
+        /// Why.
+        reason: String,
+    },
+    /// An engine call did not answer in time.
+    #[error("the engine did not answer {call} within {millis} ms")]
+    TimedOut {
+        /// The call.
+        call: String,
+        /// The limit.
+        millis: u64,
+    },
+}
+
+impl EngineError {
+    /// The wire code a request failed by this error ends with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            EngineError::ModelNotFound { .. } => ErrorCode::ModelNotFound,
+            EngineError::LoadFailed { .. } => ErrorCode::ModelLoadFailed,
+            EngineError::Rejected { .. } => ErrorCode::InvalidRequest,
+            EngineError::Generation { .. } | EngineError::TimedOut { .. } => ErrorCode::EngineError,
+            EngineError::Crashed { .. } | EngineError::Unavailable { .. } => {
+                ErrorCode::EngineCrashed
+            }
+        }
+    }
+}
+
+/// A model loaded and ready.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadedModel {
+    /// Its id.
+    pub model_id: String,
+    /// Its context length, tokens.
+    pub context_length: u64,
+    /// Its parameters, when the engine could count them.
+    pub parameter_count: Option<u64>,
+}
+
+/// Runs models.
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// Every model the engine can serve (a scan of the model directory, for MLX).
+    async fn catalog(&self) -> Result<Catalog, EngineError>;
+
+    /// Loads a model from the catalog. Loading a loaded model is a cheap no-op.
+    async fn load(&self, model_id: &str) -> Result<LoadedModel, EngineError>;
+
+    /// Unloads a model; unloading one that is not loaded is a no-op.
+    async fn unload(&self, model_id: &str) -> Result<(), EngineError>;
+
+    /// Starts a generation on a loaded model. Tokens follow on the returned stream.
+    async fn generate(&self, request: GenerateRequest) -> Result<TokenStream, EngineError>;
+
+    /// The engine's health, updated as it changes.
+    fn health(&self) -> watch::Receiver<EngineHealth>;
+
+    /// Stops the engine: in-flight generations end, then the engine gets `grace` to exit
+    /// cleanly before it is killed. Idempotent.
+    async fn shutdown(&self, grace: Duration);
+}

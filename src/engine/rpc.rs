@@ -1,0 +1,302 @@
+//! JSON-RPC 2.0 over newline-delimited JSON, as the MLX runtime speaks it on stdio: request
+//! encoding, classification of inbound lines (responses by id, stream notifications by
+//! `stream_id`), and a line reader with a hard length cap.
+//!
+//! Both the existing mlx-serving runtime and ours are understood: single and batched
+//! `stream.chunk` forms, `completed` / `error` / `cancelled` stream events. Only this module and
+//! `engine::mlx` know the runtime's wire format.
+
+#[cfg(test)]
+mod tests;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt};
+
+use crate::limits::{RPC_LINE_BYTES_MAX, RPC_REQUEST_BYTES_MAX};
+
+/// An outbound request.
+#[derive(Debug, Serialize)]
+pub struct Request<'a> {
+    /// Always `2.0`.
+    pub jsonrpc: &'static str,
+    /// The method.
+    pub method: &'a str,
+    /// Its parameters.
+    pub params: &'a Value,
+    /// Correlates the response.
+    pub id: u64,
+}
+
+/// Why a request could not be encoded.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    /// The line would exceed what the runtime reads.
+    #[error("request line is {len} bytes, limit {RPC_REQUEST_BYTES_MAX}")]
+    TooLarge {
+        /// Its size.
+        len: usize,
+    },
+    /// Serialization failed.
+    #[error("cannot encode request: {0}")]
+    Json(String),
+}
+
+/// Encodes one request as a line (with its newline), refusing one the runtime would reject.
+/// serde_json escapes control characters, so the line holds no raw newline before the end.
+pub fn encode_request(id: u64, method: &str, params: &Value) -> Result<Vec<u8>, EncodeError> {
+    let request = Request {
+        jsonrpc: "2.0",
+        method,
+        params,
+        id,
+    };
+    let mut line = serde_json::to_vec(&request).map_err(|e| EncodeError::Json(e.to_string()))?;
+    if line.len() + 1 > RPC_REQUEST_BYTES_MAX {
+        return Err(EncodeError::TooLarge {
+            len: line.len() + 1,
+        });
+    }
+    debug_assert!(!line.contains(&b'\n'));
+    line.push(b'\n');
+    Ok(line)
+}
+
+/// A JSON-RPC error object.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct RpcError {
+    /// The code (−32700 … −32000 reserved; −32001 load error, …).
+    pub code: i64,
+    /// The message.
+    pub message: String,
+    /// Extra data.
+    #[serde(default)]
+    pub data: Option<Value>,
+}
+
+/// JSON-RPC codes the runtime uses.
+pub mod code {
+    /// The line was not JSON.
+    pub const PARSE_ERROR: i64 = -32700;
+    /// The request was malformed or too large.
+    pub const INVALID_REQUEST: i64 = -32600;
+    /// Unknown method.
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    /// Invalid parameters (and, in the existing runtime, unknown methods).
+    pub const INVALID_PARAMS: i64 = -32602;
+    /// A model failed to load.
+    pub const MODEL_LOAD_ERROR: i64 = -32001;
+    /// A generation failed.
+    pub const GENERATION_ERROR: i64 = -32002;
+    /// The model is not loaded.
+    pub const MODEL_NOT_LOADED: i64 = -32005;
+}
+
+/// One token of a `stream.chunk`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChunkToken {
+    /// The token's text.
+    pub text: String,
+}
+
+/// How a stream ended, from its `stream.event`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum StreamEnd {
+    /// `completed`, with the runtime's finish reason (`length`, `stop`, `completed`, …).
+    Completed {
+        /// The reason as given.
+        finish_reason: String,
+    },
+    /// `error`, with the message.
+    Failed {
+        /// The runtime's message.
+        error: String,
+    },
+    /// `cancelled` (our runtime's answer to `cancel`).
+    Cancelled,
+}
+
+/// A classified inbound line.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Inbound {
+    /// A response to request `id`.
+    Response {
+        /// The id echoed back (numeric ids only: the worker sends no others).
+        id: Option<u64>,
+        /// The result or the error.
+        outcome: Result<Value, RpcError>,
+    },
+    /// Tokens of a stream, in order.
+    Chunk {
+        /// The stream.
+        stream_id: String,
+        /// Its tokens.
+        tokens: Vec<ChunkToken>,
+    },
+    /// A stream's statistics (before its completion event).
+    Stats {
+        /// The stream.
+        stream_id: String,
+    },
+    /// The end of a stream.
+    End {
+        /// The stream.
+        stream_id: String,
+        /// How it ended.
+        end: StreamEnd,
+    },
+    /// A notification the worker does not use.
+    Other {
+        /// Its method.
+        method: String,
+    },
+}
+
+/// Why an inbound line could not be used.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Not JSON.
+    #[error("runtime line is not JSON: {0}")]
+    NotJson(String),
+    /// JSON, but not a JSON-RPC message this client understands.
+    #[error("runtime line is not a JSON-RPC message: {0}")]
+    Malformed(String),
+}
+
+fn string_field(params: &Value, field: &str) -> Result<String, DecodeError> {
+    params
+        .get(field)
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| DecodeError::Malformed(format!("missing string field {field:?}")))
+}
+
+fn chunk_token(entry: &Value) -> Result<ChunkToken, DecodeError> {
+    Ok(ChunkToken {
+        text: string_field(entry, "token")?,
+    })
+}
+
+/// Classifies one line from the runtime's stdout.
+pub fn decode_line(line: &[u8]) -> Result<Inbound, DecodeError> {
+    let value: Value =
+        serde_json::from_slice(line).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+    let Value::Object(map) = value else {
+        return Err(DecodeError::Malformed("not an object".to_owned()));
+    };
+    if let Some(method) = map.get("method").and_then(Value::as_str) {
+        let params = map.get("params").cloned().unwrap_or(Value::Null);
+        return match method {
+            "stream.chunk" => {
+                let stream_id = string_field(&params, "stream_id")?;
+                let tokens = match params.get("tokens").and_then(Value::as_array) {
+                    Some(batch) => batch.iter().map(chunk_token).collect::<Result<_, _>>()?,
+                    None => vec![chunk_token(&params)?],
+                };
+                Ok(Inbound::Chunk { stream_id, tokens })
+            }
+            "stream.stats" => Ok(Inbound::Stats {
+                stream_id: string_field(&params, "stream_id")?,
+            }),
+            "stream.event" => {
+                let stream_id = string_field(&params, "stream_id")?;
+                let end = match params.get("event").and_then(Value::as_str) {
+                    Some("completed") => StreamEnd::Completed {
+                        finish_reason: params
+                            .get("finish_reason")
+                            .and_then(Value::as_str)
+                            .unwrap_or("completed")
+                            .to_owned(),
+                    },
+                    Some("error") => StreamEnd::Failed {
+                        error: params
+                            .get("error")
+                            .and_then(Value::as_str)
+                            .unwrap_or("unknown error")
+                            .to_owned(),
+                    },
+                    Some("cancelled") => StreamEnd::Cancelled,
+                    other => {
+                        return Err(DecodeError::Malformed(format!(
+                            "unknown stream event {other:?}"
+                        )));
+                    }
+                };
+                Ok(Inbound::End { stream_id, end })
+            }
+            other => Ok(Inbound::Other {
+                method: other.to_owned(),
+            }),
+        };
+    }
+    let id = map.get("id").and_then(Value::as_u64);
+    let outcome = match (map.get("result"), map.get("error")) {
+        (_, Some(error)) => Err(serde_json::from_value::<RpcError>(error.clone())
+            .map_err(|e| DecodeError::Malformed(format!("bad error object: {e}")))?),
+        (Some(result), None) => Ok(result.clone()),
+        (None, None) => {
+            return Err(DecodeError::Malformed(
+                "neither method, result nor error".to_owned(),
+            ));
+        }
+    };
+    Ok(Inbound::Response { id, outcome })
+}
+
+/// What reading one line gave.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Line {
+    /// A complete line, without its newline.
+    Complete(Vec<u8>),
+    /// A line longer than the cap; it was read to its end and discarded.
+    TooLong {
+        /// Bytes it had.
+        len: usize,
+    },
+    /// End of input.
+    Eof,
+}
+
+/// Reads one `\n`-terminated line of at most `cap` bytes into `buf` (cleared first), without
+/// ever holding more than `cap` bytes of it in memory.
+pub async fn read_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    cap: usize,
+) -> std::io::Result<Line> {
+    buf.clear();
+    let mut len = 0usize;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            // A final line without its newline still counts.
+            return Ok(match (len, len > cap) {
+                (0, _) => Line::Eof,
+                (_, true) => Line::TooLong { len },
+                _ => Line::Complete(std::mem::take(buf)),
+            });
+        }
+        let (chunk, found) = match available.iter().position(|&b| b == b'\n') {
+            Some(i) => (&available[..i], Some(i + 1)),
+            None => (available, None),
+        };
+        len += chunk.len();
+        if len <= cap {
+            buf.extend_from_slice(chunk);
+        } else {
+            buf.clear();
+        }
+        let consumed = found.unwrap_or(chunk.len());
+        reader.consume(consumed);
+        if found.is_some() {
+            return Ok(if len > cap {
+                Line::TooLong { len }
+            } else {
+                Line::Complete(std::mem::take(buf))
+            });
+        }
+    }
+}
+
+/// The default cap for runtime lines.
+pub const LINE_CAP: usize = RPC_LINE_BYTES_MAX;

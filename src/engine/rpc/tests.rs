@@ -1,0 +1,195 @@
+// Goal: every line shape of both runtimes (the existing mlx-serving one and ours) classifies
+// correctly, requests never exceed what the runtime reads, and the line reader is bounded.
+// Method: lines captured from the runtimes' documentation (protocol.md §6.5), an insta snapshot
+// of an encoded frame, and the reader fed from in-memory buffers, including arbitrary bytes.
+
+use proptest::prelude::*;
+use serde_json::json;
+
+use super::*;
+
+#[test]
+fn requests_encode_as_one_json_line() {
+    let line = encode_request(3, "generate", &json!({"model_id": "m", "prompt": "a\nb"})).unwrap();
+    insta::assert_snapshot!(String::from_utf8(line).unwrap(), @r#"{"jsonrpc":"2.0","method":"generate","params":{"model_id":"m","prompt":"a\nb"},"id":3}
+"#);
+    let big = json!({"prompt": "x".repeat(RPC_REQUEST_BYTES_MAX)});
+    assert!(matches!(
+        encode_request(1, "generate", &big),
+        Err(EncodeError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn responses_are_matched_by_id() {
+    let ok = decode_line(
+        br#"{"jsonrpc":"2.0","id":3,"result":{"stream_id":"s-1","started_at":1795723670.9284012}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        ok,
+        Inbound::Response {
+            id: Some(3),
+            outcome: Ok(json!({"stream_id":"s-1","started_at":1795723670.9284012}))
+        }
+    );
+    let err = decode_line(br#"{"jsonrpc":"2.0","id":4,"error":{"code":-32001,"message":"Failed to load model m: gone","data":{"model_id":"m"}}}"#).unwrap();
+    let Inbound::Response {
+        id: Some(4),
+        outcome: Err(e),
+    } = err
+    else {
+        panic!("{err:?}")
+    };
+    assert_eq!(e.code, code::MODEL_LOAD_ERROR);
+    // A parse error answers with a null id.
+    let parse = decode_line(
+        br#"{"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"parse error"}}"#,
+    )
+    .unwrap();
+    assert!(matches!(
+        parse,
+        Inbound::Response {
+            id: None,
+            outcome: Err(_)
+        }
+    ));
+}
+
+#[test]
+fn both_chunk_forms_give_tokens_in_order() {
+    let single = decode_line(br#"{"jsonrpc":"2.0","method":"stream.chunk","params":{"stream_id":"s-1","token":" w45","token_id":7,"is_final":false}}"#).unwrap();
+    assert_eq!(
+        single,
+        Inbound::Chunk {
+            stream_id: "s-1".into(),
+            tokens: vec![ChunkToken {
+                text: " w45".into()
+            }]
+        }
+    );
+    let batch = decode_line(br#"{"jsonrpc":"2.0","method":"stream.chunk","params":{"stream_id":"s-1","tokens":[{"stream_id":"s-1","token":"w3","token_id":6,"is_final":false,"cumulative_text":"w3","logprob":-6.96},{"stream_id":"s-1","token":" w4","token_id":8,"is_final":false,"cumulative_text":"w3 w4"}],"batch_size":2,"is_batch":true}}"#).unwrap();
+    let Inbound::Chunk { tokens, .. } = batch else {
+        panic!()
+    };
+    assert_eq!(
+        tokens.iter().map(|t| t.text.as_str()).collect::<Vec<_>>(),
+        ["w3", " w4"]
+    );
+}
+
+#[test]
+fn stream_events_are_classified() {
+    let stats = decode_line(br#"{"jsonrpc":"2.0","method":"stream.stats","params":{"stream_id":"s-1","tokens_generated":20,"tokens_per_second":2242.45,"time_to_first_token":0.0094,"total_time":0.0183}}"#).unwrap();
+    assert_eq!(
+        stats,
+        Inbound::Stats {
+            stream_id: "s-1".into()
+        }
+    );
+    let done = decode_line(br#"{"jsonrpc":"2.0","method":"stream.event","params":{"stream_id":"s-1","event":"completed","is_final":true,"finish_reason":"completed"}}"#).unwrap();
+    assert_eq!(
+        done,
+        Inbound::End {
+            stream_id: "s-1".into(),
+            end: StreamEnd::Completed {
+                finish_reason: "completed".into()
+            }
+        }
+    );
+    let failed = decode_line(br#"{"jsonrpc":"2.0","method":"stream.event","params":{"stream_id":"s-1","event":"error","error":"boom","is_final":true}}"#).unwrap();
+    assert_eq!(
+        failed,
+        Inbound::End {
+            stream_id: "s-1".into(),
+            end: StreamEnd::Failed {
+                error: "boom".into()
+            }
+        }
+    );
+    let cancelled = decode_line(br#"{"jsonrpc":"2.0","method":"stream.event","params":{"stream_id":"s-1","event":"cancelled","is_final":true}}"#).unwrap();
+    assert_eq!(
+        cancelled,
+        Inbound::End {
+            stream_id: "s-1".into(),
+            end: StreamEnd::Cancelled
+        }
+    );
+}
+
+#[test]
+fn malformed_lines_are_errors_not_panics() {
+    assert!(matches!(
+        decode_line(b"not json"),
+        Err(DecodeError::NotJson(_))
+    ));
+    assert!(matches!(
+        decode_line(b"[1]"),
+        Err(DecodeError::Malformed(_))
+    ));
+    assert!(matches!(
+        decode_line(br#"{"jsonrpc":"2.0"}"#),
+        Err(DecodeError::Malformed(_))
+    ));
+    assert!(matches!(
+        decode_line(br#"{"method":"stream.chunk","params":{"token":"x"}}"#),
+        Err(DecodeError::Malformed(_))
+    ));
+    assert!(matches!(
+        decode_line(br#"{"method":"stream.event","params":{"stream_id":"s","event":"exploded"}}"#),
+        Err(DecodeError::Malformed(_))
+    ));
+}
+
+async fn lines(input: &[u8], cap: usize) -> Vec<Line> {
+    let mut reader = tokio::io::BufReader::with_capacity(7, input);
+    let mut buf = Vec::new();
+    let mut out = Vec::new();
+    loop {
+        let line = read_line(&mut reader, &mut buf, cap).await.unwrap();
+        let eof = line == Line::Eof;
+        out.push(line);
+        if eof {
+            return out;
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_line_reader_caps_lines_and_keeps_going() {
+    let out = lines(b"short\nthis line is too long\nok\nlast", 10).await;
+    assert_eq!(
+        out,
+        [
+            Line::Complete(b"short".to_vec()),
+            Line::TooLong { len: 21 },
+            Line::Complete(b"ok".to_vec()),
+            Line::Complete(b"last".to_vec()),
+            Line::Eof
+        ]
+    );
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic_the_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+        let _ = decode_line(&bytes);
+    }
+
+    #[test]
+    fn the_reader_returns_every_line_within_the_cap(
+        lines_in in proptest::collection::vec("[a-z]{0,20}", 0..20), cap in 1usize..25,
+    ) {
+        let input = lines_in.iter().map(|l| format!("{l}\n")).collect::<String>();
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let out = rt.block_on(lines(input.as_bytes(), cap));
+        prop_assert_eq!(out.len(), lines_in.len() + 1);
+        for (line, got) in lines_in.iter().zip(&out) {
+            if line.len() <= cap {
+                prop_assert_eq!(got, &Line::Complete(line.as_bytes().to_vec()));
+            } else {
+                prop_assert_eq!(got, &Line::TooLong { len: line.len() });
+            }
+        }
+    }
+}

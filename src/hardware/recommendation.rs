@@ -1,0 +1,275 @@
+//! Concurrency planning from a [`HostProfile`]: how many requests of each model tier the host
+//! should run and queue, how far to trust that, and which tiers it can serve at all — the
+//! TypeScript detector's `recommendConcurrency` and `hardware-reporter.ts` (protocol.md §7.1),
+//! plus configuration overrides. Pure; the probes supply the profile.
+
+use std::collections::BTreeMap;
+
+use super::{ChipVariant, HostProfile};
+use crate::config::TierLimit;
+use crate::tier::ModelTier;
+
+/// How far a recommendation can be trusted, from GPU cores, generation and memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Confidence {
+    /// Score at most 50 (every host without Apple GPU cores).
+    Low,
+    /// Score above 50.
+    Medium,
+    /// Score above 100.
+    High,
+}
+
+impl Confidence {
+    /// `low`, `medium` or `high`, as the TypeScript detector spells them.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Confidence::Low => "low",
+            Confidence::Medium => "medium",
+            Confidence::High => "high",
+        }
+    }
+
+    /// The confidence in a recommendation for `profile`: score = GPU cores × 1.2 × generation
+    /// × memory GiB / 16; above 100 high, above 50 medium, else low.
+    pub fn of(profile: &HostProfile) -> Confidence {
+        let score = f64::from(profile.gpu_cores)
+            * 1.2
+            * f64::from(profile.chip_generation)
+            * profile.memory_gb() as f64
+            / 16.0;
+        if score > 100.0 {
+            Confidence::High
+        } else if score > 50.0 {
+            Confidence::Medium
+        } else {
+            Confidence::Low
+        }
+    }
+}
+
+/// Where a tier's limit came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LimitSource {
+    /// The hardware table.
+    Detected,
+    /// The configuration's `tier_limits`.
+    Configured,
+}
+
+impl LimitSource {
+    /// `detected` or `configured`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitSource::Detected => "detected",
+            LimitSource::Configured => "configured",
+        }
+    }
+}
+
+/// Concurrency and queue depth for every tier, with their source and the confidence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Recommendation {
+    /// One entry per tier, in `ModelTier::ALL` order (see `slot`).
+    tiers: [(TierLimit, LimitSource); 5],
+    confidence: Confidence,
+}
+
+impl Recommendation {
+    /// The hardware table's limits for `profile` (protocol.md §7.1).
+    pub fn for_profile(profile: &HostProfile) -> Recommendation {
+        Recommendation {
+            tiers: ModelTier::ALL.map(|tier| {
+                (
+                    default_tier_limit(tier, profile.variant),
+                    LimitSource::Detected,
+                )
+            }),
+            confidence: Confidence::of(profile),
+        }
+    }
+
+    /// Replaces the limits of the tiers that `overrides` (the configuration's `tier_limits`)
+    /// names; the others keep the hardware table's.
+    pub fn with_overrides(mut self, overrides: &BTreeMap<ModelTier, TierLimit>) -> Recommendation {
+        for (tier, limit) in overrides {
+            self.tiers[slot(*tier)] = (*limit, LimitSource::Configured);
+        }
+        self
+    }
+
+    /// The limit for `tier`.
+    pub fn limit(&self, tier: ModelTier) -> TierLimit {
+        self.tiers[slot(tier)].0
+    }
+
+    /// Where the limit for `tier` came from.
+    pub fn source(&self, tier: ModelTier) -> LimitSource {
+        self.tiers[slot(tier)].1
+    }
+
+    /// How far the hardware table's figures can be trusted.
+    pub fn confidence(&self) -> Confidence {
+        self.confidence
+    }
+
+    /// Every tier's limit: what the scheduler is configured with.
+    pub fn tier_limits(&self) -> BTreeMap<ModelTier, TierLimit> {
+        ModelTier::ALL
+            .into_iter()
+            .map(|tier| (tier, self.limit(tier)))
+            .collect()
+    }
+}
+
+/// The position of `tier` in [`ModelTier::ALL`].
+fn slot(tier: ModelTier) -> usize {
+    match tier {
+        ModelTier::Huge => 0,
+        ModelTier::Large => 1,
+        ModelTier::Medium => 2,
+        ModelTier::Small => 3,
+        ModelTier::Tiny => 4,
+    }
+}
+
+/// A base value and the range its scaled value is clamped to.
+struct Scaled {
+    base: usize,
+    min: usize,
+    max: usize,
+}
+
+impl Scaled {
+    /// `round(base × multiplier)` with halves rounded up (JavaScript's `Math.round`), clamped;
+    /// the multiplier is in tenths so the rounding is exact.
+    fn apply(&self, multiplier_tenths: usize) -> usize {
+        ((self.base * multiplier_tenths + 5) / 10).clamp(self.min, self.max)
+    }
+}
+
+/// The hardware table's limit for `tier` on a chip of `variant` (protocol.md §7.1): the
+/// tier's base scaled by the variant's multiplier (Base 1.0, Pro 1.5, Max 2.5, Ultra 4.0).
+pub fn default_tier_limit(tier: ModelTier, variant: ChipVariant) -> TierLimit {
+    let (max_concurrent, queue_depth) = match tier {
+        ModelTier::Huge => (
+            Scaled {
+                base: 1,
+                min: 1,
+                max: 20,
+            },
+            Scaled {
+                base: 10,
+                min: 5,
+                max: 50,
+            },
+        ),
+        ModelTier::Large => (
+            Scaled {
+                base: 3,
+                min: 2,
+                max: 30,
+            },
+            Scaled {
+                base: 20,
+                min: 10,
+                max: 60,
+            },
+        ),
+        ModelTier::Medium => (
+            Scaled {
+                base: 6,
+                min: 4,
+                max: 40,
+            },
+            Scaled {
+                base: 30,
+                min: 15,
+                max: 80,
+            },
+        ),
+        ModelTier::Small => (
+            Scaled {
+                base: 8,
+                min: 6,
+                max: 50,
+            },
+            Scaled {
+                base: 40,
+                min: 20,
+                max: 100,
+            },
+        ),
+        ModelTier::Tiny => (
+            Scaled {
+                base: 10,
+                min: 8,
+                max: 60,
+            },
+            Scaled {
+                base: 50,
+                min: 30,
+                max: 120,
+            },
+        ),
+    };
+    let multiplier_tenths = match variant {
+        ChipVariant::Base => 10,
+        ChipVariant::Pro => 15,
+        ChipVariant::Max => 25,
+        ChipVariant::Ultra => 40,
+    };
+    TierLimit {
+        max_concurrent: max_concurrent.apply(multiplier_tenths),
+        queue_depth: queue_depth.apply(multiplier_tenths),
+    }
+}
+
+/// What the host can take on: the registration's `capabilities`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Capabilities {
+    /// Tiers the host can serve, largest first; `<3B` always.
+    pub supported_tiers: Vec<ModelTier>,
+    /// The recommendation's `max_concurrent` for the largest supported tier.
+    pub max_concurrent: usize,
+    /// Memory available to models: 0.8 × the memory in whole GiB.
+    pub available_memory_gb: f64,
+}
+
+impl Capabilities {
+    /// The capabilities of `profile` under `recommendation` (pass the one with the
+    /// configuration's overrides applied, so `max_concurrent` is what the worker will run).
+    pub fn of(profile: &HostProfile, recommendation: &Recommendation) -> Capabilities {
+        let supported_tiers: Vec<ModelTier> = ModelTier::ALL
+            .into_iter()
+            .filter(|tier| supports(profile, *tier))
+            .collect();
+        let largest = supported_tiers.first().copied().unwrap_or(ModelTier::Tiny);
+        Capabilities {
+            max_concurrent: recommendation.limit(largest).max_concurrent,
+            supported_tiers,
+            available_memory_gb: 0.8 * profile.memory_gb() as f64,
+        }
+    }
+}
+
+/// Whether `profile` can serve `tier`: GPU cores and memory (whole GiB) at least the tier's
+/// thresholds (30 & 64 GiB for `30B+`, 20 & 32 for `13-27B`, 15 & 16 for `7-13B`, 10 & 8 for
+/// `3-7B`, nothing for `<3B`).
+///
+/// A host without Apple GPU cores (`gpu_cores == 0`: Linux) is judged on memory alone, with
+/// the same thresholds: its model runs from system memory.
+pub fn supports(profile: &HostProfile, tier: ModelTier) -> bool {
+    let (gpu_cores_min, memory_gb_min) = match tier {
+        ModelTier::Huge => (30, 64),
+        ModelTier::Large => (20, 32),
+        ModelTier::Medium => (15, 16),
+        ModelTier::Small => (10, 8),
+        ModelTier::Tiny => return true,
+    };
+    let enough_gpu = profile.gpu_cores == 0 || profile.gpu_cores >= gpu_cores_min;
+    enough_gpu && profile.memory_gb() >= memory_gb_min
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,242 @@
+//! Models on disk: a scan of the model directory in the existing worker's way, giving the
+//! [`Catalog`] the worker advertises in `skills`.
+//!
+//! A directory is a model when it holds `config.json` and weights (`model.safetensors`,
+//! `model-*`, `*.safetensors` or `pytorch_model.bin`); model directories are not descended into.
+//! Its id is the last two components of its path (`<root>/org/name` → `org/name`), which is
+//! what clients send as `modelId`. Symbolic links are not followed, the walk is bounded in
+//! depth and entries, and a model's parameter count is estimated from its `config.json`.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use tracing::warn;
+
+use crate::engine::{Catalog, ModelEntry};
+
+/// Deepest directory level the scan descends to below the root.
+const SCAN_DEPTH_MAX: usize = 8;
+/// Most directory entries the scan looks at.
+const SCAN_ENTRIES_MAX: usize = 100_000;
+/// Largest `config.json` read.
+const MODEL_CONFIG_BYTES_MAX: u64 = 1024 * 1024;
+
+/// Why the model directory could not be scanned.
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    /// The root could not be read.
+    #[error("cannot read model directory {path}: {source}")]
+    Root {
+        /// The root.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+}
+
+/// Scans `root`. A missing root is an empty catalog (as for the existing worker); an unreadable
+/// one is an error. Unreadable subdirectories are skipped with a warning.
+pub fn scan(root: &Path) -> Result<Catalog, ScanError> {
+    let mut catalog = Catalog::default();
+    match fs::symlink_metadata(root) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(catalog),
+        Err(source) => {
+            return Err(ScanError::Root {
+                path: root.to_owned(),
+                source,
+            });
+        }
+        Ok(_) => {}
+    }
+    let mut budget = SCAN_ENTRIES_MAX;
+    let mut stack = vec![(root.to_owned(), 0usize)];
+    while let Some((dir, depth)) = stack.pop() {
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(source) if dir == root => {
+                return Err(ScanError::Root {
+                    path: root.to_owned(),
+                    source,
+                });
+            }
+            Err(e) => {
+                warn!(dir = %dir.display(), cause = %e, "model scan skips an unreadable directory");
+                continue;
+            }
+        };
+        let mut names = Vec::new();
+        let mut subdirs = Vec::new();
+        for entry in entries.flatten() {
+            if budget == 0 {
+                warn!(
+                    limit = SCAN_ENTRIES_MAX,
+                    "model scan stopped at its entry limit"
+                );
+                return Ok(catalog);
+            }
+            budget -= 1;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            // file_type() does not follow links: linked directories are not walked.
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                subdirs.push(entry.path());
+            }
+            names.push(name);
+        }
+        if is_model(&names) {
+            let id = model_id(&dir);
+            let entry = ModelEntry {
+                path: dir.clone(),
+                size_bytes: dir_size(&dir, &mut budget),
+                parameter_count: parameter_count(&dir.join("config.json")),
+            };
+            if let Some(previous) = catalog.models.insert(id.clone(), entry) {
+                warn!(model = %id, previous = %previous.path.display(), "two model directories share an id; the later one wins");
+            }
+            continue;
+        }
+        if depth < SCAN_DEPTH_MAX {
+            subdirs.sort();
+            stack.extend(subdirs.into_iter().rev().map(|d| (d, depth + 1)));
+        }
+    }
+    Ok(catalog)
+}
+
+fn is_model(names: &[String]) -> bool {
+    names.iter().any(|n| n == "config.json")
+        && names.iter().any(|n| {
+            n == "model.safetensors"
+                || n.starts_with("model-")
+                || n.ends_with(".safetensors")
+                || n == "pytorch_model.bin"
+        })
+}
+
+/// The last two components of `dir`, joined by `/`.
+fn model_id(dir: &Path) -> String {
+    let parts: Vec<String> = dir
+        .components()
+        .filter_map(|c| match c {
+            std::path::Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
+            _ => None,
+        })
+        .collect();
+    let start = parts.len().saturating_sub(2);
+    parts[start..].join("/")
+}
+
+/// Bytes of the regular files below `dir` (links count nothing), within the scan's budget.
+fn dir_size(dir: &Path, budget: &mut usize) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if *budget == 0 {
+                return total;
+            }
+            *budget -= 1;
+            match entry.file_type() {
+                Ok(t) if t.is_file() => total += entry.metadata().map_or(0, |m| m.len()),
+                Ok(t) if t.is_dir() => stack.push(entry.path()),
+                _ => {}
+            }
+        }
+    }
+    total
+}
+
+/// Parameters of a transformer described by `config.json`, when its dimensions are given.
+pub fn parameter_count(config_path: &Path) -> Option<u64> {
+    let meta = fs::metadata(config_path).ok()?;
+    if meta.len() > MODEL_CONFIG_BYTES_MAX {
+        return None;
+    }
+    let value: Value = serde_json::from_slice(&fs::read(config_path).ok()?).ok()?;
+    parameters_from_config(&value)
+}
+
+/// Parameters from a Llama-style configuration: embeddings, attention, MLP and norms.
+pub fn parameters_from_config(config: &Value) -> Option<u64> {
+    let field = |name: &str| config.get(name).and_then(Value::as_u64);
+    let hidden = field("hidden_size")?;
+    let layers = field("num_hidden_layers")?;
+    let vocab = field("vocab_size")?;
+    let intermediate = field("intermediate_size").unwrap_or(4 * hidden);
+    let heads = field("num_attention_heads").unwrap_or(1).max(1);
+    let kv_heads = field("num_key_value_heads").unwrap_or(heads);
+    let head_dim = field("head_dim").unwrap_or(hidden / heads);
+    let tied = config
+        .get("tie_word_embeddings")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2;
+    let mlp = 3 * hidden * intermediate;
+    let norms = 2 * hidden;
+    let embeddings = vocab * hidden * if tied { 1 } else { 2 };
+    layers
+        .checked_mul(attention + mlp + norms)?
+        .checked_add(embeddings + hidden)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn touch(path: &Path, bytes: usize) {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, vec![b'x'; bytes]).unwrap();
+    }
+
+    #[test]
+    fn models_are_found_and_named_by_their_last_two_components() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("model");
+        touch(&root.join("org/a/config.json"), 10);
+        touch(&root.join("org/a/model.safetensors"), 100);
+        touch(&root.join("org/b/config.json"), 10);
+        touch(&root.join("org/b/model-00001-of-00002.safetensors"), 5);
+        touch(&root.join("flat/config.json"), 1);
+        touch(&root.join("flat/pytorch_model.bin"), 1);
+        // Not models: no weights, or weights without config.
+        touch(&root.join("org/c/config.json"), 1);
+        touch(&root.join("org/d/weights.safetensors"), 1);
+        // A nested directory inside a model is not a second model.
+        touch(&root.join("org/a/sub/config.json"), 1);
+        touch(&root.join("org/a/sub/model.safetensors"), 1);
+        let catalog = scan(&root).unwrap();
+        let ids: Vec<&str> = catalog.models.keys().map(String::as_str).collect();
+        assert_eq!(ids, ["model/flat", "org/a", "org/b"]);
+        assert_eq!(catalog.models["org/a"].size_bytes, 112);
+        assert_eq!(catalog.total_size_bytes(), 112 + 15 + 2);
+    }
+
+    #[test]
+    fn a_missing_root_is_an_empty_catalog() {
+        assert!(
+            scan(Path::new("/nonexistent/models"))
+                .unwrap()
+                .models
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn parameter_counts_follow_the_llama_layout() {
+        // Llama-3.2-1B's published dimensions: about 1.24 billion parameters.
+        let llama_1b = json!({
+            "hidden_size": 2048, "num_hidden_layers": 16, "vocab_size": 128256,
+            "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "head_dim": 64, "tie_word_embeddings": true
+        });
+        let n = parameters_from_config(&llama_1b).unwrap();
+        assert!((1_200_000_000..1_300_000_000).contains(&n), "{n}");
+        assert_eq!(parameters_from_config(&json!({"hidden_size": 1})), None);
+    }
+}

@@ -1,0 +1,362 @@
+//! [`NatsTransport`]: the production [`Transport`] over async-nats.
+//!
+//! This is the only module that imports `async_nats`. It owns the client's options (server
+//! list, name, credentials, ping interval, reconnect backoff, subscription capacity), turns the
+//! client's events into [`ConnectionState`] updates, and implements the listener check of
+//! [`Transport::publish_if_listened`] with NATS's no-responders status:
+//!
+//! 1. publish the message with a reply subject `<inbox>.a.<n>` in this connection's private
+//!    inbox; when nobody subscribes to its subject, the server drops it and answers the reply
+//!    subject at once with status 503;
+//! 2. publish an empty marker to `<inbox>.m.<n>`, which this connection itself subscribes to;
+//! 3. the server handles one connection's messages in order and writes to one subscription in
+//!    order, so once the marker arrives, a 503 for step 1 — if there was one — has already
+//!    arrived. Cost: one server round trip, no guessing with timers.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::{ConnectErrorKind, ConnectOptions, Event, StatusCode};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::{ConnectionState, InboundMessage, Subscription, Transport, TransportError};
+use crate::config::{NatsAuth, NatsConfig};
+use crate::limits::{NATS_PAYLOAD_BYTES_MAX, SUBSCRIPTION_CAPACITY};
+
+/// Longest wait for the marker of a listener check; past it the link is considered stalled.
+const LISTENER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest wait of the first connection attempt before falling back to background retries.
+const FIRST_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Shortest reconnect delay; the delay doubles per attempt up to the configured bound.
+const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(50);
+
+/// Why the transport could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The server rejected the credentials.
+    #[error("the message server at {servers} rejected the credentials: {reason}")]
+    Rejected {
+        /// The configured servers.
+        servers: String,
+        /// The client's words.
+        reason: String,
+    },
+    /// The configuration cannot be used (bad URL, TLS setup).
+    #[error("cannot connect to {servers}: {reason}")]
+    Invalid {
+        /// The configured servers.
+        servers: String,
+        /// The client's words.
+        reason: String,
+    },
+}
+
+/// Pending listener checks, by number: whether a 503 arrived, and who waits for the marker.
+type Pending = Arc<Mutex<HashMap<u64, (bool, oneshot::Sender<bool>)>>>;
+
+/// A NATS connection.
+pub struct NatsTransport {
+    client: async_nats::Client,
+    /// Receives the state the event callback publishes.
+    state: watch::Receiver<ConnectionState>,
+    /// This connection's private inbox prefix (`_INBOX.<nuid>`), for listener checks.
+    inbox: String,
+    /// Numbers listener checks.
+    next_check: AtomicU64,
+    /// Listener checks waiting for their marker; shared with the inbox reader task.
+    pending: Pending,
+    /// The inbox reader task; aborted when the transport is dropped.
+    reader: JoinHandle<()>,
+}
+
+impl NatsTransport {
+    /// Connects to the configured servers.
+    ///
+    /// A server that cannot be reached is not an error: the transport then keeps trying in
+    /// the background and reports `connected: false` until it succeeds. Rejected credentials
+    /// and unusable settings are errors, since retrying cannot fix them.
+    pub async fn connect(config: &NatsConfig) -> Result<NatsTransport, ConnectError> {
+        let servers = config.servers.join(",");
+        let (state_tx, state) = watch::channel(ConnectionState {
+            connected: false,
+            reconnects: 0,
+        });
+        let state_tx = Arc::new(state_tx);
+        let attempt = tokio::time::timeout(
+            FIRST_CONNECT_TIMEOUT,
+            options(config, state_tx.clone()).connect(config.servers.clone()),
+        )
+        .await;
+        let client = match attempt {
+            Ok(Ok(client)) => client,
+            Ok(Err(err)) => match err.kind() {
+                ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => {
+                    return Err(ConnectError::Rejected {
+                        servers,
+                        reason: err.to_string(),
+                    });
+                }
+                ConnectErrorKind::ServerParse | ConnectErrorKind::Tls => {
+                    return Err(ConnectError::Invalid {
+                        servers,
+                        reason: err.to_string(),
+                    });
+                }
+                _ => retry_in_background(config, state_tx, &servers, &err.to_string()).await?,
+            },
+            Err(_) => retry_in_background(config, state_tx, &servers, "timed out").await?,
+        };
+        let inbox = client.new_inbox();
+        let pending: Pending = Arc::default();
+        let inbox_sub =
+            client
+                .subscribe(format!("{inbox}.>"))
+                .await
+                .map_err(|e| ConnectError::Invalid {
+                    servers: servers.clone(),
+                    reason: format!("cannot subscribe to the private inbox: {e}"),
+                })?;
+        let reader = tokio::spawn(read_inbox(inbox_sub, inbox.clone(), pending.clone()));
+        Ok(NatsTransport {
+            client,
+            state,
+            inbox,
+            next_check: AtomicU64::new(0),
+            pending,
+            reader,
+        })
+    }
+
+    fn check_size(&self, len: usize) -> Result<(), TransportError> {
+        let server = self.client.max_payload();
+        let limit = if server == 0 {
+            NATS_PAYLOAD_BYTES_MAX
+        } else {
+            server.min(NATS_PAYLOAD_BYTES_MAX)
+        };
+        if len > limit {
+            return Err(TransportError::PayloadTooLarge { len, limit });
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NatsTransport {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+async fn retry_in_background(
+    config: &NatsConfig,
+    state_tx: Arc<watch::Sender<ConnectionState>>,
+    servers: &str,
+    reason: &str,
+) -> Result<async_nats::Client, ConnectError> {
+    warn!(
+        servers,
+        reason, "message server unreachable, retrying in the background"
+    );
+    options(config, state_tx)
+        .retry_on_initial_connect()
+        .connect(config.servers.clone())
+        .await
+        .map_err(|e| ConnectError::Invalid {
+            servers: servers.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+fn options(config: &NatsConfig, state_tx: Arc<watch::Sender<ConnectionState>>) -> ConnectOptions {
+    let mut options = ConnectOptions::new()
+        .name(&config.name)
+        .ping_interval(config.ping_interval)
+        .connection_timeout(FIRST_CONNECT_TIMEOUT)
+        .subscription_capacity(SUBSCRIPTION_CAPACITY)
+        .max_reconnects(config.max_reconnect_attempts)
+        .reconnect_delay_callback({
+            let max = config.reconnect_wait_max;
+            move |attempts| reconnect_delay(attempts, max)
+        })
+        .event_callback({
+            let ever_connected = Arc::new(AtomicBool::new(false));
+            move |event| {
+                let state_tx = state_tx.clone();
+                let ever_connected = ever_connected.clone();
+                async move { on_event(&state_tx, &ever_connected, event) }
+            }
+        });
+    match &config.auth {
+        NatsAuth::None => {}
+        NatsAuth::UserPassword { user, password } => {
+            options = options.user_and_password(user.clone(), password.expose().to_owned());
+        }
+        NatsAuth::Token(token) => options = options.token(token.expose().to_owned()),
+    }
+    options
+}
+
+/// Capped exponential backoff with jitter: attempt 0 waits ~50 ms, doubling up to `max`.
+fn reconnect_delay(attempts: usize, max: Duration) -> Duration {
+    let shift = u32::try_from(attempts.min(16)).unwrap_or(16);
+    let base = RECONNECT_DELAY_MIN.saturating_mul(1 << shift).min(max);
+    base.mul_f64(rand::random_range(0.5..=1.0))
+}
+
+fn on_event(state_tx: &watch::Sender<ConnectionState>, ever_connected: &AtomicBool, event: Event) {
+    match event {
+        Event::Connected => {
+            // The first connection is not a reconnect.
+            let reconnect = ever_connected.swap(true, Ordering::Relaxed);
+            state_tx.send_modify(|s| {
+                if reconnect {
+                    s.reconnects += 1;
+                }
+                s.connected = true;
+            });
+            info!("connected to the message server");
+        }
+        Event::Disconnected => {
+            state_tx.send_modify(|s| s.connected = false);
+            warn!("disconnected from the message server");
+        }
+        Event::Closed => {
+            state_tx.send_modify(|s| s.connected = false);
+            info!("connection to the message server closed");
+        }
+        Event::LameDuckMode => warn!("message server entered lame duck mode"),
+        Event::SlowConsumer(sid) => warn!(sid, "slow consumer: a subscription dropped messages"),
+        Event::ServerError(err) => warn!(cause = %err, "message server error"),
+        Event::ClientError(err) => warn!(cause = %err, "message client error"),
+        Event::Draining => debug!("connection draining"),
+    }
+}
+
+/// Resolves listener checks from the private inbox; see the module documentation.
+async fn read_inbox(mut sub: async_nats::Subscriber, inbox: String, pending: Pending) {
+    let answers = format!("{inbox}.a.");
+    let markers = format!("{inbox}.m.");
+    while let Some(msg) = sub.next().await {
+        let subject = msg.subject.as_str();
+        if let Some(n) = subject
+            .strip_prefix(&answers)
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            if msg.status == Some(StatusCode::NO_RESPONDERS)
+                && let Ok(mut map) = pending.lock()
+                && let Some(entry) = map.get_mut(&n)
+            {
+                entry.0 = true;
+            }
+        } else if let Some(n) = subject
+            .strip_prefix(&markers)
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            let entry = pending.lock().ok().and_then(|mut map| map.remove(&n));
+            if let Some((no_responders, waiter)) = entry {
+                // The waiter may have given up; nothing to do then.
+                let _ = waiter.send(!no_responders);
+            }
+        }
+    }
+}
+
+fn publish_error(err: async_nats::PublishError) -> TransportError {
+    use async_nats::client::PublishErrorKind;
+    match err.kind() {
+        PublishErrorKind::MaxPayloadExceeded => {
+            TransportError::PayloadTooLarge { len: 0, limit: 0 }
+        }
+        PublishErrorKind::InvalidSubject => TransportError::Refused {
+            reason: err.to_string(),
+        },
+        PublishErrorKind::Send => TransportError::Closed,
+    }
+}
+
+#[async_trait]
+impl Transport for NatsTransport {
+    async fn publish(&self, subject: String, payload: Bytes) -> Result<(), TransportError> {
+        self.check_size(payload.len())?;
+        self.client
+            .publish(subject, payload)
+            .await
+            .map_err(publish_error)
+    }
+
+    async fn publish_if_listened(
+        &self,
+        subject: String,
+        payload: Bytes,
+    ) -> Result<bool, TransportError> {
+        self.check_size(payload.len())?;
+        let n = self.next_check.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .map_err(|_| TransportError::Closed)?
+            .insert(n, (false, tx));
+        let sent = async {
+            self.client
+                .publish_with_reply(subject, format!("{}.a.{n}", self.inbox), payload)
+                .await?;
+            self.client
+                .publish(format!("{}.m.{n}", self.inbox), Bytes::new())
+                .await
+        }
+        .await;
+        let outcome = match sent {
+            Err(err) => Err(publish_error(err)),
+            Ok(()) => match tokio::time::timeout(LISTENER_CHECK_TIMEOUT, rx).await {
+                Ok(Ok(delivered)) => Ok(delivered),
+                Ok(Err(_)) => Err(TransportError::Closed),
+                Err(_) => Err(TransportError::TimedOut {
+                    millis: crate::clock::millis(LISTENER_CHECK_TIMEOUT),
+                }),
+            },
+        };
+        if let Ok(mut map) = self.pending.lock() {
+            map.remove(&n);
+        }
+        outcome
+    }
+
+    async fn subscribe(
+        &self,
+        subject: String,
+        queue_group: Option<String>,
+    ) -> Result<Subscription, TransportError> {
+        let sub = match queue_group {
+            None => self.client.subscribe(subject).await,
+            Some(group) => self.client.queue_subscribe(subject, group).await,
+        }
+        .map_err(|e| TransportError::Refused {
+            reason: e.to_string(),
+        })?;
+        Ok(Subscription::new(sub.map(|m| InboundMessage {
+            subject: m.subject.to_string(),
+            reply: m.reply.map(|r| r.to_string()),
+            payload: m.payload,
+        })))
+    }
+
+    async fn flush(&self) -> Result<(), TransportError> {
+        self.client
+            .flush()
+            .await
+            .map_err(|_| TransportError::Disconnected)
+    }
+
+    fn connection(&self) -> watch::Receiver<ConnectionState> {
+        self.state.clone()
+    }
+}

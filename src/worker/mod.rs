@@ -1,0 +1,355 @@
+//! The worker node: [`Worker::run`] takes a worker from `idle` through registration to `ready`,
+//! serves requests until told to stop, then drains and stops.
+//!
+//! The task tree of one run:
+//!
+//! - the **dispatcher** (this task): reads `worker.{id}.inference` and `worker.{id}.cancel`,
+//!   admits requests and owns all request state (see `dispatcher`);
+//! - one **request task** per running request, plus short responder tasks for refusals, tracked
+//!   so a drain waits for them (see `request`);
+//! - the **presence** task: registration, heartbeats, re-registration after reconnects (see
+//!   `presence`);
+//! - a **preload** task loading the configured models in the background.
+//!
+//! The worker reaches the outside only through [`Deps`]: the transport, the engine, the clock
+//! and the hardware probe.
+
+mod dispatcher;
+mod plan;
+mod presence;
+mod request;
+mod responder;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+pub use dispatcher::{DispatchReport, IntakeCounters};
+pub use plan::Plan;
+
+use crate::clock::Clock;
+use crate::config::NodeConfig;
+use crate::engine::Engine;
+use crate::hardware::HardwareProbe;
+use crate::identity::Identity;
+use crate::lifecycle::{Lifecycle, LifecycleCell};
+use crate::limits::INFLIGHT_REQUESTS_MAX;
+use crate::protocol::{self, ModelSkills, WorkerDeregistration, subject};
+use crate::transport::{Subscription, Transport, TransportError};
+
+use dispatcher::Dispatcher;
+use presence::{Announcement, Load, Presence};
+use request::{Finished, Loader, RequestContext};
+
+/// The worker's four seams.
+#[derive(Clone)]
+pub struct Deps {
+    /// The message bus.
+    pub transport: Arc<dyn Transport>,
+    /// The inference engine.
+    pub engine: Arc<dyn Engine>,
+    /// Time.
+    pub clock: Arc<dyn Clock>,
+    /// The host.
+    pub hardware: Arc<dyn HardwareProbe>,
+}
+
+/// Why a run failed before it could serve.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// A subscription the worker needs was refused.
+    #[error("cannot subscribe to {subject}: {source}")]
+    Subscribe {
+        /// The subject.
+        subject: String,
+        /// The transport's error.
+        source: TransportError,
+    },
+    /// `run` was called while a run was in progress.
+    #[error("the worker is already running (state {state})")]
+    AlreadyRunning {
+        /// The state it was in.
+        state: Lifecycle,
+    },
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunReport {
+    /// Requests, errors and intake counts over the run.
+    pub dispatch: DispatchReport,
+}
+
+/// A worker node. Build it with [`Worker::new`] (no side effects), run it with [`Worker::run`];
+/// a stopped worker can run again.
+pub struct Worker {
+    identity: Identity,
+    config: NodeConfig,
+    preload: Vec<String>,
+    deps: Deps,
+    lifecycle: Arc<LifecycleCell>,
+}
+
+impl Worker {
+    /// A worker with this identity and configuration, over these seams. `preload` names the
+    /// models loaded in the background once the worker is registered.
+    pub fn new(identity: Identity, config: NodeConfig, preload: Vec<String>, deps: Deps) -> Worker {
+        Worker {
+            identity,
+            config,
+            preload,
+            deps,
+            lifecycle: Arc::new(LifecycleCell::default()),
+        }
+    }
+
+    /// The worker id.
+    pub fn id(&self) -> &str {
+        &self.identity.worker_id
+    }
+
+    /// Follows the lifecycle state.
+    pub fn lifecycle(&self) -> watch::Receiver<Lifecycle> {
+        self.lifecycle.subscribe()
+    }
+
+    /// Runs the worker until `shutdown` completes, then drains: new requests are refused with
+    /// `WORKER_SHUTDOWN`, `worker.deregister` is published, accepted requests get
+    /// `drainTimeoutMs` to finish, what is left ends with `WORKER_SHUTDOWN`, the transport is
+    /// flushed and the engine stopped.
+    pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<RunReport, WorkerError> {
+        let state = self.lifecycle.get();
+        if !matches!(state, Lifecycle::Idle | Lifecycle::Stopped) {
+            return Err(WorkerError::AlreadyRunning { state });
+        }
+        let span = info_span!("worker", node_id = %self.identity.worker_id);
+        self.run_inner(shutdown).instrument(span).await
+    }
+
+    async fn run_inner(
+        &self,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<RunReport, WorkerError> {
+        let deps = &self.deps;
+        self.lifecycle.advance(Lifecycle::Connecting);
+        // Subscribe before anything announces the worker, so no routed request is missed.
+        let (mut inference, mut cancel) = match self.subscribe().await {
+            Ok(subs) => subs,
+            Err(err) => {
+                self.lifecycle.advance(Lifecycle::Draining);
+                self.lifecycle.advance(Lifecycle::Stopped);
+                return Err(err);
+            }
+        };
+        let profile = deps.hardware.profile().await;
+        let catalog = match deps.engine.catalog().await {
+            Ok(catalog) => catalog,
+            Err(err) => {
+                warn!(cause = %err, "cannot list the engine's models; serving none");
+                Default::default()
+            }
+        };
+        let plan = Plan::new(&profile, &self.config, &catalog);
+        info!(
+            models = catalog.models.len(),
+            inflight_max = plan.scheduler.inflight_max,
+            queue_depth_max = plan.scheduler.queue_depth_max,
+            "plan"
+        );
+        let (finished_tx, mut finished_rx) = mpsc::channel::<Finished>(INFLIGHT_REQUESTS_MAX);
+        let (load_tx, mut load_rx) = mpsc::channel::<oneshot::Sender<Load>>(16);
+        let ctx = Arc::new(RequestContext {
+            transport: deps.transport.clone(),
+            engine: deps.engine.clone(),
+            clock: deps.clock.clone(),
+            loader: Arc::new(Loader::default()),
+            late_subscriber_wait: self.config.late_subscriber_wait,
+            finished: finished_tx,
+        });
+        let mut dispatcher = Dispatcher::new(
+            self.config.clone(),
+            plan.model_tiers.clone(),
+            crate::scheduler::Scheduler::new(plan.scheduler.clone()),
+            ctx.clone(),
+        );
+
+        let stop_background = CancellationToken::new();
+        let presence = Presence {
+            config: self.config.clone(),
+            announcement: Announcement {
+                identity: self.identity.clone(),
+                skills: ModelSkills {
+                    available_models: catalog.models.keys().cloned().collect(),
+                    model_paths: catalog
+                        .models
+                        .iter()
+                        .map(|(id, m)| (id.clone(), m.path.display().to_string()))
+                        .collect::<BTreeMap<_, _>>(),
+                    total_model_size: catalog.total_size_bytes(),
+                    last_scanned: deps.clock.unix_millis(),
+                },
+                hardware: plan.hardware_wire(&profile, deps.clock.unix_millis()),
+                capabilities: plan.capabilities.clone(),
+            },
+            transport: deps.transport.clone(),
+            clock: deps.clock.clone(),
+            hardware: deps.hardware.clone(),
+            engine_health: deps.engine.health(),
+            lifecycle: self.lifecycle.clone(),
+            load: load_tx,
+        };
+        let background = tokio_util::task::TaskTracker::new();
+        background.spawn(
+            presence
+                .run(stop_background.clone())
+                .instrument(info_span!("presence")),
+        );
+        background.spawn(
+            preload(
+                ctx.clone(),
+                self.preload.clone(),
+                self.lifecycle.subscribe(),
+            )
+            .instrument(info_span!("preload")),
+        );
+
+        // Serving.
+        tokio::pin!(shutdown);
+        loop {
+            let queued_deadline = dispatcher.next_queued_deadline();
+            tokio::select! {
+                () = &mut shutdown => break,
+                msg = inference.next() => match msg {
+                    Some(msg) => dispatcher.on_request(msg),
+                    None => {
+                        warn!("inference subscription ended; stopping");
+                        break;
+                    }
+                },
+                Some(msg) = cancel.next() => dispatcher.on_cancel(msg),
+                Some(finished) = finished_rx.recv() => dispatcher.on_finished(finished),
+                Some(reply) = load_rx.recv() => dispatcher.answer_load(reply),
+                () = sleep_until_opt(queued_deadline) => dispatcher.expire_queued(),
+            }
+        }
+
+        // Draining: refuse new work, say goodbye, let accepted work finish.
+        self.lifecycle.advance(Lifecycle::Draining);
+        dispatcher.start_drain();
+        self.deregister().await;
+        let drain_deadline = deps.clock.now() + self.config.drain_timeout;
+        while !dispatcher.is_idle() {
+            let queued_deadline = dispatcher.next_queued_deadline();
+            tokio::select! {
+                () = tokio::time::sleep_until(drain_deadline) => {
+                    warn!("drain deadline reached; ending what is left with WORKER_SHUTDOWN");
+                    break;
+                }
+                Some(msg) = inference.next() => dispatcher.on_request(msg),
+                Some(msg) = cancel.next() => dispatcher.on_cancel(msg),
+                Some(finished) = finished_rx.recv() => dispatcher.on_finished(finished),
+                Some(reply) = load_rx.recv() => dispatcher.answer_load(reply),
+                () = sleep_until_opt(queued_deadline) => dispatcher.expire_queued(),
+            }
+        }
+        dispatcher.abort_all();
+        let grace = self.config.late_subscriber_wait + TERMINAL_GRACE;
+        let dispatch = dispatcher.finish_tasks(&mut finished_rx, grace).await;
+        drop(inference);
+        drop(cancel);
+        stop_background.cancel();
+        background.close();
+        background.wait().await;
+        if let Err(err) = deps.transport.flush().await {
+            warn!(cause = %err, "final flush failed");
+        }
+        deps.engine.shutdown(ENGINE_STOP_GRACE).await;
+        self.lifecycle.advance(Lifecycle::Stopped);
+        info!(
+            handled = dispatch.metrics.total,
+            abandoned = dispatch.abandoned,
+            "stopped"
+        );
+        Ok(RunReport { dispatch })
+    }
+
+    async fn subscribe(&self) -> Result<(Subscription, Subscription), WorkerError> {
+        let id = &self.identity.worker_id;
+        let inference = self.subscribe_one(subject::inference(id)).await?;
+        let cancel = self.subscribe_one(subject::cancel(id)).await?;
+        Ok((inference, cancel))
+    }
+
+    async fn subscribe_one(&self, subject: String) -> Result<Subscription, WorkerError> {
+        self.deps
+            .transport
+            .subscribe(subject.clone(), None)
+            .await
+            .map_err(|source| WorkerError::Subscribe { subject, source })
+    }
+
+    async fn deregister(&self) {
+        let message = WorkerDeregistration {
+            worker_id: self.identity.worker_id.clone(),
+            timestamp: self.deps.clock.unix_millis(),
+        };
+        let Ok(payload) = protocol::encode(&message) else {
+            return;
+        };
+        match self
+            .deps
+            .transport
+            .publish(subject::DEREGISTER.to_owned(), payload.into())
+            .await
+        {
+            Ok(()) => info!("deregistered"),
+            Err(err) => warn!(cause = %err, "deregistration not sent"),
+        }
+        // The controller should hear the goodbye before any late terminal messages.
+        let _ = self.deps.transport.flush().await;
+    }
+}
+
+/// Time request tasks get, after the drain deadline, to publish their terminal messages.
+const TERMINAL_GRACE: Duration = Duration::from_secs(5);
+/// Time the engine gets to exit cleanly at stop.
+const ENGINE_STOP_GRACE: Duration = Duration::from_secs(5);
+
+async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Loads the configured models once the worker is ready, one after the other.
+async fn preload(
+    ctx: Arc<RequestContext>,
+    models: Vec<String>,
+    mut lifecycle: watch::Receiver<Lifecycle>,
+) {
+    if models.is_empty() {
+        return;
+    }
+    if lifecycle
+        .wait_for(|s| matches!(s, Lifecycle::Ready | Lifecycle::Draining))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    for model in models {
+        if *lifecycle.borrow() != Lifecycle::Ready {
+            return;
+        }
+        match ctx.loader.ensure(&ctx.engine, &model).await {
+            Ok(loaded) => info!(model = %loaded.model_id, "preloaded"),
+            Err(err) => warn!(%model, cause = %err, "preload failed"),
+        }
+    }
+}

@@ -1,0 +1,304 @@
+//! The worker's presence in the cluster: waiting for the link, registering (with capped,
+//! jittered retries), the first heartbeat at once, then a heartbeat every interval, a
+//! re-registration every N heartbeats and after every reconnect.
+//!
+//! Heartbeats are not sent while the link is down, and a missed tick is skipped, not replayed.
+//! The heartbeat's `status` is `online` only when the worker is ready and healthy; `degraded`
+//! only for a recoverable cause that clears by itself (engine restarting, a burst of faults in
+//! the recent window); `offline` while not ready (starting, reconnecting, draining).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::clock::Clock;
+use crate::config::NodeConfig;
+use crate::engine::EngineHealth;
+use crate::hardware::HardwareProbe;
+use crate::identity::Identity;
+use crate::lifecycle::{Lifecycle, LifecycleCell};
+use crate::limits::REGISTER_BACKOFF_MAX;
+use crate::protocol::{
+    self, HardwareProfile, ModelSkills, WorkerCapabilities, WorkerHeartbeat, WorkerMetrics,
+    WorkerRegistration, WorkerStatus, subject,
+};
+use crate::transport::{ConnectionState, Transport};
+
+/// First registration retry delay; it doubles up to [`REGISTER_BACKOFF_MAX`].
+const REGISTER_BACKOFF_MIN: Duration = Duration::from_millis(100);
+
+/// How far back the fault ratio looks, and how many requests it needs to judge.
+pub(crate) const FAULT_WINDOW: Duration = Duration::from_secs(60);
+/// Requests the fault ratio needs within [`FAULT_WINDOW`] before it can make a worker degraded.
+pub(crate) const FAULT_MIN_SAMPLES: usize = 5;
+
+/// The load figures a heartbeat carries, read from the dispatcher.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub(crate) struct Load {
+    pub(crate) running: usize,
+    pub(crate) queued: usize,
+    pub(crate) queue_capacity: usize,
+    pub(crate) inflight_capacity: usize,
+    pub(crate) total_handled: u64,
+    pub(crate) avg_latency_ms: f64,
+    pub(crate) tokens_per_second: f64,
+    pub(crate) fault_ratio: f64,
+}
+
+/// What the registration says about the worker, fixed at start.
+#[derive(Clone, Debug)]
+pub(crate) struct Announcement {
+    pub(crate) identity: Identity,
+    pub(crate) skills: ModelSkills,
+    pub(crate) hardware: HardwareProfile,
+    pub(crate) capabilities: WorkerCapabilities,
+}
+
+/// The presence task's parts.
+pub(crate) struct Presence {
+    pub(crate) config: NodeConfig,
+    pub(crate) announcement: Announcement,
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) hardware: Arc<dyn HardwareProbe>,
+    pub(crate) engine_health: watch::Receiver<EngineHealth>,
+    pub(crate) lifecycle: Arc<LifecycleCell>,
+    /// Asks the dispatcher for the current load.
+    pub(crate) load: mpsc::Sender<oneshot::Sender<Load>>,
+}
+
+impl Presence {
+    /// Runs until `stop` fires.
+    pub(crate) async fn run(mut self, stop: CancellationToken) {
+        let mut connection = self.transport.connection();
+        loop {
+            // Waiting for the link.
+            self.lifecycle.advance(Lifecycle::Connecting);
+            let ready = tokio::select! {
+                () = stop.cancelled() => return,
+                up = connection.wait_for(|c| c.connected) => up.is_ok(),
+            };
+            if !ready {
+                return;
+            }
+            if !self.lifecycle.advance(Lifecycle::Registering) {
+                // Draining: the worker has deregistered and must not come back.
+                self.heartbeats_only(stop).await;
+                return;
+            }
+            if !self.register_until_done(&stop, &mut connection).await {
+                if stop.is_cancelled() {
+                    return;
+                }
+                continue;
+            }
+            self.lifecycle.advance(Lifecycle::Ready);
+            self.heartbeat().await;
+            let reconnects = connection.borrow().reconnects;
+            self.beat_while_connected(&stop, &mut connection, reconnects)
+                .await;
+            if stop.is_cancelled() {
+                return;
+            }
+        }
+    }
+
+    /// Registers, retrying with backoff; false when the link dropped or `stop` fired first.
+    async fn register_until_done(
+        &self,
+        stop: &CancellationToken,
+        connection: &mut watch::Receiver<ConnectionState>,
+    ) -> bool {
+        let mut delay = REGISTER_BACKOFF_MIN;
+        loop {
+            match self.publish(subject::REGISTER, &self.registration()).await {
+                Ok(()) => {
+                    info!(worker_id = %self.announcement.identity.worker_id, "registered");
+                    return true;
+                }
+                Err(err) => {
+                    warn!(cause = %err, retry_ms = delay.as_millis() as u64, "registration failed")
+                }
+            }
+            let jittered = delay.mul_f64(rand::random_range(0.5..=1.0));
+            tokio::select! {
+                () = stop.cancelled() => return false,
+                () = tokio::time::sleep(jittered) => {}
+            }
+            if !connection.borrow_and_update().connected {
+                return false;
+            }
+            delay = (delay * 2).min(REGISTER_BACKOFF_MAX);
+        }
+    }
+
+    /// Heartbeats every interval until the link drops or `stop` fires.
+    async fn beat_while_connected(
+        &mut self,
+        stop: &CancellationToken,
+        connection: &mut watch::Receiver<ConnectionState>,
+        reconnects: u64,
+    ) {
+        let mut ticker = tokio::time::interval(self.config.heartbeat_interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        ticker.tick().await; // The first tick is immediate; the first heartbeat is already sent.
+        let mut beats: u32 = 0;
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticker.tick() => {
+                    beats = beats.wrapping_add(1);
+                    if beats.is_multiple_of(self.config.reregister_every)
+                        && self.lifecycle.get() == Lifecycle::Ready
+                        && let Err(err) = self.publish(subject::REGISTER, &self.registration()).await
+                    {
+                        warn!(cause = %err, "periodic re-registration failed");
+                    }
+                    self.heartbeat().await;
+                }
+                changed = connection.changed() => {
+                    let state = *connection.borrow_and_update();
+                    if changed.is_err() || !state.connected || state.reconnects != reconnects {
+                        warn!("link lost; will re-register once it is back");
+                        return;
+                    }
+                }
+                changed = self.engine_health.changed() => {
+                    if changed.is_ok() {
+                        // Tell the controller at once, so it routes away or back quickly.
+                        self.heartbeat().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// While draining: heartbeats (with status `offline`) but no registration.
+    async fn heartbeats_only(&self, stop: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.config.heartbeat_interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = ticker.tick() => {
+                    if self.transport.connection().borrow().connected {
+                        self.heartbeat().await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn registration(&self) -> WorkerRegistration {
+        let a = &self.announcement;
+        WorkerRegistration {
+            worker_id: a.identity.worker_id.clone(),
+            hostname: a.identity.hostname.clone(),
+            ip: a.identity.ip.clone(),
+            port: a.identity.port,
+            skills: a.skills.clone(),
+            hardware: a.hardware.clone(),
+            capabilities: a.capabilities.clone(),
+            tags: self.config.tags.clone(),
+            priority: self.config.priority,
+            status: WorkerStatus::Online,
+            timestamp: self.clock.unix_millis(),
+        }
+    }
+
+    async fn heartbeat(&self) {
+        let load = self.read_load().await;
+        let sample = self.hardware.sample().await;
+        let health = self.engine_health.borrow().clone();
+        let models_loaded = match &health {
+            EngineHealth::Up { loaded } => loaded.clone(),
+            _ => Vec::new(),
+        };
+        let status = status(
+            self.lifecycle.get(),
+            &health,
+            load.fault_ratio,
+            self.config.degraded_error_ratio,
+        );
+        let gib = |bytes: u64| bytes as f64 / f64::from(1u32 << 30);
+        let message = WorkerHeartbeat {
+            worker_id: self.announcement.identity.worker_id.clone(),
+            status,
+            metrics: WorkerMetrics {
+                cpu_usage_percent: round2(sample.cpu_usage_percent.clamp(0.0, 100.0)),
+                memory_used_gb: round2(gib(sample.memory_used_bytes)),
+                gpu_utilization_percent: round2(
+                    sample
+                        .gpu_utilization_percent
+                        .unwrap_or(0.0)
+                        .clamp(0.0, 100.0),
+                ),
+                active_requests: count(load.running + load.queued),
+                total_requests_handled: load.total_handled,
+                avg_latency_ms: round2(load.avg_latency_ms),
+                models_loaded,
+                queue_depth: count(load.queued),
+                queue_capacity: count(load.queue_capacity),
+                inflight_capacity: count(load.inflight_capacity),
+                tokens_per_second: round2(load.tokens_per_second),
+            },
+            timestamp: self.clock.unix_millis(),
+        };
+        if let Err(err) = self.publish(subject::HEARTBEAT, &message).await {
+            debug!(cause = %err, "heartbeat not sent");
+        }
+    }
+
+    async fn read_load(&self) -> Load {
+        let (tx, rx) = oneshot::channel();
+        if self.load.send(tx).await.is_err() {
+            return Load::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+
+    async fn publish<T: Serialize>(
+        &self,
+        subject: &str,
+        message: &T,
+    ) -> Result<(), crate::transport::TransportError> {
+        let payload =
+            protocol::encode(message).map_err(|e| crate::transport::TransportError::Refused {
+                reason: format!("cannot encode {subject}: {e}"),
+            })?;
+        self.transport
+            .publish(subject.to_owned(), Bytes::from(payload))
+            .await
+    }
+}
+
+/// The status a heartbeat reports.
+pub(crate) fn status(
+    lifecycle: Lifecycle,
+    health: &EngineHealth,
+    fault_ratio: f64,
+    degraded_ratio: f64,
+) -> WorkerStatus {
+    if lifecycle != Lifecycle::Ready {
+        return WorkerStatus::Offline;
+    }
+    match health {
+        EngineHealth::Restarting | EngineHealth::Down => WorkerStatus::Degraded,
+        _ if fault_ratio > degraded_ratio => WorkerStatus::Degraded,
+        _ => WorkerStatus::Online,
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn count(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}

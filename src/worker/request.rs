@@ -1,0 +1,277 @@
+//! One accepted request, from the start of its work to its single terminal message: load the
+//! model if needed, generate, publish each token with a contiguous index, then exactly one
+//! `done` or one `error`, and report the outcome to the dispatcher.
+//!
+//! The request ends early when its [`Abort`] fires (cancel message, drain deadline) or its
+//! deadline passes; the engine's token stream is dropped then, which cancels the generation.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::responder::Responder;
+use crate::clock::{Clock, millis};
+use crate::engine::{Engine, EngineError, GenerateRequest, LoadedModel, TokenEvent};
+use crate::metrics::{Outcome, RequestRecord};
+use crate::protocol::{DoneMessage, ErrorCode, ErrorMessage, TokenMessage};
+use crate::transport::{Transport, TransportError};
+
+/// Longest a terminal message may take to hand to the connection, beyond the listener wait.
+const TERMINAL_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Stops a request from outside, with the reason its terminal message will give.
+#[derive(Debug, Default)]
+pub(crate) struct Abort {
+    token: CancellationToken,
+    reason: OnceLock<ErrorCode>,
+}
+
+impl Abort {
+    /// Stops the request with `reason`; the first reason given wins.
+    pub(crate) fn fire(&self, reason: ErrorCode) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+
+    fn reason(&self) -> ErrorCode {
+        self.reason.get().copied().unwrap_or(ErrorCode::Cancelled)
+    }
+}
+
+/// Loads models, sharing one load among the requests that need the same model at once.
+#[derive(Default)]
+pub(crate) struct Loader {
+    in_flight: Mutex<HashMap<String, SharedLoad>>,
+}
+
+type SharedLoad = Shared<BoxFuture<'static, Result<LoadedModel, EngineError>>>;
+
+impl Loader {
+    /// Ensures `model` is loaded; concurrent callers wait on the same load.
+    pub(crate) async fn ensure(
+        self: &Arc<Self>,
+        engine: &Arc<dyn Engine>,
+        model: &str,
+    ) -> Result<LoadedModel, EngineError> {
+        let load = {
+            let mut map = self
+                .in_flight
+                .lock()
+                .map_err(|_| EngineError::Unavailable {
+                    reason: "model loader state is poisoned".to_owned(),
+                })?;
+            map.entry(model.to_owned())
+                .or_insert_with(|| {
+                    let engine = engine.clone();
+                    let model = model.to_owned();
+                    let loader = self.clone();
+                    async move {
+                        let result = engine.load(&model).await;
+                        // The next request asks the engine again, which is cheap for a
+                        // loaded model and reloads one lost in an engine restart.
+                        if let Ok(mut map) = loader.in_flight.lock() {
+                            map.remove(&model);
+                        }
+                        result
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        load.await
+    }
+}
+
+/// Everything a request task needs, shared by all of them.
+pub(crate) struct RequestContext {
+    pub(crate) transport: Arc<dyn Transport>,
+    pub(crate) engine: Arc<dyn Engine>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) loader: Arc<Loader>,
+    pub(crate) late_subscriber_wait: Duration,
+    /// Where finished requests are reported; the dispatcher reads it.
+    pub(crate) finished: mpsc::Sender<Finished>,
+}
+
+/// A request ready to run.
+#[derive(Debug)]
+pub(crate) struct Job {
+    pub(crate) request_id: String,
+    pub(crate) generate: GenerateRequest,
+    pub(crate) received_at: Instant,
+    pub(crate) deadline: Instant,
+    pub(crate) abort: Arc<Abort>,
+}
+
+/// A request's end, as reported to the dispatcher.
+#[derive(Debug)]
+pub(crate) struct Finished {
+    pub(crate) request_id: String,
+    pub(crate) record: RequestRecord,
+}
+
+/// What the generation phase ended with, before the terminal message.
+enum End {
+    Done,
+    Failed(ErrorCode, String),
+    /// The link failed; no terminal message can be sent.
+    Lost(String),
+}
+
+/// Runs one request to its terminal message and reports it.
+pub(crate) async fn run(ctx: Arc<RequestContext>, job: Job) {
+    let span = info_span!("request", request_id = %job.request_id, model = %job.generate.model_id);
+    async move {
+        let mut responder = Responder::new(
+            ctx.transport.clone(),
+            ctx.clock.clone(),
+            &job.request_id,
+            ctx.late_subscriber_wait,
+        );
+        let mut progress = Progress::default();
+        let end = tokio::select! {
+            end = stream(&ctx, &job, &mut responder, &mut progress) => end,
+            () = job.abort.token.cancelled() => {
+                let code = job.abort.reason();
+                End::Failed(code, abort_message(code))
+            }
+            () = tokio::time::sleep_until(job.deadline) => End::Failed(
+                ErrorCode::Timeout,
+                format!(
+                    "request ran past its deadline of {} ms",
+                    millis(job.deadline.saturating_duration_since(job.received_at))
+                ),
+            ),
+        };
+        let outcome = finish(&ctx, &job, &mut responder, &progress, end).await;
+        let record = RequestRecord {
+            model: job.generate.model_id.clone(),
+            outcome,
+            latency: ctx.clock.now().saturating_duration_since(job.received_at),
+            time_to_first_token: progress.first_token_at,
+            tokens: progress.tokens,
+            finished_at: ctx.clock.now(),
+        };
+        if ctx
+            .finished
+            .send(Finished {
+                request_id: job.request_id.clone(),
+                record,
+            })
+            .await
+            .is_err()
+        {
+            debug!("dispatcher gone before the request finished");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+fn abort_message(code: ErrorCode) -> String {
+    match code {
+        ErrorCode::WorkerShutdown => "the worker is shutting down".to_owned(),
+        ErrorCode::Cancelled => "the request was cancelled".to_owned(),
+        other => format!("the request was stopped ({other})"),
+    }
+}
+
+/// Tokens sent so far; survives the generation future being dropped on abort.
+#[derive(Default)]
+struct Progress {
+    tokens: u64,
+    first_token_at: Option<Duration>,
+}
+
+async fn stream(
+    ctx: &RequestContext,
+    job: &Job,
+    responder: &mut Responder,
+    progress: &mut Progress,
+) -> End {
+    if let Err(err) = ctx.loader.ensure(&ctx.engine, &job.generate.model_id).await {
+        return End::Failed(err.code(), err.to_string());
+    }
+    let mut tokens = match ctx.engine.generate(job.generate.clone()).await {
+        Ok(stream) => stream,
+        Err(err) => return End::Failed(err.code(), err.to_string()),
+    };
+    while let Some(event) = tokens.recv().await {
+        match event {
+            // An empty piece (half of a multi-byte character) is not a token for the client.
+            TokenEvent::Token(text) if text.is_empty() => {}
+            TokenEvent::Token(text) => {
+                let message = TokenMessage::new(&job.request_id, &text, progress.tokens);
+                if let Err(err) = responder.send(&message).await {
+                    return End::Lost(err.to_string());
+                }
+                if progress.tokens == 0 {
+                    progress.first_token_at =
+                        Some(ctx.clock.now().saturating_duration_since(job.received_at));
+                }
+                progress.tokens += 1;
+            }
+            TokenEvent::Finished(_) => return End::Done,
+            TokenEvent::Failed(err) => return End::Failed(err.code(), err.to_string()),
+        }
+    }
+    End::Failed(
+        ErrorCode::EngineCrashed,
+        "the engine ended the stream without finishing it".to_owned(),
+    )
+}
+
+async fn finish(
+    ctx: &RequestContext,
+    job: &Job,
+    responder: &mut Responder,
+    progress: &Progress,
+    end: End,
+) -> Outcome {
+    let latency = millis(ctx.clock.now().saturating_duration_since(job.received_at));
+    let limit = ctx.late_subscriber_wait + TERMINAL_SEND_TIMEOUT;
+    let (sent, outcome) = match end {
+        End::Done => {
+            let done = DoneMessage::new(&job.request_id, progress.tokens, latency);
+            (
+                timeout(limit, responder.send(&done)).await,
+                Outcome::Success,
+            )
+        }
+        End::Failed(code, text) => {
+            let error = ErrorMessage::new(&job.request_id, code, &text);
+            (
+                timeout(limit, responder.send(&error)).await,
+                Outcome::Failed(code),
+            )
+        }
+        End::Lost(reason) => {
+            warn!(cause = %reason, "response stream lost; no terminal message can be sent");
+            return Outcome::Undeliverable;
+        }
+    };
+    let sent = sent.unwrap_or(Err(TransportError::TimedOut {
+        millis: millis(limit),
+    }));
+    match sent {
+        Ok(_) => {
+            // The terminal is the one message worth waiting for: push it to the server now.
+            if let Err(err) = responder.flush().await {
+                debug!(cause = %err, "flush after the terminal message failed");
+            }
+            outcome
+        }
+        Err(err) => {
+            warn!(cause = %err, "terminal message could not be published");
+            Outcome::Undeliverable
+        }
+    }
+}

@@ -1,0 +1,408 @@
+//! Test harness: a real `nats-server` on a free loopback port, a worker over the production
+//! `NatsTransport`, and a client that speaks the controller's side of the protocol.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use futures::StreamExt;
+use mlx_worker::clock::SystemClock;
+use mlx_worker::config::{self, NodeConfig, WorkerConfig};
+use mlx_worker::engine::Engine;
+use mlx_worker::identity::Identity;
+use mlx_worker::lifecycle::Lifecycle;
+use mlx_worker::protocol::{StreamMessage, WorkerHeartbeat, WorkerRegistration};
+use mlx_worker::transport::nats::NatsTransport;
+use mlx_worker::worker::{Deps, RunReport, Worker, WorkerError};
+use mlx_worker_sim::SimProbe;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// How long any single expected event may take before the test fails.
+pub(crate) const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Waits for `fut`, failing the test with `what` if it takes longer than [`PATIENCE`].
+pub(crate) async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(PATIENCE, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {PATIENCE:?} waiting for {what}"),
+    }
+}
+
+#[allow(clippy::disallowed_methods)] // Tests may look at PATH.
+fn nats_server_binary() -> PathBuf {
+    for dir in std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/bin")])
+    {
+        let candidate = dir.join("nats-server");
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("nats-server not found on PATH or in /usr/sbin: run ci/setup.sh (it installs it)");
+}
+
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local address").port()
+}
+
+/// Sends the worker's logs to the test's captured output (shown when a test fails).
+pub(crate) fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("mlx_worker=debug")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
+/// A `nats-server` process on 127.0.0.1.
+pub(crate) struct NatsServer {
+    child: Option<Child>,
+    /// Its client port.
+    pub(crate) port: u16,
+}
+
+impl NatsServer {
+    /// Starts a server on a free port and waits until it accepts clients.
+    pub(crate) async fn start() -> NatsServer {
+        init_logs();
+        let mut server = NatsServer {
+            child: None,
+            port: free_port(),
+        };
+        server.spawn().await.expect("nats-server starts");
+        server
+    }
+
+    async fn spawn(&mut self) -> anyhow::Result<()> {
+        let mut child = Command::new(nats_server_binary())
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawn nats-server")?;
+        let stderr = child.stderr.take().context("nats-server stderr")?;
+        let mut lines = BufReader::new(stderr).lines();
+        let ready = tokio::time::timeout(PATIENCE, async {
+            while let Some(line) = lines.next_line().await? {
+                if line.contains("Server is ready") {
+                    return Ok::<bool, std::io::Error>(true);
+                }
+            }
+            Ok(false)
+        })
+        .await;
+        match ready {
+            Ok(Ok(true)) => {}
+            other => bail!("nats-server did not become ready: {other:?}"),
+        }
+        // Keep draining its log so the pipe never fills.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The client URL.
+    pub(crate) fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to be gone.
+    pub(crate) async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("kill nats-server");
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub(crate) async fn restart(&mut self) {
+        self.kill().await;
+        // The port may linger for a moment after the kill; retry until it binds.
+        for _ in 0..50 {
+            if self.spawn().await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("nats-server did not restart on port {}", self.port);
+    }
+}
+
+/// A configuration for tests: external NATS at `url`, short intervals, the rest default.
+pub(crate) fn test_config(url: &str, extra_yaml: &str) -> WorkerConfig {
+    let yaml = format!(
+        "nats:\n  serverUrl: {url}\n  reconnectTimeWait: 200\n  pingIntervalMs: 500\n\
+         discovery:\n  heartbeatIntervalMs: 200\n\
+         worker:\n  port: 0\n  lateSubscriberWaitMs: 2000\n{extra_yaml}"
+    );
+    config::from_yaml(&yaml, std::path::Path::new("test.yaml")).expect("test config is valid")
+}
+
+/// A worker running in the background.
+pub(crate) struct RunningWorker {
+    /// Its lifecycle.
+    pub(crate) lifecycle: watch::Receiver<Lifecycle>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<RunReport, WorkerError>>>,
+}
+
+impl RunningWorker {
+    /// Starts a worker with this id, configuration and engine over a real NATS connection.
+    pub(crate) async fn start(
+        id: &str,
+        config: &WorkerConfig,
+        engine: Arc<dyn Engine>,
+        preload: Vec<String>,
+    ) -> RunningWorker {
+        // The worker subscribes before it registers, on one connection: once its
+        // registration is seen, the server has its subscriptions too.
+        let observer = Client::connect(&config.nats.servers[0]).await;
+        let mut registrations = observer
+            .nats
+            .subscribe("worker.register")
+            .await
+            .expect("subscribe");
+        observer.sync().await;
+        let transport = NatsTransport::connect(&config.nats)
+            .await
+            .expect("worker connects");
+        let worker = RunningWorker::start_with(
+            id,
+            config.node.clone(),
+            engine,
+            preload,
+            Arc::new(transport),
+        );
+        within("the worker's registration", async {
+            while let Some(msg) = registrations.next().await {
+                let reg: WorkerRegistration =
+                    serde_json::from_slice(&msg.payload).expect("registration decodes");
+                if reg.worker_id == id {
+                    return;
+                }
+            }
+        })
+        .await;
+        worker
+    }
+
+    /// Starts a worker over a given transport.
+    pub(crate) fn start_with(
+        id: &str,
+        node: NodeConfig,
+        engine: Arc<dyn Engine>,
+        preload: Vec<String>,
+        transport: Arc<dyn mlx_worker::transport::Transport>,
+    ) -> RunningWorker {
+        let deps = Deps {
+            transport,
+            engine,
+            clock: Arc::new(SystemClock),
+            hardware: Arc::new(SimProbe::new()),
+        };
+        let identity = Identity {
+            worker_id: id.to_owned(),
+            hostname: "test-host".to_owned(),
+            ip: "127.0.0.1".to_owned(),
+            port: 8080,
+        };
+        let worker = Worker::new(identity, node, preload, deps);
+        let lifecycle = worker.lifecycle();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            worker
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        RunningWorker {
+            lifecycle,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Waits until the worker is ready.
+    pub(crate) async fn ready(&mut self) {
+        within(
+            "the worker to be ready",
+            self.lifecycle.wait_for(|s| *s == Lifecycle::Ready),
+        )
+        .await
+        .expect("lifecycle channel open");
+    }
+
+    /// Stops the worker (drain) and returns its report.
+    pub(crate) async fn stop(mut self) -> RunReport {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let task = self.task.take().expect("worker task");
+        within("the worker to stop", task)
+            .await
+            .expect("worker task joins")
+            .expect("worker run succeeds")
+    }
+}
+
+/// The controller's side: a plain NATS client.
+pub(crate) struct Client {
+    /// The connection.
+    pub(crate) nats: async_nats::Client,
+}
+
+impl Client {
+    /// Connects to `url`.
+    pub(crate) async fn connect(url: &str) -> Client {
+        Client {
+            nats: async_nats::connect(url).await.expect("client connects"),
+        }
+    }
+
+    /// Subscribes to `response.{id}`, sends `request` to the worker, and returns the stream.
+    pub(crate) async fn infer(&self, worker_id: &str, request: Value) -> Vec<StreamMessage> {
+        let id = request["requestId"].as_str().expect("requestId").to_owned();
+        let mut sub = self.subscribe_response(&id).await;
+        self.send(worker_id, &request).await;
+        collect_stream(&mut sub).await
+    }
+
+    /// Subscribes to `response.{id}` and waits until the server has the subscription.
+    pub(crate) async fn subscribe_response(&self, request_id: &str) -> async_nats::Subscriber {
+        let sub = self
+            .nats
+            .subscribe(format!("response.{request_id}"))
+            .await
+            .expect("subscribe");
+        self.sync().await;
+        sub
+    }
+
+    /// Waits until the server has processed everything this client sent: a request to a
+    /// subject nobody listens on comes back "no responders" after one round trip, and the
+    /// server handles a connection's messages in order. (`flush` only writes the socket.)
+    pub(crate) async fn sync(&self) {
+        match self.nats.request("harness.sync", Bytes::new()).await {
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+            other => panic!("sync round trip: {other:?}"),
+        }
+    }
+
+    /// Publishes a request to the worker.
+    pub(crate) async fn send(&self, worker_id: &str, request: &Value) {
+        self.send_raw(worker_id, Bytes::from(request.to_string()))
+            .await;
+    }
+
+    /// Publishes raw bytes to the worker's inference subject.
+    pub(crate) async fn send_raw(&self, worker_id: &str, payload: Bytes) {
+        self.nats
+            .publish(format!("worker.{worker_id}.inference"), payload)
+            .await
+            .expect("publish");
+        self.nats.flush().await.expect("flush");
+    }
+
+    /// Sends raw bytes with a reply inbox and returns the first reply.
+    pub(crate) async fn send_with_reply(&self, worker_id: &str, payload: Bytes) -> Value {
+        let inbox = self.nats.new_inbox();
+        let mut sub = self.nats.subscribe(inbox.clone()).await.expect("subscribe");
+        self.sync().await;
+        self.nats
+            .publish_with_reply(format!("worker.{worker_id}.inference"), inbox, payload)
+            .await
+            .expect("publish");
+        let msg = within("a reply", sub.next()).await.expect("reply");
+        serde_json::from_slice(&msg.payload).expect("reply is JSON")
+    }
+
+    /// Publishes a cancel for `request_id`.
+    pub(crate) async fn cancel(&self, worker_id: &str, request_id: &str) {
+        let body = serde_json::json!({ "requestId": request_id }).to_string();
+        self.nats
+            .publish(format!("worker.{worker_id}.cancel"), body.into())
+            .await
+            .expect("publish");
+        self.nats.flush().await.expect("flush");
+    }
+
+    /// Waits for the next heartbeat of `worker_id` matching `pred`.
+    pub(crate) async fn heartbeat_where(
+        &self,
+        worker_id: &str,
+        pred: impl Fn(&WorkerHeartbeat) -> bool,
+    ) -> WorkerHeartbeat {
+        let mut sub = self
+            .nats
+            .subscribe("worker.heartbeat")
+            .await
+            .expect("subscribe");
+        self.sync().await;
+        within("a matching heartbeat", async {
+            while let Some(msg) = sub.next().await {
+                let hb: WorkerHeartbeat =
+                    serde_json::from_slice(&msg.payload).expect("heartbeat decodes");
+                if hb.worker_id == worker_id && pred(&hb) {
+                    return hb;
+                }
+            }
+            panic!("heartbeat subscription ended");
+        })
+        .await
+    }
+}
+
+/// Reads a response stream up to its terminal message, then checks that nothing follows it
+/// for a short while (a second terminal would show up).
+pub(crate) async fn collect_stream(sub: &mut async_nats::Subscriber) -> Vec<StreamMessage> {
+    let mut out = Vec::new();
+    within("a terminal message", async {
+        while let Some(msg) = sub.next().await {
+            let m: StreamMessage = serde_json::from_slice(&msg.payload).expect("stream message");
+            let terminal = m.is_terminal();
+            out.push(m);
+            if terminal {
+                return;
+            }
+        }
+    })
+    .await;
+    out
+}
+
+/// Asserts a stream is `n` tokens with indices 0..n, then one `done` with `totalTokens: n`.
+pub(crate) fn assert_complete(stream: &[StreamMessage], n: u64) {
+    assert_eq!(stream.len() as u64, n + 1, "{stream:?}");
+    for (i, m) in stream[..stream.len() - 1].iter().enumerate() {
+        match m {
+            StreamMessage::Token { index, .. } => assert_eq!(*index, i as u64),
+            other => panic!("expected a token at {i}, got {other:?}"),
+        }
+    }
+    match stream.last() {
+        Some(StreamMessage::Done { total_tokens, .. }) => assert_eq!(*total_tokens, n),
+        other => panic!("expected done, got {other:?}"),
+    }
+}
+
+/// The code of a stream that ended with an error.
+pub(crate) fn error_code(stream: &[StreamMessage]) -> String {
+    match stream.last() {
+        Some(StreamMessage::Error { code, .. }) => code.clone(),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}

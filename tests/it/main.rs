@@ -1,0 +1,10 @@
+//! The one integration test binary: a real nats-server, the worker over the production
+//! transport, and (in `engine`) the real MLX runtime with the tiny model. Nothing here skips:
+//! a missing nats-server or runtime fails with a message saying how to install it.
+
+// Test code: a failed unwrap is a failed test, with its message.
+#![allow(clippy::unwrap_used)]
+
+mod harness;
+mod transport;
+mod worker;
