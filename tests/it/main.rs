@@ -5,6 +5,7 @@
 // Test code: a failed unwrap is a failed test, with its message.
 #![allow(clippy::unwrap_used)]
 
+mod engine;
 mod harness;
 mod transport;
 mod worker;

@@ -1,0 +1,300 @@
+// Goal: the real MLX runtime, driven by MlxEngine and by the worker binary, does real work:
+// loads the tiny model, streams exactly the tokens the model generates (their concatenation is
+// the tokenizer's own decoding), runs concurrent requests, frees a cancelled slot, survives a
+// SIGKILL of the runtime, and serves requests end to end over NATS.
+// Method: the project venv (.venv) with CPU MLX and the tiny model under models/, both made by
+// ci/setup.sh; a greedy reference generation through mlx_lm directly; a real nats-server. Any
+// of them missing fails the test with the command that installs it.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use mlx_worker::clock::SystemClock;
+use mlx_worker::config::EngineConfig;
+use mlx_worker::engine::mlx::MlxEngine;
+use mlx_worker::engine::{Engine, EngineHealth, FinishReason, GenerateRequest, TokenEvent};
+use mlx_worker::protocol::{StreamMessage, WorkerHeartbeat, WorkerRegistration, WorkerStatus};
+use serde_json::json;
+
+use crate::harness::*;
+
+pub(crate) const TINY: &str = "mlx-worker/tiny-llama";
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+/// The engine configuration for the project venv and model directory; fails clearly when
+/// setup has not run.
+pub(crate) fn engine_config() -> EngineConfig {
+    let python = repo(".venv/bin/python");
+    let model = repo("models").join(TINY).join("model.safetensors");
+    assert!(
+        python.exists() && model.exists(),
+        "the MLX runtime venv or the tiny model is missing: run ci/setup.sh"
+    );
+    let mut config = mlx_worker::config::from_yaml("", Path::new("defaults.yaml"))
+        .unwrap()
+        .engine;
+    config.python = python;
+    config.runtime_dir = repo("runtime");
+    config.model_dir = repo("models");
+    config.restart_window = Duration::from_secs(60);
+    config
+}
+
+fn generate(stream_id: &str, max_tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        stream_id: stream_id.to_owned(),
+        model_id: TINY.to_owned(),
+        prompt: "Hello world".to_owned(),
+        max_tokens,
+        temperature: 0.0,
+        top_p: 1.0,
+    }
+}
+
+/// Reads a generation to its end: the token texts and how it ended.
+async fn drain(mut rx: mlx_worker::engine::TokenStream) -> (Vec<String>, TokenEvent) {
+    let mut tokens = Vec::new();
+    within("the generation's end", async {
+        while let Some(event) = rx.recv().await {
+            match event {
+                TokenEvent::Token(t) => tokens.push(t),
+                end => return (tokens, end),
+            }
+        }
+        panic!("the stream closed without an end event");
+    })
+    .await
+}
+
+fn reference_text(prompt: &str, max_tokens: u32) -> String {
+    let out = std::process::Command::new(repo(".venv/bin/python"))
+        .arg(repo("fixtures/tiny_model/reference_text.py"))
+        .arg(repo("models").join(TINY))
+        .arg(prompt)
+        .arg(max_tokens.to_string())
+        .output()
+        .expect("run the reference generation");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["text"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_runtime_loads_streams_the_model_text_and_unloads() {
+    init_logs();
+    let engine = MlxEngine::start(engine_config(), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    let catalog = engine.catalog().await.unwrap();
+    assert!(catalog.models.contains_key(TINY), "{catalog:?}");
+    let loaded = engine.load(TINY).await.unwrap();
+    assert!(loaded.parameter_count.is_some_and(|n| n > 100_000));
+    assert_eq!(
+        *engine.health().borrow(),
+        EngineHealth::Up {
+            loaded: vec![TINY.to_owned()]
+        }
+    );
+
+    let (tokens, end) = drain(engine.generate(generate("g-1", 12)).await.unwrap()).await;
+    assert_eq!(tokens.len(), 12, "one event per generated token");
+    assert_eq!(end, TokenEvent::Finished(FinishReason::Length));
+    assert_eq!(tokens.concat(), reference_text("Hello world", 12));
+
+    // Two at once both complete (the runtime runs them one after the other).
+    let a = engine.generate(generate("g-a", 8)).await.unwrap();
+    let b = engine.generate(generate("g-b", 8)).await.unwrap();
+    let ((ta, ea), (tb, eb)) = tokio::join!(drain(a), drain(b));
+    assert_eq!((ta.len(), tb.len()), (8, 8));
+    assert!(matches!(ea, TokenEvent::Finished(_)) && matches!(eb, TokenEvent::Finished(_)));
+
+    engine.unload(TINY).await.unwrap();
+    assert_eq!(
+        *engine.health().borrow(),
+        EngineHealth::Up { loaded: vec![] }
+    );
+    engine.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(*engine.health().borrow(), EngineHealth::Down);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_generation_is_cancelled_in_the_runtime() {
+    init_logs();
+    let engine = MlxEngine::start(engine_config(), Arc::new(SystemClock))
+        .await
+        .unwrap();
+    engine.load(TINY).await.unwrap();
+    let mut rx = engine.generate(generate("long", 4000)).await.unwrap();
+    for _ in 0..3 {
+        assert!(matches!(
+            within("a token", rx.recv()).await,
+            Some(TokenEvent::Token(_))
+        ));
+    }
+    drop(rx);
+    // The runtime reports the stream gone once the cancel landed, long before 4000 tokens.
+    within("the runtime to drop the cancelled stream", async {
+        while engine.active_streams().await.unwrap() > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let (tokens, end) = drain(engine.generate(generate("next", 4)).await.unwrap()).await;
+    assert_eq!(tokens.len(), 4);
+    assert!(matches!(end, TokenEvent::Finished(_)));
+    engine.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The worker binary, with nats-server and the real runtime: what the README's first command
+/// runs.
+struct Binary {
+    child: tokio::process::Child,
+}
+
+impl Binary {
+    fn start(nats_url: &str, worker_id: &str, state_dir: &Path) -> Binary {
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mlx-worker"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["run", "--nats-url", nats_url, "--worker-id", worker_id])
+            .args(["--model-dir", "models", "--preload", TINY, "--port", "0"])
+            .args(["--heartbeat-interval-ms", "200"])
+            .env("MLX_WORKER_STATE_DIR", state_dir)
+            .env("RUST_LOG", "mlx_worker=debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the mlx-worker binary");
+        Binary { child }
+    }
+
+    async fn terminate(mut self) -> i32 {
+        let pid = self.child.id().expect("running");
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        within("the worker to exit", self.child.wait())
+            .await
+            .unwrap()
+            .code()
+            .unwrap_or(-1)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kill() {
+    let server = NatsServer::start().await;
+    let client = Client::connect(&server.url()).await;
+    let mut registrations = client.nats.subscribe("worker.register").await.unwrap();
+    client.sync().await;
+    let state = tempfile::tempdir().unwrap();
+    let binary = Binary::start(&server.url(), "e2e", state.path());
+
+    let msg = within("the registration", registrations.next())
+        .await
+        .unwrap();
+    let reg: WorkerRegistration = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(reg.skills.available_models, vec![TINY.to_owned()]);
+    let hb = client
+        .heartbeat_where("e2e", |hb| {
+            hb.metrics.models_loaded.contains(&TINY.to_owned())
+        })
+        .await;
+    assert_eq!(hb.status, WorkerStatus::Online);
+
+    let body = json!({"requestId": "e2e-1", "modelId": TINY, "prompt": "Hello world", "maxTokens": 12, "temperature": 0});
+    let stream = client.infer("e2e", body).await;
+    let Some(StreamMessage::Done { total_tokens, .. }) = stream.last() else {
+        panic!("{stream:?}")
+    };
+    assert!(*total_tokens > 0 && *total_tokens <= 12);
+    let text: String = stream
+        .iter()
+        .filter_map(|m| match m {
+            StreamMessage::Token { token, .. } => Some(token.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(text, reference_text("Hello world", 12));
+
+    // Kill the runtime mid-generation: that request ends ENGINE_CRASHED, the worker goes
+    // degraded, the runtime restarts, the worker is online again and serves.
+    let mut long = client.subscribe_response("e2e-long").await;
+    let mut degraded = client.nats.subscribe("worker.heartbeat").await.unwrap();
+    client.sync().await;
+    client
+        .send(
+            "e2e",
+            &json!({"requestId": "e2e-long", "modelId": TINY, "prompt": "Hi", "maxTokens": 4000}),
+        )
+        .await;
+    within("a first token", long.next()).await.unwrap();
+    let runtime_pid = runtime_child_pid(binary.child.id().unwrap());
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-KILL", &runtime_pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let rest = collect_stream(&mut long).await;
+    assert_eq!(error_code(&rest), "ENGINE_CRASHED");
+    within("a degraded heartbeat", async {
+        while let Some(msg) = degraded.next().await {
+            let hb: WorkerHeartbeat = serde_json::from_slice(&msg.payload).unwrap();
+            if hb.status == WorkerStatus::Degraded {
+                return;
+            }
+        }
+    })
+    .await;
+    client
+        .heartbeat_where("e2e", |hb| hb.status == WorkerStatus::Online)
+        .await;
+    let after = client
+        .infer(
+            "e2e",
+            json!({"requestId": "e2e-2", "modelId": TINY, "prompt": "Hello", "maxTokens": 4}),
+        )
+        .await;
+    assert!(
+        matches!(after.last(), Some(StreamMessage::Done { .. })),
+        "{after:?}"
+    );
+
+    let mut goodbye = client.nats.subscribe("worker.deregister").await.unwrap();
+    client.sync().await;
+    assert_eq!(binary.terminate().await, 0);
+    within("the deregistration", goodbye.next()).await.unwrap();
+}
+
+/// The pid of the Python runtime started by the worker process `parent`.
+fn runtime_child_pid(parent: u32) -> u32 {
+    // Each thread lists the children it started; tokio starts them from any worker thread.
+    let tasks = std::fs::read_dir(format!("/proc/{parent}/task")).unwrap();
+    let children: String = tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .collect::<Vec<_>>()
+        .join(" ");
+    children
+        .split_whitespace()
+        .filter_map(|p| p.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmd| cmd.contains("mlx_runtime"))
+        })
+        .expect("the worker runs the MLX runtime as a child")
+}
