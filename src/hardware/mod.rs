@@ -6,6 +6,12 @@
 //! command or read a file and hand the text to a pure parser, so every parser is tested on
 //! captured output on any platform. Probes never fail: a missing source gives the documented
 //! fallback value. This module does not know NATS; `worker` converts to the wire types.
+//!
+//! - [`mac`], [`linux`]: the production probes and the parsers of their tools and files;
+//!   [`detect`] picks one. [`chip`] reads Apple chip names.
+//! - [`recommendation`]: per-tier concurrency and queue depth, supported tiers, overrides.
+//! - [`model_size`]: a model's tier from its parameter count, name or size on disk.
+//! - [`report`]: the JSON that `mlx-worker probe` prints.
 
 use std::sync::Arc;
 
@@ -152,7 +158,7 @@ pub enum ParseError {
     /// The text is empty or blank.
     #[error("{what} is empty")]
     Empty {
-        /// The source, such as `sysctl hw.memsize`.
+        /// The source, such as `hw.memsize` or `/proc/cpuinfo`.
         what: &'static str,
     },
     /// A field the text must carry is missing.

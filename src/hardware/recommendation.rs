@@ -133,85 +133,16 @@ fn slot(tier: ModelTier) -> usize {
     }
 }
 
-/// A base value and the range its scaled value is clamped to.
-struct Scaled {
-    base: usize,
-    min: usize,
-    max: usize,
-}
-
-impl Scaled {
-    /// `round(base × multiplier)` with halves rounded up (JavaScript's `Math.round`), clamped;
-    /// the multiplier is in tenths so the rounding is exact.
-    fn apply(&self, multiplier_tenths: usize) -> usize {
-        ((self.base * multiplier_tenths + 5) / 10).clamp(self.min, self.max)
-    }
-}
-
 /// The hardware table's limit for `tier` on a chip of `variant` (protocol.md §7.1): the
 /// tier's base scaled by the variant's multiplier (Base 1.0, Pro 1.5, Max 2.5, Ultra 4.0).
 pub fn default_tier_limit(tier: ModelTier, variant: ChipVariant) -> TierLimit {
-    let (max_concurrent, queue_depth) = match tier {
-        ModelTier::Huge => (
-            Scaled {
-                base: 1,
-                min: 1,
-                max: 20,
-            },
-            Scaled {
-                base: 10,
-                min: 5,
-                max: 50,
-            },
-        ),
-        ModelTier::Large => (
-            Scaled {
-                base: 3,
-                min: 2,
-                max: 30,
-            },
-            Scaled {
-                base: 20,
-                min: 10,
-                max: 60,
-            },
-        ),
-        ModelTier::Medium => (
-            Scaled {
-                base: 6,
-                min: 4,
-                max: 40,
-            },
-            Scaled {
-                base: 30,
-                min: 15,
-                max: 80,
-            },
-        ),
-        ModelTier::Small => (
-            Scaled {
-                base: 8,
-                min: 6,
-                max: 50,
-            },
-            Scaled {
-                base: 40,
-                min: 20,
-                max: 100,
-            },
-        ),
-        ModelTier::Tiny => (
-            Scaled {
-                base: 10,
-                min: 8,
-                max: 60,
-            },
-            Scaled {
-                base: 50,
-                min: 30,
-                max: 120,
-            },
-        ),
+    // (base, min, max) of maxConcurrent, then of queueDepth.
+    let [max_concurrent, queue_depth] = match tier {
+        ModelTier::Huge => [(1, 1, 20), (10, 5, 50)],
+        ModelTier::Large => [(3, 2, 30), (20, 10, 60)],
+        ModelTier::Medium => [(6, 4, 40), (30, 15, 80)],
+        ModelTier::Small => [(8, 6, 50), (40, 20, 100)],
+        ModelTier::Tiny => [(10, 8, 60), (50, 30, 120)],
     };
     let multiplier_tenths = match variant {
         ChipVariant::Base => 10,
@@ -220,9 +151,15 @@ pub fn default_tier_limit(tier: ModelTier, variant: ChipVariant) -> TierLimit {
         ChipVariant::Ultra => 40,
     };
     TierLimit {
-        max_concurrent: max_concurrent.apply(multiplier_tenths),
-        queue_depth: queue_depth.apply(multiplier_tenths),
+        max_concurrent: scale(max_concurrent, multiplier_tenths),
+        queue_depth: scale(queue_depth, multiplier_tenths),
     }
+}
+
+/// `round(base × multiplier)` with halves rounded up (JavaScript's `Math.round`), clamped to
+/// `min..=max`; the multiplier is in tenths so the rounding is exact.
+fn scale((base, min, max): (usize, usize, usize), multiplier_tenths: usize) -> usize {
+    ((base * multiplier_tenths + 5) / 10).clamp(min, max)
 }
 
 /// What the host can take on: the registration's `capabilities`.
