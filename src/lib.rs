@@ -24,6 +24,7 @@ pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod models;
+pub mod mutation;
 pub mod protocol;
 pub mod scheduler;
 pub mod tier;

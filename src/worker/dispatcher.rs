@@ -23,6 +23,7 @@ use crate::clock::millis;
 use crate::config::NodeConfig;
 use crate::engine::GenerateRequest;
 use crate::metrics::{Collector, Outcome, RequestRecord, Snapshot};
+use crate::mutation::Mutation;
 use crate::protocol::request::{ValidRequest, decode_cancel, decode_request};
 use crate::protocol::{self, ErrorCode, ErrorMessage};
 use crate::scheduler::{Admission, Scheduler};
@@ -374,6 +375,7 @@ impl Dispatcher {
                     "the request was cancelled".to_owned(),
                 );
             }
+            None if self.ctx.mutations.has(Mutation::ForgetLatchedCancel) => {}
             None => {
                 debug!(request_id = %id, "cancel for an unknown request latched");
                 self.latch.insert(now, id);

@@ -39,6 +39,7 @@ use crate::hardware::HardwareProbe;
 use crate::identity::Identity;
 use crate::lifecycle::{Lifecycle, LifecycleCell};
 use crate::limits::INFLIGHT_REQUESTS_MAX;
+use crate::mutation::{Mutation, Mutations};
 use crate::protocol::{self, ModelSkills, WorkerDeregistration, subject};
 use crate::transport::{Subscription, Transport, TransportError};
 
@@ -93,6 +94,7 @@ pub struct Worker {
     preload: Vec<String>,
     deps: Deps,
     lifecycle: Arc<LifecycleCell>,
+    mutations: Mutations,
 }
 
 impl Worker {
@@ -105,7 +107,15 @@ impl Worker {
             preload,
             deps,
             lifecycle: Arc::new(LifecycleCell::default()),
+            mutations: Mutations::NONE,
         }
+    }
+
+    /// The same worker with planted bugs, for the simulation suite's own tests.
+    #[cfg(feature = "mutation")]
+    pub fn with_mutations(mut self, mutations: Mutations) -> Worker {
+        self.mutations = mutations;
+        self
     }
 
     /// The worker id.
@@ -170,11 +180,20 @@ impl Worker {
             loader: Arc::new(Loader::default()),
             late_subscriber_wait: self.config.late_subscriber_wait,
             finished: finished_tx,
+            mutations: self.mutations,
         });
+        let mut limits = plan.scheduler.clone();
+        if self.mutations.has(Mutation::IgnoreQueueBound) {
+            limits.queue_depth_max = usize::MAX;
+            limits
+                .tiers
+                .values_mut()
+                .for_each(|t| t.queue_depth = usize::MAX);
+        }
         let mut dispatcher = Dispatcher::new(
             self.config.clone(),
             plan.model_tiers.clone(),
-            crate::scheduler::Scheduler::new(plan.scheduler.clone()),
+            crate::scheduler::Scheduler::new(limits),
             ctx.clone(),
         );
 
@@ -202,6 +221,7 @@ impl Worker {
             engine_health: deps.engine.health(),
             lifecycle: self.lifecycle.clone(),
             load: load_tx,
+            mutations: self.mutations,
         };
         let background = tokio_util::task::TaskTracker::new();
         background.spawn(
@@ -243,7 +263,7 @@ impl Worker {
         dispatcher.start_drain();
         self.deregister().await;
         let drain_deadline = deps.clock.now() + self.config.drain_timeout;
-        while !dispatcher.is_idle() {
+        while !dispatcher.is_idle() && !self.mutations.has(Mutation::DrainWithoutWaiting) {
             let queued_deadline = dispatcher.next_queued_deadline();
             tokio::select! {
                 () = tokio::time::sleep_until(drain_deadline) => {

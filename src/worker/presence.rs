@@ -24,6 +24,7 @@ use crate::hardware::HardwareProbe;
 use crate::identity::Identity;
 use crate::lifecycle::{Lifecycle, LifecycleCell};
 use crate::limits::REGISTER_BACKOFF_MAX;
+use crate::mutation::{Mutation, Mutations};
 use crate::protocol::{
     self, HardwareProfile, ModelSkills, WorkerCapabilities, WorkerHeartbeat, WorkerMetrics,
     WorkerRegistration, WorkerStatus, subject,
@@ -71,6 +72,8 @@ pub(crate) struct Presence {
     pub(crate) lifecycle: Arc<LifecycleCell>,
     /// Asks the dispatcher for the current load.
     pub(crate) load: mpsc::Sender<oneshot::Sender<Load>>,
+    /// Planted bugs (always empty outside the simulation suite).
+    pub(crate) mutations: Mutations,
 }
 
 impl Presence {
@@ -92,7 +95,9 @@ impl Presence {
                 self.heartbeats_only(stop).await;
                 return;
             }
-            if !self.register_until_done(&stop, &mut connection).await {
+            let skip = self.mutations.has(Mutation::SkipReregistration)
+                && connection.borrow().reconnects > 0;
+            if !skip && !self.register_until_done(&stop, &mut connection).await {
                 if stop.is_cancelled() {
                     return;
                 }

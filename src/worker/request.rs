@@ -20,6 +20,7 @@ use super::responder::Responder;
 use crate::clock::{Clock, millis};
 use crate::engine::{Engine, EngineError, GenerateRequest, LoadedModel, TokenEvent};
 use crate::metrics::{Outcome, RequestRecord};
+use crate::mutation::{Mutation, Mutations};
 use crate::protocol::{DoneMessage, ErrorCode, ErrorMessage, TokenMessage};
 use crate::transport::{Transport, TransportError};
 
@@ -99,6 +100,8 @@ pub(crate) struct RequestContext {
     pub(crate) late_subscriber_wait: Duration,
     /// Where finished requests are reported; the dispatcher reads it.
     pub(crate) finished: mpsc::Sender<Finished>,
+    /// Planted bugs (always empty outside the simulation suite).
+    pub(crate) mutations: Mutations,
 }
 
 /// A request ready to run.
@@ -241,10 +244,17 @@ async fn finish(
     let (sent, outcome) = match end {
         End::Done => {
             let done = DoneMessage::new(&job.request_id, progress.tokens, latency);
-            (
-                timeout(limit, responder.send(&done)).await,
-                Outcome::Success,
-            )
+            let sent = timeout(limit, responder.send(&done)).await;
+            if ctx.mutations.has(Mutation::TokenAfterDone) {
+                let stray = TokenMessage::new(&job.request_id, "stray", progress.tokens);
+                let _ = responder.send(&stray).await;
+            }
+            (sent, Outcome::Success)
+        }
+        End::Failed(ErrorCode::Timeout, _)
+            if ctx.mutations.has(Mutation::DropTerminalOnTimeout) =>
+        {
+            return Outcome::Failed(ErrorCode::Timeout);
         }
         End::Failed(code, text) => {
             let error = ErrorMessage::new(&job.request_id, code, &text);
