@@ -218,8 +218,6 @@ pub struct EngineConfig {
     pub model_dir: PathBuf,
     /// Models loaded at start.
     pub preload: Vec<String>,
-    /// Unload a model after it has been idle this long; `None` keeps models loaded.
-    pub keep_alive: Option<Duration>,
     /// Time the runtime has to become ready.
     pub startup_timeout: Duration,
     /// Deadline of a JSON-RPC call other than a load.

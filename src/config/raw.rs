@@ -126,8 +126,6 @@ struct RawWorker {
     reregister_every_heartbeats: Option<u32>,
     #[serde(alias = "degraded_error_ratio")]
     degraded_error_ratio: Option<f64>,
-    #[serde(alias = "model_keep_alive_ms")]
-    model_keep_alive_ms: Option<u64>,
     #[serde(alias = "tier_limits")]
     tier_limits: Option<BTreeMap<String, RawTierLimit>>,
     limits: RawLimits,
@@ -838,17 +836,6 @@ fn resolve_engine(w: &RawWorker, r: RawRuntime) -> Result<EngineConfig, ConfigEr
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL_DIR)),
         preload,
-        keep_alive: w
-            .model_keep_alive_ms
-            .map(|ms| {
-                millis(
-                    "worker.modelKeepAliveMs",
-                    ms,
-                    Duration::from_secs(1),
-                    Duration::from_secs(7 * 24 * 3600),
-                )
-            })
-            .transpose()?,
         startup_timeout: millis_or(
             "runtime.startupTimeoutMs",
             r.startup_timeout_ms,

@@ -276,8 +276,15 @@ async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kil
 
     let mut goodbye = client.nats.subscribe("worker.deregister").await.unwrap();
     client.sync().await;
+    let restarted_runtime = runtime_child_pid(binary.child.id().unwrap());
+    assert_ne!(restarted_runtime, runtime_pid);
     assert_eq!(binary.terminate().await, 0);
     within("the deregistration", goodbye.next()).await.unwrap();
+    // No orphan: the runtime went with the worker.
+    assert!(
+        !Path::new(&format!("/proc/{restarted_runtime}")).exists(),
+        "the MLX runtime {restarted_runtime} outlived the worker"
+    );
 }
 
 /// The pid of the Python runtime started by the worker process `parent`.

@@ -185,6 +185,7 @@ impl RunningWorker {
             engine,
             preload,
             Arc::new(transport),
+            Arc::new(SimProbe::new()),
         );
         within("the worker's registration", async {
             while let Some(msg) = registrations.next().await {
@@ -206,12 +207,13 @@ impl RunningWorker {
         engine: Arc<dyn Engine>,
         preload: Vec<String>,
         transport: Arc<dyn mlx_worker::transport::Transport>,
+        hardware: Arc<dyn mlx_worker::hardware::HardwareProbe>,
     ) -> RunningWorker {
         let deps = Deps {
             transport,
             engine,
             clock: Arc::new(SystemClock),
-            hardware: Arc::new(SimProbe::new()),
+            hardware,
         };
         let identity = Identity {
             worker_id: id.to_owned(),

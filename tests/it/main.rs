@@ -7,5 +7,6 @@
 
 mod engine;
 mod harness;
+mod probe;
 mod transport;
 mod worker;
