@@ -74,8 +74,12 @@ fn publish_token(c: &mut Criterion) {
         .expect("subscribe");
     rt.spawn(async move { while sub.next().await.is_some() {} });
     let payload = Bytes::from(
-        encode(&TokenMessage::new("3f1c1d52-8a0b-4b8e-9d7e-2f5d0c1b6a90", " Hello", 42))
-            .expect("encode"),
+        encode(&TokenMessage::new(
+            "3f1c1d52-8a0b-4b8e-9d7e-2f5d0c1b6a90",
+            " Hello",
+            42,
+        ))
+        .expect("encode"),
     );
     c.bench_function("publish token message (NatsTransport, no flush)", |b| {
         b.to_async(&rt).iter(|| async {

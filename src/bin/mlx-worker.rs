@@ -389,11 +389,19 @@ async fn serve(config: WorkerConfig, worker_id: String) -> ExitCode {
             return ExitCode::from(EX_UNAVAILABLE);
         }
     };
+    let listener = match tokio::net::TcpListener::bind(("0.0.0.0", config.node.port)).await {
+        Ok(l) => l,
+        Err(e) => {
+            error!(port = config.node.port, cause = %e, "cannot open the HTTP port");
+            return ExitCode::from(EX_UNAVAILABLE);
+        }
+    };
+    let port = listener.local_addr().map_or(config.node.port, |a| a.port());
     let identity = Identity {
         worker_id,
         hostname: identity::hostname(),
         ip: identity::primary_ip(),
-        port: config.node.port,
+        port,
     };
     info!(worker_id = %identity.worker_id, servers = %config.nats.servers.join(","), "starting");
     let deps = Deps {
@@ -408,6 +416,12 @@ async fn serve(config: WorkerConfig, worker_id: String) -> ExitCode {
         config.engine.preload.clone(),
         deps,
     );
+    let stop_http = tokio_util::sync::CancellationToken::new();
+    let http = tokio::spawn(mlx_worker::http::serve(
+        listener,
+        worker.observer(),
+        stop_http.clone(),
+    ));
     let (forced_tx, mut forced_rx) = tokio::sync::oneshot::channel::<()>();
     let shutdown = async move {
         signal().await;
@@ -417,7 +431,7 @@ async fn serve(config: WorkerConfig, worker_id: String) -> ExitCode {
             let _ = forced_tx.send(());
         });
     };
-    tokio::select! {
+    let code = tokio::select! {
         result = worker.run(shutdown) => match result {
             Ok(report) => {
                 info!(
@@ -436,7 +450,10 @@ async fn serve(config: WorkerConfig, worker_id: String) -> ExitCode {
             warn!("second signal: exiting without finishing the drain");
             ExitCode::from(EX_FORCED)
         }
-    }
+    };
+    stop_http.cancel();
+    let _ = http.await;
+    code
 }
 
 async fn infer(args: InferArgs) -> ExitCode {

@@ -5,6 +5,8 @@
 //! Pure bookkeeping: callers pass in the time (`Instant`s from the `Clock`); nothing here reads
 //! a clock, does I/O or knows the wire format.
 
+pub mod prometheus;
+pub mod telemetry;
 #[cfg(test)]
 mod tests;
 
@@ -140,7 +142,14 @@ pub struct Snapshot {
     pub requests_per_second: f64,
     /// Per-model figures over the window.
     pub models: BTreeMap<String, ModelFigures>,
+    /// Requests finished since start, by model and outcome (models past
+    /// [`MODEL_LABELS_MAX`] distinct ones count under `other`).
+    pub by_model_outcome: BTreeMap<(String, Outcome), u64>,
 }
+
+/// Distinct model labels the lifetime counters keep; a flood of made-up model ids cannot grow
+/// them further.
+pub const MODEL_LABELS_MAX: usize = 64;
 
 /// Collects finished requests.
 #[derive(Debug)]
@@ -152,6 +161,7 @@ pub struct Collector {
     errors_by_code: BTreeMap<ErrorCode, u64>,
     undeliverable: u64,
     tokens_total: u64,
+    by_model_outcome: BTreeMap<(String, Outcome), u64>,
 }
 
 impl Default for Collector {
@@ -172,6 +182,7 @@ impl Collector {
             errors_by_code: BTreeMap::new(),
             undeliverable: 0,
             tokens_total: 0,
+            by_model_outcome: BTreeMap::new(),
         }
     }
 
@@ -184,6 +195,25 @@ impl Collector {
             Outcome::Failed(code) => *self.errors_by_code.entry(code).or_default() += 1,
             Outcome::Undeliverable => self.undeliverable += 1,
         }
+        let known = self
+            .by_model_outcome
+            .keys()
+            .any(|(m, _)| *m == record.model);
+        let distinct = self
+            .by_model_outcome
+            .keys()
+            .map(|(m, _)| m)
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        let label = if known || distinct < MODEL_LABELS_MAX {
+            record.model.clone()
+        } else {
+            "other".to_owned()
+        };
+        *self
+            .by_model_outcome
+            .entry((label, record.outcome))
+            .or_default() += 1;
         if self.window.len() == self.capacity {
             self.window.pop_front();
         }
@@ -269,6 +299,7 @@ impl Collector {
             tokens_per_second: per_second(window_tokens as f64),
             requests_per_second: per_second(self.window.len() as f64),
             models,
+            by_model_outcome: self.by_model_outcome.clone(),
         }
     }
 }

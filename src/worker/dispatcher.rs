@@ -51,6 +51,32 @@ pub struct IntakeCounters {
     pub refusals_unprotected: u64,
 }
 
+/// A question for the dispatcher, which owns the figures.
+#[derive(Debug)]
+pub(crate) enum Query {
+    /// The heartbeat's figures.
+    Load(oneshot::Sender<Load>),
+    /// Everything the metrics endpoint shows of the dispatcher.
+    View(oneshot::Sender<DispatchView>),
+}
+
+/// The dispatcher's figures for the metrics endpoint.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DispatchView {
+    /// The collector's reading.
+    pub snapshot: Snapshot,
+    /// Requests running.
+    pub running: usize,
+    /// Requests waiting.
+    pub queued: usize,
+    /// Bound of the queue.
+    pub queue_capacity: usize,
+    /// Requests that may run at once.
+    pub inflight_capacity: usize,
+    /// Inbound messages that never became requests.
+    pub intake: IntakeCounters,
+}
+
 /// A request the dispatcher accepted.
 struct Tracked {
     generate: GenerateRequest,
@@ -421,6 +447,11 @@ impl Dispatcher {
             return;
         };
         debug_assert!(tracked.running, "only running requests finish");
+        let telemetry = &self.ctx.telemetry;
+        telemetry.request_duration.observe(finished.record.latency);
+        if let Some(ttft) = finished.record.time_to_first_token {
+            telemetry.time_to_first_token.observe(ttft);
+        }
         self.metrics.record(finished.record);
         for id in self.scheduler.finish(tracked.tier) {
             self.start(&id);
@@ -447,9 +478,24 @@ impl Dispatcher {
         }
     }
 
-    /// Answers a load query.
-    pub(crate) fn answer_load(&self, reply: oneshot::Sender<Load>) {
-        let _ = reply.send(self.load());
+    /// Answers a query from the presence task or the metrics endpoint.
+    pub(crate) fn answer(&self, query: Query) {
+        match query {
+            Query::Load(reply) => {
+                let _ = reply.send(self.load());
+            }
+            Query::View(reply) => {
+                let limits = self.scheduler.limits();
+                let _ = reply.send(DispatchView {
+                    snapshot: self.metrics.snapshot(),
+                    running: self.scheduler.running(),
+                    queued: self.scheduler.queued(),
+                    queue_capacity: limits.queue_depth_max,
+                    inflight_capacity: limits.inflight_max,
+                    intake: self.counters,
+                });
+            }
+        }
     }
 
     /// Stops taking new requests; accepted ones go on.

@@ -22,29 +22,33 @@ mod responder;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-pub use dispatcher::{DispatchReport, IntakeCounters};
+pub use dispatcher::{DispatchReport, DispatchView, IntakeCounters};
 pub use plan::Plan;
 
 use crate::clock::Clock;
 use crate::config::NodeConfig;
 use crate::engine::Engine;
+use crate::engine::EngineHealth;
 use crate::hardware::HardwareProbe;
 use crate::identity::Identity;
 use crate::lifecycle::{Lifecycle, LifecycleCell};
 use crate::limits::INFLIGHT_REQUESTS_MAX;
+use crate::metrics::prometheus::MetricsView;
+use crate::metrics::telemetry::{self, Telemetry};
 use crate::mutation::{Mutation, Mutations};
 use crate::protocol::{self, ModelSkills, WorkerDeregistration, subject};
+use crate::transport::ConnectionState;
 use crate::transport::{Subscription, Transport, TransportError};
 
-use dispatcher::Dispatcher;
-use presence::{Announcement, Load, Presence};
+use dispatcher::{Dispatcher, Query};
+use presence::{Announcement, Presence};
 use request::{Finished, Loader, RequestContext};
 
 /// The worker's four seams.
@@ -95,6 +99,10 @@ pub struct Worker {
     deps: Deps,
     lifecycle: Arc<LifecycleCell>,
     mutations: Mutations,
+    /// Counters and histograms shared by the worker's tasks and read by `/metrics`.
+    telemetry: Arc<Telemetry>,
+    /// Reaches the running dispatcher; `None` when not running.
+    queries: Arc<Mutex<Option<mpsc::Sender<Query>>>>,
 }
 
 impl Worker {
@@ -108,6 +116,20 @@ impl Worker {
             deps,
             lifecycle: Arc::new(LifecycleCell::default()),
             mutations: Mutations::NONE,
+            telemetry: Arc::new(Telemetry::default()),
+            queries: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// A read-only view of the worker, for health checks and metrics; valid across runs.
+    pub fn observer(&self) -> Observer {
+        Observer {
+            worker_id: self.identity.worker_id.clone(),
+            lifecycle: self.lifecycle.subscribe(),
+            engine_health: self.deps.engine.health(),
+            connection: self.deps.transport.connection(),
+            telemetry: self.telemetry.clone(),
+            queries: self.queries.clone(),
         }
     }
 
@@ -172,7 +194,8 @@ impl Worker {
             "plan"
         );
         let (finished_tx, mut finished_rx) = mpsc::channel::<Finished>(INFLIGHT_REQUESTS_MAX);
-        let (load_tx, mut load_rx) = mpsc::channel::<oneshot::Sender<Load>>(16);
+        let (query_tx, mut query_rx) = mpsc::channel::<Query>(16);
+        *lock(&self.queries) = Some(query_tx.clone());
         let ctx = Arc::new(RequestContext {
             transport: deps.transport.clone(),
             engine: deps.engine.clone(),
@@ -181,6 +204,7 @@ impl Worker {
             late_subscriber_wait: self.config.late_subscriber_wait,
             finished: finished_tx,
             mutations: self.mutations,
+            telemetry: self.telemetry.clone(),
         });
         let mut limits = plan.scheduler.clone();
         if self.mutations.has(Mutation::IgnoreQueueBound) {
@@ -220,7 +244,8 @@ impl Worker {
             hardware: deps.hardware.clone(),
             engine_health: deps.engine.health(),
             lifecycle: self.lifecycle.clone(),
-            load: load_tx,
+            queries: query_tx,
+            telemetry: self.telemetry.clone(),
             mutations: self.mutations,
         };
         let background = tokio_util::task::TaskTracker::new();
@@ -253,7 +278,7 @@ impl Worker {
                 },
                 Some(msg) = cancel.next() => dispatcher.on_cancel(msg),
                 Some(finished) = finished_rx.recv() => dispatcher.on_finished(finished),
-                Some(reply) = load_rx.recv() => dispatcher.answer_load(reply),
+                Some(query) = query_rx.recv() => dispatcher.answer(query),
                 () = sleep_until_opt(queued_deadline) => dispatcher.expire_queued(),
             }
         }
@@ -273,11 +298,12 @@ impl Worker {
                 Some(msg) = inference.next() => dispatcher.on_request(msg),
                 Some(msg) = cancel.next() => dispatcher.on_cancel(msg),
                 Some(finished) = finished_rx.recv() => dispatcher.on_finished(finished),
-                Some(reply) = load_rx.recv() => dispatcher.answer_load(reply),
+                Some(query) = query_rx.recv() => dispatcher.answer(query),
                 () = sleep_until_opt(queued_deadline) => dispatcher.expire_queued(),
             }
         }
         dispatcher.abort_all();
+        *lock(&self.queries) = None;
         let grace = self.config.late_subscriber_wait + TERMINAL_GRACE;
         let dispatch = dispatcher.finish_tasks(&mut finished_rx, grace).await;
         drop(inference);
@@ -370,6 +396,77 @@ async fn preload(
         match ctx.loader.ensure(&ctx.engine, &model).await {
             Ok(loaded) => info!(model = %loaded.model_id, "preloaded"),
             Err(err) => warn!(%model, cause = %err, "preload failed"),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The critical sections here only swap an Option; a poisoned lock still holds valid data.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A read-only view of a worker: whether it is alive and ready, and its metrics.
+#[derive(Clone)]
+pub struct Observer {
+    worker_id: String,
+    lifecycle: watch::Receiver<Lifecycle>,
+    engine_health: watch::Receiver<EngineHealth>,
+    connection: watch::Receiver<ConnectionState>,
+    telemetry: Arc<Telemetry>,
+    queries: Arc<Mutex<Option<mpsc::Sender<Query>>>>,
+}
+
+impl Observer {
+    /// Whether the process serves at all (`/healthz`): not stopped.
+    pub fn is_alive(&self) -> bool {
+        *self.lifecycle.borrow() != Lifecycle::Stopped
+    }
+
+    /// Whether the worker takes work (`/readyz`): registered, connected, engine up, not
+    /// draining.
+    pub fn is_ready(&self) -> bool {
+        *self.lifecycle.borrow() == Lifecycle::Ready
+            && self.connection.borrow().connected
+            && matches!(
+                *self.engine_health.borrow(),
+                EngineHealth::Up { .. } | EngineHealth::Starting
+            )
+    }
+
+    /// Everything `/metrics` shows; the dispatcher's part is empty while not running.
+    pub async fn metrics(&self) -> MetricsView {
+        let sender = lock(&self.queries).clone();
+        let dispatch = match sender {
+            Some(tx) => {
+                let (reply, rx) = oneshot::channel();
+                match tx.send(Query::View(reply)).await {
+                    Ok(()) => rx.await.unwrap_or_default(),
+                    Err(_) => DispatchView::default(),
+                }
+            }
+            None => DispatchView::default(),
+        };
+        let t = &self.telemetry;
+        MetricsView {
+            worker_id: self.worker_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            lifecycle: self.lifecycle.borrow().as_str().to_owned(),
+            ready: self.is_ready(),
+            snapshot: dispatch.snapshot,
+            running: dispatch.running,
+            queued: dispatch.queued,
+            queue_capacity: dispatch.queue_capacity,
+            inflight_capacity: dispatch.inflight_capacity,
+            unreadable: dispatch.intake.unreadable,
+            duplicates: dispatch.intake.duplicates,
+            bad_cancels: dispatch.intake.bad_cancels,
+            reconnects: self.connection.borrow().reconnects,
+            heartbeats_sent: telemetry::read(&t.heartbeats_sent),
+            registrations_sent: telemetry::read(&t.registrations_sent),
+            engine_restarts: telemetry::read(&t.engine_restarts),
+            request_duration: t.request_duration.read(),
+            time_to_first_token: t.time_to_first_token.read(),
+            inter_token: t.inter_token.read(),
         }
     }
 }

@@ -17,6 +17,7 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::dispatcher::Query;
 use crate::clock::Clock;
 use crate::config::NodeConfig;
 use crate::engine::EngineHealth;
@@ -24,6 +25,7 @@ use crate::hardware::HardwareProbe;
 use crate::identity::Identity;
 use crate::lifecycle::{Lifecycle, LifecycleCell};
 use crate::limits::REGISTER_BACKOFF_MAX;
+use crate::metrics::telemetry::{Telemetry, bump};
 use crate::mutation::{Mutation, Mutations};
 use crate::protocol::{
     self, HardwareProfile, ModelSkills, WorkerCapabilities, WorkerHeartbeat, WorkerMetrics,
@@ -71,7 +73,9 @@ pub(crate) struct Presence {
     pub(crate) engine_health: watch::Receiver<EngineHealth>,
     pub(crate) lifecycle: Arc<LifecycleCell>,
     /// Asks the dispatcher for the current load.
-    pub(crate) load: mpsc::Sender<oneshot::Sender<Load>>,
+    pub(crate) queries: mpsc::Sender<Query>,
+    /// Shared counters.
+    pub(crate) telemetry: Arc<Telemetry>,
     /// Planted bugs (always empty outside the simulation suite).
     pub(crate) mutations: Mutations,
 }
@@ -124,6 +128,7 @@ impl Presence {
         loop {
             match self.publish(subject::REGISTER, &self.registration()).await {
                 Ok(()) => {
+                    bump(&self.telemetry.registrations_sent);
                     info!(worker_id = %self.announcement.identity.worker_id, "registered");
                     return true;
                 }
@@ -176,6 +181,9 @@ impl Presence {
                 }
                 changed = self.engine_health.changed() => {
                     if changed.is_ok() {
+                        if *self.engine_health.borrow() == EngineHealth::Restarting {
+                            bump(&self.telemetry.engine_restarts);
+                        }
                         // Tell the controller at once, so it routes away or back quickly.
                         self.heartbeat().await;
                     }
@@ -255,14 +263,15 @@ impl Presence {
             },
             timestamp: self.clock.unix_millis(),
         };
-        if let Err(err) = self.publish(subject::HEARTBEAT, &message).await {
-            debug!(cause = %err, "heartbeat not sent");
+        match self.publish(subject::HEARTBEAT, &message).await {
+            Ok(()) => bump(&self.telemetry.heartbeats_sent),
+            Err(err) => debug!(cause = %err, "heartbeat not sent"),
         }
     }
 
     async fn read_load(&self) -> Load {
         let (tx, rx) = oneshot::channel();
-        if self.load.send(tx).await.is_err() {
+        if self.queries.send(Query::Load(tx)).await.is_err() {
             return Load::default();
         }
         rx.await.unwrap_or_default()

@@ -19,6 +19,7 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::responder::Responder;
 use crate::clock::{Clock, millis};
 use crate::engine::{Engine, EngineError, GenerateRequest, LoadedModel, TokenEvent};
+use crate::metrics::telemetry::Telemetry;
 use crate::metrics::{Outcome, RequestRecord};
 use crate::mutation::{Mutation, Mutations};
 use crate::protocol::{DoneMessage, ErrorCode, ErrorMessage, TokenMessage};
@@ -102,6 +103,8 @@ pub(crate) struct RequestContext {
     pub(crate) finished: mpsc::Sender<Finished>,
     /// Planted bugs (always empty outside the simulation suite).
     pub(crate) mutations: Mutations,
+    /// Shared counters and histograms.
+    pub(crate) telemetry: Arc<Telemetry>,
 }
 
 /// A request ready to run.
@@ -192,6 +195,7 @@ fn abort_message(code: ErrorCode) -> String {
 struct Progress {
     tokens: u64,
     first_token_at: Option<Duration>,
+    last_token: Option<Instant>,
 }
 
 async fn stream(
@@ -216,10 +220,18 @@ async fn stream(
                 if let Err(err) = responder.send(&message).await {
                     return End::Lost(err.to_string());
                 }
-                if progress.tokens == 0 {
-                    progress.first_token_at =
-                        Some(ctx.clock.now().saturating_duration_since(job.received_at));
+                let now = ctx.clock.now();
+                match progress.last_token {
+                    None => {
+                        progress.first_token_at =
+                            Some(now.saturating_duration_since(job.received_at));
+                    }
+                    Some(last) => ctx
+                        .telemetry
+                        .inter_token
+                        .observe(now.saturating_duration_since(last)),
                 }
+                progress.last_token = Some(now);
                 progress.tokens += 1;
             }
             TokenEvent::Finished(_) => return End::Done,

@@ -7,6 +7,7 @@
 
 mod engine;
 mod harness;
+mod http;
 mod probe;
 mod transport;
 mod worker;

@@ -35,7 +35,9 @@ async fn the_registration_carries_the_probe_profile_and_cpu_moves_under_load() {
         probe,
     );
 
-    let msg = within("the registration", registrations.next()).await.unwrap();
+    let msg = within("the registration", registrations.next())
+        .await
+        .unwrap();
     let reg: WorkerRegistration = serde_json::from_slice(&msg.payload).unwrap();
     assert_eq!(reg.hardware.cpu_cores, profile.cpu_cores);
     assert_eq!(reg.hardware.chip_model, profile.chip_model);
@@ -79,7 +81,10 @@ async fn the_registration_carries_the_probe_profile_and_cpu_moves_under_load() {
     for b in burners {
         b.join().unwrap();
     }
-    assert!(peak >= 90.0, "CPU under load peaked at {peak}% (baseline {baseline}%)");
+    assert!(
+        peak >= 90.0,
+        "CPU under load peaked at {peak}% (baseline {baseline}%)"
+    );
     assert!(peak > baseline, "CPU moved from {baseline}% to {peak}%");
     worker.stop().await;
 }
