@@ -51,6 +51,17 @@ impl Subscription {
     }
 }
 
+impl Stream for Subscription {
+    type Item = InboundMessage;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<InboundMessage>> {
+        self.inner.as_mut().poll_next(cx)
+    }
+}
+
 impl fmt::Debug for Subscription {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Subscription")

@@ -19,6 +19,7 @@ mod plan;
 mod presence;
 mod request;
 mod responder;
+mod service;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -244,7 +245,7 @@ impl Worker {
             hardware: deps.hardware.clone(),
             engine_health: deps.engine.health(),
             lifecycle: self.lifecycle.clone(),
-            queries: query_tx,
+            queries: query_tx.clone(),
             telemetry: self.telemetry.clone(),
             mutations: self.mutations,
         };
@@ -253,6 +254,17 @@ impl Worker {
             presence
                 .run(stop_background.clone())
                 .instrument(info_span!("presence")),
+        );
+        background.spawn(
+            service::Service {
+                worker_id: self.identity.worker_id.clone(),
+                transport: deps.transport.clone(),
+                queries: query_tx.clone(),
+                telemetry: self.telemetry.clone(),
+                started_ms: deps.clock.unix_millis(),
+            }
+            .run(stop_background.clone())
+            .instrument(info_span!("service")),
         );
         background.spawn(
             preload(

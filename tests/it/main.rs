@@ -9,5 +9,6 @@ mod engine;
 mod harness;
 mod http;
 mod probe;
+mod service;
 mod transport;
 mod worker;

@@ -1,0 +1,60 @@
+// Goal: workers are discoverable with the NATS services protocol, as `nats micro` does it:
+// PING and INFO answer with the worker's id and endpoint, STATS with its figures.
+// Method: a worker (simulated engine) on a real nats-server; a client sends requests to the
+// $SRV subjects and decodes the answers with the protocol types.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use mlx_worker::protocol::service::{InfoResponse, PingResponse, StatsResponse};
+use mlx_worker_sim::{SimEngine, SimEngineConfig};
+use serde_json::json;
+
+use crate::harness::*;
+
+#[tokio::test]
+async fn ping_info_and_stats_describe_the_worker() {
+    let server = NatsServer::start().await;
+    let client = Client::connect(&server.url()).await;
+    let config = test_config(&server.url(), "");
+    let engine = Arc::new(SimEngine::new(SimEngineConfig::default()));
+    let worker = RunningWorker::start("w-srv", &config, engine, vec![]).await;
+
+    let ask = |subject: &'static str| {
+        let nats = client.nats.clone();
+        async move {
+            let msg = within(subject, nats.request(subject, Bytes::new()))
+                .await
+                .unwrap();
+            msg.payload
+        }
+    };
+    let ping: PingResponse = serde_json::from_slice(&ask("$SRV.PING.mlx-worker").await).unwrap();
+    assert_eq!(ping.kind, "io.nats.micro.v1.ping_response");
+    assert_eq!(
+        (ping.name.as_str(), ping.id.as_str()),
+        ("mlx-worker", "w-srv")
+    );
+    let info: InfoResponse = serde_json::from_slice(&ask("$SRV.INFO").await).unwrap();
+    assert_eq!(info.endpoints[0].subject, "worker.w-srv.inference");
+
+    assert_complete(
+        &client
+            .infer(
+                "w-srv",
+                json!({"requestId": "s-1", "modelId": "sim/tiny", "prompt": "x", "maxTokens": 3}),
+            )
+            .await,
+        3,
+    );
+    let stats: StatsResponse =
+        serde_json::from_slice(&ask("$SRV.STATS.mlx-worker.w-srv").await).unwrap();
+    assert_eq!(stats.id, "w-srv");
+    let endpoint = &stats.endpoints[0];
+    assert_eq!(endpoint.num_requests, 1);
+    assert_eq!(endpoint.num_errors, 0);
+    assert!(endpoint.processing_time > 0);
+    assert_eq!(endpoint.data["tokensGenerated"], 3);
+    assert_eq!(endpoint.data["activeRequests"], 0);
+    worker.stop().await;
+}
