@@ -30,6 +30,59 @@ pub fn response(request_id: &str) -> String {
     format!("response.{request_id}")
 }
 
+/// Queue group of the model-addressed subjects: each request goes to one worker of the group.
+pub const MODEL_QUEUE_GROUP: &str = "mlx-workers";
+
+/// Requests for a model, on any worker that serves it: `inference.{token}`, where the token is
+/// [`model_token`] of the model id.
+pub fn model_inference(model_id: &str) -> String {
+    format!("inference.{}", model_token(model_id))
+}
+
+/// A model id as one subject token, reversibly: ASCII letters, digits and `-` stay; every other
+/// byte of its UTF-8 (`.`, `/`, `:`, `@`, `_` …) becomes `_` and two uppercase hex digits.
+/// `mlx-community/Llama-3.2-1B` → `mlx-community_2FLlama-3_2E2-1B`.
+pub fn model_token(model_id: &str) -> String {
+    let mut token = String::with_capacity(model_id.len() + 8);
+    for &byte in model_id.as_bytes() {
+        if byte.is_ascii_alphanumeric() || byte == b'-' {
+            token.push(char::from(byte));
+        } else {
+            token.push_str(&format!("_{byte:02X}"));
+        }
+    }
+    token
+}
+
+/// The model id of a [`model_token`]; `None` for a string no model id encodes to.
+pub fn model_id_from_token(token: &str) -> Option<String> {
+    let bytes = token.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'_' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                if hex.bytes().any(|b| b.is_ascii_lowercase()) {
+                    return None;
+                }
+                let byte = u8::from_str_radix(hex, 16).ok()?;
+                if byte.is_ascii_alphanumeric() || byte == b'-' {
+                    return None;
+                }
+                out.push(byte);
+                i += 3;
+            }
+            b if b.is_ascii_alphanumeric() || b == b'-' => {
+                out.push(b);
+                i += 1;
+            }
+            _ => return None,
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 /// Why a string cannot be one subject token.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {

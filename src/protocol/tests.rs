@@ -582,6 +582,35 @@ fn subjects_are_built_in_one_place() {
     );
 }
 
+#[test]
+fn model_ids_map_to_one_subject_token_and_back() {
+    let check = |id: &str, token: &str| {
+        assert_eq!(subject::model_token(id), token);
+        assert_eq!(subject::model_id_from_token(token).as_deref(), Some(id));
+        assert!(check_token(token).is_ok());
+    };
+    check("mlx-worker/tiny-llama", "mlx-worker_2Ftiny-llama");
+    check(
+        "mlx-community/Llama-3.2-1B",
+        "mlx-community_2FLlama-3_2E2-1B",
+    );
+    check("a_b:c@d", "a_5Fb_3Ac_40d");
+    assert_eq!(subject::model_inference("org/m"), "inference.org_2Fm");
+    // Not the image of any id: lowercase hex, an escaped plain byte, a bare underscore.
+    assert_eq!(subject::model_id_from_token("a_2f"), None);
+    assert_eq!(subject::model_id_from_token("_41"), None);
+    assert_eq!(subject::model_id_from_token("a_"), None);
+}
+
+proptest! {
+    #[test]
+    fn every_model_id_round_trips_through_its_token(id in any::<String>()) {
+        let token = subject::model_token(&id);
+        prop_assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+        prop_assert_eq!(subject::model_id_from_token(&token), Some(id));
+    }
+}
+
 fn arb_token() -> impl Strategy<Value = String> {
     "[A-Za-z0-9_-]{1,40}"
 }

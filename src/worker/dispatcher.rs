@@ -188,11 +188,13 @@ impl Dispatcher {
         self.queued_deadlines.first().map(|(at, _)| *at)
     }
 
-    /// Handles one message of `worker.{id}.inference`.
-    pub(crate) fn on_request(&mut self, msg: InboundMessage) {
+    /// Handles one message of `worker.{id}.inference`, or of a model queue group
+    /// (`from_group`): those were routed here before the worker left its groups, so they are
+    /// served even while draining.
+    pub(crate) fn on_request(&mut self, msg: InboundMessage, from_group: bool) {
         let now = self.ctx.clock.now();
         match decode_request(&msg.payload, &self.config.request_limits) {
-            Ok(request) => self.admit(request, msg.reply, now),
+            Ok(request) => self.admit(request, msg.reply, now, from_group),
             Err(rejection) => match rejection.request_id.clone() {
                 Some(id) if self.requests.contains_key(&id) => {
                     self.duplicate(&id, msg.reply);
@@ -218,13 +220,19 @@ impl Dispatcher {
         }
     }
 
-    fn admit(&mut self, request: ValidRequest, reply: Option<String>, now: Instant) {
+    fn admit(
+        &mut self,
+        request: ValidRequest,
+        reply: Option<String>,
+        now: Instant,
+        from_group: bool,
+    ) {
         let id = request.request_id.clone();
         if self.requests.contains_key(&id) {
             self.duplicate(&id, reply);
             return;
         }
-        if self.draining {
+        if self.draining && !from_group {
             self.refuse(
                 &id,
                 &request.model_id,

@@ -15,6 +15,7 @@
 //! and the hardware probe.
 
 mod dispatcher;
+mod group;
 mod plan;
 mod presence;
 mod request;
@@ -49,6 +50,7 @@ use crate::transport::ConnectionState;
 use crate::transport::{Subscription, Transport, TransportError};
 
 use dispatcher::{Dispatcher, Query};
+use group::ModelGroups;
 use presence::{Announcement, Presence};
 use request::{Finished, Loader, RequestContext};
 
@@ -276,13 +278,16 @@ impl Worker {
         );
 
         // Serving.
+        let mut groups = ModelGroups::new(catalog.models.keys());
+        groups.join(&deps.transport).await;
         tokio::pin!(shutdown);
         loop {
             let queued_deadline = dispatcher.next_queued_deadline();
             tokio::select! {
                 () = &mut shutdown => break,
+                msg = groups.next() => dispatcher.on_request(msg, true),
                 msg = inference.next() => match msg {
-                    Some(msg) => dispatcher.on_request(msg),
+                    Some(msg) => dispatcher.on_request(msg, false),
                     None => {
                         warn!("inference subscription ended; stopping");
                         break;
@@ -300,20 +305,34 @@ impl Worker {
         dispatcher.start_drain();
         self.deregister().await;
         let drain_deadline = deps.clock.now() + self.config.drain_timeout;
-        while !dispatcher.is_idle() && !self.mutations.has(Mutation::DrainWithoutWaiting) {
+        // The model groups keep routing here until the worker leaves them, and core NATS drops
+        // what is in flight at that moment; so leave only once idle and quiet for a while.
+        let mut group_quiet_at = deps.clock.now() + GROUP_QUIET;
+        loop {
+            let idle = dispatcher.is_idle();
+            let quiet = groups.is_empty() || deps.clock.now() >= group_quiet_at;
+            if (idle && quiet) || self.mutations.has(Mutation::DrainWithoutWaiting) {
+                break;
+            }
             let queued_deadline = dispatcher.next_queued_deadline();
             tokio::select! {
+                msg = groups.next() => {
+                    group_quiet_at = deps.clock.now() + GROUP_QUIET;
+                    dispatcher.on_request(msg, true);
+                }
+                () = tokio::time::sleep_until(group_quiet_at), if idle => {}
                 () = tokio::time::sleep_until(drain_deadline) => {
                     warn!("drain deadline reached; ending what is left with WORKER_SHUTDOWN");
                     break;
                 }
-                Some(msg) = inference.next() => dispatcher.on_request(msg),
+                Some(msg) = inference.next() => dispatcher.on_request(msg, false),
                 Some(msg) = cancel.next() => dispatcher.on_cancel(msg),
                 Some(finished) = finished_rx.recv() => dispatcher.on_finished(finished),
                 Some(query) = query_rx.recv() => dispatcher.answer(query),
                 () = sleep_until_opt(queued_deadline) => dispatcher.expire_queued(),
             }
         }
+        groups.leave();
         dispatcher.abort_all();
         *lock(&self.queries) = None;
         let grace = self.config.late_subscriber_wait + TERMINAL_GRACE;
@@ -375,6 +394,8 @@ impl Worker {
 
 /// Time request tasks get, after the drain deadline, to publish their terminal messages.
 const TERMINAL_GRACE: Duration = Duration::from_secs(5);
+/// Quiet time on the model groups before a draining worker leaves them.
+const GROUP_QUIET: Duration = Duration::from_secs(1);
 /// Time the engine gets to exit cleanly at stop.
 const ENGINE_STOP_GRACE: Duration = Duration::from_secs(5);
 

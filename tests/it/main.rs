@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod engine;
+mod group;
 mod harness;
 mod http;
 mod probe;
