@@ -531,7 +531,10 @@ impl Dispatcher {
                 );
             }
         }
-        for t in self.requests.values() {
+        // In id order, so simulations replay the same terminals in the same order.
+        let mut running: Vec<(&String, &Tracked)> = self.requests.iter().collect();
+        running.sort_unstable_by_key(|(id, _)| *id);
+        for (_, t) in running {
             t.abort.fire(ErrorCode::WorkerShutdown);
         }
     }

@@ -1,0 +1,493 @@
+//! The scenarios, each run on its pinned seed (or `SIM_SEED`) with every invariant checked.
+
+use mlx_worker_sim::invariants::check_flood;
+use mlx_worker_sim::world::{Command, request};
+use mlx_worker_sim::{EventKind, Fault, FaultKind, Skew, Violation, World};
+
+use crate::harness::{Scenario, check_clean, expect, ms, terminal, tokens};
+
+type Run = Result<Vec<Violation>, String>;
+
+fn ready(w: &mut World) -> Result<(), String> {
+    w.run_until_lifecycle("ready", ms(3000))
+}
+
+/// Cut the worker's link while it streams: both ends notice by pings, the worker reconnects,
+/// re-registers before it is ready again, and the stream still ends with one terminal that
+/// reaches the controller once the link is back.
+fn partition_during_streaming_script(w: &mut World) -> Run {
+    ready(w)?;
+    w.subscribe_response("p1");
+    w.send_request("p1", 80);
+    w.run_for(ms(300))?;
+    w.partition();
+    w.run_for(ms(900))?;
+    w.repair();
+    w.run_for(ms(1500))?;
+    w.run_until_lifecycle("ready", ms(2000))?;
+    w.subscribe_response("p2");
+    w.send_request("p2", 3);
+    w.run_for(ms(1500))?;
+    let reconnected = w.trace.events().iter().any(|e| {
+        e.node == "worker"
+            && matches!(e.kind, EventKind::Connected { reconnects } if reconnects > 0)
+    });
+    Ok([
+        expect(reconnected, "the worker reconnected"),
+        expect(
+            terminal(w, "p1").is_some(),
+            "p1's terminal reached the controller",
+        ),
+        expect(
+            terminal(w, "p2").as_deref() == Some("done"),
+            "p2 completed after the heal",
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
+/// Crash the broker mid-stream and restart it empty: the worker reconnects, resubscribes and
+/// registers again on the new broker, and serves the next request.
+fn broker_crash_and_restart_script(w: &mut World) -> Run {
+    ready(w)?;
+    w.subscribe_response("b1");
+    w.send_request("b1", 40);
+    w.run_for(ms(300))?;
+    w.crash_broker();
+    let crashed_at = w.elapsed();
+    w.run_for(ms(500))?;
+    w.restart_broker();
+    w.run_for(ms(1500))?;
+    w.run_until_lifecycle("ready", ms(2000))?;
+    w.subscribe_response("b2");
+    w.send_request("b2", 3);
+    w.run_for(ms(1500))?;
+    let registered_again = w.trace.events().iter().any(|e| {
+        e.at > crashed_at
+            && matches!(&e.kind, EventKind::BrokerGot { from, subject, .. }
+                if from == "worker" && subject == "worker.register")
+    });
+    Ok([
+        expect(registered_again, "the restarted broker saw worker.register"),
+        expect(
+            terminal(w, "b2").as_deref() == Some("done"),
+            "b2 completed on the new broker",
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
+/// Stop the worker with one request running and two waiting: the drain lets all three finish
+/// within `drainTimeoutMs`, then the worker deregisters and stops; a request arriving during
+/// the drain is refused with `WORKER_SHUTDOWN`.
+fn drain_with_running_and_queued_script(w: &mut World) -> Run {
+    ready(w)?;
+    for (id, n) in [("d0", 20), ("d1", 10), ("d2", 10)] {
+        w.subscribe_response(id);
+        w.send_request(id, n);
+    }
+    w.run_for(ms(100))?;
+    w.stop_worker();
+    w.run_for(ms(50))?;
+    w.subscribe_response("late");
+    w.send_request("late", 3);
+    w.run_for(ms(8000))?;
+    let deregistered = w.trace.events().iter().any(|e| {
+        matches!(&e.kind, EventKind::BrokerGot { subject, .. } if subject == "worker.deregister")
+    });
+    Ok([
+        expect(
+            terminal(w, "d0").as_deref() == Some("done"),
+            "d0 finished in the drain",
+        ),
+        expect(
+            terminal(w, "d1").as_deref() == Some("done"),
+            "d1 finished in the drain",
+        ),
+        expect(
+            terminal(w, "d2").as_deref() == Some("done"),
+            "d2 finished in the drain",
+        ),
+        expect(
+            terminal(w, "late").as_deref() == Some("WORKER_SHUTDOWN"),
+            "a request during the drain is refused",
+        ),
+        expect(deregistered, "worker.deregister was published"),
+        expect(
+            w.lifecycle().as_deref() == Some("stopped"),
+            "the worker stopped",
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
+/// The engine stops producing tokens: the request ends `TIMEOUT` at its deadline.
+fn engine_hang_script(w: &mut World) -> Run {
+    ready(w)?;
+    w.engine_fault(Fault::HangAfter(2));
+    w.subscribe_response("h1");
+    let mut body = request("h1", 20);
+    body["timeoutMs"] = serde_json::json!(400);
+    w.send_json(&body);
+    w.run_for(ms(2500))?;
+    Ok(expect(
+        terminal(w, "h1").as_deref() == Some("TIMEOUT"),
+        "h1 timed out",
+    )
+    .into_iter()
+    .collect())
+}
+
+/// The engine crashes mid-stream, then a generation fails mid-stream, then a load fails: each
+/// request ends with one error, and the worker serves again afterwards.
+fn engine_crash_mid_stream_script(w: &mut World) -> Run {
+    ready(w)?;
+    w.engine_fault(Fault::CrashAfter {
+        tokens: 3,
+        restart: ms(200),
+    });
+    w.subscribe_response("c1");
+    w.send_request("c1", 10);
+    w.run_for(ms(800))?;
+    w.engine_fault(Fault::FailAfter(2));
+    w.subscribe_response("c2");
+    w.send_request("c2", 10);
+    w.run_for(ms(500))?;
+    // The crash unloaded the model, and c2 reloaded it; unload so the next load can fail.
+    w.engine_fault(Fault::LoadFails);
+    {
+        use mlx_worker::engine::Engine as _;
+        let engine = w.engine.clone();
+        futures::executor::block_on(engine.unload(mlx_worker_sim::world::MODEL))
+            .map_err(|e| e.to_string())?;
+    }
+    w.subscribe_response("c3");
+    w.send_request("c3", 3);
+    w.run_for(ms(500))?;
+    w.subscribe_response("c4");
+    w.send_request("c4", 3);
+    w.run_for(ms(800))?;
+    Ok([
+        expect(
+            terminal(w, "c1").as_deref() == Some("ENGINE_CRASHED"),
+            format!("c1 ended {:?}", terminal(w, "c1")),
+        ),
+        expect(
+            terminal(w, "c2").as_deref() == Some("ENGINE_ERROR"),
+            format!("c2 ended {:?}", terminal(w, "c2")),
+        ),
+        expect(
+            terminal(w, "c3").as_deref() == Some("MODEL_LOAD_FAILED"),
+            format!("c3 ended {:?}", terminal(w, "c3")),
+        ),
+        expect(terminal(w, "c4").as_deref() == Some("done"), "c4 completed"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
+/// The controller publishes first and subscribes 60 ms later, as the existing one does: it
+/// still gets every token from index 0.
+fn late_subscriber_script(w: &mut World) -> Run {
+    ready(w)?;
+    w.fault(FaultKind::LateSubscriber);
+    w.send_request("l1", 5);
+    w.run_for(ms(60))?;
+    w.subscribe_response("l1");
+    w.run_for(ms(800))?;
+    Ok([
+        expect(
+            tokens(w, "l1") == 5,
+            format!("l1 got {} of 5 tokens", tokens(w, "l1")),
+        ),
+        expect(terminal(w, "l1").as_deref() == Some("done"), "l1 completed"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
+/// A request id sent again while the first is in flight: the copy is refused on its reply
+/// subject only, and the first stream is untouched.
+fn duplicate_request_ids_script(w: &mut World) -> Run {
+    ready(w)?;
+    w.subscribe_response("dup");
+    w.send_request("dup", 15);
+    w.run_for(ms(100))?;
+    w.fault(FaultKind::Duplicate);
+    let subject = format!("worker.{}.inference", mlx_worker_sim::world::WORKER_ID);
+    w.command(Command::PublishWithReply(
+        subject,
+        "reply.dup".to_owned(),
+        bytes::Bytes::from(request("dup", 15).to_string()),
+    ));
+    w.run_for(ms(800))?;
+    let refused = w.trace.events().iter().any(|e| {
+        e.node == "controller"
+            && matches!(&e.kind, EventKind::Received { subject, payload }
+                if subject == "reply.dup"
+                    && String::from_utf8_lossy(payload).contains("DUPLICATE_REQUEST"))
+    });
+    Ok([
+        expect(
+            refused,
+            "the copy was refused with DUPLICATE_REQUEST on its reply subject",
+        ),
+        expect(
+            tokens(w, "dup") == 15,
+            format!("dup got {} of 15 tokens", tokens(w, "dup")),
+        ),
+        expect(
+            terminal(w, "dup").as_deref() == Some("done"),
+            "dup completed once",
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
+/// Eight requests at once for one slot and a queue of two: the surplus is refused with
+/// `QUEUE_FULL`, no heartbeat reports more than two waiting, the rest complete.
+fn flood_past_queue_bound_script(w: &mut World) -> Run {
+    ready(w)?;
+    w.fault(FaultKind::Flood);
+    let ids: Vec<String> = (0..8).map(|i| format!("f{i}")).collect();
+    for id in &ids {
+        w.subscribe_response(id);
+    }
+    w.run_for(ms(20))?;
+    for id in &ids {
+        w.send_request(id, 10);
+    }
+    w.run_for(ms(2000))?;
+    let mut out: Vec<Violation> = check_flood(&w.trace.events(), &ids, 3)
+        .into_iter()
+        .collect();
+    out.extend(expect(
+        ids.iter().all(|id| terminal(w, id).is_some()),
+        "every flooded request ended",
+    ));
+    Ok(out)
+}
+
+/// A cancel that arrives before its request is honoured when the request comes; a cancel
+/// after the first token stops the stream with `CANCELLED`.
+fn cancel_before_and_after_first_token_script(w: &mut World) -> Run {
+    ready(w)?;
+    w.subscribe_response("x1");
+    w.send_cancel("x1");
+    w.run_for(ms(50))?;
+    w.send_request("x1", 5);
+    w.run_for(ms(500))?;
+    w.subscribe_response("x2");
+    w.send_request("x2", 50);
+    w.run_for(ms(200))?;
+    w.send_cancel("x2");
+    w.run_for(ms(500))?;
+    Ok([
+        expect(
+            terminal(w, "x1").as_deref() == Some("CANCELLED"),
+            format!("x1 ended {:?}", terminal(w, "x1")),
+        ),
+        expect(
+            terminal(w, "x2").as_deref() == Some("CANCELLED"),
+            format!("x2 ended {:?}", terminal(w, "x2")),
+        ),
+        expect(
+            tokens(w, "x2") > 0 && tokens(w, "x2") < 50,
+            "x2 was stopped mid-stream",
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
+/// The worker's wall clock is 5 s behind and drifts, then steps forward 3 s: heartbeats keep
+/// their monotonic rhythm and requests are unaffected.
+fn heartbeats_under_clock_skew_script(w: &mut World) -> Run {
+    w.skew_clock(Skew {
+        offset_ms: -5000,
+        drift_ppm: 20_000,
+    });
+    ready(w)?;
+    let from = w.elapsed();
+    w.run_for(ms(1000))?;
+    w.step_clock(3000);
+    w.subscribe_response("s1");
+    w.send_request("s1", 5);
+    w.run_for(ms(1000))?;
+    let beats = w
+        .trace
+        .events()
+        .iter()
+        .filter(|e| {
+            e.at >= from
+                && matches!(&e.kind, EventKind::BrokerGot { subject, .. } if subject == "worker.heartbeat")
+        })
+        .count();
+    Ok([
+        expect(
+            (9..=12).contains(&beats),
+            format!("{beats} heartbeats in 2 s at a 200 ms interval"),
+        ),
+        expect(terminal(w, "s1").as_deref() == Some("done"), "s1 completed"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
+/// The controller reads its link slower than the worker writes: messages back up at the
+/// broker, the worker is not held back, and the controller still gets the whole stream in order.
+fn slow_consumer_script(w: &mut World) -> Run {
+    ready(w)?;
+    w.fault(FaultKind::SlowConsumer);
+    w.command(Command::ReadDelay(ms(24)));
+    w.subscribe_response("sc");
+    w.send_request("sc", 30);
+    w.run_for(ms(2000))?;
+    w.command(Command::ReadDelay(ms(0)));
+    w.run_for(ms(200))?;
+    Ok([
+        expect(
+            tokens(w, "sc") == 30,
+            format!("sc got {} of 30 tokens", tokens(w, "sc")),
+        ),
+        expect(terminal(w, "sc").as_deref() == Some("done"), "sc completed"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
+/// Every scenario, with its pinned seed.
+pub(crate) const ALL: &[(Scenario, u64)] = &[
+    (
+        Scenario {
+            name: "partition_during_streaming",
+            yaml: "",
+            run: partition_during_streaming_script,
+        },
+        1,
+    ),
+    (
+        Scenario {
+            name: "broker_crash_and_restart",
+            yaml: "",
+            run: broker_crash_and_restart_script,
+        },
+        2,
+    ),
+    (
+        Scenario {
+            name: "drain_with_running_and_queued",
+            yaml: "  maxConcurrent: 1\n  drainTimeoutMs: 3000\n",
+            run: drain_with_running_and_queued_script,
+        },
+        3,
+    ),
+    (
+        Scenario {
+            name: "engine_hang",
+            yaml: "",
+            run: engine_hang_script,
+        },
+        4,
+    ),
+    (
+        Scenario {
+            name: "engine_crash_mid_stream",
+            yaml: "",
+            run: engine_crash_mid_stream_script,
+        },
+        5,
+    ),
+    (
+        Scenario {
+            name: "late_subscriber",
+            yaml: "",
+            run: late_subscriber_script,
+        },
+        6,
+    ),
+    (
+        Scenario {
+            name: "duplicate_request_ids",
+            yaml: "",
+            run: duplicate_request_ids_script,
+        },
+        7,
+    ),
+    (
+        Scenario {
+            name: "flood_past_queue_bound",
+            yaml: "  maxConcurrent: 1\n  requestQueue:\n    maxDepth: 2\n",
+            run: flood_past_queue_bound_script,
+        },
+        8,
+    ),
+    (
+        Scenario {
+            name: "cancel_before_and_after_first_token",
+            yaml: "",
+            run: cancel_before_and_after_first_token_script,
+        },
+        9,
+    ),
+    (
+        Scenario {
+            name: "heartbeats_under_clock_skew",
+            yaml: "",
+            run: heartbeats_under_clock_skew_script,
+        },
+        10,
+    ),
+    (
+        Scenario {
+            name: "slow_consumer",
+            yaml: "",
+            run: slow_consumer_script,
+        },
+        11,
+    ),
+];
+
+/// The scenario called `name`.
+pub(crate) fn named(name: &str) -> &'static (Scenario, u64) {
+    ALL.iter()
+        .find(|(s, _)| s.name == name)
+        .expect("scenario exists")
+}
+
+macro_rules! scenario_tests {
+    ($($name:ident),* $(,)?) => {$(
+        #[test]
+        fn $name() {
+            let (scenario, seed) = named(stringify!($name));
+            check_clean(scenario, *seed);
+        }
+    )*};
+}
+
+scenario_tests!(
+    partition_during_streaming,
+    broker_crash_and_restart,
+    drain_with_running_and_queued,
+    engine_hang,
+    engine_crash_mid_stream,
+    late_subscriber,
+    duplicate_request_ids,
+    flood_past_queue_bound,
+    cancel_before_and_after_first_token,
+    heartbeats_under_clock_skew,
+    slow_consumer,
+);
