@@ -290,18 +290,95 @@ async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kil
 /// The pid of the Python runtime started by the worker process `parent`.
 fn runtime_child_pid(parent: u32) -> u32 {
     // Each thread lists the children it started; tokio starts them from any worker thread.
-    let tasks = std::fs::read_dir(format!("/proc/{parent}/task")).unwrap();
-    let children: String = tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-        .collect::<Vec<_>>()
-        .join(" ");
-    children
-        .split_whitespace()
-        .filter_map(|p| p.parse::<u32>().ok())
+    child_pids(parent)
+        .into_iter()
         .find(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|cmd| cmd.contains("mlx_runtime"))
         })
         .expect("the worker runs the MLX runtime as a child")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_mode_starts_its_own_nats_server_and_stops_it() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let state = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mlx-worker"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .args([
+            "run",
+            "--nats-mode",
+            "embedded",
+            "--nats-embedded-port",
+            &port.to_string(),
+        ])
+        .args([
+            "--worker-id",
+            "embedded",
+            "--model-dir",
+            "models",
+            "--port",
+            "0",
+        ])
+        .env("MLX_WORKER_STATE_DIR", state.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // The worker's own nats-server accepts a client, and the worker registers on it.
+    let url = format!("nats://127.0.0.1:{port}");
+    let client = within("the embedded server", async {
+        loop {
+            if let Ok(c) = async_nats::connect(&url).await {
+                return c;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let mut heartbeats = client.subscribe("worker.heartbeat").await.unwrap();
+    let msg = within("a heartbeat", heartbeats.next()).await.unwrap();
+    let hb: WorkerHeartbeat = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(hb.worker_id, "embedded");
+    let server_pid = child_pids(child.id().unwrap())
+        .into_iter()
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.contains("nats-server"))
+        })
+        .expect("the worker runs nats-server as its child");
+    drop(client);
+    let pid = child.id().unwrap();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = within("the worker to exit", child.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        !Path::new(&format!("/proc/{server_pid}")).exists(),
+        "the embedded nats-server outlived the worker"
+    );
+}
+
+/// The children of process `parent`, over all its threads.
+fn child_pids(parent: u32) -> Vec<u32> {
+    std::fs::read_dir(format!("/proc/{parent}/task"))
+        .unwrap()
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
 }
