@@ -29,10 +29,10 @@ pub fn subjects(id: &str) -> Vec<(String, &'static str)> {
         .collect()
 }
 
-/// `io.nats.micro.v1.ping_response`.
+/// The fields every answer starts with.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct PingResponse {
-    /// The message type.
+pub struct ServiceHeader {
+    /// The message type (`io.nats.micro.v1.ping_response`, …).
     #[serde(rename = "type")]
     pub kind: String,
     /// Service name.
@@ -43,6 +43,14 @@ pub struct PingResponse {
     pub version: String,
     /// Free-form labels.
     pub metadata: BTreeMap<String, String>,
+}
+
+/// `io.nats.micro.v1.ping_response`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PingResponse {
+    /// Who answers.
+    #[serde(flatten)]
+    pub header: ServiceHeader,
 }
 
 /// One endpoint of a service.
@@ -61,17 +69,9 @@ pub struct EndpointInfo {
 /// `io.nats.micro.v1.info_response`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InfoResponse {
-    /// The message type.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// Service name.
-    pub name: String,
-    /// Instance id.
-    pub id: String,
-    /// Service version.
-    pub version: String,
-    /// Free-form labels.
-    pub metadata: BTreeMap<String, String>,
+    /// Who answers.
+    #[serde(flatten)]
+    pub header: ServiceHeader,
     /// What the service does.
     pub description: String,
     /// Its endpoints.
@@ -104,17 +104,9 @@ pub struct EndpointStats {
 /// `io.nats.micro.v1.stats_response`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatsResponse {
-    /// The message type.
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// Service name.
-    pub name: String,
-    /// Instance id.
-    pub id: String,
-    /// Service version.
-    pub version: String,
-    /// Free-form labels.
-    pub metadata: BTreeMap<String, String>,
+    /// Who answers.
+    #[serde(flatten)]
+    pub header: ServiceHeader,
     /// When the service started, RFC 3339 (UTC).
     pub started: String,
     /// Per-endpoint figures.

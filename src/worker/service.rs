@@ -17,8 +17,8 @@ use tracing::{debug, warn};
 use super::dispatcher::{DispatchView, Query};
 use crate::metrics::telemetry::Telemetry;
 use crate::protocol::service::{
-    EndpointInfo, EndpointStats, InfoResponse, PingResponse, SERVICE_NAME, StatsResponse, rfc3339,
-    subjects,
+    EndpointInfo, EndpointStats, InfoResponse, PingResponse, SERVICE_NAME, ServiceHeader,
+    StatsResponse, rfc3339, subjects,
 };
 use crate::protocol::{self, subject};
 use crate::transport::{Subscription, Transport};
@@ -67,17 +67,19 @@ impl Service {
         }
     }
 
-    fn metadata(&self) -> BTreeMap<String, String> {
-        BTreeMap::from([("worker_id".to_owned(), self.worker_id.clone())])
+    fn header(&self, kind: &str) -> ServiceHeader {
+        ServiceHeader {
+            kind: format!("io.nats.micro.v1.{kind}"),
+            name: SERVICE_NAME.to_owned(),
+            id: self.worker_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            metadata: BTreeMap::from([("worker_id".to_owned(), self.worker_id.clone())]),
+        }
     }
 
     fn ping(&self) -> PingResponse {
         PingResponse {
-            kind: "io.nats.micro.v1.ping_response".to_owned(),
-            name: SERVICE_NAME.to_owned(),
-            id: self.worker_id.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            metadata: self.metadata(),
+            header: self.header("ping_response"),
         }
     }
 
@@ -92,11 +94,7 @@ impl Service {
 
     fn info(&self) -> InfoResponse {
         InfoResponse {
-            kind: "io.nats.micro.v1.info_response".to_owned(),
-            name: SERVICE_NAME.to_owned(),
-            id: self.worker_id.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            metadata: self.metadata(),
+            header: self.header("info_response"),
             description: "MLX inference worker: tokens stream on response.<requestId>".to_owned(),
             endpoints: vec![self.endpoint()],
         }
@@ -113,11 +111,7 @@ impl Service {
         let snapshot = &view.snapshot;
         let endpoint = self.endpoint();
         StatsResponse {
-            kind: "io.nats.micro.v1.stats_response".to_owned(),
-            name: SERVICE_NAME.to_owned(),
-            id: self.worker_id.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            metadata: self.metadata(),
+            header: self.header("stats_response"),
             started: rfc3339(self.started_ms),
             endpoints: vec![EndpointStats {
                 name: endpoint.name,

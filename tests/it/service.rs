@@ -30,9 +30,9 @@ async fn ping_info_and_stats_describe_the_worker() {
         }
     };
     let ping: PingResponse = serde_json::from_slice(&ask("$SRV.PING.mlx-worker").await).unwrap();
-    assert_eq!(ping.kind, "io.nats.micro.v1.ping_response");
+    assert_eq!(ping.header.kind, "io.nats.micro.v1.ping_response");
     assert_eq!(
-        (ping.name.as_str(), ping.id.as_str()),
+        (ping.header.name.as_str(), ping.header.id.as_str()),
         ("mlx-worker", "w-srv")
     );
     let info: InfoResponse = serde_json::from_slice(&ask("$SRV.INFO").await).unwrap();
@@ -49,7 +49,7 @@ async fn ping_info_and_stats_describe_the_worker() {
     );
     let stats: StatsResponse =
         serde_json::from_slice(&ask("$SRV.STATS.mlx-worker.w-srv").await).unwrap();
-    assert_eq!(stats.id, "w-srv");
+    assert_eq!(stats.header.id, "w-srv");
     let endpoint = &stats.endpoints[0];
     assert_eq!(endpoint.num_requests, 1);
     assert_eq!(endpoint.num_errors, 0);
