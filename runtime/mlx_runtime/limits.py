@@ -1,6 +1,6 @@
 """Every bound the runtime enforces, in one place.
 
-Validation limits mirror the existing runtime's (protocol.md section 6.3) so
+Validation limits mirror the existing runtime's so
 both accept the same requests.
 """
 

@@ -1,7 +1,7 @@
 //! The worker's configuration: one YAML file, then `MLX_WORKER_*` environment variables, then
 //! command-line flags, resolved into one validated [`WorkerConfig`] before anything starts.
 //!
-//! The file format is the existing mlx-serving `cluster.yaml` (camelCase keys), with the PRD's
+//! The file format is the existing mlx-serving `cluster.yaml` (camelCase keys), with the
 //! snake_case spellings accepted as aliases and a top-level `cluster:` wrapper allowed. Sections
 //! that only the controller reads (`controller`, `workers`, `loadBalancing`, `requestRouting`)
 //! are accepted and ignored, so one file serves both; any other unknown key is an error naming

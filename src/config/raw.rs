@@ -29,7 +29,7 @@ use crate::protocol::request::RequestLimits;
 use crate::protocol::subject::check_token;
 use crate::tier::ModelTier;
 
-/// The whole file. A top-level `cluster:` wrapper (the PRD's layout) holds the same keys.
+/// The whole file. A top-level `cluster:` wrapper (the product requirements' layout) holds the same keys.
 #[derive(Debug, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub(crate) struct RawConfig {

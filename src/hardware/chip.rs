@@ -22,7 +22,7 @@ impl AppleChip {
         }
     }
 
-    /// The usual GPU-core count of this chip (the table of protocol.md §7.1; the binned
+    /// The usual GPU-core count of this chip (the existing detector's table; the binned
     /// variants with fewer cores cannot be told apart by name), or `None` for a generation
     /// the table does not know.
     ///

@@ -3,7 +3,7 @@
 //!
 //! Compiled on every platform: the parsers are tested on captured output anywhere, and on
 //! another OS every tool is simply missing, which gives the fallbacks. Each source falls back
-//! on its own, to the value the TypeScript detector's fallback profile uses (protocol.md §7.1):
+//! on its own, to the value the TypeScript detector's fallback profile uses:
 //!
 //! | source | fallback |
 //! |---|---|

@@ -1,6 +1,6 @@
 //! Concurrency planning from a [`HostProfile`]: how many requests of each model tier the host
 //! should run and queue, how far to trust that, and which tiers it can serve at all — the
-//! TypeScript detector's `recommendConcurrency` and `hardware-reporter.ts` (protocol.md §7.1),
+//! TypeScript detector's `recommendConcurrency` and `hardware-reporter.ts`,
 //! plus configuration overrides. Pure; the probes supply the profile.
 
 use std::collections::BTreeMap;
@@ -76,7 +76,7 @@ pub struct Recommendation {
 }
 
 impl Recommendation {
-    /// The hardware table's limits for `profile` (protocol.md §7.1).
+    /// The hardware table's limits for `profile`.
     pub fn for_profile(profile: &HostProfile) -> Recommendation {
         Recommendation {
             tiers: ModelTier::ALL.map(|tier| {
@@ -133,7 +133,7 @@ fn slot(tier: ModelTier) -> usize {
     }
 }
 
-/// The hardware table's limit for `tier` on a chip of `variant` (protocol.md §7.1): the
+/// The hardware table's limit for `tier` on a chip of `variant`: the
 /// tier's base scaled by the variant's multiplier (Base 1.0, Pro 1.5, Max 2.5, Ultra 4.0).
 pub fn default_tier_limit(tier: ModelTier, variant: ChipVariant) -> TierLimit {
     // (base, min, max) of maxConcurrent, then of queueDepth.

@@ -47,7 +47,7 @@ pub struct ModelSkills {
     pub last_scanned: u64,
 }
 
-/// The host's hardware, as the PRD's `HardwareProfile` describes it.
+/// The host's hardware, as the product requirements' `HardwareProfile` describes it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct HardwareProfile {
@@ -76,7 +76,7 @@ pub struct HardwareProfile {
     pub detected_at: u64,
 }
 
-/// What the worker can take on, as the PRD's registration describes it.
+/// What the worker can take on, as the product requirements' registration describes it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct WorkerCapabilities {
@@ -90,7 +90,7 @@ pub struct WorkerCapabilities {
 }
 
 /// `worker.register`: a worker announces itself. A superset of what the existing controller
-/// reads (`skills`, `status`, …) and what the PRD adds (`hardware`, `capabilities`, `tags`,
+/// reads (`skills`, `status`, …) and what the product requirements add (`hardware`, `capabilities`, `tags`,
 /// `priority`); both controllers accept it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]

@@ -1,7 +1,7 @@
 // Goal: pin the wire format byte for byte and prove that bad input becomes a named error.
 // Method: insta JSON snapshots of every outbound message (ids and timestamps redacted),
 // proptest encode → decode round trips, decoding of the messages captured from the existing
-// TypeScript worker (protocol.md §3.3), and a table of invalid requests with their errors.
+// TypeScript worker, and a table of invalid requests with their errors.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -140,7 +140,7 @@ fn every_outbound_message_keeps_its_wire_shape() {
 
 #[test]
 fn outbound_field_order_matches_the_existing_worker() {
-    // The existing worker emits these byte sequences (protocol.md §3.3).
+    // The existing worker emits these byte sequences.
     let token = String::from_utf8(encode(&TokenMessage::new("r", "w41", 0)).unwrap()).unwrap();
     assert_eq!(
         token,

@@ -1,6 +1,6 @@
 // Goal: every line shape of both runtimes (the existing mlx-serving one and ours) classifies
 // correctly, requests never exceed what the runtime reads, and the line reader is bounded.
-// Method: lines captured from the runtimes' documentation (protocol.md §6.5), an insta snapshot
+// Method: lines captured from the runtimes' documented wire format, an insta snapshot
 // of an encoded frame, and the reader fed from in-memory buffers, including arbitrary bytes.
 
 use proptest::prelude::*;

@@ -1,4 +1,4 @@
-// Goal: the per-tier limits reproduce every cell of protocol.md §7.1's table (with
+// Goal: the per-tier limits reproduce every cell of the existing detector's table (with
 // JavaScript's half-up rounding), confidence and supported tiers follow the documented
 // thresholds, and configuration overrides replace exactly the tiers they name.
 // Method: table-driven checks over hand-built profiles of real chips and Linux hosts.
