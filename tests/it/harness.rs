@@ -72,15 +72,22 @@ pub(crate) struct NatsServer {
     child: Option<Child>,
     /// Its client port.
     pub(crate) port: u16,
+    args: Vec<String>,
 }
 
 impl NatsServer {
     /// Starts a server on a free port and waits until it accepts clients.
     pub(crate) async fn start() -> NatsServer {
+        NatsServer::start_with(&[]).await
+    }
+
+    /// Starts a server with extra command-line arguments (authentication, …).
+    pub(crate) async fn start_with(args: &[&str]) -> NatsServer {
         init_logs();
         let mut server = NatsServer {
             child: None,
             port: free_port(),
+            args: args.iter().map(|a| (*a).to_owned()).collect(),
         };
         server.spawn().await.expect("nats-server starts");
         server
@@ -89,6 +96,7 @@ impl NatsServer {
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let mut child = Command::new(nats_server_binary())
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true)

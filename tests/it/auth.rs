@@ -1,0 +1,116 @@
+// Goal: the worker authenticates to the broker with a user and password or a token, a wrong
+// credential stops start-up with a clear message and exit 77, and no secret reaches the logs or
+// the printed configuration.
+// Method: nats-server started with `--user/--pass` or `--auth`; the library's NatsTransport for
+// the accepted and refused cases; the real binary for the exit code and its stderr.
+
+use std::process::Stdio;
+use std::sync::Arc;
+
+use mlx_worker::config::{NatsAuth, Secret};
+use mlx_worker::transport::nats::{ConnectError, NatsTransport};
+use mlx_worker_sim::{SimEngine, SimEngineConfig};
+
+use crate::harness::*;
+
+const PASSWORD: &str = "correct-horse-battery-staple";
+
+#[tokio::test]
+async fn user_password_and_token_are_accepted_and_wrong_ones_refused() {
+    let server = NatsServer::start_with(&["--user", "worker", "--pass", PASSWORD]).await;
+    let mut config = test_config(&server.url(), "");
+    config.nats.auth = NatsAuth::UserPassword {
+        user: "worker".into(),
+        password: Secret::new(PASSWORD),
+    };
+    let transport = Arc::new(NatsTransport::connect(&config.nats).await.unwrap());
+    let mut connection = mlx_worker::transport::Transport::connection(transport.as_ref());
+    within(
+        "connected with a password",
+        connection.wait_for(|c| c.connected),
+    )
+    .await
+    .unwrap();
+    // A worker runs over it: it registers and stops cleanly.
+    let engine = Arc::new(SimEngine::new(SimEngineConfig::default()));
+    let mut worker = RunningWorker::start_with(
+        "w-auth",
+        config.node.clone(),
+        engine,
+        vec![],
+        transport,
+        Arc::new(mlx_worker_sim::SimProbe::new()),
+    );
+    worker.ready().await;
+    assert_eq!(worker.stop().await.dispatch.abandoned, 0);
+
+    config.nats.auth = NatsAuth::UserPassword {
+        user: "worker".into(),
+        password: Secret::new("wrong"),
+    };
+    match NatsTransport::connect(&config.nats).await {
+        Err(ConnectError::Rejected { .. }) => {}
+        Err(other) => panic!("expected a rejection, got {other}"),
+        Ok(_) => panic!("a wrong password was accepted"),
+    }
+
+    let server = NatsServer::start_with(&["--auth", PASSWORD]).await;
+    let mut config = test_config(&server.url(), "");
+    config.nats.auth = NatsAuth::Token(Secret::new(PASSWORD));
+    let transport = NatsTransport::connect(&config.nats).await.unwrap();
+    let mut connection = mlx_worker::transport::Transport::connection(&transport);
+    within(
+        "connected with a token",
+        connection.wait_for(|c| c.connected),
+    )
+    .await
+    .unwrap();
+    config.nats.auth = NatsAuth::Token(Secret::new("not-it"));
+    assert!(matches!(
+        NatsTransport::connect(&config.nats).await,
+        Err(ConnectError::Rejected { .. })
+    ));
+}
+
+#[tokio::test]
+async fn a_refused_credential_exits_77_and_never_prints_the_secret() {
+    let server = NatsServer::start_with(&["--user", "worker", "--pass", "the-real-one"]).await;
+    let state = tempfile::tempdir().unwrap();
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mlx-worker"))
+        .args([
+            "run",
+            "--nats-url",
+            &server.url(),
+            "--worker-id",
+            "w-bad-auth",
+            "--port",
+            "0",
+        ])
+        .env("MLX_WORKER_NATS_USER", "worker")
+        .env("MLX_WORKER_NATS_PASSWORD", PASSWORD)
+        .env("MLX_WORKER_STATE_DIR", state.path())
+        .env("RUST_LOG", "trace")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output();
+    let output = within("the refused worker to exit", output).await.unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(77), "{stderr}");
+    assert!(stderr.contains("rejected the credentials"), "{stderr}");
+    assert!(!stderr.contains(PASSWORD), "the password leaked: {stderr}");
+
+    let check = tokio::process::Command::new(env!("CARGO_BIN_EXE_mlx-worker"))
+        .args(["config", "check"])
+        .env("MLX_WORKER_NATS_URL", server.url())
+        .env("MLX_WORKER_NATS_USER", "worker")
+        .env("MLX_WORKER_NATS_PASSWORD", PASSWORD)
+        .output()
+        .await
+        .unwrap();
+    let printed = String::from_utf8_lossy(&check.stdout);
+    assert_eq!(check.status.code(), Some(0));
+    assert!(
+        printed.contains("<redacted>") && !printed.contains(PASSWORD),
+        "{printed}"
+    );
+}
