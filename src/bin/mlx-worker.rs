@@ -52,6 +52,9 @@ enum Command {
     Run(Settings),
     /// Send one request and print its tokens as they arrive.
     Infer(InferArgs),
+    /// Print the messages on a subject as they pass (default `worker.>`: registrations,
+    /// heartbeats, deregistrations), one `<subject> <payload>` line each.
+    Watch(WatchArgs),
     /// Print the detected hardware profile and concurrency recommendations as JSON.
     Probe(Settings),
     /// List the models in the model directory as JSON.
@@ -175,6 +178,18 @@ impl Settings {
 }
 
 #[derive(Args, Debug)]
+struct WatchArgs {
+    #[command(flatten)]
+    settings: Settings,
+    /// Subject to watch (wildcards allowed).
+    #[arg(long, short = 's', default_value = "worker.>")]
+    subject: String,
+    /// Exit after this many messages.
+    #[arg(long, short = 'n')]
+    count: Option<u64>,
+}
+
+#[derive(Args, Debug)]
 struct InferArgs {
     #[command(flatten)]
     settings: Settings,
@@ -217,6 +232,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Run(settings) => run(settings).await,
             Command::Infer(args) => infer(args).await,
+            Command::Watch(args) => watch(args).await,
             Command::Probe(settings) => probe(settings).await,
             Command::Models(settings) => list_models(settings).await,
             Command::Config {
@@ -454,6 +470,39 @@ async fn serve(config: WorkerConfig, worker_id: String) -> ExitCode {
     stop_http.cancel();
     let _ = http.await;
     code
+}
+
+async fn watch(args: WatchArgs) -> ExitCode {
+    let config = match resolve_or_exit(&args.settings) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let result: anyhow::Result<()> = async {
+        let transport = NatsTransport::connect(&config.nats).await?;
+        let mut sub = transport.subscribe(args.subject.clone(), None).await?;
+        let mut seen = 0u64;
+        let mut out = std::io::stdout().lock();
+        while args.count.is_none_or(|n| seen < n) {
+            let Some(msg) = sub.next().await else { break };
+            writeln!(
+                out,
+                "{} {}",
+                msg.subject,
+                String::from_utf8_lossy(&msg.payload)
+            )?;
+            out.flush()?;
+            seen += 1;
+        }
+        Ok(())
+    }
+    .await;
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mlx-worker watch: {e:#}");
+            ExitCode::from(EX_UNAVAILABLE)
+        }
+    }
 }
 
 async fn infer(args: InferArgs) -> ExitCode {

@@ -185,7 +185,8 @@ impl Capabilities {
         Capabilities {
             max_concurrent: recommendation.limit(largest).max_concurrent,
             supported_tiers,
-            available_memory_gb: 0.8 * profile.memory_gb() as f64,
+            // Rounded to a tenth: 0.8 × 24 is 19.2, not 19.200000000000003.
+            available_memory_gb: (8.0 * profile.memory_gb() as f64).round() / 10.0,
         }
     }
 }

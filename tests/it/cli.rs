@@ -100,5 +100,28 @@ async fn infer_prints_tokens_as_they_arrive() {
         .map(|s| ((), s.code().unwrap_or(-1)))
         .unwrap();
     assert_eq!(code, 1, "a request that ends with an error exits 1");
+
+    // `watch` prints the worker's announcements as they pass.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mlx-worker"))
+        .args([
+            "watch",
+            "--nats-url",
+            &server.url(),
+            "--subject",
+            "worker.heartbeat",
+        ])
+        .args(["--count", "2"])
+        .output();
+    let out = within("two heartbeats", out).await.unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.starts_with("worker.heartbeat {\"workerId\":\"w-cli\"")),
+        "{text}"
+    );
     worker.stop().await;
 }
