@@ -11,6 +11,7 @@ mod engine;
 mod group;
 mod harness;
 mod http;
+mod privilege;
 mod probe;
 mod service;
 mod transport;

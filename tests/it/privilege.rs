@@ -1,0 +1,128 @@
+// Goal: the shipped least-privilege broker account is enough for a worker to do everything it
+// does (register, heartbeat, stream with the listener check, answer discovery), and the server
+// refuses a publish outside that grant.
+// Method: nats-server with deploy/nats-worker-account.conf (passwords filled in); a worker with
+// the `worker` credentials, a controller-side client with the `controller` ones, and a raw
+// client with the worker's credentials that tries a subject outside the grant.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use mlx_worker::config::{NatsAuth, Secret};
+use mlx_worker::protocol::service::PingResponse;
+use mlx_worker::transport::nats::NatsTransport;
+use mlx_worker_sim::{SimEngine, SimEngineConfig, SimProbe};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::harness::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_runs_under_the_least_privilege_account_and_nothing_more() {
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nats-worker-account.conf"),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("account.conf");
+    std::fs::write(
+        &conf,
+        shipped
+            .replace("$WORKER_PASSWORD", "worker-pw")
+            .replace("$CONTROLLER_PASSWORD", "controller-pw"),
+    )
+    .unwrap();
+    let server = NatsServer::start_with(&["-c", conf.to_str().unwrap()]).await;
+
+    let controller = Client {
+        nats: async_nats::ConnectOptions::with_user_and_password(
+            "controller".into(),
+            "controller-pw".into(),
+        )
+        .connect(server.url())
+        .await
+        .unwrap(),
+    };
+    let mut registrations = controller.nats.subscribe("worker.register").await.unwrap();
+    controller.sync().await;
+    let mut config = test_config(&server.url(), "");
+    config.nats.auth = NatsAuth::UserPassword {
+        user: "worker".into(),
+        password: Secret::new("worker-pw"),
+    };
+    let transport = Arc::new(NatsTransport::connect(&config.nats).await.unwrap());
+    let mut worker = RunningWorker::start_with(
+        "w-priv",
+        config.node.clone(),
+        Arc::new(SimEngine::new(SimEngineConfig::default())),
+        vec![],
+        transport,
+        Arc::new(SimProbe::new()),
+    );
+    worker.ready().await;
+    // Its registration passed the grant (and, on one connection, its subscriptions before it).
+    within("the registration", registrations.next())
+        .await
+        .unwrap();
+    // The listener check needs the worker's inbox: a late subscriber still gets every token.
+    controller
+        .send(
+            "w-priv",
+            &json!({"requestId": "p-1", "modelId": "sim/tiny", "prompt": "x", "maxTokens": 4}),
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let mut sub = controller.subscribe_response("p-1").await;
+    assert_complete(&collect_stream(&mut sub).await, 4);
+    let ping = within(
+        "a discovery answer",
+        controller
+            .nats
+            .request("$SRV.PING.mlx-worker", Bytes::new()),
+    )
+    .await
+    .unwrap();
+    let ping: PingResponse = serde_json::from_slice(&ping.payload).unwrap();
+    assert_eq!(ping.header.id, "w-priv");
+
+    // Outside the grant: the server refuses and says so.
+    let (errors_tx, mut errors) = mpsc::unbounded_channel();
+    let rogue =
+        async_nats::ConnectOptions::with_user_and_password("worker".into(), "worker-pw".into())
+            .event_callback(move |event| {
+                let errors_tx = errors_tx.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        let _ = errors_tx.send(e.to_string());
+                    }
+                }
+            })
+            .connect(server.url())
+            .await
+            .unwrap();
+    let mut watched = controller
+        .nats
+        .subscribe("worker.other.inference")
+        .await
+        .unwrap();
+    controller.sync().await;
+    rogue
+        .publish("worker.other.inference", Bytes::from_static(b"{}"))
+        .await
+        .unwrap();
+    rogue.flush().await.unwrap();
+    let refusal = within("the server's refusal", errors.recv()).await.unwrap();
+    assert!(
+        refusal.to_lowercase().contains("permissions violation"),
+        "{refusal}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), watched.next())
+            .await
+            .is_err(),
+        "the refused message was delivered"
+    );
+    worker.stop().await;
+}
