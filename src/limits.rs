@@ -49,8 +49,10 @@ pub const TAG_BYTES_MAX: usize = 64;
 /// publisher; a full channel makes the engine wait, so memory per stream stays bounded.
 pub const TOKEN_CHANNEL_CAPACITY: usize = 64;
 
-/// Messages a subscription buffers before the transport applies back-pressure.
-pub const SUBSCRIPTION_CAPACITY: usize = 4096;
+/// Messages a subscription buffers before the client drops them as a slow consumer. A burst
+/// of requests must fit (each gets an answer, if only `QUEUE_FULL`); the memory this can take
+/// is bounded by the server's own limit on what it holds for a slow client (64 MiB by default).
+pub const SUBSCRIPTION_CAPACITY: usize = 65_536;
 
 /// Samples kept by the metrics collector's rolling window.
 pub const METRICS_WINDOW_REQUESTS: usize = 1000;

@@ -8,6 +8,7 @@
 mod auth;
 mod cli;
 mod engine;
+mod flood;
 mod group;
 mod harness;
 mod http;
