@@ -119,6 +119,8 @@ pub struct NatsConfig {
     pub name: String,
     /// Credentials.
     pub auth: NatsAuth,
+    /// TLS settings.
+    pub tls: NatsTls,
     /// Upper bound of the reconnect backoff.
     pub reconnect_wait_max: Duration,
     /// Reconnect attempts before giving up; `None` retries forever.
@@ -148,6 +150,21 @@ pub enum NatsAuth {
     },
     /// A bearer token.
     Token(Secret),
+    /// An NKey seed (the user signs the server's nonce with it).
+    NKey(Secret),
+    /// A `.creds` file holding a user JWT and its NKey seed.
+    CredsFile(PathBuf),
+}
+
+/// TLS to the message server.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatsTls {
+    /// Refuse a server that does not offer TLS (also implied by `tls://` URLs).
+    pub required: bool,
+    /// A CA certificate (PEM) to trust besides the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// A client certificate and its key (PEM), for servers that verify clients.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 /// Concurrency bounds of one model tier.
@@ -263,6 +280,10 @@ pub enum Setting {
     NatsPassword,
     /// `nats.token`.
     NatsToken,
+    /// `nats.nkeySeedFile`.
+    NatsNkeySeedFile,
+    /// `nats.credsFile`.
+    NatsCredsFile,
     /// `worker.workerId`.
     WorkerId,
     /// `worker.port`.
@@ -299,13 +320,15 @@ pub enum Setting {
 
 impl Setting {
     /// Every setting.
-    pub const ALL: [Setting; 22] = [
+    pub const ALL: [Setting; 24] = [
         Setting::NatsUrl,
         Setting::NatsMode,
         Setting::NatsEmbeddedPort,
         Setting::NatsUser,
         Setting::NatsPassword,
         Setting::NatsToken,
+        Setting::NatsNkeySeedFile,
+        Setting::NatsCredsFile,
         Setting::WorkerId,
         Setting::Port,
         Setting::Tags,
@@ -333,6 +356,8 @@ impl Setting {
             Setting::NatsUser => "NATS_USER",
             Setting::NatsPassword => "NATS_PASSWORD",
             Setting::NatsToken => "NATS_TOKEN",
+            Setting::NatsNkeySeedFile => "NATS_NKEY_SEED_FILE",
+            Setting::NatsCredsFile => "NATS_CREDS_FILE",
             Setting::WorkerId => "ID",
             Setting::Port => "PORT",
             Setting::Tags => "TAGS",
@@ -361,6 +386,8 @@ impl Setting {
             Setting::NatsUser => "nats.user",
             Setting::NatsPassword => "nats.password",
             Setting::NatsToken => "nats.token",
+            Setting::NatsNkeySeedFile => "nats.nkeySeedFile",
+            Setting::NatsCredsFile => "nats.credsFile",
             Setting::WorkerId => "worker.workerId",
             Setting::Port => "worker.port",
             Setting::Tags => "worker.tags",

@@ -17,8 +17,8 @@ use super::{
     DEFAULT_PORT, DEFAULT_PRIORITY, DEFAULT_PYTHON, DEFAULT_QUEUE_DEPTH, DEFAULT_RECONNECT_WAIT,
     DEFAULT_REQUEST_TIMEOUT, DEFAULT_REREGISTER_EVERY_HEARTBEATS, DEFAULT_RUNTIME_DIR,
     DEFAULT_STATE_DIR, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, EmbeddedNats, EngineConfig,
-    GenerationDefaults, LogFormat, LoggingConfig, NatsAuth, NatsConfig, NodeConfig, Override,
-    Secret, Setting, TierLimit, WorkerConfig,
+    GenerationDefaults, LogFormat, LoggingConfig, NatsAuth, NatsConfig, NatsTls, NodeConfig,
+    Override, Secret, Setting, TierLimit, WorkerConfig,
 };
 use crate::limits::{
     CONFIG_BYTES_MAX, DRAIN_TIMEOUT_MAX, HEARTBEAT_INTERVAL_MIN, INFLIGHT_REQUESTS_MAX,
@@ -79,6 +79,16 @@ struct RawNats {
     user: Option<String>,
     password: Option<String>,
     token: Option<String>,
+    /// Secrets may also come from files (mode 0600), so they stay out of the configuration.
+    #[serde(alias = "password_file")]
+    password_file: Option<PathBuf>,
+    #[serde(alias = "token_file")]
+    token_file: Option<PathBuf>,
+    #[serde(alias = "nkey_seed_file")]
+    nkey_seed_file: Option<PathBuf>,
+    #[serde(alias = "creds_file")]
+    creds_file: Option<PathBuf>,
+    tls: RawTls,
     embedded: RawEmbedded,
     reconnect: Option<bool>,
     #[serde(alias = "max_reconnect_attempts")]
@@ -87,6 +97,18 @@ struct RawNats {
     reconnect_time_wait: Option<u64>,
     #[serde(alias = "ping_interval_ms")]
     ping_interval_ms: Option<u64>,
+}
+
+#[derive(Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+struct RawTls {
+    required: Option<bool>,
+    #[serde(alias = "ca_file")]
+    ca_file: Option<PathBuf>,
+    #[serde(alias = "cert_file")]
+    cert_file: Option<PathBuf>,
+    #[serde(alias = "key_file")]
+    key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, PartialEq, Deserialize)]
@@ -436,6 +458,8 @@ impl RawConfig {
             Setting::NatsUser => n.user = Some(v.to_owned()),
             Setting::NatsPassword => n.password = Some(o.value.clone()),
             Setting::NatsToken => n.token = Some(o.value.clone()),
+            Setting::NatsNkeySeedFile => n.nkey_seed_file = Some(PathBuf::from(v)),
+            Setting::NatsCredsFile => n.creds_file = Some(PathBuf::from(v)),
             Setting::WorkerId => w.worker_id = Some(v.to_owned()),
             Setting::Port => w.port = Some(v.parse().map_err(|_| number("a port number"))?),
             Setting::Tags => w.tags = Some(comma_list(v)),
@@ -492,6 +516,35 @@ impl RawConfig {
     }
 }
 
+/// A secret given inline or in a file (trimmed); both at once is an error.
+fn secret_from(
+    key: &str,
+    inline: Option<String>,
+    file: Option<&Path>,
+) -> Result<Option<String>, ConfigError> {
+    match (inline, file) {
+        (Some(_), Some(_)) => Err(invalid(key, "is given both inline and as a file")),
+        (Some(v), None) => Ok(Some(v)),
+        (None, Some(path)) => {
+            let meta = std::fs::metadata(path)
+                .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
+            if meta.len() > 64 * 1024 {
+                return Err(invalid(key, format!("{} is over 64 KiB", path.display())));
+            }
+            std::fs::read_to_string(path)
+                .map(|s| Some(s.trim().to_owned()))
+                .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+fn readable(key: &str, path: &Path) -> Result<(), ConfigError> {
+    std::fs::metadata(path)
+        .map(|_| ())
+        .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))
+}
+
 fn resolve_nats(n: RawNats) -> Result<NatsConfig, ConfigError> {
     let given: Vec<String> = match (n.servers, n.server_url) {
         (Some(list), _) => list,
@@ -526,25 +579,62 @@ fn resolve_nats(n: RawNats) -> Result<NatsConfig, ConfigError> {
             return Err(invalid("nats.serverUrl", format!("{url:?} is not a URL")));
         }
     }
-    let auth = match (n.user, n.password, n.token) {
-        (None, None, None) => NatsAuth::None,
-        (Some(user), Some(password), None) => NatsAuth::UserPassword {
+    let password = secret_from("nats.password", n.password, n.password_file.as_deref())?;
+    let token = secret_from("nats.token", n.token, n.token_file.as_deref())?;
+    let nkey = secret_from("nats.nkeySeedFile", None, n.nkey_seed_file.as_deref())?;
+    let methods = [
+        n.user.is_some() || password.is_some(),
+        token.is_some(),
+        nkey.is_some(),
+        n.creds_file.is_some(),
+    ];
+    if methods.iter().filter(|m| **m).count() > 1 {
+        return Err(invalid(
+            "nats",
+            "choose one of user and password, token, nkeySeedFile or credsFile",
+        ));
+    }
+    let auth = match (n.user, password, token, nkey, n.creds_file) {
+        (Some(user), Some(password), ..) => NatsAuth::UserPassword {
             user,
             password: Secret::new(password),
         },
-        (None, None, Some(token)) => NatsAuth::Token(Secret::new(token)),
-        (Some(_), None, None) | (None, Some(_), None) => {
+        (Some(_), None, ..) | (None, Some(_), ..) => {
             return Err(invalid(
                 "nats.user",
                 "user and password must be set together",
             ));
         }
+        (None, None, Some(token), ..) => NatsAuth::Token(Secret::new(token)),
+        (None, None, None, Some(seed), _) => NatsAuth::NKey(Secret::new(seed)),
+        (None, None, None, None, Some(path)) => {
+            readable("nats.credsFile", &path)?;
+            NatsAuth::CredsFile(path)
+        }
+        (None, None, None, None, None) => NatsAuth::None,
+    };
+    let tls = match (n.tls.cert_file, n.tls.key_file) {
+        (Some(cert), Some(key)) => Some((cert, key)),
+        (None, None) => None,
         _ => {
             return Err(invalid(
-                "nats.token",
-                "cannot be combined with user and password",
+                "nats.tls",
+                "certFile and keyFile must be set together",
             ));
         }
+    };
+    if let Some(ca) = &n.tls.ca_file {
+        readable("nats.tls.caFile", ca)?;
+    }
+    if let Some((cert, key)) = &tls {
+        readable("nats.tls.certFile", cert)?;
+        readable("nats.tls.keyFile", key)?;
+    }
+    let tls = NatsTls {
+        required: n.tls.required.unwrap_or(false)
+            || servers.iter().any(|s| s.starts_with("tls://")),
+        ca_file: n.tls.ca_file,
+        client_cert: tls,
     };
     let max_reconnect_attempts = match (n.reconnect, n.max_reconnect_attempts) {
         (Some(false), _) => Some(0),
@@ -564,6 +654,7 @@ fn resolve_nats(n: RawNats) -> Result<NatsConfig, ConfigError> {
         embedded,
         name,
         auth,
+        tls,
         reconnect_wait_max: millis_or(
             "nats.reconnectTimeWait",
             n.reconnect_time_wait,

@@ -93,7 +93,9 @@ impl NatsTransport {
         let state_tx = Arc::new(state_tx);
         let attempt = tokio::time::timeout(
             FIRST_CONNECT_TIMEOUT,
-            options(config, state_tx.clone()).connect(config.servers.clone()),
+            options(config, state_tx.clone())
+                .await?
+                .connect(config.servers.clone()),
         )
         .await;
         let client = match attempt {
@@ -167,6 +169,7 @@ async fn retry_in_background(
         reason, "message server unreachable, retrying in the background"
     );
     options(config, state_tx)
+        .await?
         .retry_on_initial_connect()
         .connect(config.servers.clone())
         .await
@@ -176,7 +179,10 @@ async fn retry_in_background(
         })
 }
 
-fn options(config: &NatsConfig, state_tx: Arc<watch::Sender<ConnectionState>>) -> ConnectOptions {
+async fn options(
+    config: &NatsConfig,
+    state_tx: Arc<watch::Sender<ConnectionState>>,
+) -> Result<ConnectOptions, ConnectError> {
     let mut options = ConnectOptions::new()
         .name(&config.name)
         .ping_interval(config.ping_interval)
@@ -201,8 +207,28 @@ fn options(config: &NatsConfig, state_tx: Arc<watch::Sender<ConnectionState>>) -
             options = options.user_and_password(user.clone(), password.expose().to_owned());
         }
         NatsAuth::Token(token) => options = options.token(token.expose().to_owned()),
+        NatsAuth::NKey(seed) => options = options.nkey(seed.expose().to_owned()),
+        NatsAuth::CredsFile(path) => {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|e| ConnectError::Invalid {
+                    servers: config.servers.join(","),
+                    reason: format!("credentials file {}: {e}", path.display()),
+                })?;
+        }
     }
-    options
+    let tls = &config.tls;
+    if tls.required {
+        options = options.require_tls(true);
+    }
+    if let Some(ca) = &tls.ca_file {
+        options = options.add_root_certificates(ca.clone());
+    }
+    if let Some((cert, key)) = &tls.client_cert {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    Ok(options)
 }
 
 /// Capped exponential backoff with jitter: attempt 0 waits ~50 ms, doubling up to `max`.

@@ -15,5 +15,6 @@ mod http;
 mod privilege;
 mod probe;
 mod service;
+mod tls;
 mod transport;
 mod worker;
