@@ -180,11 +180,7 @@ impl Binary {
 
     async fn terminate(mut self) -> i32 {
         let pid = self.child.id().expect("running");
-        let status = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
+        send_signal(pid, "TERM");
         within("the worker to exit", self.child.wait())
             .await
             .unwrap()
@@ -242,13 +238,7 @@ async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kil
         .await;
     within("a first token", long.next()).await.unwrap();
     let runtime_pid = runtime_child_pid(binary.child.id().unwrap());
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-KILL", &runtime_pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    send_signal(runtime_pid, "KILL");
     let rest = collect_stream(&mut long).await;
     assert_eq!(error_code(&rest), "ENGINE_CRASHED");
     within("a degraded heartbeat", async {
@@ -354,13 +344,7 @@ async fn embedded_mode_starts_its_own_nats_server_and_stops_it() {
         .expect("the worker runs nats-server as its child");
     drop(client);
     let pid = child.id().unwrap();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    send_signal(pid, "TERM");
     let status = within("the worker to exit", child.wait()).await.unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(

@@ -137,12 +137,6 @@ async fn a_flood_gets_every_request_answered_within_a_memory_bound() {
     within("a heartbeat after the flood", heartbeats.next())
         .await
         .unwrap();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    send_signal(pid, "TERM");
     assert_eq!(within("exit", child.wait()).await.unwrap().code(), Some(0));
 }

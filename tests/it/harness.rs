@@ -416,3 +416,12 @@ pub(crate) fn error_code(stream: &[StreamMessage]) -> String {
         other => panic!("expected an error, got {other:?}"),
     }
 }
+
+/// Sends `signal` (`TERM`, `KILL`, …) to process `pid`.
+pub(crate) fn send_signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
