@@ -335,6 +335,10 @@ impl Worker {
         groups.leave();
         dispatcher.abort_all();
         *lock(&self.queries) = None;
+        // Nobody answers queries from here on: dropping the receiver fails the pending ones at
+        // once, so a heartbeat or a discovery answer in progress cannot wait forever and hold
+        // up the stop.
+        drop(query_rx);
         let grace = self.config.late_subscriber_wait + TERMINAL_GRACE;
         let dispatch = dispatcher.finish_tasks(&mut finished_rx, grace).await;
         drop(inference);
