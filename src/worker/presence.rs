@@ -239,13 +239,12 @@ impl Presence {
             load.fault_ratio,
             self.config.degraded_error_ratio,
         );
-        let gib = |bytes: u64| bytes as f64 / f64::from(1u32 << 30);
         let message = WorkerHeartbeat {
             worker_id: self.announcement.identity.worker_id.clone(),
             status,
             metrics: WorkerMetrics {
                 cpu_usage_percent: round2(sample.cpu_usage_percent.clamp(0.0, 100.0)),
-                memory_used_gb: round2(gib(sample.memory_used_bytes)),
+                memory_used_gb: round2(sample.memory_used_gb()),
                 gpu_utilization_percent: round2(
                     sample
                         .gpu_utilization_percent
