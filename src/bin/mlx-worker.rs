@@ -3,7 +3,8 @@
 //!
 //! Exit codes: 0 success; 1 a request failed (`infer`); 64 invalid configuration or usage;
 //! 69 a service is unavailable (message server, MLX runtime, embedded nats-server);
-//! 73 the worker id cannot be stored; 77 the message server rejected the credentials;
+//! 73 the worker id cannot be stored; 77 the message server rejected the credentials, or the
+//! TLS handshake with it failed (certificate not trusted, client certificate refused);
 //! 130 stopped by a second signal before the drain finished.
 
 use std::io::Write;
@@ -388,7 +389,8 @@ async fn run(settings: Settings) -> ExitCode {
 async fn serve(config: WorkerConfig, worker_id: String) -> ExitCode {
     let transport = match NatsTransport::connect(&config.nats).await {
         Ok(t) => Arc::new(t),
-        Err(e @ ConnectError::Rejected { .. }) => {
+        // Both need a person (new credentials or certificates), not a restart.
+        Err(e @ (ConnectError::Rejected { .. } | ConnectError::TlsHandshake { .. })) => {
             error!("{e}");
             return ExitCode::from(EX_NOPERM);
         }

@@ -335,12 +335,19 @@ pub(crate) fn parse(text: &str, path: &Path) -> Result<RawConfig, ConfigError> {
     {
         return Ok(RawConfig::default());
     }
+    // Aliases are allowed (one tier-limit map reused for several tiers, say), but what they may
+    // expand to is bounded: a "billion laughs" document of a few hundred bytes is refused after
+    // a few thousand replayed events, long before it could take memory or time.
     let options = serde_saphyr::options! {
         with_snippet: false,
         budget: serde_saphyr::budget! {
             max_anchors: 64,
             max_aliases: 256,
             max_depth: 32,
+        },
+        alias_limits: serde_saphyr::alias_limits! {
+            max_total_replayed_events: 4096,
+            max_replay_stack_depth: 16,
         },
     };
     let raw: RawConfig = serde_saphyr::from_str_with_options(text, options)

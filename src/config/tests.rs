@@ -224,3 +224,60 @@ fn an_oversized_or_missing_file_is_a_clear_error() {
     let err = yaml(&big).unwrap_err().to_string();
     assert!(err.contains("limit 1048576"), "{err}");
 }
+
+/// A "billion laughs" document: ten levels, each a list of ten aliases of the level before, so
+/// the last level would expand to 10^10 scalars. Its anchors sit under `logging.file`, a key
+/// whose value is read and discarded, so nothing but the expansion budget stands in the way.
+fn alias_bomb() -> String {
+    let mut text = String::from(
+        "logging:\n  file:\n    - &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n",
+    );
+    for level in 1..10 {
+        let prev = format!("*l{}", level - 1);
+        let items = [prev.as_str(); 10].join(", ");
+        text.push_str(&format!("    - &l{level} [{items}]\n"));
+    }
+    text
+}
+
+#[test]
+fn an_alias_bomb_is_rejected_before_it_expands() {
+    let bomb = alias_bomb();
+    // Small in itself: it is the expansion, not the size, that must be refused.
+    assert!(bomb.len() < 1024, "{}", bomb.len());
+    #[allow(clippy::disallowed_methods)] // Measures the parser's own time, nothing else.
+    let started = std::time::Instant::now();
+    let err = yaml(&bomb).unwrap_err();
+    #[allow(clippy::disallowed_methods)] // As above.
+    let took = started.elapsed();
+    let message = err.to_string();
+    assert!(matches!(err, ConfigError::Yaml { .. }), "{message}");
+    assert!(message.starts_with("config file test.yaml: "), "{message}");
+    assert!(
+        message.contains("alias replay limit exceeded"),
+        "names the aliases: {message}"
+    );
+    assert!(!message.contains('\n'), "one line: {message}");
+    // Expanding even 10^7 scalars takes seconds; refusing up front takes milliseconds.
+    assert!(took < Duration::from_secs(1), "took {took:?}: {message}");
+}
+
+#[test]
+fn a_few_aliases_in_a_normal_file_are_accepted() {
+    let text = "worker:\n  tierLimits:\n    '<3B': &small { maxConcurrent: 4, queueDepth: 50 }\n    \
+                '3-7B': *small\n    '7-13B': &big { maxConcurrent: 2, queueDepth: 20 }\n    \
+                '13-27B': *big\n";
+    let c = yaml(text).unwrap();
+    let small = TierLimit {
+        max_concurrent: 4,
+        queue_depth: 50,
+    };
+    let big = TierLimit {
+        max_concurrent: 2,
+        queue_depth: 20,
+    };
+    assert_eq!(c.node.tier_limits.get(&ModelTier::Tiny), Some(&small));
+    assert_eq!(c.node.tier_limits.get(&ModelTier::Small), Some(&small));
+    assert_eq!(c.node.tier_limits.get(&ModelTier::Medium), Some(&big));
+    assert_eq!(c.node.tier_limits.get(&ModelTier::Large), Some(&big));
+}

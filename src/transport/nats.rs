@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::{ConnectErrorKind, ConnectOptions, Event, StatusCode};
+use async_nats::{ConnectErrorKind, ConnectOptions, Event, StatusCode, rustls};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
@@ -48,6 +48,15 @@ pub enum ConnectError {
         /// The configured servers.
         servers: String,
         /// The client's words.
+        reason: String,
+    },
+    /// The TLS handshake failed: the server's certificate is not trusted, or the server
+    /// refused the worker's client certificate (or its absence). Retrying cannot fix either.
+    #[error("the TLS handshake with the message server at {servers} failed: {reason}")]
+    TlsHandshake {
+        /// The configured servers.
+        servers: String,
+        /// What was refused, and the TLS library's words.
         reason: String,
     },
     /// The configuration cannot be used (bad URL, TLS setup).
@@ -82,8 +91,8 @@ impl NatsTransport {
     /// Connects to the configured servers.
     ///
     /// A server that cannot be reached is not an error: the transport then keeps trying in
-    /// the background and reports `connected: false` until it succeeds. Rejected credentials
-    /// and unusable settings are errors, since retrying cannot fix them.
+    /// the background and reports `connected: false` until it succeeds. Rejected credentials,
+    /// a failed TLS handshake and unusable settings are errors, since retrying cannot fix them.
     pub async fn connect(config: &NatsConfig) -> Result<NatsTransport, ConnectError> {
         let servers = config.servers.join(",");
         let (state_tx, state) = watch::channel(ConnectionState {
@@ -113,7 +122,19 @@ impl NatsTransport {
                         reason: err.to_string(),
                     });
                 }
-                _ => retry_in_background(config, state_tx, &servers, &err.to_string()).await?,
+                // The client reports a failed handshake as an I/O error; only the TLS error
+                // inside it tells it from a server that is merely down.
+                _ => match tls_failure(&err) {
+                    Some(tls) => {
+                        return Err(ConnectError::TlsHandshake {
+                            servers,
+                            reason: describe_tls_failure(tls),
+                        });
+                    }
+                    None => {
+                        retry_in_background(config, state_tx, &servers, &err.to_string()).await?
+                    }
+                },
             },
             Err(_) => retry_in_background(config, state_tx, &servers, "timed out").await?,
         };
@@ -155,6 +176,53 @@ impl NatsTransport {
 impl Drop for NatsTransport {
     fn drop(&mut self) {
         self.reader.abort();
+    }
+}
+
+/// The TLS error behind a connect error, if the TLS handshake is what failed.
+///
+/// The client wraps it in a `std::io::Error`, whose `source()` skips the wrapped error itself,
+/// so each I/O error in the chain is opened with `get_ref`.
+fn tls_failure<'e>(err: &'e (dyn std::error::Error + 'static)) -> Option<&'e rustls::Error> {
+    let mut next = Some(err);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        if let Some(tls) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(tls);
+        }
+        next = e.source();
+    }
+    None
+}
+
+/// Says which side refused the handshake, and what to check.
+fn describe_tls_failure(err: &rustls::Error) -> String {
+    use rustls::AlertDescription as Alert;
+    match err {
+        rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented => {
+            format!("the server's certificate is not trusted (check nats.tls.caFile): {err}")
+        }
+        rustls::Error::AlertReceived(
+            Alert::BadCertificate
+            | Alert::CertificateRequired
+            | Alert::CertificateUnknown
+            | Alert::CertificateExpired
+            | Alert::CertificateRevoked
+            | Alert::UnsupportedCertificate
+            | Alert::UnknownCA
+            | Alert::NoCertificate
+            | Alert::AccessDenied,
+        ) => format!(
+            "the server refused the client certificate or its absence \
+             (check nats.tls.certFile and nats.tls.keyFile): {err}"
+        ),
+        _ => err.to_string(),
     }
 }
 

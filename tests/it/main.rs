@@ -7,6 +7,7 @@
 
 mod auth;
 mod cli;
+mod creds;
 mod engine;
 mod flood;
 mod group;
