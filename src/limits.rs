@@ -72,6 +72,9 @@ pub const LATE_SUBSCRIBER_WAIT_MAX: Duration = Duration::from_secs(60);
 /// Upper bound of the registration retry backoff.
 pub const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// Largest secret file (password, token, NKey seed) the configuration reads.
+pub const SECRET_FILE_BYTES_MAX: u64 = 64 * 1024;
+
 /// Request ids remembered after they finished, to answer a late duplicate.
 pub const FINISHED_IDS_REMEMBERED: usize = 4096;
 

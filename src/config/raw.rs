@@ -23,7 +23,7 @@ use super::{
 use crate::limits::{
     CONFIG_BYTES_MAX, DRAIN_TIMEOUT_MAX, HEARTBEAT_INTERVAL_MIN, INFLIGHT_REQUESTS_MAX,
     LATE_SUBSCRIBER_WAIT_MAX, MAX_TOKENS_MAX, NATS_PAYLOAD_BYTES_MAX, PROMPT_BYTES_MAX,
-    QUEUE_DEPTH_MAX, REQUEST_TIMEOUT_MAX, TAG_BYTES_MAX, TAGS_MAX,
+    QUEUE_DEPTH_MAX, REQUEST_TIMEOUT_MAX, SECRET_FILE_BYTES_MAX, TAG_BYTES_MAX, TAGS_MAX,
 };
 use crate::protocol::request::RequestLimits;
 use crate::protocol::subject::check_token;
@@ -532,18 +532,42 @@ fn secret_from(
     match (inline, file) {
         (Some(_), Some(_)) => Err(invalid(key, "is given both inline and as a file")),
         (Some(v), None) => Ok(Some(v)),
-        (None, Some(path)) => {
-            let meta = std::fs::metadata(path)
-                .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))?;
-            if meta.len() > 64 * 1024 {
-                return Err(invalid(key, format!("{} is over 64 KiB", path.display())));
-            }
-            std::fs::read_to_string(path)
-                .map(|s| Some(s.trim().to_owned()))
-                .map_err(|e| invalid(key, format!("cannot read {}: {e}", path.display())))
-        }
+        (None, Some(path)) => read_secret_file(key, path).map(Some),
+
         (None, None) => Ok(None),
     }
+}
+
+/// Reads a secret file of at most [`SECRET_FILE_BYTES_MAX`] bytes. Only a regular file is
+/// read: a device (`/dev/zero`), a pipe or a socket would not end, or not report its size;
+/// the read itself is bounded too, since some regular files (`/proc`) report size 0.
+fn read_secret_file(key: &str, path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read as _;
+    let cannot = |e: std::io::Error| invalid(key, format!("cannot read {}: {e}", path.display()));
+    let too_big = || {
+        invalid(
+            key,
+            format!("{} is over {SECRET_FILE_BYTES_MAX} bytes", path.display()),
+        )
+    };
+    let meta = std::fs::metadata(path).map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(invalid(
+            key,
+            format!("{} is not a regular file", path.display()),
+        ));
+    }
+    if meta.len() > SECRET_FILE_BYTES_MAX {
+        return Err(too_big());
+    }
+    let mut text = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(SECRET_FILE_BYTES_MAX + 1).read_to_string(&mut text))
+        .map_err(cannot)?;
+    if text.len() as u64 > SECRET_FILE_BYTES_MAX {
+        return Err(too_big());
+    }
+    Ok(text.trim().to_owned())
 }
 
 fn readable(key: &str, path: &Path) -> Result<(), ConfigError> {

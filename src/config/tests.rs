@@ -225,6 +225,35 @@ fn an_oversized_or_missing_file_is_a_clear_error() {
     assert!(err.contains("limit 1048576"), "{err}");
 }
 
+#[test]
+fn a_secret_file_must_be_a_small_regular_file() {
+    // A device never ends and reports size 0; it is refused before any read.
+    let err = yaml("nats:\n  tokenFile: /dev/zero\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/dev/zero is not a regular file"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let big = dir.path().join("token");
+    std::fs::write(
+        &big,
+        "t".repeat(crate::limits::SECRET_FILE_BYTES_MAX as usize + 1),
+    )
+    .unwrap();
+    let err = yaml(&format!("nats:\n  tokenFile: {}\n", big.display()))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("is over 65536 bytes"), "{err}");
+    // The secret itself never shows in the message.
+    assert!(!err.contains("ttt"), "{err}");
+    let ok = dir.path().join("ok");
+    std::fs::write(&ok, "s3cret-token\n").unwrap();
+    let config = yaml(&format!("nats:\n  tokenFile: {}\n", ok.display())).unwrap();
+    assert!(matches!(
+        config.nats.auth,
+        NatsAuth::Token(ref t) if t.expose() == "s3cret-token"
+    ));
+}
+
 /// A "billion laughs" document: ten levels, each a list of ten aliases of the level before, so
 /// the last level would expand to 10^10 scalars. Its anchors sit under `logging.file`, a key
 /// whose value is read and discarded, so nothing but the expansion budget stands in the way.
