@@ -4,7 +4,8 @@
 #   2. formatting and lints: cargo fmt --check, cargo clippy -D warnings;
 #   3. the Python runtime's own tests (pytest);
 #   4. every Rust test of the workspace, once, under line coverage (cargo-llvm-cov), with CI set
-#      so insta refuses new snapshots; prints the test counts and the library's line coverage.
+#      so insta refuses new snapshots; prints the test counts and the library's line coverage;
+#   5. every bench, once, at a tiny size (`cargo bench -- --test`), so none of them can rot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CI="${CI:-true}"
@@ -26,3 +27,6 @@ step "python runtime tests"
 
 step "rust tests under coverage"
 bash ci/coverage.sh
+
+step "benches, once each at a tiny size"
+cargo bench --locked --benches -- --test
