@@ -8,6 +8,10 @@
 //! lost, as with NATS. A dead link is detected by pings: when nothing has been heard from the
 //! broker for `ping_interval × pings_max_out`, the connection is dropped and redialled.
 //!
+//! Each subscription buffers at most [`SUBSCRIPTION_BUFFER`] messages, as async-nats' default
+//! does; past that, a message is dropped and counted in [`SimTransport::slow_consumer_drops`]
+//! (NATS's slow-consumer rule), never queued without bound.
+//!
 //! [`Transport::publish_if_listened`] works exactly as the production transport's: publish with
 //! a reply subject in this connection's private inbox, publish a marker to the inbox, and since
 //! the broker handles one connection's frames in order, a 503 "no responders" for the message
@@ -72,10 +76,13 @@ impl SimTransportConfig {
     }
 }
 
+/// Messages one subscription buffers before it drops (async-nats' default capacity).
+pub const SUBSCRIPTION_BUFFER: usize = 65_536;
+
 struct SubEntry {
     subject: String,
     queue: Option<String>,
-    tx: mpsc::UnboundedSender<InboundMessage>,
+    tx: mpsc::Sender<InboundMessage>,
 }
 
 #[derive(Default)]
@@ -92,6 +99,8 @@ struct Inner {
     flushes: BTreeMap<u64, oneshot::Sender<()>>,
     next_flush: u64,
     last_heard: Option<Instant>,
+    /// Messages dropped because a subscription's buffer was full.
+    slow_consumer_drops: u64,
 }
 
 struct Shared {
@@ -162,6 +171,12 @@ impl SimTransport {
     pub fn set_read_delay(&self, delay: Duration) {
         let us = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
         self.shared.read_delay_us.store(us, Ordering::Relaxed);
+    }
+
+    /// Messages dropped so far because one of this transport's subscriptions had
+    /// [`SUBSCRIPTION_BUFFER`] messages waiting.
+    pub fn slow_consumer_drops(&self) -> u64 {
+        self.shared.lock().slow_consumer_drops
     }
 
     /// Publishes with a reply subject (a client's request with an inbox).
@@ -373,11 +388,14 @@ fn on_frame(shared: &Shared, frame: Frame) {
                     subject: subject.clone(),
                     payload: payload.clone(),
                 });
-                let _ = tx.send(InboundMessage {
+                let message = InboundMessage {
                     subject,
                     reply,
                     payload,
-                });
+                };
+                if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(message) {
+                    shared.lock().slow_consumer_drops += 1;
+                }
             }
         }
         _ => {}
@@ -406,7 +424,7 @@ fn on_inbox(shared: &Shared, subject: &str, status: Option<u16>) {
 /// A subscription's messages; dropping it unsubscribes.
 struct SubStream {
     sid: u64,
-    rx: mpsc::UnboundedReceiver<InboundMessage>,
+    rx: mpsc::Receiver<InboundMessage>,
     shared: Arc<Shared>,
 }
 
@@ -484,7 +502,7 @@ impl Transport for SimTransport {
         subject: String,
         queue_group: Option<String>,
     ) -> Result<Subscription, TransportError> {
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(SUBSCRIPTION_BUFFER);
         let sid = {
             let mut inner = self.shared.lock();
             if inner.closed {
