@@ -125,7 +125,9 @@ impl Presence {
         connection: &mut watch::Receiver<ConnectionState>,
     ) -> bool {
         let mut delay = REGISTER_BACKOFF_MIN;
+        let mut attempt = 0u32;
         loop {
+            attempt += 1;
             match self.publish(subject::REGISTER, &self.registration()).await {
                 Ok(()) => {
                     bump(&self.telemetry.registrations_sent);
@@ -136,7 +138,7 @@ impl Presence {
                     warn!(cause = %err, retry_ms = delay.as_millis() as u64, "registration failed")
                 }
             }
-            let jittered = delay.mul_f64(rand::random_range(0.5..=1.0));
+            let jittered = delay.mul_f64(jitter(&self.announcement.identity.worker_id, attempt));
             tokio::select! {
                 () = stop.cancelled() => return false,
                 () = tokio::time::sleep(jittered) => {}
@@ -314,4 +316,40 @@ fn round2(x: f64) -> f64 {
 
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// The share of a retry delay to wait, in [0.5, 1]: spread over workers (whose ids differ) so
+/// that a fleet does not retry in step, yet a function of the id and the attempt alone, so a
+/// seeded simulation replays it exactly.
+fn jitter(worker_id: &str, attempt: u32) -> f64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut hasher = std::hash::DefaultHasher::new();
+    (worker_id, attempt).hash(&mut hasher);
+    // The top 53 bits make a uniform fraction in [0, 1).
+    let unit = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64;
+    0.5 + unit / 2.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::jitter;
+
+    #[test]
+    fn retry_jitter_is_a_fixed_function_of_id_and_attempt_spread_over_workers() {
+        for attempt in 1..50 {
+            let j = jitter("w-1", attempt);
+            assert!((0.5..=1.0).contains(&j), "{j}");
+            assert_eq!(
+                j,
+                jitter("w-1", attempt),
+                "the same inputs give the same share"
+            );
+        }
+        // A fleet's first retries are spread, not in step.
+        let firsts: Vec<f64> = (0..20).map(|i| jitter(&format!("w-{i}"), 1)).collect();
+        let (lo, hi) = firsts
+            .iter()
+            .fold((1.0f64, 0.5f64), |(lo, hi), &j| (lo.min(j), hi.max(j)));
+        assert!(hi - lo > 0.25, "{firsts:?}");
+    }
 }
