@@ -122,6 +122,8 @@ async fn a_flood_gets_every_request_answered_within_a_memory_bound() {
     );
     assert!(by_outcome.get("done").is_some_and(|&n| n > 0));
     assert!(peak < RSS_LIMIT_KIB, "peak RSS {peak} KiB");
+    // The flood takes seconds; heartbeats (every 200 ms here) kept coming through it.
+    assert!(beats_during > 0, "no heartbeat during the flood");
 
     // Still serving, and heartbeating.
     let stream = client
