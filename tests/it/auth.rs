@@ -4,7 +4,6 @@
 // Method: nats-server started with `--user/--pass` or `--auth`; the library's NatsTransport for
 // the accepted and refused cases; the real binary for the exit code and its stderr.
 
-use std::process::Stdio;
 use std::sync::Arc;
 
 use mlx_worker::config::{NatsAuth, Secret};
@@ -75,27 +74,17 @@ async fn user_password_and_token_are_accepted_and_wrong_ones_refused() {
 #[tokio::test]
 async fn a_refused_credential_exits_77_and_never_prints_the_secret() {
     let server = NatsServer::start_with(&["--user", "worker", "--pass", "the-real-one"]).await;
-    let state = tempfile::tempdir().unwrap();
-    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mlx-worker"))
-        .args([
-            "run",
-            "--nats-url",
-            &server.url(),
-            "--worker-id",
-            "w-bad-auth",
-            "--port",
-            "0",
-        ])
-        .env("MLX_WORKER_NATS_USER", "worker")
-        .env("MLX_WORKER_NATS_PASSWORD", PASSWORD)
-        .env("MLX_WORKER_STATE_DIR", state.path())
-        .env("RUST_LOG", "trace")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output();
-    let output = within("the refused worker to exit", output).await.unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(77), "{stderr}");
+    let Exited { code, stderr, .. } = run_until_exit(
+        "refused credentials",
+        &["--nats-url", &server.url(), "--worker-id", "w-bad-auth"],
+        &[
+            ("MLX_WORKER_NATS_USER", "worker"),
+            ("MLX_WORKER_NATS_PASSWORD", PASSWORD),
+            ("RUST_LOG", "trace"),
+        ],
+    )
+    .await;
+    assert_eq!(code, Some(77), "{stderr}");
     assert!(stderr.contains("rejected the credentials"), "{stderr}");
     assert!(!stderr.contains(PASSWORD), "the password leaked: {stderr}");
 

@@ -9,7 +9,6 @@
 // controller connected as another user of the same account; the real binary for the refusals.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 
 use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
@@ -237,23 +236,18 @@ async fn creds_the_server_cannot_trust_are_refused_and_the_seed_never_printed() 
         );
 
         // The binary stops at start-up with exit 77, the seed nowhere in its output.
-        let state = tempfile::tempdir().unwrap();
-        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mlx-worker"))
-            .args(["run", "--nats-url", &url, "--worker-id", "w-bad-creds"])
-            .args(["--port", "0"])
-            .env("MLX_WORKER_NATS_CREDS_FILE", creds)
-            .env("MLX_WORKER_STATE_DIR", state.path())
-            .env("RUST_LOG", "trace")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output();
-        let output = within(&format!("the refused worker to exit ({case})"), output)
-            .await
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(77), "{case}: {stderr}");
+        let creds = creds.to_str().unwrap();
+        let Exited {
+            code,
+            stdout,
+            stderr,
+        } = run_until_exit(
+            case,
+            &["--nats-url", &url, "--worker-id", "w-bad-creds"],
+            &[("MLX_WORKER_NATS_CREDS_FILE", creds), ("RUST_LOG", "trace")],
+        )
+        .await;
+        assert_eq!(code, Some(77), "{case}: {stderr}");
         assert!(
             stderr.contains(&format!(
                 "the message server at {url} rejected the credentials"

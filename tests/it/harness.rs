@@ -425,3 +425,36 @@ pub(crate) fn send_signal(pid: u32, signal: &str) {
         .expect("run kill");
     assert!(status.success(), "kill -{signal} {pid} failed");
 }
+
+/// What a worker process that stopped by itself printed, and how it exited.
+pub(crate) struct Exited {
+    /// The exit code (`None` when a signal ended it).
+    pub(crate) code: Option<i32>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
+}
+
+/// Runs `mlx-worker run <args> --port 0` with a fresh state directory and `envs`, and waits
+/// (bounded) until it exits by itself: for a start-up that must fail. A worker that would
+/// go on retrying never exits, and `within` fails the test.
+pub(crate) async fn run_until_exit(what: &str, args: &[&str], envs: &[(&str, &str)]) -> Exited {
+    let state = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_mlx-worker"))
+        .arg("run")
+        .args(args)
+        .args(["--port", "0"])
+        .env("MLX_WORKER_STATE_DIR", state.path())
+        .envs(envs.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .output();
+    let output = within(&format!("the worker to exit ({what})"), output)
+        .await
+        .unwrap();
+    Exited {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}

@@ -6,7 +6,6 @@
 // the real binary for the exit code and its stderr.
 
 use std::path::Path;
-use std::process::Stdio;
 
 use mlx_worker::config::{NatsAuth, NatsConfig, NatsTls, Secret};
 use mlx_worker::transport::Transport;
@@ -93,23 +92,29 @@ fn pki(dir: &Path, name: &str) -> Pki {
     }
 }
 
+/// A nats-server that requires TLS with `pki`'s server certificate and verifies clients
+/// against its CA.
+async fn tls_server(pki: &Pki) -> NatsServer {
+    let s = |p: &Path| p.to_str().unwrap().to_owned();
+    NatsServer::start_with(&[
+        "--tls",
+        "--tlscert",
+        &s(&pki.server_cert),
+        "--tlskey",
+        &s(&pki.server_key),
+        "--tlsverify",
+        "--tlscacert",
+        &s(&pki.ca),
+    ])
+    .await
+}
+
 #[tokio::test]
 async fn tls_with_the_right_ca_and_client_certificate_connects_and_a_wrong_ca_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let good = pki(dir.path(), "good");
     let other = pki(dir.path(), "other");
-    let s = |p: &Path| p.to_str().unwrap().to_owned();
-    let mut server = NatsServer::start_with(&[
-        "--tls",
-        "--tlscert",
-        &s(&good.server_cert),
-        "--tlskey",
-        &s(&good.server_key),
-        "--tlsverify",
-        "--tlscacert",
-        &s(&good.ca),
-    ])
-    .await;
+    let mut server = tls_server(&good).await;
     let url = format!("tls://127.0.0.1:{}", server.port);
     let mut config = test_config(&url, "").nats;
     assert!(config.tls.required, "a tls:// URL requires TLS");
@@ -180,17 +185,7 @@ async fn a_failed_tls_handshake_stops_start_up_with_exit_77_naming_the_handshake
     let good = pki(dir.path(), "good");
     let other = pki(dir.path(), "other");
     let s = |p: &Path| p.to_str().unwrap().to_owned();
-    let server = NatsServer::start_with(&[
-        "--tls",
-        "--tlscert",
-        &s(&good.server_cert),
-        "--tlskey",
-        &s(&good.server_key),
-        "--tlsverify",
-        "--tlscacert",
-        &s(&good.ca),
-    ])
-    .await;
+    let server = tls_server(&good).await;
     let url = format!("tls://127.0.0.1:{}", server.port);
     let cases = [
         (
@@ -212,22 +207,14 @@ async fn a_failed_tls_handshake_stops_start_up_with_exit_77_naming_the_handshake
     for (name, tls, expected) in cases {
         let file = dir.path().join("worker.yaml");
         std::fs::write(&file, format!("nats:\n  serverUrl: {url}\n{tls}")).unwrap();
-        let state = tempfile::tempdir().unwrap();
-        let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_mlx-worker"))
-            .args(["run", "--config", &s(&file), "--worker-id", "w-bad-tls"])
-            .args(["--port", "0"])
-            .env("MLX_WORKER_STATE_DIR", state.path())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .output();
-        // A worker left retrying in the background would never exit: `within` fails then.
-        let output = within(&format!("the worker to exit ({name})"), output)
-            .await
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(77), "{name}: {stderr}");
+        // A worker left retrying in the background would never exit: the wait fails then.
+        let Exited { code, stderr, .. } = run_until_exit(
+            name,
+            &["--config", &s(&file), "--worker-id", "w-bad-tls"],
+            &[("RUST_LOG", "info")],
+        )
+        .await;
+        assert_eq!(code, Some(77), "{name}: {stderr}");
         assert!(
             stderr.contains(&format!(
                 "the TLS handshake with the message server at {url} failed"
