@@ -7,7 +7,6 @@
 // of them missing fails the test with the command that installs it.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -157,46 +156,24 @@ async fn a_dropped_generation_is_cancelled_in_the_runtime() {
 
 /// The worker binary, with nats-server and the real runtime: what the README's first command
 /// runs.
-struct Binary {
-    child: tokio::process::Child,
-}
-
-impl Binary {
-    fn start(nats_url: &str, worker_id: &str, state_dir: &Path) -> Binary {
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mlx-worker"))
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["run", "--nats-url", nats_url, "--worker-id", worker_id])
-            .args(["--model-dir", "models", "--preload", TINY, "--port", "0"])
-            .args(["--heartbeat-interval-ms", "200"])
-            .env("MLX_WORKER_STATE_DIR", state_dir)
-            .env("RUST_LOG", "mlx_worker=debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the mlx-worker binary");
-        Binary { child }
-    }
-
-    async fn terminate(mut self) -> i32 {
-        let pid = self.child.id().expect("running");
-        send_signal(pid, "TERM");
-        within("the worker to exit", self.child.wait())
-            .await
-            .unwrap()
-            .code()
-            .unwrap_or(-1)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kill() {
     let server = NatsServer::start().await;
     let client = Client::connect(&server.url()).await;
     let mut registrations = client.nats.subscribe("worker.register").await.unwrap();
     client.sync().await;
-    let state = tempfile::tempdir().unwrap();
-    let binary = Binary::start(&server.url(), "e2e", state.path());
+    let binary = WorkerProcess::spawn(&[
+        "--nats-url",
+        &server.url(),
+        "--worker-id",
+        "e2e",
+        "--model-dir",
+        "models",
+        "--preload",
+        TINY,
+        "--heartbeat-interval-ms",
+        "200",
+    ]);
 
     let msg = within("the registration", registrations.next())
         .await
@@ -237,7 +214,7 @@ async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kil
         )
         .await;
     within("a first token", long.next()).await.unwrap();
-    let runtime_pid = runtime_child_pid(binary.child.id().unwrap());
+    let runtime_pid = runtime_child_pid(binary.pid());
     send_signal(runtime_pid, "KILL");
     let rest = collect_stream(&mut long).await;
     assert_eq!(error_code(&rest), "ENGINE_CRASHED");
@@ -266,7 +243,7 @@ async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kil
 
     let mut goodbye = client.nats.subscribe("worker.deregister").await.unwrap();
     client.sync().await;
-    let restarted_runtime = runtime_child_pid(binary.child.id().unwrap());
+    let restarted_runtime = runtime_child_pid(binary.pid());
     assert_ne!(restarted_runtime, runtime_pid);
     assert_eq!(binary.terminate().await, 0);
     within("the deregistration", goodbye.next()).await.unwrap();
@@ -296,30 +273,16 @@ async fn embedded_mode_starts_its_own_nats_server_and_stops_it() {
         .local_addr()
         .unwrap()
         .port();
-    let state = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mlx-worker"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "run",
-            "--nats-mode",
-            "embedded",
-            "--nats-embedded-port",
-            &port.to_string(),
-        ])
-        .args([
-            "--worker-id",
-            "embedded",
-            "--model-dir",
-            "models",
-            "--port",
-            "0",
-        ])
-        .env("MLX_WORKER_STATE_DIR", state.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut worker = WorkerProcess::spawn(&[
+        "--nats-mode",
+        "embedded",
+        "--nats-embedded-port",
+        &port.to_string(),
+        "--worker-id",
+        "embedded",
+        "--model-dir",
+        "models",
+    ]);
     // The worker's own nats-server accepts a client, and the worker registers on it.
     let url = format!("nats://127.0.0.1:{port}");
     let client = within("the embedded server", async {
@@ -335,7 +298,7 @@ async fn embedded_mode_starts_its_own_nats_server_and_stops_it() {
     let msg = within("a heartbeat", heartbeats.next()).await.unwrap();
     let hb: WorkerHeartbeat = serde_json::from_slice(&msg.payload).unwrap();
     assert_eq!(hb.worker_id, "embedded");
-    let server_pid = child_pids(child.id().unwrap())
+    let server_pid = child_pids(worker.pid())
         .into_iter()
         .find(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
@@ -343,9 +306,11 @@ async fn embedded_mode_starts_its_own_nats_server_and_stops_it() {
         })
         .expect("the worker runs nats-server as its child");
     drop(client);
-    let pid = child.id().unwrap();
+    let pid = worker.pid();
     send_signal(pid, "TERM");
-    let status = within("the worker to exit", child.wait()).await.unwrap();
+    let status = within("the worker to exit", worker.child.wait())
+        .await
+        .unwrap();
     assert_eq!(status.code(), Some(0));
     assert!(
         !Path::new(&format!("/proc/{server_pid}")).exists(),

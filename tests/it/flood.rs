@@ -6,7 +6,6 @@
 // the worker's peak resident memory comes from /proc (VmHWM).
 
 use std::collections::BTreeMap;
-use std::process::Stdio;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -39,19 +38,19 @@ async fn a_flood_gets_every_request_answered_within_a_memory_bound() {
     let mut heartbeats = client.nats.subscribe("worker.heartbeat").await.unwrap();
     let mut responses = client.nats.subscribe("response.>").await.unwrap();
     client.sync().await;
-    let state = tempfile::tempdir().unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mlx-worker"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args(["run", "--nats-url", &server.url(), "--worker-id", "flood"])
-        .args(["--model-dir", "models", "--preload", TINY, "--port", "0"])
-        .args(["--heartbeat-interval-ms", "200"])
-        .env("MLX_WORKER_STATE_DIR", state.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap();
+    let worker = WorkerProcess::spawn(&[
+        "--nats-url",
+        &server.url(),
+        "--worker-id",
+        "flood",
+        "--model-dir",
+        "models",
+        "--preload",
+        TINY,
+        "--heartbeat-interval-ms",
+        "200",
+    ]);
+    let pid = worker.pid();
     within("the registration", registrations.next())
         .await
         .unwrap();
@@ -139,6 +138,5 @@ async fn a_flood_gets_every_request_answered_within_a_memory_bound() {
     within("a heartbeat after the flood", heartbeats.next())
         .await
         .unwrap();
-    send_signal(pid, "TERM");
-    assert_eq!(within("exit", child.wait()).await.unwrap().code(), Some(0));
+    assert_eq!(worker.terminate().await, 0);
 }

@@ -458,3 +458,47 @@ pub(crate) async fn run_until_exit(what: &str, args: &[&str], envs: &[(&str, &st
         stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
     }
 }
+
+/// A running `mlx-worker run` process, started from the repository root (so `models/` is the
+/// tiny model's directory) with its own state directory; killed if dropped.
+pub(crate) struct WorkerProcess {
+    pub(crate) child: Child,
+    _state: tempfile::TempDir,
+}
+
+impl WorkerProcess {
+    /// Starts `mlx-worker run <args> --port 0`.
+    pub(crate) fn spawn(args: &[&str]) -> WorkerProcess {
+        let state = tempfile::tempdir().unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_mlx-worker"))
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .arg("run")
+            .args(args)
+            .args(["--port", "0"])
+            .env("MLX_WORKER_STATE_DIR", state.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the mlx-worker binary");
+        WorkerProcess {
+            child,
+            _state: state,
+        }
+    }
+
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
+    /// Sends SIGTERM and returns the exit code once the process has exited.
+    pub(crate) async fn terminate(mut self) -> i32 {
+        send_signal(self.pid(), "TERM");
+        within("the worker to exit", self.child.wait())
+            .await
+            .unwrap()
+            .code()
+            .unwrap_or(-1)
+    }
+}
