@@ -59,6 +59,9 @@ pub struct SimTransportConfig {
     pub buffer_max: usize,
     /// Delay before handling each inbound frame (a slow consumer).
     pub read_delay: Duration,
+    /// Counts messages dropped because a subscription's buffer was full; shared, so that a
+    /// world can add up every incarnation of a client.
+    pub slow_consumer_drops: Arc<AtomicU64>,
 }
 
 impl SimTransportConfig {
@@ -72,6 +75,7 @@ impl SimTransportConfig {
             reconnect_delay: Duration::from_millis(50),
             buffer_max: 1024,
             read_delay: Duration::ZERO,
+            slow_consumer_drops: Arc::new(AtomicU64::new(0)),
         }
     }
 }
@@ -99,8 +103,6 @@ struct Inner {
     flushes: BTreeMap<u64, oneshot::Sender<()>>,
     next_flush: u64,
     last_heard: Option<Instant>,
-    /// Messages dropped because a subscription's buffer was full.
-    slow_consumer_drops: u64,
 }
 
 struct Shared {
@@ -176,7 +178,10 @@ impl SimTransport {
     /// Messages dropped so far because one of this transport's subscriptions had
     /// [`SUBSCRIPTION_BUFFER`] messages waiting.
     pub fn slow_consumer_drops(&self) -> u64 {
-        self.shared.lock().slow_consumer_drops
+        self.shared
+            .config
+            .slow_consumer_drops
+            .load(Ordering::Relaxed)
     }
 
     /// Publishes with a reply subject (a client's request with an inbox).
@@ -394,7 +399,10 @@ fn on_frame(shared: &Shared, frame: Frame) {
                     payload,
                 };
                 if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(message) {
-                    shared.lock().slow_consumer_drops += 1;
+                    shared
+                        .config
+                        .slow_consumer_drops
+                        .fetch_add(1, Ordering::Relaxed);
                 }
             }
         }

@@ -11,7 +11,7 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -109,6 +109,8 @@ pub struct World {
     reports: Arc<Mutex<Vec<RunReport>>>,
     clock: Arc<Mutex<Option<Arc<SimClock>>>>,
     skew: Arc<Mutex<Skew>>,
+    /// Messages dropped by a full subscription buffer, any client, any incarnation.
+    drops: Arc<AtomicU64>,
     next_check: Duration,
     violations: Vec<Violation>,
     _tracing: tracing::subscriber::DefaultGuard,
@@ -234,7 +236,10 @@ impl World {
         let reports: Arc<Mutex<Vec<RunReport>>> = Arc::default();
         let clock: Arc<Mutex<Option<Arc<SimClock>>>> = Arc::default();
         let skew: Arc<Mutex<Skew>> = Arc::default();
+        // Messages any client's subscription dropped for a full buffer, over every incarnation.
+        let drops = Arc::new(AtomicU64::new(0));
         {
+            let drops = drops.clone();
             let (trace, engine, node, stop, reports, clock, skew) = (
                 trace.clone(),
                 engine.clone(),
@@ -255,10 +260,14 @@ impl World {
                     clock.clone(),
                     *lock(&skew),
                 );
+                let drops = drops.clone();
                 async move {
                     trace.record("worker", EventKind::Incarnation);
                     let transport = SimTransport::connect(
-                        SimTransportConfig::new(&format!("broker:{BROKER_PORT}"), "worker"),
+                        SimTransportConfig {
+                            slow_consumer_drops: drops,
+                            ..SimTransportConfig::new(&format!("broker:{BROKER_PORT}"), "worker")
+                        },
                         trace.clone(),
                     );
                     let clock = Arc::new(SimClock::new(epoch_ms));
@@ -292,9 +301,9 @@ impl World {
 
         let commands: Arc<Mutex<VecDeque<Command>>> = Arc::default();
         {
-            let (trace, commands) = (trace.clone(), commands.clone());
+            let (trace, commands, drops) = (trace.clone(), commands.clone(), drops.clone());
             sim.host("controller", move || {
-                controller(trace.clone(), commands.clone())
+                controller(trace.clone(), commands.clone(), drops.clone())
             });
         }
 
@@ -310,6 +319,7 @@ impl World {
             reports,
             clock,
             skew,
+            drops,
             next_check: CHECK_EVERY,
             violations: Vec::new(),
             _tracing: guard,
@@ -495,7 +505,17 @@ impl World {
         if !self.violations.is_empty() {
             return self.violations.clone();
         }
-        invariants::check(&self.trace.events(), &self.limits(), true)
+        let mut found = invariants::check(&self.trace.events(), &self.limits(), true);
+        // Nothing in a scenario may overflow a subscription: a drop there would be a loss the
+        // invariants on the trace could blame on the worker.
+        let drops = self.drops.load(Ordering::Relaxed);
+        if drops > 0 {
+            found.push(Violation {
+                invariant: "no-slow-consumer-drop",
+                detail: format!("{drops} messages dropped by a full subscription buffer"),
+            });
+        }
+        found
     }
 }
 
@@ -505,9 +525,16 @@ pub fn request(id: &str, max_tokens: u32) -> serde_json::Value {
 }
 
 /// The controller host: executes queued commands, keeps its subscriptions read.
-async fn controller(trace: Trace, commands: Arc<Mutex<VecDeque<Command>>>) -> turmoil::Result {
+async fn controller(
+    trace: Trace,
+    commands: Arc<Mutex<VecDeque<Command>>>,
+    drops: Arc<AtomicU64>,
+) -> turmoil::Result {
     let transport = Arc::new(SimTransport::connect(
-        SimTransportConfig::new(&format!("broker:{BROKER_PORT}"), "controller"),
+        SimTransportConfig {
+            slow_consumer_drops: drops,
+            ..SimTransportConfig::new(&format!("broker:{BROKER_PORT}"), "controller")
+        },
         trace,
     ));
     use mlx_worker::transport::Transport as _;
