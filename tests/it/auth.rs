@@ -22,14 +22,7 @@ async fn user_password_and_token_are_accepted_and_wrong_ones_refused() {
         user: "worker".into(),
         password: Secret::new(PASSWORD),
     };
-    let transport = Arc::new(NatsTransport::connect(&config.nats).await.unwrap());
-    let mut connection = mlx_worker::transport::Transport::connection(transport.as_ref());
-    within(
-        "connected with a password",
-        connection.wait_for(|c| c.connected),
-    )
-    .await
-    .unwrap();
+    let transport = Arc::new(connected(&config.nats, "connected with a password").await);
     // A worker runs over it: it registers and stops cleanly.
     let engine = Arc::new(SimEngine::new(SimEngineConfig::default()));
     let mut worker = RunningWorker::start_with(
@@ -56,14 +49,7 @@ async fn user_password_and_token_are_accepted_and_wrong_ones_refused() {
     let server = NatsServer::start_with(&["--auth", PASSWORD]).await;
     let mut config = test_config(&server.url(), "");
     config.nats.auth = NatsAuth::Token(Secret::new(PASSWORD));
-    let transport = NatsTransport::connect(&config.nats).await.unwrap();
-    let mut connection = mlx_worker::transport::Transport::connection(&transport);
-    within(
-        "connected with a token",
-        connection.wait_for(|c| c.connected),
-    )
-    .await
-    .unwrap();
+    let _token_link = connected(&config.nats, "connected with a token").await;
     config.nats.auth = NatsAuth::Token(Secret::new("not-it"));
     assert!(matches!(
         NatsTransport::connect(&config.nats).await,

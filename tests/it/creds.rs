@@ -158,14 +158,7 @@ async fn a_worker_with_its_creds_file_registers_heartbeats_and_serves() {
     let creds = op.user("worker");
     let mut config = test_config(&url, "");
     config.nats.auth = NatsAuth::CredsFile(creds);
-    let transport = NatsTransport::connect(&config.nats).await.unwrap();
-    let mut connection = mlx_worker::transport::Transport::connection(&transport);
-    within(
-        "connected with the creds file",
-        connection.wait_for(|c| c.connected),
-    )
-    .await
-    .unwrap();
+    let transport = connected(&config.nats, "connected with the creds file").await;
     let mut worker = RunningWorker::start_with(
         "w-creds",
         config.node.clone(),

@@ -162,18 +162,7 @@ async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kil
     let client = Client::connect(&server.url()).await;
     let mut registrations = client.nats.subscribe("worker.register").await.unwrap();
     client.sync().await;
-    let binary = WorkerProcess::spawn(&[
-        "--nats-url",
-        &server.url(),
-        "--worker-id",
-        "e2e",
-        "--model-dir",
-        "models",
-        "--preload",
-        TINY,
-        "--heartbeat-interval-ms",
-        "200",
-    ]);
+    let binary = WorkerProcess::serving_tiny(&server.url(), "e2e");
 
     let msg = within("the registration", registrations.next())
         .await
@@ -236,10 +225,7 @@ async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kil
             json!({"requestId": "e2e-2", "modelId": TINY, "prompt": "Hello", "maxTokens": 4}),
         )
         .await;
-    assert!(
-        matches!(after.last(), Some(StreamMessage::Done { .. })),
-        "{after:?}"
-    );
+    assert_done(&after);
 
     let mut goodbye = client.nats.subscribe("worker.deregister").await.unwrap();
     client.sync().await;

@@ -38,18 +38,7 @@ async fn a_flood_gets_every_request_answered_within_a_memory_bound() {
     let mut heartbeats = client.nats.subscribe("worker.heartbeat").await.unwrap();
     let mut responses = client.nats.subscribe("response.>").await.unwrap();
     client.sync().await;
-    let worker = WorkerProcess::spawn(&[
-        "--nats-url",
-        &server.url(),
-        "--worker-id",
-        "flood",
-        "--model-dir",
-        "models",
-        "--preload",
-        TINY,
-        "--heartbeat-interval-ms",
-        "200",
-    ]);
+    let worker = WorkerProcess::serving_tiny(&server.url(), "flood");
     let pid = worker.pid();
     within("the registration", registrations.next())
         .await
@@ -131,10 +120,7 @@ async fn a_flood_gets_every_request_answered_within_a_memory_bound() {
             json!({"requestId": "after", "modelId": TINY, "prompt": "Hello", "maxTokens": 3}),
         )
         .await;
-    assert!(
-        matches!(stream.last(), Some(StreamMessage::Done { .. })),
-        "{stream:?}"
-    );
+    assert_done(&stream);
     within("a heartbeat after the flood", heartbeats.next())
         .await
         .unwrap();

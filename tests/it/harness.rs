@@ -487,6 +487,23 @@ impl WorkerProcess {
         }
     }
 
+    /// Starts a worker `id` on the message server at `url`, serving the tiny model (preloaded),
+    /// heartbeating every 200 ms.
+    pub(crate) fn serving_tiny(url: &str, id: &str) -> WorkerProcess {
+        WorkerProcess::spawn(&[
+            "--nats-url",
+            url,
+            "--worker-id",
+            id,
+            "--model-dir",
+            "models",
+            "--preload",
+            crate::engine::TINY,
+            "--heartbeat-interval-ms",
+            "200",
+        ])
+    }
+
     /// The process id.
     pub(crate) fn pid(&self) -> u32 {
         self.child.id().expect("running")
@@ -501,4 +518,27 @@ impl WorkerProcess {
             .code()
             .unwrap_or(-1)
     }
+}
+
+/// Connects with `config` (which must succeed) and waits until the link is up.
+pub(crate) async fn connected(config: &config::NatsConfig, what: &str) -> NatsTransport {
+    let transport = NatsTransport::connect(config).await.unwrap();
+    wait_connected(&transport, what).await;
+    transport
+}
+
+/// Waits until `transport`'s link is up.
+pub(crate) async fn wait_connected(transport: &NatsTransport, what: &str) {
+    let mut connection = mlx_worker::transport::Transport::connection(transport);
+    within(what, connection.wait_for(|c| c.connected))
+        .await
+        .unwrap();
+}
+
+/// Asserts a stream ended with `done` (whatever its token count).
+pub(crate) fn assert_done(stream: &[StreamMessage]) {
+    assert!(
+        matches!(stream.last(), Some(StreamMessage::Done { .. })),
+        "expected done: {stream:?}"
+    );
 }

@@ -17,10 +17,7 @@ use crate::harness::*;
 async fn connects(config: &NatsConfig) -> Result<(), String> {
     match NatsTransport::connect(config).await {
         Ok(t) => {
-            let mut conn = t.connection();
-            within("connected", conn.wait_for(|c| c.connected))
-                .await
-                .unwrap();
+            wait_connected(&t, "connected").await;
             Ok(())
         }
         Err(e) => Err(e.to_string()),

@@ -7,7 +7,6 @@ use std::time::Duration;
 use futures::StreamExt;
 use mlx_worker::config;
 use mlx_worker::transport::Transport;
-use mlx_worker::transport::nats::NatsTransport;
 
 use crate::harness::*;
 
@@ -15,11 +14,7 @@ use crate::harness::*;
 async fn the_listener_check_tells_an_empty_subject_from_a_listened_one() {
     let server = NatsServer::start().await;
     let config = test_config(&server.url(), "");
-    let transport = NatsTransport::connect(&config.nats).await.unwrap();
-    let mut conn = transport.connection();
-    within("connected", conn.wait_for(|c| c.connected))
-        .await
-        .unwrap();
+    let transport = connected(&config.nats, "connected").await;
 
     let heard = transport
         .publish_if_listened("response.nobody".into(), "x".into())

@@ -332,7 +332,7 @@ async fn stop_lets_running_work_finish_within_the_drain() {
         // The first one already gave its first token to this test.
         let expected = if i == 0 { 20 } else { 21 };
         assert_eq!(stream.len(), expected, "d-{i}: {stream:?}");
-        assert!(matches!(stream.last(), Some(StreamMessage::Done { .. })));
+        assert_done(&stream);
     }
     let report = stopping.await.unwrap();
     assert_eq!(report.dispatch.metrics.successes, 4);
