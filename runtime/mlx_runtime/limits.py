@@ -28,9 +28,10 @@ COMPUTE_JOBS_QUEUED_MAX = STREAMS_LIVE_MAX + 8
 MODELS_LOADED_MAX = 8
 
 # Tokens whose text the streaming detokenizer may hold back while it does not
-# yet form valid UTF-8. A character is at most 4 bytes, so one spread over byte
-# tokens keeps at most 3 tokens waiting for the token that completes it; text
-# still unfinished after that is emitted as it stands (invalid bytes as U+FFFD),
+# yet form valid UTF-8, and the most chunks of a stream that wait for their
+# text. A character is at most 4 bytes, so one spread over byte tokens keeps
+# at most 3 tokens waiting for the token that completes it; text still
+# unfinished after that is emitted as it stands (invalid bytes as U+FFFD),
 # except for the at most 3 bytes that may yet begin a character.
 DETOKENIZE_TOKENS_HELD_MAX = 3
 

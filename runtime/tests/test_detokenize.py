@@ -1,19 +1,21 @@
-"""IncrementalDecoder: streamed pieces concatenate to the full decode, with no
-replacement characters for text that later tokens complete, and no text held
-back for more than DETOKENIZE_TOKENS_HELD_MAX tokens.
+"""IncrementalDecoder and TokenTexts: streamed pieces concatenate to the full
+decode, with no replacement characters for text that later tokens complete,
+and no text or chunk held back for more than DETOKENIZE_TOKENS_HELD_MAX tokens.
 
 Method: in-process, with the tiny model's byte-level tokenizer (random id
 sequences, multi-byte text split over byte tokens), a stand-in for a
-SentencePiece decoder, which strips the leading space of the whole text, and
-stand-ins for byte-level vocabularies whose tokens are given byte strings
-(decoded the way byte-level BPE decodes: invalid UTF-8 becomes U+FFFD).
+SentencePiece decoder, which strips the leading space of the whole text, a
+SentencePiece-style vocabulary with byte fallback decoded as Llama 2's
+tokenizer decodes, and stand-ins for byte-level vocabularies whose tokens are
+given byte strings (decoded the way byte-level BPE decodes: invalid UTF-8
+becomes U+FFFD).
 """
 
 import numpy as np
 import pytest
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, decoders, models
 
-from mlx_runtime.detokenize import IncrementalDecoder
+from mlx_runtime.detokenize import IncrementalDecoder, TokenTexts
 from mlx_runtime.limits import DETOKENIZE_TOKENS_HELD_MAX
 
 REPLACEMENT = "\ufffd"
@@ -102,6 +104,17 @@ def longest_silence(pieces) -> int:
     return longest
 
 
+def chunks_of(decode, ids):
+    """Every chunk TokenTexts releases, and the most that waited at any time."""
+    texts = TokenTexts(decode)
+    released: list[tuple[int, str]] = []
+    waiting_max = 0
+    for count, token_id in enumerate(ids, start=1):
+        released += texts.add(token_id)
+        waiting_max = max(waiting_max, count - len(released))
+    return released + texts.finish(), waiting_max
+
+
 @pytest.mark.parametrize("byte", [0x80, 0xBF, 0xC0, 0xFF])
 def test_a_run_of_invalid_bytes_comes_out_within_the_hold_bound(byte):
     # Each of these bytes is invalid on its own, so each is one U+FFFD.
@@ -179,3 +192,98 @@ def test_a_character_split_over_tokens_comes_out_once_and_whole(invalid_before, 
     assert "".join(pieces) + decoder.finish() == REPLACEMENT * invalid_before + "🙂!"
     completing = invalid_before + len(split)
     assert pieces[completing].endswith("🙂"), "the token that completes it carries it"
+
+
+@pytest.fixture(scope="module")
+def byte_fallback():
+    """A SentencePiece-style vocabulary: words, and one token per byte for the rest."""
+    vocab = {"<unk>": 0} | {f"<0x{value:02X}>": 1 + value for value in range(256)}
+    for word in ["\u2581", "\u2581Hello", "\u2581world", "!"]:
+        vocab[word] = len(vocab)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.Replace("\u2581", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+
+    def ids_of(*units: str) -> list[int]:
+        """Words by their tokens, anything else as its UTF-8 bytes."""
+        ids = []
+        for unit in units:
+            ids += [vocab[unit]] if unit in vocab else [1 + value for value in unit.encode()]
+        return ids
+
+    return tokenizer, ids_of
+
+
+@pytest.mark.parametrize(
+    "units",
+    [
+        ("\u2581", "🙂"),
+        ("\u2581Hello", "\u2581", "🙂", "!"),
+        ("€", "\u2581", "日本", "🙂🙂", "\u2581world"),
+    ],
+)
+def test_byte_fallback_characters_come_out_whole_after_a_token_without_text(byte_fallback, units):
+    # A leading space the decoder strips adds no text, so it must not count
+    # towards the bound while the character after it is still arriving.
+    tokenizer, ids_of = byte_fallback
+    ids = ids_of(*units)
+    pieces, rest = pieces_of(lambda ids: tokenizer.decode(ids), ids)
+    assert "".join(pieces) + rest == tokenizer.decode(ids)
+    assert REPLACEMENT not in "".join(pieces) + rest
+
+
+def test_random_byte_fallback_text_streams_exactly(byte_fallback):
+    tokenizer, ids_of = byte_fallback
+    units = ["\u2581", "\u2581Hello", "\u2581world", "!", "€", "🙂", "日", "a"]
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        ids = ids_of(*rng.choice(units, size=30))
+        released, waiting_max = chunks_of(lambda ids: tokenizer.decode(ids), ids)
+        assert "".join(text for _, text in released) == tokenizer.decode(ids)
+        assert waiting_max <= DETOKENIZE_TOKENS_HELD_MAX
+
+
+@pytest.mark.parametrize("token_bytes_max", [1, 3])
+def test_at_most_the_bound_of_chunks_wait_and_every_token_gets_one(token_bytes_max):
+    rng = np.random.default_rng(10 + token_bytes_max)
+    alphabet = [*b"ab ", 0x80, 0x9F, 0xBF, 0xC3, 0xE2, 0xF0, 0xFF]
+    vocab = [
+        bytes(rng.choice(alphabet, size=rng.integers(1, token_bytes_max + 1))) for _ in range(64)
+    ]
+    decode = byte_level(vocab)
+    repeated = [[token_id] * 100 for token_id in range(8)]
+    for ids in repeated + [rng.integers(0, len(vocab), size=80).tolist() for _ in range(100)]:
+        released, waiting_max = chunks_of(decode, ids)
+        assert [token_id for token_id, _ in released] == ids
+        assert "".join(text for _, text in released) == decode(ids)
+        assert waiting_max <= DETOKENIZE_TOKENS_HELD_MAX
+
+
+def test_a_split_character_travels_on_the_chunk_of_the_token_that_completes_it():
+    ids = list("🙂".encode())
+    released, _ = chunks_of(byte_level(SINGLE_BYTES), ids)
+    assert released == [(token_id, "") for token_id in ids[:-1]] + [(ids[-1], "🙂")]
+
+
+def test_a_run_of_invalid_bytes_is_sent_chunk_by_chunk():
+    ids = [0x80] * 10
+    texts = TokenTexts(byte_level(SINGLE_BYTES))
+    sent = [len(texts.add(token_id)) for token_id in ids]
+    # The first tokens wait for a character they might begin; then each
+    # token releases the one before it, whose byte is now known invalid.
+    assert sent == [0] * DETOKENIZE_TOKENS_HELD_MAX + [DETOKENIZE_TOKENS_HELD_MAX] + [1] * (
+        len(ids) - DETOKENIZE_TOKENS_HELD_MAX - 1
+    )
+    assert texts.finish() == [(0x80, REPLACEMENT)]
+
+
+def test_finish_puts_held_back_text_on_the_last_chunk():
+    ids = [ord("a"), 0xE2, 0x82]
+    released, _ = chunks_of(byte_level(SINGLE_BYTES), ids)
+    assert released == [(ord("a"), "a"), (0xE2, ""), (0x82, REPLACEMENT)]
