@@ -24,6 +24,10 @@ pub const MODEL_ID_BYTES_MAX: usize = 512;
 /// Deepest JSON nesting accepted in an inbound NATS message.
 pub const JSON_DEPTH_MAX: usize = 32;
 
+/// Bytes of an inbound request that the lenient request-id scan looks at, when the body does
+/// not parse: all of any message within the payload limit.
+pub const REQUEST_ID_SCAN_BYTES_MAX: usize = NATS_PAYLOAD_BYTES_MAX;
+
 /// Longest line read from the MLX runtime's stdout. The existing runtime repeats the whole
 /// text so far in every token, so its lines grow with the output; ours are short.
 pub const RPC_LINE_BYTES_MAX: usize = 16 * 1024 * 1024;
@@ -86,5 +90,6 @@ const _: () = assert!(PROMPT_BYTES_MAX + REQUEST_FRAMING_BYTES <= NATS_PAYLOAD_B
 const _: () = assert!(PROMPT_BYTES_MAX + REQUEST_FRAMING_BYTES <= RPC_REQUEST_BYTES_MAX);
 const _: () = assert!(RPC_REQUEST_BYTES_MAX <= RPC_LINE_BYTES_MAX);
 const _: () = assert!(ID_BYTES_MAX <= MODEL_ID_BYTES_MAX);
+const _: () = assert!(NATS_PAYLOAD_BYTES_MAX <= REQUEST_ID_SCAN_BYTES_MAX);
 const _: () = assert!(INFLIGHT_REQUESTS_MAX <= QUEUE_DEPTH_MAX);
 const _: () = assert!(TAGS_MAX * TAG_BYTES_MAX <= REQUEST_FRAMING_BYTES);

@@ -10,6 +10,7 @@
 //! validated [`request::ValidRequest`] or a [`request::Rejection`] that names the field, the value
 //! and the limit. This module owns the shapes and the checks, not what the worker does with them.
 
+mod body;
 pub mod request;
 pub mod service;
 pub mod subject;

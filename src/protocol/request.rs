@@ -1,14 +1,18 @@
 //! Decoding and validation of inbound inference and cancel messages.
 //!
 //! Nothing that arrives on a subject is trusted. [`decode_request`] checks size, JSON nesting,
-//! every field's type and range, and returns either a [`ValidRequest`] the worker can act on or a
-//! [`Rejection`] that carries the request id when it could be read (so the worker can answer on
-//! `response.{requestId}`) and a [`RequestError`] naming the field, the value and the limit.
+//! UTF-8, every field's type and range, and returns either a [`ValidRequest`] the worker can act
+//! on or a [`Rejection`] that carries the request id when it could be read (so the worker can
+//! answer on `response.{requestId}`) and a [`RequestError`] naming the field, the value and the
+//! limit. An unpaired surrogate escape in a string reads as U+FFFD, the replacement character.
+//! When the body does not parse, the id comes from a bounded, lenient scan of its top level
+//! (the passes over raw bytes are in `protocol::body`).
 
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+use super::body::{check_depth, check_utf8, repair_surrogates, scan_request_id};
 use super::subject::{TokenError, check_token};
 use super::{ErrorCode, Priority};
 use crate::limits::{
@@ -106,6 +110,12 @@ pub enum RequestError {
         /// The parser's words.
         reason: String,
     },
+    /// The message is not UTF-8.
+    #[error("invalid UTF-8 in the body at byte {offset}")]
+    InvalidUtf8 {
+        /// Offset of the first byte that is not UTF-8, from 0.
+        offset: usize,
+    },
     /// The message nests deeper than allowed.
     #[error("message nests deeper than {JSON_DEPTH_MAX} levels")]
     TooDeep,
@@ -175,11 +185,12 @@ impl RequestError {
 /// Decodes and validates an inference request.
 pub fn decode_request(payload: &[u8], limits: &RequestLimits) -> Result<ValidRequest, Rejection> {
     if payload.len() > limits.payload_bytes_max {
-        // Still read the id when the message is not absurdly large, so the client hears why.
-        let request_id = if payload.len() <= 4 * NATS_PAYLOAD_BYTES_MAX {
-            parse_object(payload).ok().and_then(|map| readable_id(&map))
-        } else {
-            None
+        // Still read the id, so the client hears why: parse the message when it is not absurdly
+        // large, and scan it when it is or when it does not parse.
+        let parsed = (payload.len() <= 4 * NATS_PAYLOAD_BYTES_MAX).then(|| parse_object(payload));
+        let request_id = match parsed {
+            Some(Ok(map)) => readable_id(&map),
+            _ => scan_request_id(payload),
         };
         return Err(Rejection {
             request_id,
@@ -190,7 +201,7 @@ pub fn decode_request(payload: &[u8], limits: &RequestLimits) -> Result<ValidReq
         });
     }
     let map = parse_object(payload).map_err(|error| Rejection {
-        request_id: None,
+        request_id: scan_request_id(payload),
         error,
     })?;
     let request_id = readable_id(&map);
@@ -211,43 +222,14 @@ pub fn decode_cancel(payload: &[u8]) -> Result<String, RequestError> {
 
 fn parse_object(payload: &[u8]) -> Result<Map<String, Value>, RequestError> {
     check_depth(payload)?;
-    match serde_json::from_slice::<Value>(payload) {
+    check_utf8(payload)?;
+    match serde_json::from_slice::<Value>(&repair_surrogates(payload)) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(RequestError::NotObject),
         Err(err) => Err(RequestError::NotJson {
             reason: err.to_string(),
         }),
     }
-}
-
-/// Rejects input nesting deeper than [`JSON_DEPTH_MAX`] before the parser recurses into it.
-fn check_depth(payload: &[u8]) -> Result<(), RequestError> {
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &byte in payload {
-        if in_string {
-            match (escaped, byte) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match byte {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > JSON_DEPTH_MAX {
-                    return Err(RequestError::TooDeep);
-                }
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 fn readable_id(map: &Map<String, Value>) -> Option<String> {
