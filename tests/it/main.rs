@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod auth;
+mod bodies;
 mod cli;
 mod creds;
 mod engine;
