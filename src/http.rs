@@ -75,13 +75,7 @@ async fn handle(mut stream: TcpStream, observer: &Observer) -> std::io::Result<(
     match path {
         "/metrics" => {
             let body = prometheus::render(&observer.metrics().await);
-            respond(
-                &mut stream,
-                200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                &body,
-            )
-            .await
+            respond(&mut stream, 200, prometheus::CONTENT_TYPE, &body).await
         }
         "/healthz" if observer.is_alive() => respond(&mut stream, 200, "text/plain", "ok\n").await,
         "/healthz" => respond(&mut stream, 503, "text/plain", "stopped\n").await,
