@@ -14,12 +14,14 @@
 //! - [`tier`]: model size tiers, the unit of concurrency planning.
 //! - [`config`]: the layered configuration (YAML, then `MLX_WORKER_*` environment, then flags).
 //! - [`hardware`]: the `HardwareProbe` seam, host profiles and concurrency recommendations.
+//! - [`backoff`]: the capped, jittered delays of every retry loop.
 //! - [`clock`], [`transport`], [`engine`]: the other three seams and their production
 //!   implementations (system clock, NATS, the MLX runtime); [`models`] scans model directories.
 //! - [`scheduler`], [`metrics`], [`lifecycle`], [`identity`]: the worker's pure parts.
 //! - [`worker`]: `Worker::run`, the task tree that ties everything together.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`mutation`]: planted bugs for the sims.
 
+pub mod backoff;
 pub mod clock;
 pub mod config;
 pub mod engine;
