@@ -76,6 +76,13 @@ pub const LATE_SUBSCRIBER_WAIT_MAX: Duration = Duration::from_secs(60);
 /// Upper bound of the registration retry backoff.
 pub const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// First delay cap of the HTTP server after a failed accept (out of file descriptors, say);
+/// it doubles per failure in a row up to [`ACCEPT_BACKOFF_MAX`].
+pub const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+
+/// Longest the HTTP server waits between accepts while accepting fails.
+pub const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
 /// Largest secret file (password, token, NKey seed) the configuration reads.
 pub const SECRET_FILE_BYTES_MAX: u64 = 64 * 1024;
 
@@ -93,3 +100,4 @@ const _: () = assert!(ID_BYTES_MAX <= MODEL_ID_BYTES_MAX);
 const _: () = assert!(NATS_PAYLOAD_BYTES_MAX <= REQUEST_ID_SCAN_BYTES_MAX);
 const _: () = assert!(INFLIGHT_REQUESTS_MAX <= QUEUE_DEPTH_MAX);
 const _: () = assert!(TAGS_MAX * TAG_BYTES_MAX <= REQUEST_FRAMING_BYTES);
+const _: () = assert!(ACCEPT_BACKOFF_MIN.as_nanos() <= ACCEPT_BACKOFF_MAX.as_nanos());
