@@ -17,16 +17,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::backoff::{self, Backoff};
-use crate::limits::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN};
+use crate::limits::{
+    HTTP_ACCEPT_BACKOFF_MAX, HTTP_ACCEPT_BACKOFF_MIN, HTTP_CONNECTIONS_MAX,
+    HTTP_REQUEST_HEAD_BYTES_MAX, HTTP_REQUEST_TIMEOUT,
+};
 use crate::metrics::prometheus;
 use crate::worker::Observer;
-
-/// Largest request head read.
-const REQUEST_HEAD_BYTES_MAX: usize = 8 * 1024;
-/// Time a client has to send its request head.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more wait in the listen backlog.
-const CONNECTIONS_MAX: usize = 64;
 
 /// Serves until `stop` fires.
 pub async fn serve(listener: TcpListener, observer: Observer, stop: CancellationToken) {
@@ -68,7 +64,7 @@ impl Accept for TcpListener {
     }
 }
 
-/// Accepts connections until `stop` fires, at most [`CONNECTIONS_MAX`] at once, and hands each
+/// Accepts connections until `stop` fires, at most [`HTTP_CONNECTIONS_MAX`] at once, and hands each
 /// to `serve` with its slot, which frees when dropped. While accepting fails it backs off,
 /// jittered by `seed`.
 async fn accept_loop<A: Accept>(
@@ -77,7 +73,7 @@ async fn accept_loop<A: Accept>(
     stop: &CancellationToken,
     mut serve: impl FnMut(A::Stream, OwnedSemaphorePermit),
 ) {
-    let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let slots = Arc::new(Semaphore::new(HTTP_CONNECTIONS_MAX));
     let mut failures = AcceptFailures::new(seed);
     loop {
         let permit = tokio::select! {
@@ -119,7 +115,7 @@ struct AcceptFailures {
 impl AcceptFailures {
     fn new(seed: u64) -> AcceptFailures {
         AcceptFailures {
-            backoff: Backoff::new(ACCEPT_BACKOFF_MIN, ACCEPT_BACKOFF_MAX, seed),
+            backoff: Backoff::new(HTTP_ACCEPT_BACKOFF_MIN, HTTP_ACCEPT_BACKOFF_MAX, seed),
         }
     }
 
@@ -139,11 +135,11 @@ impl AcceptFailures {
             debug!(cause = %err, "a connection failed before it was accepted");
             return None;
         }
-        let wait = self.backoff.next_delay().unwrap_or(ACCEPT_BACKOFF_MAX);
+        let wait = self.backoff.next_delay().unwrap_or(HTTP_ACCEPT_BACKOFF_MAX);
         if self.backoff.attempts() == 1 {
             warn!(
                 cause = %err,
-                wait_max_ms = crate::clock::millis(ACCEPT_BACKOFF_MAX),
+                wait_max_ms = crate::clock::millis(HTTP_ACCEPT_BACKOFF_MAX),
                 "accepting http connections fails; waiting longer between attempts until it works"
             );
         }
@@ -161,7 +157,7 @@ impl AcceptFailures {
 }
 
 async fn handle(mut stream: TcpStream, observer: &Observer) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await {
+    let head = match tokio::time::timeout(HTTP_REQUEST_TIMEOUT, read_head(&mut stream)).await {
         Ok(Ok(Some(head))) => head,
         Ok(Ok(None)) => {
             return respond(&mut stream, 431, "text/plain", "request head too large\n").await;
@@ -203,7 +199,7 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
         if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
             break;
         }
-        if buf.len() > REQUEST_HEAD_BYTES_MAX {
+        if buf.len() > HTTP_REQUEST_HEAD_BYTES_MAX {
             return Ok(None);
         }
     }

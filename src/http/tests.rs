@@ -18,7 +18,7 @@ use tracing_subscriber::layer::{Context, SubscriberExt as _};
 
 use super::{Accept, accept_loop};
 use crate::clock::{Clock, SystemClock};
-use crate::limits::{ACCEPT_BACKOFF_MAX, ACCEPT_BACKOFF_MIN};
+use crate::limits::{HTTP_ACCEPT_BACKOFF_MAX, HTTP_ACCEPT_BACKOFF_MIN};
 
 /// What one accept does: fail with this kind, or succeed (`None`). Past the script, accepts
 /// wait for ever.
@@ -131,8 +131,8 @@ async fn failing_accepts_back_off_up_to_the_cap_with_one_warning() {
     let gaps = gaps(&times);
     for (i, gap) in gaps.iter().enumerate() {
         // After the n-th failure in a row the loop waits between half of and the whole of
-        // min(ACCEPT_BACKOFF_MIN * 2^(n-1), ACCEPT_BACKOFF_MAX).
-        let cap = (ACCEPT_BACKOFF_MIN * (1 << i)).min(ACCEPT_BACKOFF_MAX);
+        // min(HTTP_ACCEPT_BACKOFF_MIN * 2^(n-1), HTTP_ACCEPT_BACKOFF_MAX).
+        let cap = (HTTP_ACCEPT_BACKOFF_MIN * (1 << i)).min(HTTP_ACCEPT_BACKOFF_MAX);
         assert!(
             *gap >= cap / 2 && *gap <= cap,
             "wait {gap:?} after failure {} is outside [{:?}, {cap:?}]; all waits: {gaps:?}",
@@ -141,7 +141,7 @@ async fn failing_accepts_back_off_up_to_the_cap_with_one_warning() {
         );
     }
     assert!(
-        gaps.last().unwrap() >= &(ACCEPT_BACKOFF_MAX / 2),
+        gaps.last().unwrap() >= &(HTTP_ACCEPT_BACKOFF_MAX / 2),
         "the waits reach the cap: {gaps:?}"
     );
     assert_eq!(levels.count(Level::WARN), 1, "one warning for the burst");
@@ -170,7 +170,7 @@ async fn a_success_ends_the_burst_and_the_next_one_starts_from_the_first_wait() 
         "after a success the loop accepts at once: {gaps:?}"
     );
     assert!(
-        gaps[4] <= ACCEPT_BACKOFF_MIN,
+        gaps[4] <= HTTP_ACCEPT_BACKOFF_MIN,
         "the second burst starts from the first wait: {gaps:?}"
     );
     assert_eq!(levels.count(Level::WARN), 2, "one warning per burst");

@@ -32,16 +32,10 @@ use tracing::{debug, info, warn};
 use super::{ConnectionState, InboundMessage, Subscription, Transport, TransportError};
 use crate::backoff::Backoff;
 use crate::config::{NatsAuth, NatsConfig};
-use crate::limits::{NATS_PAYLOAD_BYTES_MAX, SUBSCRIPTION_CAPACITY};
-
-/// Longest wait for the marker of a listener check; past it the link is considered stalled.
-const LISTENER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Longest wait of the first connection attempt before falling back to background retries.
-const FIRST_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Cap of the first reconnect delay; the cap doubles per attempt up to the configured bound.
-const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(100);
+use crate::limits::{
+    LISTENER_CHECK_TIMEOUT, NATS_CONNECT_TIMEOUT, NATS_PAYLOAD_BYTES_MAX, NATS_RECONNECT_DELAY_MIN,
+    SUBSCRIPTION_CAPACITY,
+};
 
 /// Why the transport could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +99,7 @@ impl NatsTransport {
         });
         let state_tx = Arc::new(state_tx);
         let attempt = tokio::time::timeout(
-            FIRST_CONNECT_TIMEOUT,
+            NATS_CONNECT_TIMEOUT,
             options(config, state_tx.clone())
                 .await?
                 .connect(config.servers.clone()),
@@ -258,7 +252,7 @@ async fn options(
     let mut options = ConnectOptions::new()
         .name(&config.name)
         .ping_interval(config.ping_interval)
-        .connection_timeout(FIRST_CONNECT_TIMEOUT)
+        .connection_timeout(NATS_CONNECT_TIMEOUT)
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .max_reconnects(config.max_reconnect_attempts)
         .reconnect_delay_callback({
@@ -307,7 +301,7 @@ async fn options(
 /// (less when `max` is lower), doubling up to `max`. The seed is drawn per connection, so a
 /// fleet that lost its server at once does not come back in step.
 fn reconnect_backoff(max: Duration, seed: u64) -> Backoff {
-    Backoff::new(RECONNECT_DELAY_MIN.min(max), max, seed)
+    Backoff::new(NATS_RECONNECT_DELAY_MIN.min(max), max, seed)
 }
 
 fn on_event(state_tx: &watch::Sender<ConnectionState>, ever_connected: &AtomicBool, event: Event) {
