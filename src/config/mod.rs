@@ -10,7 +10,11 @@
 //! This module is the only one that reads the process environment. It owns parsing and
 //! validation; it does not start anything.
 
+mod overrides;
+mod parse;
 mod raw;
+mod resolve;
+mod secrets;
 #[cfg(test)]
 mod tests;
 
@@ -557,7 +561,7 @@ pub fn load(
     flags: &[Override],
 ) -> Result<WorkerConfig, ConfigError> {
     let mut raw = match file {
-        Some(path) => raw::read_file(path)?,
+        Some(path) => parse::read_file(path)?,
         None => RawConfig::default(),
     };
     for o in env.iter().chain(flags) {
@@ -568,5 +572,5 @@ pub fn load(
 
 /// Parses YAML text (as if read from `path`) and validates it, with no overrides.
 pub fn from_yaml(text: &str, path: &Path) -> Result<WorkerConfig, ConfigError> {
-    raw::parse(text, path)?.resolve()
+    parse::parse(text, path)?.resolve()
 }
