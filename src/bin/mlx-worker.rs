@@ -8,7 +8,6 @@
 //! 130 stopped by a second signal before the drain finished.
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +15,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use mlx_worker::clock::{Clock, SystemClock};
-use mlx_worker::config::{
-    self, ConfigError, ENV_CONFIG_FILE, LogFormat, Origin, Override, Setting, WorkerConfig,
-};
+use mlx_worker::config::{Flags, LogFormat, WorkerConfig};
 use mlx_worker::engine::mlx::MlxEngine;
 use mlx_worker::hardware;
 use mlx_worker::identity::{self, Identity};
@@ -50,16 +47,16 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the worker until SIGINT or SIGTERM, then drain.
-    Run(Settings),
+    Run(Flags),
     /// Send one request and print its tokens as they arrive.
     Infer(InferArgs),
     /// Print the messages on a subject as they pass (default `worker.>`: registrations,
     /// heartbeats, deregistrations), one `<subject> <payload>` line each.
     Watch(WatchArgs),
     /// Print the detected hardware profile and concurrency recommendations as JSON.
-    Probe(Settings),
+    Probe(Flags),
     /// List the models in the model directory as JSON.
-    Models(Settings),
+    Models(Flags),
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -70,118 +67,13 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum ConfigCommand {
     /// Validate the configuration and print it resolved (secrets redacted).
-    Check(Settings),
-}
-
-/// The configuration file and the flags that override it.
-#[derive(Args, Debug, Clone, Default)]
-struct Settings {
-    /// Configuration file (YAML); also MLX_WORKER_CONFIG.
-    #[arg(long, short = 'c')]
-    config: Option<PathBuf>,
-    /// NATS server URL(s), comma-separated.
-    #[arg(long)]
-    nats_url: Option<String>,
-    /// `embedded` (start a local nats-server) or `external`.
-    #[arg(long)]
-    nats_mode: Option<String>,
-    /// Port of the embedded nats-server.
-    #[arg(long)]
-    nats_embedded_port: Option<String>,
-    /// Worker id (default: generated once and kept in the state directory).
-    #[arg(long)]
-    worker_id: Option<String>,
-    /// HTTP port for metrics and health.
-    #[arg(long)]
-    port: Option<String>,
-    /// Directory scanned for models.
-    #[arg(long)]
-    model_dir: Option<String>,
-    /// Models to load at start, comma-separated.
-    #[arg(long)]
-    preload: Option<String>,
-    /// Requests run at once.
-    #[arg(long)]
-    max_concurrent: Option<String>,
-    /// Requests waiting at most.
-    #[arg(long)]
-    queue_depth: Option<String>,
-    /// Heartbeat interval, milliseconds.
-    #[arg(long)]
-    heartbeat_interval_ms: Option<String>,
-    /// Python interpreter for the MLX runtime.
-    #[arg(long)]
-    python: Option<String>,
-    /// Directory holding the mlx_runtime package.
-    #[arg(long)]
-    runtime_dir: Option<String>,
-    /// Log level or filter (RUST_LOG wins when set).
-    #[arg(long)]
-    log_level: Option<String>,
-    /// Log format: text or json.
-    #[arg(long)]
-    log_format: Option<String>,
-}
-
-impl Settings {
-    fn overrides(&self) -> Vec<Override> {
-        let flags: [(&Option<String>, Setting, &'static str); 14] = [
-            (&self.nats_url, Setting::NatsUrl, "--nats-url"),
-            (&self.nats_mode, Setting::NatsMode, "--nats-mode"),
-            (
-                &self.nats_embedded_port,
-                Setting::NatsEmbeddedPort,
-                "--nats-embedded-port",
-            ),
-            (&self.worker_id, Setting::WorkerId, "--worker-id"),
-            (&self.port, Setting::Port, "--port"),
-            (&self.model_dir, Setting::ModelDir, "--model-dir"),
-            (&self.preload, Setting::Preload, "--preload"),
-            (
-                &self.max_concurrent,
-                Setting::MaxConcurrent,
-                "--max-concurrent",
-            ),
-            (&self.queue_depth, Setting::QueueDepth, "--queue-depth"),
-            (
-                &self.heartbeat_interval_ms,
-                Setting::HeartbeatIntervalMs,
-                "--heartbeat-interval-ms",
-            ),
-            (&self.python, Setting::Python, "--python"),
-            (&self.runtime_dir, Setting::RuntimeDir, "--runtime-dir"),
-            (&self.log_level, Setting::LogLevel, "--log-level"),
-            (&self.log_format, Setting::LogFormat, "--log-format"),
-        ];
-        flags
-            .into_iter()
-            .filter_map(|(value, setting, flag)| {
-                value.as_ref().map(|v| Override {
-                    setting,
-                    value: v.clone(),
-                    origin: Origin::Flag(flag),
-                })
-            })
-            .collect()
-    }
-
-    /// Resolves file → environment → flags.
-    fn resolve(&self) -> Result<WorkerConfig, ConfigError> {
-        let env = config::read_environment();
-        let file = self.config.clone().or_else(|| {
-            env.iter()
-                .find(|(k, _)| k == ENV_CONFIG_FILE)
-                .map(|(_, v)| PathBuf::from(v))
-        });
-        let env_overrides = config::environment_overrides(&env)?;
-        config::load(file.as_deref(), &env_overrides, &self.overrides())
-    }
+    Check(Flags),
 }
 
 #[derive(Args, Debug)]
 struct WatchArgs {
     #[command(flatten)]
-    settings: Settings,
+    settings: Flags,
     /// Subject to watch (wildcards allowed).
     #[arg(long, short = 's', default_value = "worker.>")]
     subject: String,
@@ -193,7 +85,7 @@ struct WatchArgs {
 #[derive(Args, Debug)]
 struct InferArgs {
     #[command(flatten)]
-    settings: Settings,
+    settings: Flags,
     /// Model id to run.
     #[arg(long, short = 'm')]
     model: String,
@@ -243,7 +135,7 @@ fn main() -> ExitCode {
     })
 }
 
-fn resolve_or_exit(settings: &Settings) -> Result<WorkerConfig, ExitCode> {
+fn resolve_or_exit(settings: &Flags) -> Result<WorkerConfig, ExitCode> {
     settings.resolve().map_err(|e| {
         eprintln!("mlx-worker: invalid configuration: {e}");
         ExitCode::from(EX_USAGE)
@@ -274,7 +166,7 @@ fn print_json(value: &serde_json::Value) -> ExitCode {
     }
 }
 
-fn check(settings: Settings) -> ExitCode {
+fn check(settings: Flags) -> ExitCode {
     match resolve_or_exit(&settings) {
         Ok(config) => {
             let mut out = std::io::stdout().lock();
@@ -287,7 +179,7 @@ fn check(settings: Settings) -> ExitCode {
     }
 }
 
-async fn probe(settings: Settings) -> ExitCode {
+async fn probe(settings: Flags) -> ExitCode {
     let config = match resolve_or_exit(&settings) {
         Ok(c) => c,
         Err(code) => return code,
@@ -301,7 +193,7 @@ async fn probe(settings: Settings) -> ExitCode {
     print_json(&report)
 }
 
-async fn list_models(settings: Settings) -> ExitCode {
+async fn list_models(settings: Flags) -> ExitCode {
     let config = match resolve_or_exit(&settings) {
         Ok(c) => c,
         Err(code) => return code,
@@ -355,7 +247,7 @@ async fn signal() {
     }
 }
 
-async fn run(settings: Settings) -> ExitCode {
+async fn run(settings: Flags) -> ExitCode {
     let config = match resolve_or_exit(&settings) {
         Ok(c) => c,
         Err(code) => return code,
