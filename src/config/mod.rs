@@ -270,6 +270,8 @@ pub struct EngineConfig {
 pub struct LoggingConfig {
     /// A `tracing` filter directive such as `info` or `mlx_worker=debug`.
     pub level: String,
+    /// A file the log lines are appended to instead of stderr; it must open at start-up.
+    pub file: Option<PathBuf>,
     /// Line format.
     pub format: LogFormat,
 }

@@ -13,8 +13,8 @@ use serde::de::IgnoredAny;
 #[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 pub(super) struct RawConfig {
     pub(super) cluster: Option<Box<RawConfig>>,
-    /// `controller`, `worker` or `both`: which roles the file's owner runs; the worker runs
-    /// whatever it says.
+    /// `controller`, `worker` or `both`: which roles the file's owner runs on this host; a
+    /// worker refuses a file that runs only the controller.
     pub(super) mode: Option<RawMode>,
     pub(super) nats: RawNats,
     pub(super) worker: RawWorker,
@@ -266,7 +266,8 @@ pub(super) struct RawLimiter {
 pub(super) struct RawLogging {
     pub(super) level: Option<String>,
     pub(super) format: Option<RawLogFormat>,
-    pub(super) file: Option<IgnoredAny>,
+    /// A file the logs are appended to instead of stderr.
+    pub(super) file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]

@@ -14,6 +14,7 @@ mod flood;
 mod group;
 mod harness;
 mod http;
+mod logging;
 mod privilege;
 mod probe;
 mod service;

@@ -15,7 +15,7 @@ use mlx_worker::worker::{Deps, Worker};
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
-use crate::exit::{EX_CANTCREAT, EX_FORCED, EX_NOPERM, EX_UNAVAILABLE, config_or_exit};
+use crate::exit::{EX_CANTCREAT, EX_FORCED, EX_NOPERM, EX_UNAVAILABLE, EX_USAGE, config_or_exit};
 use crate::logs;
 
 /// Resolves when the process gets SIGINT or SIGTERM.
@@ -46,7 +46,10 @@ pub(crate) async fn run(flags: Flags) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    logs::init(&config);
+    if let Err(e) = logs::init(&config.logging) {
+        eprintln!("mlx-worker: {e:#}");
+        return ExitCode::from(EX_USAGE);
+    }
     let worker_id =
         match identity::worker_id(config.node.worker_id.as_deref(), &config.node.state_dir) {
             Ok(id) => id,

@@ -8,13 +8,18 @@ mod node;
 
 use std::time::Duration;
 
-use super::raw::RawConfig;
+use super::raw::{RawConfig, RawMode};
 use super::{ConfigError, WorkerConfig};
 
 impl RawConfig {
     /// Validates every value and builds the resolved configuration.
     pub(super) fn resolve(self) -> Result<WorkerConfig, ConfigError> {
-        let _ = self.mode;
+        if self.mode == Some(RawMode::Controller) {
+            return Err(invalid(
+                "mode",
+                "is controller, which runs no worker, must be worker or both",
+            ));
+        }
         Ok(WorkerConfig {
             nats: nats::resolve_nats(self.nats)?,
             node: node::resolve_node(&self.worker, &self.discovery, &self.runtime)?,
