@@ -16,7 +16,8 @@
 //! - [`hardware`]: the `HardwareProbe` seam, host profiles and concurrency recommendations.
 //! - [`backoff`]: the capped, jittered delays of every retry loop.
 //! - [`clock`], [`transport`], [`engine`]: the other three seams and their production
-//!   implementations (system clock, NATS, the MLX runtime); [`models`] scans model directories.
+//!   implementations (system clock, NATS, the MLX runtime); [`engine::catalog`] scans model
+//!   directories.
 //! - [`scheduler`], [`metrics`], [`lifecycle`], [`identity`]: the worker's pure parts.
 //! - [`worker`]: `Worker::run`, the task tree that ties everything together.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`mutation`]: planted bugs for the sims.
@@ -31,7 +32,6 @@ pub mod identity;
 pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
-pub mod models;
 pub mod mutation;
 pub mod protocol;
 pub mod scheduler;

@@ -36,12 +36,11 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use super::rpc::{self, Inbound, Line, RpcError, StreamEnd};
 use super::{
     Catalog, Engine, EngineError, EngineHealth, FinishReason, GenerateRequest, LoadedModel,
-    TokenEvent, TokenStream,
+    TokenEvent, TokenStream, catalog,
 };
 use crate::clock::Clock;
 use crate::config::EngineConfig;
 use crate::limits::TOKEN_CHANNEL_CAPACITY;
-use crate::models;
 
 /// The line the runtime prints on stderr once it reads stdin.
 const READY_LINE: &str = "MLX Runtime ready";
@@ -283,7 +282,7 @@ impl MlxEngine {
         let catalog = lock(&self.shared.catalog).clone();
         let catalog = match catalog {
             Some(c) => c,
-            None => models::scan(&self.shared.config.model_dir).map_err(|e| {
+            None => catalog::scan(&self.shared.config.model_dir).map_err(|e| {
                 EngineError::Unavailable {
                     reason: e.to_string(),
                 }
@@ -309,7 +308,7 @@ impl MlxEngine {
 impl Engine for MlxEngine {
     async fn catalog(&self) -> Result<Catalog, EngineError> {
         let root = self.shared.config.model_dir.clone();
-        let catalog = tokio::task::spawn_blocking(move || models::scan(&root))
+        let catalog = tokio::task::spawn_blocking(move || catalog::scan(&root))
             .await
             .map_err(|e| EngineError::Unavailable {
                 reason: format!("model scan failed: {e}"),

@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::protocol::ErrorCode;
 
+pub mod catalog;
 pub mod mlx;
 pub mod rpc;
 

@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use mlx_worker::config::Flags;
-use mlx_worker::models;
+use mlx_worker::engine::catalog;
 
 use crate::exit::{EX_UNAVAILABLE, config_or_exit};
 use crate::output::print_json;
@@ -13,7 +13,7 @@ pub(crate) async fn list(flags: Flags) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match models::scan(&config.engine.model_dir) {
+    match catalog::scan(&config.engine.model_dir) {
         Ok(catalog) => {
             let list: Vec<serde_json::Value> = catalog
                 .models
