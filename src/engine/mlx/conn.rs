@@ -16,14 +16,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tracing::{debug, warn};
 
-use crate::engine::rpc::{self, Inbound, Line, RpcError, StreamEnd};
+use crate::engine::rpc::{self, Call, Cancel, Inbound, Line, RpcError, StreamEnd};
 use crate::engine::{EngineError, FinishReason, TokenEvent};
 
 /// Lines queued for the child's stdin.
@@ -152,16 +152,14 @@ impl Conn {
         }
     }
 
-    /// Calls `method` and waits up to `limit` for its answer.
-    pub(super) async fn call(
+    /// Makes `call` and waits up to `limit` for its answer.
+    pub(super) async fn call<C: Call>(
         &self,
-        method: &str,
-        params: Value,
+        call: &C,
         limit: Duration,
-    ) -> Result<Value, CallError> {
+    ) -> Result<C::Output, CallError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let line = rpc::encode_request(id, method, &params)
-            .map_err(|e| CallError::Encode(e.to_string()))?;
+        let line = rpc::encode_call(id, call).map_err(|e| CallError::Encode(e.to_string()))?;
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
         if self.stdin.send(line).await.is_err() {
@@ -169,7 +167,7 @@ impl Conn {
             return Err(CallError::Gone("the runtime's stdin is closed".to_owned()));
         }
         match timeout(limit, rx).await {
-            Ok(Ok(outcome)) => outcome.map_err(CallError::Rpc),
+            Ok(Ok(outcome)) => outcome.map(rpc::decode_result).map_err(CallError::Rpc),
             Ok(Err(_)) => Err(CallError::Gone(
                 "the runtime exited during the call".to_owned(),
             )),
@@ -195,7 +193,12 @@ pub(super) async fn watch_cancel(
     }
     debug!(stream_id, "generation cancelled by its consumer");
     if let Err(err) = conn
-        .call("cancel", json!({"stream_id": stream_id}), limit)
+        .call(
+            &Cancel {
+                stream_id: &stream_id,
+            },
+            limit,
+        )
         .await
     {
         debug!(cause = ?err, "cancel not acknowledged");

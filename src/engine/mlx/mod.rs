@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
@@ -33,7 +32,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use self::conn::{CallError, lock, watch_cancel};
 use self::supervisor::{Runtime, supervise};
-use super::rpc;
+use super::rpc::{self, Generate, GetState, LoadModel, Shutdown, UnloadModel};
 use super::{
     Catalog, Engine, EngineError, EngineHealth, GenerateRequest, LoadedModel, TokenStream, catalog,
 };
@@ -130,13 +129,10 @@ impl MlxEngine {
     pub async fn active_streams(&self) -> Result<u64, EngineError> {
         let conn = self.runtime.conn()?;
         let state = conn
-            .call("runtime/state", json!({}), self.runtime.config.call_timeout)
+            .call(&GetState {}, self.runtime.config.call_timeout)
             .await
             .map_err(|e| e.into_engine("runtime/state"))?;
-        Ok(state
-            .get("active_streams")
-            .and_then(Value::as_u64)
-            .unwrap_or(0))
+        Ok(state.active_streams.unwrap_or(0))
     }
 
     fn catalog_entry(&self, model_id: &str) -> Result<PathBuf, EngineError> {
@@ -184,9 +180,13 @@ impl Engine for MlxEngine {
         }
         let path = self.catalog_entry(model_id)?;
         let conn = self.runtime.conn()?;
-        let params = json!({"model_id": model_id, "local_path": path.display().to_string()});
+        let local_path = path.display().to_string();
+        let params = LoadModel {
+            local_path: &local_path,
+            model_id,
+        };
         let result = conn
-            .call("load_model", params, self.runtime.config.load_timeout)
+            .call(&params, self.runtime.config.load_timeout)
             .await
             .map_err(|e| match e {
                 CallError::Rpc(rpc) => EngineError::LoadFailed {
@@ -197,14 +197,8 @@ impl Engine for MlxEngine {
             })?;
         let model = LoadedModel {
             model_id: model_id.to_owned(),
-            context_length: result
-                .get("context_length")
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
-            parameter_count: result
-                .get("parameter_count")
-                .and_then(Value::as_u64)
-                .filter(|&n| n > 0),
+            context_length: result.context_length.unwrap_or(0),
+            parameter_count: result.parameter_count.filter(|&n| n > 0),
         };
         self.runtime.add_loaded(model.clone());
         info!(model = model_id, "model loaded");
@@ -213,13 +207,9 @@ impl Engine for MlxEngine {
 
     async fn unload(&self, model_id: &str) -> Result<(), EngineError> {
         let conn = self.runtime.conn()?;
-        conn.call(
-            "unload_model",
-            json!({"model_id": model_id}),
-            self.runtime.config.call_timeout,
-        )
-        .await
-        .map_err(|e| e.into_engine("unload_model"))?;
+        conn.call(&UnloadModel { model_id }, self.runtime.config.call_timeout)
+            .await
+            .map_err(|e| e.into_engine("unload_model"))?;
         self.runtime.remove_loaded(model_id);
         Ok(())
     }
@@ -228,20 +218,18 @@ impl Engine for MlxEngine {
         let conn = self.runtime.conn()?;
         let (tx, rx) = mpsc::channel(TOKEN_CHANNEL_CAPACITY);
         let stream_id = conn.new_stream_id();
+        // Registered before the call: notifications may follow the answer at once.
         conn.open_stream(&stream_id, tx.clone());
-        let params = json!({
-            "model_id": request.model_id,
-            "prompt": request.prompt,
-            "stream_id": stream_id,
-            "max_tokens": request.max_tokens,
-            "temperature": request.temperature,
-            "top_p": request.top_p,
-            "streaming": true,
-        });
-        if let Err(err) = conn
-            .call("generate", params, self.runtime.config.call_timeout)
-            .await
-        {
+        let params = Generate {
+            max_tokens: request.max_tokens,
+            model_id: &request.model_id,
+            prompt: &request.prompt,
+            stream_id: &stream_id,
+            streaming: true,
+            temperature: request.temperature,
+            top_p: request.top_p,
+        };
+        if let Err(err) = conn.call(&params, self.runtime.config.call_timeout).await {
             conn.close_stream(&stream_id);
             return Err(match err {
                 CallError::Rpc(rpc) if rpc.code == rpc::code::INVALID_PARAMS => {
@@ -278,7 +266,7 @@ impl Engine for MlxEngine {
             return;
         };
         if let Ok(conn) = self.runtime.conn() {
-            match conn.call("shutdown", json!({}), grace).await {
+            match conn.call(&Shutdown {}, grace).await {
                 Ok(_) => debug!("runtime acknowledged shutdown"),
                 Err(err) => warn!(cause = ?err, "runtime did not acknowledge shutdown"),
             }

@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use tokio::io::BufReader;
 use tokio::process::{Child, ChildStderr, Command};
 use tokio::sync::{oneshot, watch};
@@ -29,7 +28,7 @@ use tracing::{error, info, warn};
 use super::conn::{CallError, Conn, lock};
 use crate::clock::Clock;
 use crate::config::EngineConfig;
-use crate::engine::rpc::{self, Line};
+use crate::engine::rpc::{self, GetInfo, Line};
 use crate::engine::{EngineError, EngineHealth, LoadedModel};
 
 /// The line the runtime prints on stderr once it reads stdin.
@@ -296,7 +295,7 @@ async fn serve(
             () = stop.cancelled() => return "stopped".to_owned(),
             _ = ping.tick() => {
                 if let Err(err @ CallError::TimedOut(_)) =
-                    conn.call("runtime/info", json!({}), config.call_timeout).await
+                    conn.call(&GetInfo {}, config.call_timeout).await
                 {
                     return format!("the runtime stopped answering ({err:?})");
                 }
@@ -336,32 +335,17 @@ async fn ready(
     }
     let remaining = deadline.saturating_duration_since(clock.now());
     let info = conn
-        .call(
-            "runtime/info",
-            json!({}),
-            remaining.max(Duration::from_millis(1)),
-        )
+        .call(&GetInfo {}, remaining.max(Duration::from_millis(1)))
         .await
         .map_err(|e| format!("runtime/info failed: {e:?}"))?;
-    let capabilities: Vec<&str> = info
-        .get("capabilities")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    if info.get("mlx_supported").and_then(Value::as_bool) == Some(false) {
+    if info.mlx_supported == Some(false) {
         return Err("the runtime reports that MLX is not supported on this host".to_owned());
     }
-    conn.set_can_cancel(capabilities.contains(&"cancel"));
+    conn.set_can_cancel(info.can_cancel());
     info!(
-        version = info
-            .get("version")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or("?"),
-        mlx = info
-            .get("mlx_version")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or("?"),
-        can_cancel = capabilities.contains(&"cancel"),
+        version = info.version.as_deref().unwrap_or("?"),
+        mlx = info.mlx_version.as_deref().unwrap_or("?"),
+        can_cancel = info.can_cancel(),
         "runtime info"
     );
     Ok(())

@@ -8,6 +8,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, Lines};
 
 use super::*;
+use crate::engine::rpc::{GetInfo, GetState, LoadModel, State};
 
 const PIPE_BYTES: usize = 64 * 1024;
 const LIMIT: Duration = Duration::from_secs(30);
@@ -46,14 +47,17 @@ fn connect() -> (Arc<Conn>, Pipes, FakeRuntime) {
 }
 
 /// Makes a call in its own task, so that the test can answer it.
-fn spawn_call(
+fn spawn_call<C>(
     conn: &Arc<Conn>,
-    method: &'static str,
-    params: Value,
+    call: C,
     limit: Duration,
-) -> tokio::task::JoinHandle<Result<Value, CallError>> {
+) -> tokio::task::JoinHandle<Result<C::Output, CallError>>
+where
+    C: Call + Send + Sync + 'static,
+    C::Output: Send + 'static,
+{
     let conn = conn.clone();
-    tokio::spawn(async move { conn.call(method, params, limit).await })
+    tokio::spawn(async move { conn.call(&call, limit).await })
 }
 
 fn notification(method: &str, params: Value) -> Value {
@@ -63,9 +67,9 @@ fn notification(method: &str, params: Value) -> Value {
 #[tokio::test]
 async fn each_answer_reaches_the_call_with_its_id() {
     let (conn, _pipes, mut runtime) = connect();
-    let a = spawn_call(&conn, "runtime/info", json!({}), LIMIT);
+    let a = spawn_call(&conn, GetInfo {}, LIMIT);
     let first = runtime.request().await;
-    let b = spawn_call(&conn, "runtime/state", json!({}), LIMIT);
+    let b = spawn_call(&conn, GetState {}, LIMIT);
     let second = runtime.request().await;
     assert_eq!(
         (first["method"].as_str(), second["method"].as_str()),
@@ -79,7 +83,12 @@ async fn each_answer_reaches_the_call_with_its_id() {
     runtime
         .send(json!({"jsonrpc": "2.0", "id": first["id"], "error": {"code": -32602, "message": "no"}}))
         .await;
-    assert_eq!(b.await.unwrap().unwrap(), json!({"active_streams": 2}));
+    assert_eq!(
+        b.await.unwrap().unwrap(),
+        State {
+            active_streams: Some(2)
+        }
+    );
     let Err(CallError::Rpc(error)) = a.await.unwrap() else {
         panic!("the error answer is the call's error")
     };
@@ -89,12 +98,7 @@ async fn each_answer_reaches_the_call_with_its_id() {
 #[tokio::test(start_paused = true)]
 async fn a_call_without_an_answer_times_out_and_is_forgotten() {
     let (conn, _pipes, mut runtime) = connect();
-    let call = spawn_call(
-        &conn,
-        "runtime/info",
-        json!({}),
-        Duration::from_millis(1500),
-    );
+    let call = spawn_call(&conn, GetInfo {}, Duration::from_millis(1500));
     let request = runtime.request().await;
     assert!(matches!(
         call.await.unwrap(),
@@ -105,12 +109,17 @@ async fn a_call_without_an_answer_times_out_and_is_forgotten() {
     runtime
         .send(json!({"jsonrpc": "2.0", "id": request["id"], "result": {}}))
         .await;
-    let next = spawn_call(&conn, "runtime/state", json!({}), LIMIT);
+    let next = spawn_call(&conn, GetState {}, LIMIT);
     let request = runtime.request().await;
     runtime
         .send(json!({"jsonrpc": "2.0", "id": request["id"], "result": {"active_streams": 0}}))
         .await;
-    assert_eq!(next.await.unwrap().unwrap(), json!({"active_streams": 0}));
+    assert_eq!(
+        next.await.unwrap().unwrap(),
+        State {
+            active_streams: Some(0)
+        }
+    );
 }
 
 #[tokio::test]
@@ -213,7 +222,14 @@ async fn a_gone_child_fails_calls_and_streams_in_flight() {
     let (conn, _pipes, mut runtime) = connect();
     let (tx, mut rx) = mpsc::channel(16);
     conn.open_stream("s-1", tx);
-    let call = spawn_call(&conn, "load_model", json!({"model_id": "m"}), LIMIT);
+    let call = spawn_call(
+        &conn,
+        LoadModel {
+            local_path: "/models/org/m",
+            model_id: "org/m",
+        },
+        LIMIT,
+    );
     runtime.request().await;
     conn.fail_all("the runtime exited (signal: 9)");
     let Err(CallError::Gone(reason)) = call.await.unwrap() else {
@@ -256,7 +272,7 @@ async fn a_runtime_without_cancel_is_sent_none() {
     watch_cancel(conn.clone(), tx, "s-1".into(), LIMIT).await;
     assert!(!conn.close_stream("s-1"));
     // The next line on the pipe is the next call: no cancel went before it.
-    let next = spawn_call(&conn, "runtime/info", json!({}), LIMIT);
+    let next = spawn_call(&conn, GetInfo {}, LIMIT);
     assert_eq!(runtime.request().await["method"], "runtime/info");
     next.abort();
 }
