@@ -115,16 +115,6 @@ impl MlxEngine {
         }
     }
 
-    /// Times the runtime was restarted after a crash.
-    pub fn restarts(&self) -> u64 {
-        self.runtime.restarts()
-    }
-
-    /// The live runtime's process id, when one runs.
-    pub fn runtime_pid(&self) -> Option<u32> {
-        self.runtime.pid()
-    }
-
     /// Generations the runtime itself counts as live (its `runtime/state`).
     pub async fn active_streams(&self) -> Result<u64, EngineError> {
         let conn = self.runtime.conn()?;

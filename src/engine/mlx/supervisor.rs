@@ -14,7 +14,6 @@ mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -55,10 +54,6 @@ pub(super) struct Runtime {
     health: watch::Sender<EngineHealth>,
     /// Models loaded in the live child; cleared when it ends.
     loaded: Mutex<BTreeMap<String, LoadedModel>>,
-    /// Restarts since start.
-    restarts: AtomicU64,
-    /// The live child's process id, 0 when none.
-    pid: AtomicU32,
 }
 
 impl Runtime {
@@ -70,8 +65,6 @@ impl Runtime {
             conn: Mutex::new(None),
             health: watch::Sender::new(EngineHealth::Starting),
             loaded: Mutex::new(BTreeMap::new()),
-            restarts: AtomicU64::new(0),
-            pid: AtomicU32::new(0),
         }
     }
 
@@ -107,16 +100,6 @@ impl Runtime {
     pub(super) fn remove_loaded(&self, model_id: &str) {
         lock(&self.loaded).remove(model_id);
         self.publish_up();
-    }
-
-    /// Times the runtime was restarted after a crash.
-    pub(super) fn restarts(&self) -> u64 {
-        self.restarts.load(Ordering::Relaxed)
-    }
-
-    /// The live child's process id, when one runs.
-    pub(super) fn pid(&self) -> Option<u32> {
-        Some(self.pid.load(Ordering::Relaxed)).filter(|&pid| pid != 0)
     }
 
     fn publish_up(&self) {
@@ -208,7 +191,6 @@ pub(super) async fn supervise(
             runtime.health.send_replace(EngineHealth::Down);
             return;
         };
-        runtime.restarts.fetch_add(1, Ordering::Relaxed);
         runtime.health.send_replace(EngineHealth::Restarting);
         warn!(cause = %outcome, retry_ms = delay.as_millis() as u64, "runtime failed; restarting");
         tokio::select! {
@@ -241,7 +223,6 @@ async fn run_child(
     let stderr_task = tokio::spawn(forward_stderr(stderr, ready_tx));
     let (conn, pipes) = Conn::start(stdin, stdout);
     let outcome = serve(runtime, stop, first, &mut child, &conn, ready_rx).await;
-    runtime.pid.store(0, Ordering::Relaxed);
     // Whatever ended the child's run, make sure it is gone: its stdin closes (it exits by
     // itself on end of input), then it is killed if it lingers.
     drop(conn);
@@ -277,7 +258,6 @@ async fn serve(
         return reason;
     }
     info!(pid, "runtime ready");
-    runtime.pid.store(pid, Ordering::Relaxed);
     runtime.go_live(conn);
     if let Some(first) = first.take() {
         let _ = first.send(Ok(()));
