@@ -16,8 +16,8 @@
 //! - [`hardware`]: the `HardwareProbe` seam, host profiles and concurrency recommendations.
 //! - [`backoff`]: the capped, jittered delays of every retry loop.
 //! - [`clock`], [`transport`], [`engine`]: the other three seams and their production
-//!   implementations (system clock, NATS, the MLX runtime); [`engine::catalog`] scans model
-//!   directories.
+//!   implementations (system clock, NATS, the MLX runtime, whose model catalog is the scan of
+//!   [`engine::catalog`]).
 //! - [`scheduler`], [`metrics`], [`lifecycle`], [`identity`]: the worker's pure parts.
 //! - [`worker`]: `Worker::run`, the task tree that ties everything together.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`mutation`]: planted bugs for the sims.
