@@ -734,17 +734,12 @@ fn main() {
             let (late, _) =
                 start_worker(&url, "late", 2000, sim_engine(Duration::ZERO), vec![]).await;
             let first = first_token_latencies(&url, "late", n, "o").await;
-            let inside = late.observer.metrics().await.snapshot.time_to_first_token;
+            let inside = late.observer.metrics().snapshot.time_to_first_token;
             late.stop().await;
             let (unprotected, _) =
                 start_worker(&url, "nolate", 0, sim_engine(Duration::ZERO), vec![]).await;
             let first_nolate = first_token_latencies(&url, "nolate", n, "n").await;
-            let inside_nolate = unprotected
-                .observer
-                .metrics()
-                .await
-                .snapshot
-                .time_to_first_token;
+            let inside_nolate = unprotected.observer.metrics().snapshot.time_to_first_token;
             unprotected.stop().await;
 
             eprintln!("load bench: end to end with the MLX runtime");

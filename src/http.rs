@@ -173,7 +173,7 @@ async fn handle(mut stream: TcpStream, observer: &Observer) -> std::io::Result<(
     }
     match path {
         "/metrics" => {
-            let body = prometheus::render(&observer.metrics().await);
+            let body = prometheus::render(&observer.metrics());
             respond(&mut stream, 200, prometheus::CONTENT_TYPE, &body).await
         }
         "/healthz" if observer.is_alive() => respond(&mut stream, 200, "text/plain", "ok\n").await,

@@ -1,7 +1,7 @@
 //! The dispatcher: the one task that owns the worker's request state. It reads the inference
 //! and cancel subscriptions, decides admission (validation, duplicate ids, drain, model,
 //! queue bound), starts request tasks through the scheduler, hears their ends, times out
-//! waiting requests, answers load queries, and at stop drains.
+//! waiting requests, publishes its figures after each change, and at stop drains.
 //!
 //! Every request it accepts ends with exactly one terminal message, sent either by its request
 //! task or — for requests refused or ended while waiting — by a short responder task here.
@@ -11,12 +11,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use super::presence::{FAULT_MIN_SAMPLES, FAULT_WINDOW, Load};
+use super::figures::{FAULT_MIN_SAMPLES, FAULT_WINDOW, FaultAging, Figures, IntakeCounters};
 use super::request::{self, Abort, Finished, Job, RequestContext};
 use super::responder::Responder;
 use crate::clock::millis;
@@ -37,45 +37,6 @@ const REFUSAL_TASKS_MAX: usize = 256;
 const LATCHED_CANCELS_MAX: usize = 1024;
 /// How long a latched cancel waits for its request.
 const LATCHED_CANCEL_TTL: Duration = Duration::from_secs(60);
-
-/// Counts of inbound messages that never became requests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IntakeCounters {
-    /// Messages whose request id could not be read.
-    pub unreadable: u64,
-    /// Requests whose id was already in flight.
-    pub duplicates: u64,
-    /// Cancel messages that could not be read.
-    pub bad_cancels: u64,
-    /// Refusals published without waiting for a listener, because too many were pending.
-    pub refusals_unprotected: u64,
-}
-
-/// A question for the dispatcher, which owns the figures.
-#[derive(Debug)]
-pub(crate) enum Query {
-    /// The heartbeat's figures.
-    Load(oneshot::Sender<Load>),
-    /// Everything the metrics endpoint shows of the dispatcher.
-    View(oneshot::Sender<DispatchView>),
-}
-
-/// The dispatcher's figures for the metrics endpoint.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct DispatchView {
-    /// The collector's reading.
-    pub snapshot: Snapshot,
-    /// Requests running.
-    pub running: usize,
-    /// Requests waiting.
-    pub queued: usize,
-    /// Bound of the queue.
-    pub queue_capacity: usize,
-    /// Requests that may run at once.
-    pub inflight_capacity: usize,
-    /// Inbound messages that never became requests.
-    pub intake: IntakeCounters,
-}
 
 /// A request the dispatcher accepted.
 struct Tracked {
@@ -134,13 +95,30 @@ pub(crate) struct Dispatcher {
     queued_deadlines: BTreeSet<(Instant, String)>,
     latch: Latch,
     metrics: Collector,
+    /// Requests recorded in `metrics` so far.
+    recorded: u64,
     counters: IntakeCounters,
+    /// Where the figures are published for presence, service discovery and `/metrics`.
+    figures: watch::Sender<Figures>,
+    /// What the last published figures were built from, to build them only when it changed.
+    published: Option<Published>,
+    /// When the fault ratio next changes by itself.
+    aging: FaultAging,
     ctx: Arc<RequestContext>,
     /// Request and responder tasks; waited for at the end of a drain.
     tasks: TaskTracker,
     /// Bounds the responder tasks of refusals.
     refusals: Arc<Semaphore>,
     draining: bool,
+}
+
+/// What the figures change with, besides the metrics collector's records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Published {
+    recorded: u64,
+    running: usize,
+    queued: usize,
+    intake: IntakeCounters,
 }
 
 /// What the run loop reports when it ends.
@@ -161,8 +139,9 @@ impl Dispatcher {
         tiers: HashMap<String, ModelTier>,
         scheduler: Scheduler,
         ctx: Arc<RequestContext>,
+        figures: watch::Sender<Figures>,
     ) -> Dispatcher {
-        Dispatcher {
+        let mut dispatcher = Dispatcher {
             config,
             tiers,
             scheduler,
@@ -170,12 +149,18 @@ impl Dispatcher {
             queued_deadlines: BTreeSet::new(),
             latch: Latch::default(),
             metrics: Collector::default(),
+            recorded: 0,
             counters: IntakeCounters::default(),
+            figures,
+            published: None,
+            aging: FaultAging::default(),
             ctx,
             tasks: TaskTracker::new(),
             refusals: Arc::new(Semaphore::new(REFUSAL_TASKS_MAX)),
             draining: false,
-        }
+        };
+        dispatcher.publish();
+        dispatcher
     }
 
     /// Whether any accepted request lacks its terminal message.
@@ -339,7 +324,7 @@ impl Dispatcher {
     /// Ends a request that will not run with an error on its response subject.
     fn refuse(&mut self, id: &str, model: &str, code: ErrorCode, text: String, received: Instant) {
         debug!(request_id = %id, %code, reason = %text, "request refused");
-        self.metrics.record(RequestRecord {
+        self.record(RequestRecord {
             model: model.to_owned(),
             outcome: Outcome::Failed(code),
             latency: self.ctx.clock.now().saturating_duration_since(received),
@@ -460,50 +445,63 @@ impl Dispatcher {
         if let Some(ttft) = finished.record.time_to_first_token {
             telemetry.time_to_first_token.observe(ttft);
         }
-        self.metrics.record(finished.record);
+        self.record(finished.record);
         for id in self.scheduler.finish(tracked.tier) {
             self.start(&id);
         }
     }
 
-    /// The figures a heartbeat carries.
-    pub(crate) fn load(&self) -> Load {
-        let snapshot = self.metrics.snapshot();
-        let limits = self.scheduler.limits();
-        Load {
-            running: self.scheduler.running(),
-            queued: self.scheduler.queued(),
-            queue_capacity: limits.queue_depth_max,
-            inflight_capacity: limits.inflight_max,
-            total_handled: snapshot.total,
-            avg_latency_ms: snapshot.latency.avg.as_secs_f64() * 1000.0,
-            tokens_per_second: snapshot.tokens_per_second,
-            fault_ratio: self.metrics.fault_ratio(
-                self.ctx.clock.now(),
-                FAULT_WINDOW,
-                FAULT_MIN_SAMPLES,
-            ),
-        }
+    fn record(&mut self, record: RequestRecord) {
+        self.aging.note(record.finished_at);
+        self.metrics.record(record);
+        self.recorded += 1;
     }
 
-    /// Answers a query from the presence task or the metrics endpoint.
-    pub(crate) fn answer(&self, query: Query) {
-        match query {
-            Query::Load(reply) => {
-                let _ = reply.send(self.load());
-            }
-            Query::View(reply) => {
-                let limits = self.scheduler.limits();
-                let _ = reply.send(DispatchView {
-                    snapshot: self.metrics.snapshot(),
-                    running: self.scheduler.running(),
-                    queued: self.scheduler.queued(),
-                    queue_capacity: limits.queue_depth_max,
-                    inflight_capacity: limits.inflight_max,
-                    intake: self.counters,
-                });
-            }
+    /// Publishes the figures if anything they show changed since they were last published.
+    pub(crate) fn publish(&mut self) {
+        let now = Published {
+            recorded: self.recorded,
+            running: self.scheduler.running(),
+            queued: self.scheduler.queued(),
+            intake: self.counters,
+        };
+        if self.published == Some(now) {
+            return;
         }
+        self.published = Some(now);
+        let limits = self.scheduler.limits();
+        self.figures.send_replace(Figures {
+            snapshot: self.metrics.snapshot(),
+            running: now.running,
+            queued: now.queued,
+            queue_capacity: limits.queue_depth_max,
+            inflight_capacity: limits.inflight_max,
+            intake: now.intake,
+            fault_ratio: self.fault_ratio(),
+        });
+    }
+
+    fn fault_ratio(&self) -> f64 {
+        self.metrics
+            .fault_ratio(self.ctx.clock.now(), FAULT_WINDOW, FAULT_MIN_SAMPLES)
+    }
+
+    /// When the fault ratio next changes with time alone.
+    pub(crate) fn next_fault_aging(&self) -> Option<Instant> {
+        self.aging.next()
+    }
+
+    /// Takes the fault ratio again once requests have left its window, and publishes it.
+    pub(crate) fn age_faults(&mut self) {
+        if !self.aging.pass(self.ctx.clock.now()) {
+            return;
+        }
+        let ratio = self.fault_ratio();
+        self.figures.send_if_modified(|f| {
+            let changed = f.fault_ratio != ratio;
+            f.fault_ratio = ratio;
+            changed
+        });
     }
 
     /// Stops taking new requests; accepted ones go on.
@@ -552,6 +550,7 @@ impl Dispatcher {
                 Some(f) = finished.recv() => self.on_finished(f),
                 () = tokio::time::sleep_until(deadline) => break,
             }
+            self.publish();
         }
         let _ = tokio::time::timeout_at(deadline, self.tasks.wait()).await;
         let abandoned = self.requests.len();

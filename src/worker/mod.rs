@@ -15,6 +15,7 @@
 //! and the hardware probe.
 
 mod dispatcher;
+mod figures;
 mod group;
 mod plan;
 mod presence;
@@ -24,14 +25,15 @@ mod service;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
-pub use dispatcher::{DispatchReport, DispatchView, IntakeCounters};
+pub use dispatcher::DispatchReport;
+pub use figures::IntakeCounters;
 pub use plan::Plan;
 
 use crate::clock::Clock;
@@ -49,7 +51,8 @@ use crate::protocol::{self, ModelSkills, WorkerDeregistration, subject};
 use crate::transport::ConnectionState;
 use crate::transport::{Subscription, Transport, TransportError};
 
-use dispatcher::{Dispatcher, Query};
+use dispatcher::Dispatcher;
+use figures::Figures;
 use group::ModelGroups;
 use presence::{Announcement, Presence};
 use request::{Finished, Loader, RequestContext};
@@ -104,8 +107,9 @@ pub struct Worker {
     mutations: Mutations,
     /// Counters and histograms shared by the worker's tasks and read by `/metrics`.
     telemetry: Arc<Telemetry>,
-    /// Reaches the running dispatcher; `None` when not running.
-    queries: Arc<Mutex<Option<mpsc::Sender<Query>>>>,
+    /// The dispatcher's figures: published by the running dispatcher, the defaults outside a
+    /// run; read by presence, service discovery and every [`Observer`].
+    figures: watch::Sender<Figures>,
 }
 
 impl Worker {
@@ -120,7 +124,7 @@ impl Worker {
             lifecycle: Arc::new(LifecycleCell::default()),
             mutations: Mutations::NONE,
             telemetry: Arc::new(Telemetry::default()),
-            queries: Arc::new(Mutex::new(None)),
+            figures: watch::Sender::new(Figures::default()),
         }
     }
 
@@ -132,7 +136,7 @@ impl Worker {
             engine_health: self.deps.engine.health(),
             connection: self.deps.transport.connection(),
             telemetry: self.telemetry.clone(),
-            queries: self.queries.clone(),
+            figures: self.figures.subscribe(),
         }
     }
 
@@ -197,8 +201,6 @@ impl Worker {
             "plan"
         );
         let (finished_tx, mut finished_rx) = mpsc::channel::<Finished>(INFLIGHT_REQUESTS_MAX);
-        let (query_tx, mut query_rx) = mpsc::channel::<Query>(16);
-        *lock(&self.queries) = Some(query_tx.clone());
         let ctx = Arc::new(RequestContext {
             transport: deps.transport.clone(),
             engine: deps.engine.clone(),
@@ -222,6 +224,7 @@ impl Worker {
             plan.model_tiers.clone(),
             crate::scheduler::Scheduler::new(limits),
             ctx.clone(),
+            self.figures.clone(),
         );
 
         let stop_background = CancellationToken::new();
@@ -247,7 +250,7 @@ impl Worker {
             hardware: deps.hardware.clone(),
             engine_health: deps.engine.health(),
             lifecycle: self.lifecycle.clone(),
-            queries: query_tx.clone(),
+            figures: self.figures.subscribe(),
             telemetry: self.telemetry.clone(),
             mutations: self.mutations,
         };
@@ -261,7 +264,7 @@ impl Worker {
             service::Service {
                 worker_id: self.identity.worker_id.clone(),
                 transport: deps.transport.clone(),
-                queries: query_tx.clone(),
+                figures: self.figures.subscribe(),
                 telemetry: self.telemetry.clone(),
                 started_ms: deps.clock.unix_millis(),
             }
@@ -282,7 +285,9 @@ impl Worker {
         groups.join(&deps.transport).await;
         tokio::pin!(shutdown);
         loop {
+            dispatcher.publish();
             let queued_deadline = dispatcher.next_queued_deadline();
+            let fault_aging = dispatcher.next_fault_aging();
             tokio::select! {
                 () = &mut shutdown => break,
                 msg = groups.next() => dispatcher.on_request(msg, true),
@@ -295,8 +300,8 @@ impl Worker {
                 },
                 Some(msg) = cancel.next() => dispatcher.on_cancel(msg),
                 Some(finished) = finished_rx.recv() => dispatcher.on_finished(finished),
-                Some(query) = query_rx.recv() => dispatcher.answer(query),
                 () = sleep_until_opt(queued_deadline) => dispatcher.expire_queued(),
+                () = sleep_until_opt(fault_aging) => dispatcher.age_faults(),
             }
         }
 
@@ -309,12 +314,14 @@ impl Worker {
         // what is in flight at that moment; so leave only once idle and quiet for a while.
         let mut group_quiet_at = deps.clock.now() + GROUP_QUIET;
         loop {
+            dispatcher.publish();
             let idle = dispatcher.is_idle();
             let quiet = groups.is_empty() || deps.clock.now() >= group_quiet_at;
             if (idle && quiet) || self.mutations.has(Mutation::DrainWithoutWaiting) {
                 break;
             }
             let queued_deadline = dispatcher.next_queued_deadline();
+            let fault_aging = dispatcher.next_fault_aging();
             tokio::select! {
                 msg = groups.next() => {
                     group_quiet_at = deps.clock.now() + GROUP_QUIET;
@@ -328,17 +335,13 @@ impl Worker {
                 Some(msg) = inference.next() => dispatcher.on_request(msg, false),
                 Some(msg) = cancel.next() => dispatcher.on_cancel(msg),
                 Some(finished) = finished_rx.recv() => dispatcher.on_finished(finished),
-                Some(query) = query_rx.recv() => dispatcher.answer(query),
                 () = sleep_until_opt(queued_deadline) => dispatcher.expire_queued(),
+                () = sleep_until_opt(fault_aging) => dispatcher.age_faults(),
             }
         }
         groups.leave();
         dispatcher.abort_all();
-        *lock(&self.queries) = None;
-        // Nobody answers queries from here on: dropping the receiver fails the pending ones at
-        // once, so a heartbeat or a discovery answer in progress cannot wait forever and hold
-        // up the stop.
-        drop(query_rx);
+        dispatcher.publish();
         let grace = self.config.late_subscriber_wait + TERMINAL_GRACE;
         let dispatch = dispatcher.finish_tasks(&mut finished_rx, grace).await;
         drop(inference);
@@ -350,6 +353,8 @@ impl Worker {
             warn!(cause = %err, "final flush failed");
         }
         deps.engine.shutdown(ENGINE_STOP_GRACE).await;
+        // Outside a run, readers see the defaults.
+        self.figures.send_replace(Figures::default());
         self.lifecycle.advance(Lifecycle::Stopped);
         info!(
             handled = dispatch.metrics.total,
@@ -437,11 +442,6 @@ async fn preload(
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The critical sections here only swap an Option; a poisoned lock still holds valid data.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A read-only view of a worker: whether it is alive and ready, and its metrics.
 #[derive(Clone)]
 pub struct Observer {
@@ -450,7 +450,8 @@ pub struct Observer {
     engine_health: watch::Receiver<EngineHealth>,
     connection: watch::Receiver<ConnectionState>,
     telemetry: Arc<Telemetry>,
-    queries: Arc<Mutex<Option<mpsc::Sender<Query>>>>,
+    /// The dispatcher's figures, as last published.
+    figures: watch::Receiver<Figures>,
 }
 
 impl Observer {
@@ -470,19 +471,10 @@ impl Observer {
             )
     }
 
-    /// Everything `/metrics` shows; the dispatcher's part is empty while not running.
-    pub async fn metrics(&self) -> MetricsView {
-        let sender = lock(&self.queries).clone();
-        let dispatch = match sender {
-            Some(tx) => {
-                let (reply, rx) = oneshot::channel();
-                match tx.send(Query::View(reply)).await {
-                    Ok(()) => rx.await.unwrap_or_default(),
-                    Err(_) => DispatchView::default(),
-                }
-            }
-            None => DispatchView::default(),
-        };
+    /// Everything `/metrics` shows, without waiting: the dispatcher's figures as last
+    /// published, the defaults while not running.
+    pub fn metrics(&self) -> MetricsView {
+        let dispatch = self.figures.borrow().clone();
         let t = &self.telemetry;
         MetricsView {
             worker_id: self.worker_id.clone(),
