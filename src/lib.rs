@@ -18,10 +18,12 @@
 //! - [`clock`], [`transport`], [`engine`]: the other three seams and their production
 //!   implementations (system clock, NATS, the MLX runtime, whose model catalog is the scan of
 //!   [`engine::catalog`]).
-//! - [`scheduler`], [`metrics`], [`lifecycle`], [`identity`]: the worker's pure parts.
+//! - [`scheduler`], [`admission`], [`metrics`], [`lifecycle`], [`identity`]: the worker's pure
+//!   parts.
 //! - [`worker`]: `Worker::run`, the task tree that ties everything together.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`mutation`]: planted bugs for the sims.
 
+pub mod admission;
 pub mod backoff;
 pub mod clock;
 pub mod config;

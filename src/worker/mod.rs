@@ -3,12 +3,14 @@
 //!
 //! The task tree of one run:
 //!
-//! - the **dispatcher** (this task): reads `worker.{id}.inference` and `worker.{id}.cancel`,
-//!   admits requests and owns all request state (see `dispatcher`);
+//! - the **dispatcher** (this task): reads `worker.{id}.inference`, `worker.{id}.cancel` and
+//!   the model groups, feeds what arrives to [`crate::admission`], which holds all request
+//!   state, carries out its decisions, and publishes the figures (see `dispatcher`, `figures`);
 //! - one **request task** per running request, plus short responder tasks for refusals, tracked
 //!   so a drain waits for them (see `request`);
 //! - the **presence** task: registration, heartbeats, re-registration after reconnects (see
 //!   `presence`);
+//! - the **service** task: `$SRV` discovery answers, with the figures (see `service`);
 //! - a **preload** task loading the configured models in the background.
 //!
 //! The worker reaches the outside only through [`Deps`]: the transport, the engine, the clock
@@ -38,6 +40,7 @@ pub use dispatcher::DispatchReport;
 pub use figures::IntakeCounters;
 pub use plan::Plan;
 
+use crate::admission::{Admission, AdmissionLimits};
 use crate::clock::Clock;
 use crate::config::NodeConfig;
 use crate::engine::{Catalog, Engine, EngineHealth};
@@ -239,10 +242,18 @@ impl Worker {
                 .values_mut()
                 .for_each(|t| t.queue_depth = usize::MAX);
         }
-        Dispatcher::new(
-            self.config.clone(),
+        let admission = Admission::new(
+            AdmissionLimits {
+                scheduler: limits,
+                request_timeout: self.config.request_timeout,
+            },
             plan.model_tiers.clone(),
-            crate::scheduler::Scheduler::new(limits),
+            self.mutations,
+        );
+        Dispatcher::new(
+            self.config.request_limits,
+            self.config.generation_defaults,
+            admission,
             ctx,
             self.figures.clone(),
         )
