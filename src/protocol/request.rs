@@ -259,7 +259,34 @@ fn validate(
             limit: limits.prompt_bytes_max,
         });
     }
-    let max_tokens = optional_uint(map, "maxTokens")?
+    Ok(ValidRequest {
+        request_id,
+        model_id: model_id.to_owned(),
+        prompt: prompt.to_owned(),
+        max_tokens: max_tokens_field(map, limits)?,
+        temperature: bounded_f64(
+            map,
+            "temperature",
+            |t| (0.0..=2.0).contains(&t),
+            "between 0 and 2",
+        )?,
+        top_p: bounded_f64(
+            map,
+            "topP",
+            |p| p > 0.0 && p <= 1.0,
+            "greater than 0 and at most 1",
+        )?,
+        session_id: session_id_field(map)?,
+        priority: priority_field(map)?,
+        timeout: timeout_field(map, limits)?,
+    })
+}
+
+fn max_tokens_field(
+    map: &Map<String, Value>,
+    limits: &RequestLimits,
+) -> Result<Option<u32>, RequestError> {
+    optional_uint(map, "maxTokens")?
         .map(|value| match u32::try_from(value) {
             Ok(v) if (1..=limits.max_tokens_max).contains(&v) => Ok(v),
             _ => Err(RequestError::OutOfRange {
@@ -268,34 +295,33 @@ fn validate(
                 range: format!("between 1 and {}", limits.max_tokens_max),
             }),
         })
-        .transpose()?;
-    let temperature = optional_f64(map, "temperature")?
-        .map(|t| {
-            if (0.0..=2.0).contains(&t) {
-                Ok(t)
+        .transpose()
+}
+
+/// An optional number that must satisfy `within`, described by `range` in the error.
+fn bounded_f64(
+    map: &Map<String, Value>,
+    field: &'static str,
+    within: impl Fn(f64) -> bool,
+    range: &str,
+) -> Result<Option<f64>, RequestError> {
+    optional_f64(map, field)?
+        .map(|v| {
+            if within(v) {
+                Ok(v)
             } else {
                 Err(RequestError::OutOfRange {
-                    field: "temperature",
-                    value: t.to_string(),
-                    range: "between 0 and 2".to_owned(),
+                    field,
+                    value: v.to_string(),
+                    range: range.to_owned(),
                 })
             }
         })
-        .transpose()?;
-    let top_p = optional_f64(map, "topP")?
-        .map(|p| {
-            if p > 0.0 && p <= 1.0 {
-                Ok(p)
-            } else {
-                Err(RequestError::OutOfRange {
-                    field: "topP",
-                    value: p.to_string(),
-                    range: "greater than 0 and at most 1".to_owned(),
-                })
-            }
-        })
-        .transpose()?;
-    let session_id = optional_str(map, "sessionId")?
+        .transpose()
+}
+
+fn session_id_field(map: &Map<String, Value>) -> Result<Option<String>, RequestError> {
+    optional_str(map, "sessionId")?
         .map(|s| {
             check_token(s)
                 .map(|()| s.to_owned())
@@ -304,27 +330,34 @@ fn validate(
                     reason,
                 })
         })
-        .transpose()?;
+        .transpose()
+}
+
+fn priority_field(map: &Map<String, Value>) -> Result<Priority, RequestError> {
     let stream = match map.get("stream") {
         None | Some(Value::Null) => None,
         Some(Value::Bool(b)) => Some(*b),
         Some(other) => return Err(wrong_type("stream", "a boolean", other)),
     };
-    let priority = match optional_str(map, "priority")? {
-        Some("high") => Priority::High,
-        Some("medium") => Priority::Medium,
-        Some("low") => Priority::Low,
-        Some(other) => {
-            return Err(RequestError::BadPriority {
-                value: other.to_owned(),
-            });
-        }
+    match optional_str(map, "priority")? {
+        Some("high") => Ok(Priority::High),
+        Some("medium") => Ok(Priority::Medium),
+        Some("low") => Ok(Priority::Low),
+        Some(other) => Err(RequestError::BadPriority {
+            value: other.to_owned(),
+        }),
         // The existing worker's queue serves non-streaming requests first.
-        None if stream == Some(false) => Priority::High,
-        None => Priority::Medium,
-    };
+        None if stream == Some(false) => Ok(Priority::High),
+        None => Ok(Priority::Medium),
+    }
+}
+
+fn timeout_field(
+    map: &Map<String, Value>,
+    limits: &RequestLimits,
+) -> Result<Option<Duration>, RequestError> {
     let timeout_max_ms = u64::try_from(limits.timeout_max.as_millis()).unwrap_or(u64::MAX);
-    let timeout = optional_uint(map, "timeoutMs")?
+    optional_uint(map, "timeoutMs")?
         .map(|ms| {
             if (1..=timeout_max_ms).contains(&ms) {
                 Ok(Duration::from_millis(ms))
@@ -336,18 +369,7 @@ fn validate(
                 })
             }
         })
-        .transpose()?;
-    Ok(ValidRequest {
-        request_id,
-        model_id: model_id.to_owned(),
-        prompt: prompt.to_owned(),
-        max_tokens,
-        temperature,
-        top_p,
-        session_id,
-        priority,
-        timeout,
-    })
+        .transpose()
 }
 
 fn check_model_id(model_id: &str) -> Result<(), RequestError> {
