@@ -14,6 +14,7 @@ mod flood;
 mod group;
 mod harness;
 mod http;
+mod instance;
 mod logging;
 mod privilege;
 mod probe;
