@@ -1,9 +1,12 @@
 // Goal: one process per worker id. A second worker on the same state directory refuses to start
 // (the state-directory lock), and so does a second worker with the same id elsewhere on the bus
 // (the $SRV.PING check); both exit with the one documented code, naming the other instance,
-// while the first keeps serving. The shipped least-privilege broker account lets the worker ask.
+// while the first keeps serving. In embedded mode a SIGKILLed worker's nats-server is stopped at
+// the next start instead of being adopted, and the new worker serves on a server of its own.
+// The shipped least-privilege broker account lets the worker ask.
 // Method: the real binary as child processes with chosen state directories, a real nats-server
-// and the real MLX runtime with the tiny model.
+// (or the worker's embedded one) and the real MLX runtime with the tiny model; processes are
+// looked at through /proc.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -12,6 +15,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use mlx_worker::protocol::WorkerRegistration;
 use serde_json::json;
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
 use crate::engine::TINY;
@@ -77,6 +81,66 @@ async fn terminate(mut worker: Child) -> Option<i32> {
         .await
         .unwrap()
         .code()
+}
+
+/// Whether process `pid` runs (a zombie has ended; only its parent has not collected it).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // The state follows the parenthesised command name, which may itself hold spaces.
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+    })
+}
+
+/// The parent of process `pid`.
+fn parent_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("PPid:"))
+        .and_then(|ppid| ppid.trim().parse().ok())
+}
+
+/// The live `nats-server` processes started with `-p <port>`.
+fn nats_servers_on(port: u16) -> Vec<u32> {
+    let port = port.to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmdline| {
+                let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+                args.first().is_some_and(|a| a.ends_with(b"nats-server"))
+                    && args
+                        .windows(2)
+                        .any(|w| w[0] == b"-p" && w[1] == port.as_bytes())
+            })
+        })
+        .filter(|&pid| alive(pid))
+        .collect()
+}
+
+/// Kills, when dropped, every nats-server left on the port: a failed test leaves none behind.
+struct ReapNatsServers(u16);
+
+impl Drop for ReapNatsServers {
+    fn drop(&mut self) {
+        for pid in nats_servers_on(self.0) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// A port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// The id of the next worker registration on `registrations`.
@@ -212,4 +276,97 @@ async fn the_shipped_worker_account_may_ask_the_bus_about_its_id() {
     assert_eq!(code, Some(EXIT_INSTANCE_CONFLICT), "{stderr}");
     assert!(!stderr.contains("Permissions Violation"), "{stderr}");
     assert_eq!(terminate(first).await, Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_embedded_worker_leaves_no_nats_server_behind_at_the_next_start() {
+    let port = free_port();
+    let _reap = ReapNatsServers(port);
+    let state = tempfile::tempdir().unwrap();
+    let port_arg = port.to_string();
+    let embedded = [
+        "--nats-mode",
+        "embedded",
+        "--nats-embedded-port",
+        &port_arg,
+        "--worker-id",
+        "orphan-check",
+        "--log-format",
+        "json",
+    ];
+    let args = [&embedded[..], &SERVING_TINY].concat();
+    let url = format!("nats://127.0.0.1:{port}");
+
+    let mut first = spawn_worker(state.path(), &args);
+    let first_pid = first.id().expect("running");
+    let client = within("the embedded server", async {
+        loop {
+            if let Ok(nats) = async_nats::connect(&url).await {
+                return Client { nats };
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    client.heartbeat_where("orphan-check", |_| true).await;
+    let orphan = match nats_servers_on(port)[..] {
+        [pid] => pid,
+        ref found => panic!("expected one nats-server on port {port}, found {found:?}"),
+    };
+    assert_eq!(parent_of(orphan), Some(first_pid));
+    drop(client);
+    send_signal(first_pid, "KILL");
+    within("the killed worker to exit", first.wait())
+        .await
+        .unwrap();
+    assert!(alive(orphan), "the killed worker's nats-server runs on");
+
+    // The next start stops the orphan, says so, and starts a server of its own.
+    let mut second = worker_command(state.path(), &args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the mlx-worker binary");
+    let second_pid = second.id().expect("running");
+    let mut lines = BufReader::new(second.stderr.take().unwrap()).lines();
+    let mut log = Vec::new();
+    within("the second worker to start", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+            let message = event["fields"]["message"].as_str().unwrap_or("").to_owned();
+            log.push(event);
+            if message == "starting" {
+                return;
+            }
+        }
+        panic!("the second worker exited: {log:#?}");
+    })
+    .await;
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    assert!(
+        log.iter().any(|e| e["level"] == "WARN"
+            && e["fields"]["pid"] == orphan
+            && e["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("orphaned embedded nats-server"))),
+        "the worker logs that it stopped the orphan: {log:#?}"
+    );
+    assert!(
+        !alive(orphan),
+        "the orphaned nats-server {orphan} still runs"
+    );
+    let own = match nats_servers_on(port)[..] {
+        [pid] => pid,
+        ref found => panic!("expected one nats-server on port {port}, found {found:?}"),
+    };
+    assert_eq!(parent_of(own), Some(second_pid));
+
+    let client = Client::connect(&url).await;
+    serves_a_request(&client, "orphan-check", "orphan-1").await;
+    drop(client);
+    assert_eq!(terminate(second).await, Some(0));
+    assert_eq!(nats_servers_on(port), Vec::<u32>::new());
+    assert!(
+        !state.path().join("nats-server.pid").exists(),
+        "a clean stop removes the record of the embedded server"
+    );
 }

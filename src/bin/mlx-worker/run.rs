@@ -66,7 +66,7 @@ pub(crate) async fn run(flags: Flags) -> ExitCode {
             }
         };
     let embedded = match &config.nats.embedded {
-        Some(embedded) => match EmbeddedServer::start(embedded).await {
+        Some(embedded) => match EmbeddedServer::start(embedded, &config.node.state_dir).await {
             Ok(server) => Some(server),
             Err(e) => {
                 error!("{e}");
