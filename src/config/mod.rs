@@ -28,6 +28,7 @@ mod tests;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -60,6 +61,9 @@ pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(5);
 pub const DEFAULT_RECONNECT_WAIT: Duration = Duration::from_millis(2000);
 /// Default worker HTTP port (metrics and health).
 pub const DEFAULT_PORT: u16 = 8080;
+/// Default address the HTTP port listens on: every IPv4 address, as the registration
+/// announces the host's address to the cluster and scrapers and probes come from other hosts.
+pub const DEFAULT_HTTP_BIND_ADDRESS: IpAddr = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
 /// Default operator priority (the controller's own default).
 pub const DEFAULT_PRIORITY: u8 = 50;
 /// Default queue bound.
@@ -214,6 +218,9 @@ pub struct NodeConfig {
     pub state_dir: PathBuf,
     /// HTTP port for metrics and health; 0 lets the system choose.
     pub port: u16,
+    /// Address the HTTP port listens on; an unspecified address (`0.0.0.0`, `::`) is every
+    /// address of its family.
+    pub http_bind_address: IpAddr,
     /// Operator labels sent in the registration.
     pub tags: Vec<String>,
     /// Operator priority, 0–100, sent in the registration.

@@ -109,6 +109,8 @@ pub(super) struct RawWorker {
     #[serde(alias = "worker_id")]
     pub(super) worker_id: Option<String>,
     pub(super) port: Option<u16>,
+    #[serde(alias = "http_bind_address")]
+    pub(super) http_bind_address: Option<String>,
     pub(super) tags: Option<Vec<String>>,
     pub(super) priority: Option<u8>,
     #[serde(alias = "state_dir")]

@@ -7,6 +7,7 @@
 //! [`Setting::ALL`]) and the conversion of an override's text into a value. Adding a setting
 //! is adding a row.
 
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -43,6 +44,18 @@ impl<T> Kind<T> {
         }
     }
 
+    /// Reads `text` as a value; the error is the reason, for a message.
+    pub(super) fn read(&self, text: &str) -> Result<T, String> {
+        (self.parse)(text).ok_or_else(|| {
+            let shown = if self.secret {
+                "<redacted>".to_owned()
+            } else {
+                format!("{text:?}")
+            };
+            format!("{shown} is not {}", self.what)
+        })
+    }
+
     /// Reads `text` and hands the value to `set`; the error is the reason, for a message.
     fn apply(
         &self,
@@ -50,15 +63,7 @@ impl<T> Kind<T> {
         text: &str,
         set: impl FnOnce(&mut RawConfig, T),
     ) -> Result<(), String> {
-        let value = (self.parse)(text).ok_or_else(|| {
-            let shown = if self.secret {
-                "<redacted>".to_owned()
-            } else {
-                format!("{text:?}")
-            };
-            format!("{shown} is not {}", self.what)
-        })?;
-        set(raw, value);
+        set(raw, self.read(text)?);
         Ok(())
     }
 }
@@ -81,16 +86,22 @@ const PATH: Kind<PathBuf> = Kind::plain("PATH", "a path", |v| Some(PathBuf::from
 const LIST: Kind<Vec<String>> =
     Kind::plain("LIST", "a comma-separated list", |v| Some(comma_list(v)));
 
-const PORT: Kind<u16> = Kind::plain("PORT", "a port number", parse_number);
-const COUNT: Kind<usize> = Kind::plain("N", "a positive integer", parse_number);
-const MILLIS: Kind<u64> = Kind::plain("MS", "milliseconds", parse_number);
-const PRIORITY: Kind<u8> = Kind::plain("0-100", "an integer 0 to 100", parse_number);
+const PORT: Kind<u16> = Kind::plain("PORT", "a port number", parse_trimmed);
+/// An IP address, as the file spells it too (no brackets, no port, no host name).
+pub(super) const IP_ADDR: Kind<IpAddr> = Kind::plain(
+    "ADDR",
+    "an IP address (an IPv4 or IPv6 literal such as 127.0.0.1 or ::1)",
+    parse_trimmed,
+);
+const COUNT: Kind<usize> = Kind::plain("N", "a positive integer", parse_trimmed);
+const MILLIS: Kind<u64> = Kind::plain("MS", "milliseconds", parse_trimmed);
+const PRIORITY: Kind<u8> = Kind::plain("0-100", "an integer 0 to 100", parse_trimmed);
 const NATS_MODE: Kind<RawNatsMode> =
     Kind::plain("embedded|external", "embedded or external", parse_choice);
 const LOG_FORMAT: Kind<RawLogFormat> = Kind::plain("text|json", "json or text", parse_choice);
 
-/// An unsigned integer, trimmed.
-fn parse_number<T: FromStr>(v: &str) -> Option<T> {
+/// A number or an address (anything `FromStr` reads), trimmed.
+fn parse_trimmed<T: FromStr>(v: &str) -> Option<T> {
     v.trim().parse().ok()
 }
 
@@ -259,6 +270,14 @@ settings! {
         kind: PORT,
         help: "HTTP port for metrics and health",
         set: |c, v| c.worker.port = Some(v),
+    },
+    HttpBindAddress {
+        key: "worker.httpBindAddress",
+        env: "HTTP_BIND_ADDRESS",
+        flag: Some("--http-bind-address"),
+        kind: IP_ADDR,
+        help: "Address the HTTP port listens on (default 0.0.0.0: every IPv4 address)",
+        set: |c, v| c.worker.http_bind_address = Some(v.to_string()),
     },
     Tags {
         key: "worker.tags",

@@ -117,6 +117,7 @@ fn invalid_values_name_their_key() {
         "nats:\n  maxReconnectAttempts: 0\n",
         "nats:\n  mode: sideways\n",
         "worker:\n  port: 70000\n",
+        "worker:\n  httpBindAddress: localhost\n",
         "cluster:\n  worker:\n    port: 1\nworker:\n  port: 2\n",
         "worker: [1, 2]\n",
         "a: &a [1]\nb: *a\n",
@@ -335,4 +336,50 @@ fn logging_file_names_the_file_the_logs_go_to() {
     assert_eq!(yaml("").unwrap().logging.file, None);
     let err = yaml("logging:\n  file: ''\n").unwrap_err().to_string();
     assert_eq!(err, "config key logging.file: is empty");
+}
+
+#[test]
+fn the_http_port_binds_the_configured_address() {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    // All IPv4 addresses unless configured otherwise, as before the setting existed.
+    assert_eq!(
+        yaml("").unwrap().node.http_bind_address,
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    );
+    let cases = [
+        ("127.0.0.1", IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        ("'::1'", IpAddr::V6(Ipv6Addr::LOCALHOST)),
+        ("'::'", IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+        ("192.0.2.7", IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))),
+    ];
+    for (text, address) in cases {
+        let c = yaml(&format!("worker:\n  httpBindAddress: {text}\n")).unwrap();
+        assert_eq!(c.node.http_bind_address, address, "{text}");
+        let c = yaml(&format!("worker:\n  http_bind_address: {text}\n")).unwrap();
+        assert_eq!(c.node.http_bind_address, address, "snake_case {text}");
+    }
+    let c = load(None, &env(&[("MLX_WORKER_HTTP_BIND_ADDRESS", "::1")]), &[]).unwrap();
+    assert_eq!(c.node.http_bind_address, IpAddr::V6(Ipv6Addr::LOCALHOST));
+    // A host name, a bracketed literal or an address with a port is not an address.
+    for text in ["localhost", "'[::1]'", "'127.0.0.1:8080'", "''"] {
+        let err = yaml(&format!("worker:\n  httpBindAddress: {text}\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("config key worker.httpBindAddress: ")
+                && err.contains("is not an IP address"),
+            "{text}: {err}"
+        );
+    }
+    let err = load(
+        None,
+        &env(&[("MLX_WORKER_HTTP_BIND_ADDRESS", "localhost")]),
+        &[],
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "environment variable MLX_WORKER_HTTP_BIND_ADDRESS (worker.httpBindAddress): \
+         \"localhost\" is not an IP address (an IPv4 or IPv6 literal such as 127.0.0.1 or ::1)"
+    );
 }

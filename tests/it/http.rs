@@ -20,25 +20,29 @@ use tokio_util::sync::CancellationToken;
 
 use crate::harness::*;
 
-/// GET `path`; returns the status code and the body.
+/// GET `path` from the worker's HTTP port on the loopback address; the status and the body.
 async fn get(port: u16, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
+    get_from(("127.0.0.1", port), path).await.unwrap()
+}
+
+/// GET `path` from `addr` in HTTP/1.0, so the server sends the body whole and closes; the
+/// status and the body, or why the connection failed.
+pub(crate) async fn get_from(
+    addr: impl tokio::net::ToSocketAddrs,
+    path: &str,
+) -> std::io::Result<(u16, String)> {
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await?;
     let mut response = String::new();
-    within("an HTTP response", stream.read_to_string(&mut response))
-        .await
-        .unwrap();
+    within("an HTTP response", stream.read_to_string(&mut response)).await?;
     let status = response[9..12].parse().unwrap();
     let body = response
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap();
-    (status, body)
+    Ok((status, body))
 }
 
 /// Checks the Prometheus text format and returns every sample by its full name with labels.

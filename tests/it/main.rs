@@ -16,6 +16,7 @@ mod harness;
 mod http;
 mod instance;
 mod logging;
+mod operator;
 mod privilege;
 mod probe;
 mod service;

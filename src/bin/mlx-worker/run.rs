@@ -119,7 +119,8 @@ async fn seams(config: &WorkerConfig, worker_id: &str) -> Result<(Deps, TcpListe
             return Err(ExitCode::from(EX_UNAVAILABLE));
         }
     };
-    let listener = match TcpListener::bind(("0.0.0.0", config.node.port)).await {
+    let address = (config.node.http_bind_address, config.node.port);
+    let listener = match TcpListener::bind(address).await {
         Ok(l) => l,
         Err(e) => {
             error!(port = config.node.port, cause = %e, "cannot open the HTTP port");

@@ -3,6 +3,7 @@
 //! and defaults.
 
 use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,12 +11,13 @@ use super::{bounded, invalid, millis, millis_or};
 use crate::config::raw::{
     RawDefaults, RawDiscovery, RawLimits, RawRuntime, RawTierLimit, RawWorker,
 };
+use crate::config::setting::IP_ADDR;
 use crate::config::{
     ConfigError, DEFAULT_DEGRADED_ERROR_RATIO, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL,
-    DEFAULT_LATE_SUBSCRIBER_WAIT, DEFAULT_MAX_TOKENS, DEFAULT_PORT, DEFAULT_PRIORITY,
-    DEFAULT_QUEUE_DEPTH, DEFAULT_REQUEST_TIMEOUT, DEFAULT_REREGISTER_EVERY_HEARTBEATS,
-    DEFAULT_STATE_DIR, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationDefaults, NodeConfig,
-    TierLimit,
+    DEFAULT_HTTP_BIND_ADDRESS, DEFAULT_LATE_SUBSCRIBER_WAIT, DEFAULT_MAX_TOKENS, DEFAULT_PORT,
+    DEFAULT_PRIORITY, DEFAULT_QUEUE_DEPTH, DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_REREGISTER_EVERY_HEARTBEATS, DEFAULT_STATE_DIR, DEFAULT_TEMPERATURE, DEFAULT_TOP_P,
+    GenerationDefaults, NodeConfig, TierLimit,
 };
 use crate::limits::{
     DRAIN_TIMEOUT_MAX, HEARTBEAT_INTERVAL_MIN, INFLIGHT_REQUESTS_MAX, LATE_SUBSCRIBER_WAIT_MAX,
@@ -48,6 +50,7 @@ pub(super) fn resolve_node(
             .clone()
             .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
         port: w.port.unwrap_or(DEFAULT_PORT),
+        http_bind_address: http_bind_address(w)?,
         tags,
         priority,
         heartbeat_interval: heartbeat_interval(d)?,
@@ -88,6 +91,17 @@ pub(super) fn resolve_node(
         generation_defaults,
         degraded_error_ratio,
     })
+}
+
+/// The address the HTTP port listens on, read as the environment's and the flags' are.
+fn http_bind_address(w: &RawWorker) -> Result<IpAddr, ConfigError> {
+    w.http_bind_address
+        .as_deref()
+        .map_or(Ok(DEFAULT_HTTP_BIND_ADDRESS), |text| {
+            IP_ADDR
+                .read(text)
+                .map_err(|reason| invalid("worker.httpBindAddress", reason))
+        })
 }
 
 /// The operator's labels: at most [`TAGS_MAX`], each 1 to [`TAG_BYTES_MAX`] bytes.

@@ -21,6 +21,7 @@ fn example(value_name: &str) -> &'static str {
         "N" => "7",
         "MS" => "1234",
         "0-100" => "42",
+        "ADDR" => "::1",
         "embedded|external" => "external",
         "text|json" => "json",
         other => panic!("no example for values of kind {other}: add one here"),
