@@ -5,7 +5,8 @@
 //! snake_case spellings accepted as aliases and a top-level `cluster:` wrapper allowed. Sections
 //! that only the controller reads (`controller`, `workers`, `loadBalancing`, `requestRouting`)
 //! are accepted and ignored, so one file serves both; any other unknown key is an error naming
-//! the key and its line. Environment variables and flags set individual [`Setting`]s, all
+//! the key and its line. Of `controller`, the worker reads only where the controller listens,
+//! to refuse a worker port that the controller this file runs on the same host also binds. Environment variables and flags set individual [`Setting`]s, all
 //! declared in one table (`setting.rs`) from which the variables, the flags ([`Flags`]) and
 //! their help are derived.
 //!

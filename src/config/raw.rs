@@ -21,8 +21,9 @@ pub(super) struct RawConfig {
     pub(super) discovery: RawDiscovery,
     pub(super) runtime: RawRuntime,
     pub(super) logging: RawLogging,
-    // Sections only the controller reads.
-    pub(super) controller: Option<IgnoredAny>,
+    // Sections only the controller reads; of `controller`, the worker reads what tells whether
+    // the two would bind one port on this host.
+    pub(super) controller: Option<Foreign<RawController>>,
     pub(super) workers: Option<IgnoredAny>,
     pub(super) load_balancing: Option<IgnoredAny>,
     // The existing controller's shipped file spells this section in snake_case, and its
@@ -30,6 +31,42 @@ pub(super) struct RawConfig {
     #[serde(rename = "load_balancing")]
     pub(super) load_balancing_snake: Option<IgnoredAny>,
     pub(super) request_routing: Option<IgnoredAny>,
+}
+
+/// The controller's section, of which the worker reads only where the controller's HTTP server
+/// listens. Any other key, and any value the worker cannot read, is the controller's to judge.
+#[derive(Debug, Default, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+pub(super) struct RawController {
+    pub(super) enabled: Option<Foreign<bool>>,
+    #[serde(alias = "bind_address")]
+    pub(super) bind_address: Option<Foreign<String>>,
+    pub(super) port: Option<Foreign<u16>>,
+    #[serde(alias = "dashboard_port")]
+    pub(super) dashboard_port: Option<Foreign<u16>>,
+}
+
+/// A value in a section another program validates: the value, or `Unreadable` when it is not
+/// of the type the worker expects, which is no error of the worker's.
+#[derive(Debug, PartialEq)]
+pub(super) enum Foreign<T> {
+    Value(T),
+    Unreadable,
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Foreign<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Either<T> {
+            Value(T),
+            Other(IgnoredAny),
+        }
+        Ok(match Either::deserialize(d)? {
+            Either::Value(v) => Foreign::Value(v),
+            Either::Other(_) => Foreign::Unreadable,
+        })
+    }
 }
 
 #[derive(Debug, PartialEq, Deserialize)]

@@ -383,3 +383,84 @@ fn the_http_port_binds_the_configured_address() {
          \"localhost\" is not an IP address (an IPv4 or IPv6 literal such as 127.0.0.1 or ::1)"
     );
 }
+
+/// The existing controller's file with its controller enabled, as on a host that runs both.
+fn controller_enabled(extra_worker: &str, controller_bind: &str) -> String {
+    let text = std::fs::read_to_string(repo("fixtures/config/existing-controller.yaml")).unwrap();
+    let enabled = text.replace(
+        "controller:\n  enabled: false\n  bindAddress: 0.0.0.0\n",
+        &format!("controller:\n  enabled: true\n  bindAddress: {controller_bind}\n"),
+    );
+    assert_ne!(enabled, text, "the fixture's controller section moved");
+    enabled.replace(
+        "worker:\n  port: 8080\n",
+        &format!("worker:\n{extra_worker}"),
+    )
+}
+
+#[test]
+fn a_worker_port_the_controller_on_the_same_host_binds_is_refused() {
+    let check = |text: &str, overrides: &[Override]| {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        load(Some(file.path()), overrides, &[]).map(|c| c.node.port)
+    };
+    // The controller's own file, both ports 8080, the controller enabled on this host.
+    let err = check(&controller_enabled("  port: 8080\n", "0.0.0.0"), &[])
+        .unwrap_err()
+        .to_string();
+    insta::assert_snapshot!("shared_port", err);
+    // Its dashboard port counts too.
+    let err = check(&controller_enabled("  port: 8081\n", "0.0.0.0"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("config key worker.port: 8081 is also controller.dashboardPort 8081"),
+        "{err}"
+    );
+    // The fix the message names works, from the environment as from a flag.
+    let fixed = env(&[("MLX_WORKER_PORT", "8090")]);
+    assert_eq!(
+        check(&controller_enabled("  port: 8080\n", "0.0.0.0"), &fixed).unwrap(),
+        8090
+    );
+    let flag = [flag(Setting::Port, "--port", "8090")];
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), controller_enabled("  port: 8080\n", "0.0.0.0")).unwrap();
+    assert_eq!(load(Some(file.path()), &[], &flag).unwrap().node.port, 8090);
+    // The worker does not share the port when the controller does not run here, when the
+    // system picks the worker's port, or when the two bind different addresses.
+    let ok = [
+        controller_enabled("  port: 8080\n", "0.0.0.0").replace("mode: both\n", "mode: worker\n"),
+        controller_enabled("  port: 0\n", "0.0.0.0"),
+        controller_enabled("  port: 8080\n  httpBindAddress: 127.0.0.1\n", "192.0.2.1"),
+        controller_enabled("  port: 8080\n  httpBindAddress: '::1'\n", "127.0.0.1"),
+    ];
+    for text in ok {
+        assert!(check(&text, &[]).is_ok(), "{text}");
+    }
+    // Without `mode`, the controller's default is both roles.
+    let err = check(
+        &controller_enabled("  port: 8080\n", "0.0.0.0").replace("mode: both\n", ""),
+        &[],
+    );
+    assert!(err.is_err());
+    // Overlapping addresses: the same one, or either side on every address of its family
+    // (`::` takes IPv4 too, as dual-stack sockets do by default).
+    let clash = [
+        ("  port: 8080\n  httpBindAddress: 127.0.0.1\n", "127.0.0.1"),
+        ("  port: 8080\n  httpBindAddress: 127.0.0.1\n", "0.0.0.0"),
+        ("  port: 8080\n  httpBindAddress: 127.0.0.1\n", "'::'"),
+        ("  port: 8080\n  httpBindAddress: '::'\n", "192.0.2.1"),
+    ];
+    for (worker, bind) in clash {
+        assert!(
+            check(&controller_enabled(worker, bind), &[]).is_err(),
+            "{worker} {bind}"
+        );
+    }
+    // A controller section the worker cannot read (the controller validates it) is no error.
+    let odd = "controller:\n  enabled: true\n  port: eighty\n  bindAddress: [1]\n";
+    assert_eq!(yaml(odd).unwrap().node.port, 8080);
+    assert_eq!(yaml("controller: 8080\n").unwrap().node.port, 8080);
+}

@@ -1,6 +1,7 @@
 //! [`RawConfig`] to the checked [`WorkerConfig`], one section per file: every value in its
 //! range, defaults filled in, and each mistake reported with its dotted key.
 
+mod controller;
 mod engine;
 mod logging;
 mod nats;
@@ -20,9 +21,12 @@ impl RawConfig {
                 "is controller, which runs no worker, must be worker or both",
             ));
         }
+        let nats = nats::resolve_nats(self.nats)?;
+        let node = node::resolve_node(&self.worker, &self.discovery, &self.runtime)?;
+        controller::check_shared_host(self.mode.as_ref(), self.controller.as_ref(), &node)?;
         Ok(WorkerConfig {
-            nats: nats::resolve_nats(self.nats)?,
-            node: node::resolve_node(&self.worker, &self.discovery, &self.runtime)?,
+            nats,
+            node,
             engine: engine::resolve_engine(&self.worker, self.runtime)?,
             logging: logging::resolve_logging(self.logging)?,
         })
