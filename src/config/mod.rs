@@ -152,6 +152,18 @@ pub struct NatsConfig {
     pub ping_interval: Duration,
 }
 
+impl NatsConfig {
+    /// This configuration for the connection of a helper command (`infer`, `watch`) on `host`:
+    /// named `<name>-<command>@<host>` (`mlx-worker-watch@studio-a`), so that a server's
+    /// connection list tells it from the workers, which connect as `<name>`.
+    pub fn for_command(&self, command: &str, host: &str) -> NatsConfig {
+        NatsConfig {
+            name: format!("{}-{command}@{host}", self.name),
+            ..self.clone()
+        }
+    }
+}
+
 /// The embedded `nats-server` the worker starts itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EmbeddedNats {

@@ -1,7 +1,12 @@
 // Goal: `mlx-worker infer` streams tokens to the terminal as they arrive, and its `--json`
-// mode prints the wire messages; exit codes follow the outcome.
+// mode prints the wire messages; exit codes follow the outcome. `infer` and `watch` connect
+// under names of their own, so a server's connection list tells them from the workers, and
+// `watch` warns when its subject would make workers take it for a client listening on
+// `response.{requestId}`.
 // Method: a worker whose simulated engine spaces tokens 150 ms apart, on a real nats-server;
-// the real binary as a child process, its stdout read chunk by chunk with arrival times.
+// the real binary as a child process, its stdout read chunk by chunk with arrival times; the
+// server's monitoring endpoint (`/connz`) for the connection names; the first line `watch`
+// writes on stderr.
 
 use std::process::Stdio;
 use std::sync::Arc;
@@ -9,9 +14,10 @@ use std::time::Duration;
 
 use mlx_worker::clock::{Clock, SystemClock};
 use mlx_worker_sim::{SimEngine, SimEngineConfig};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use crate::harness::*;
+use crate::http::get_from;
 
 async fn infer(url: &str, extra: &[&str]) -> (Vec<(Duration, String)>, i32) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mlx-worker"))
@@ -114,6 +120,7 @@ async fn infer_prints_tokens_as_they_arrive() {
         .output();
     let out = within("two heartbeats", out).await.unwrap();
     assert_eq!(out.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "no warning");
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2);
@@ -124,4 +131,114 @@ async fn infer_prints_tokens_as_they_arrive() {
         "{text}"
     );
     worker.stop().await;
+}
+
+/// `mlx-worker <args>` as a child process, killed when dropped.
+fn command(args: &[&str], stderr: Stdio) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_mlx-worker"))
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// The names of the connections the server at monitoring port `monitor` lists.
+async fn connection_names(monitor: u16) -> Vec<String> {
+    let (status, body) = get_from(("127.0.0.1", monitor), "/connz").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let connz: serde_json::Value = serde_json::from_str(&body).unwrap();
+    connz["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infer_and_watch_connect_under_names_of_their_own() {
+    let monitor = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let server = NatsServer::start_with(&["-m", &monitor.to_string()]).await;
+    let config = test_config(&server.url(), "");
+    let worker = RunningWorker::start(
+        "w-names",
+        &config,
+        Arc::new(SimEngine::new(SimEngineConfig::default())),
+        vec![],
+    )
+    .await;
+    let url = server.url();
+    let _watch = command(&["watch", "--nats-url", &url], Stdio::null());
+    // A request nobody answers keeps `infer` connected while the server is asked.
+    let _infer = command(
+        &[
+            "infer",
+            "--nats-url",
+            &url,
+            "--worker",
+            "nobody",
+            "--model",
+            "sim/tiny",
+            "--prompt",
+            "x",
+        ],
+        Stdio::null(),
+    );
+    let host = mlx_worker::identity::hostname();
+    let (watch, infer) = (
+        format!("mlx-worker-watch@{host}"),
+        format!("mlx-worker-infer@{host}"),
+    );
+    // The server has no event for a new connection: ask it until both are listed.
+    let mut names = Vec::new();
+    let listed = tokio::time::timeout(PATIENCE, async {
+        loop {
+            names = connection_names(monitor).await;
+            if names.contains(&watch) && names.contains(&infer) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        listed.is_ok(),
+        "no {watch} and {infer} within {PATIENCE:?} in {names:?}"
+    );
+    // The worker keeps the configured name; no one else takes it.
+    let workers = names.iter().filter(|n| *n == "mlx-worker").count();
+    assert_eq!(workers, 1, "{names:?}");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn watch_warns_when_its_subject_covers_the_response_subjects() {
+    let server = NatsServer::start().await;
+    let url = server.url();
+    for subject in ["response.>", ">", "*.*", "response.*"] {
+        let mut watch = command(
+            &["watch", "--nats-url", &url, "--subject", subject],
+            Stdio::piped(),
+        );
+        let mut stderr = BufReader::new(watch.stderr.take().unwrap()).lines();
+        let line = within("the warning", stderr.next_line())
+            .await
+            .unwrap()
+            .unwrap_or_default();
+        assert!(
+            line.starts_with("mlx-worker watch: warning: ") && line.contains(subject),
+            "{subject}: {line}"
+        );
+        // It says why: the leading tokens a late subscriber may then miss.
+        assert!(
+            line.contains("response.<requestId>") && line.contains("miss the leading tokens"),
+            "{line}"
+        );
+        watch.kill().await.unwrap();
+    }
 }

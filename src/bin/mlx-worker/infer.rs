@@ -1,4 +1,5 @@
-//! `mlx-worker infer`: sends one request and prints its tokens as they arrive.
+//! `mlx-worker infer`: sends one request and prints its tokens as they arrive, connected under a
+//! name of its own.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -68,7 +69,8 @@ async fn infer_inner(config: &WorkerConfig, args: &InferArgs) -> anyhow::Result<
                 )
             })?,
     };
-    let transport = NatsTransport::connect(&config.nats).await?;
+    let nats = config.nats.for_command("infer", &identity::hostname());
+    let transport = NatsTransport::connect(&nats).await?;
     let mut connection = transport.connection();
     tokio::time::timeout(
         Duration::from_secs(10),

@@ -48,7 +48,8 @@ enum Command {
     /// Send one request and print its tokens as they arrive.
     Infer(InferArgs),
     /// Print the messages on a subject as they pass (default `worker.>`: registrations,
-    /// heartbeats, deregistrations), one `<subject> <payload>` line each.
+    /// heartbeats, deregistrations), one `<subject> <payload>` line each; warns when the
+    /// subject covers `response.<requestId>`, where workers would take it for a client.
     Watch(WatchArgs),
     /// Print the detected hardware profile and concurrency recommendations as JSON.
     Probe(Flags),

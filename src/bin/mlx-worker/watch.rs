@@ -1,10 +1,13 @@
-//! `mlx-worker watch`: prints the messages on a subject as they pass.
+//! `mlx-worker watch`: prints the messages on a subject as they pass, connected under a name
+//! of its own, and warns at start when its subject would take response streams.
 
 use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Args;
 use mlx_worker::config::Flags;
+use mlx_worker::identity;
+use mlx_worker::protocol::subject::check_token;
 use mlx_worker::transport::Transport;
 use mlx_worker::transport::nats::NatsTransport;
 
@@ -27,8 +30,18 @@ pub(crate) async fn watch(args: WatchArgs) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if covers_responses(&args.subject) {
+        eprintln!(
+            "mlx-worker watch: warning: subject {:?} covers response.<requestId> subjects; a \
+             worker holds a stream's first token until someone listens there and counts this \
+             watch as that listener, so a controller that subscribes after sending its request \
+             may miss the leading tokens",
+            args.subject
+        );
+    }
+    let nats = config.nats.for_command("watch", &identity::hostname());
     let result: anyhow::Result<()> = async {
-        let transport = NatsTransport::connect(&config.nats).await?;
+        let transport = NatsTransport::connect(&nats).await?;
         let mut sub = transport.subscribe(args.subject.clone(), None).await?;
         let mut seen = 0u64;
         let mut out = std::io::stdout().lock();
@@ -54,3 +67,20 @@ pub(crate) async fn watch(args: WatchArgs) -> ExitCode {
         }
     }
 }
+
+/// Whether NATS would deliver some `response.{requestId}` message to a subscription on
+/// `pattern`: `*` stands for one token, a final `>` for one or more, and a request id is one
+/// token.
+fn covers_responses(pattern: &str) -> bool {
+    match pattern.split('.').collect::<Vec<_>>().as_slice() {
+        [">"] => true,
+        [first, second] => {
+            matches!(*first, "response" | "*")
+                && (matches!(*second, "*" | ">") || check_token(second).is_ok())
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests;
