@@ -464,3 +464,17 @@ fn a_worker_port_the_controller_on_the_same_host_binds_is_refused() {
     assert_eq!(yaml(odd).unwrap().node.port, 8080);
     assert_eq!(yaml("controller: 8080\n").unwrap().node.port, 8080);
 }
+
+#[test]
+fn the_example_worker_id_is_a_uuid_the_worker_accepts() {
+    let text = std::fs::read_to_string(repo("config/cluster.yaml")).unwrap();
+    let id = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("# workerId:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("config/cluster.yaml shows an example workerId");
+    // The controller's schema expects a UUID.
+    assert!(uuid::Uuid::parse_str(id).is_ok(), "{id} is not a UUID");
+    let c = yaml(&format!("worker:\n  workerId: {id}\n")).unwrap();
+    assert_eq!(c.node.worker_id.as_deref(), Some(id));
+}
