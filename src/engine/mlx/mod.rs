@@ -17,6 +17,7 @@
 //! worker even when the worker is killed.
 
 mod conn;
+mod stderr;
 mod supervisor;
 
 use std::path::PathBuf;

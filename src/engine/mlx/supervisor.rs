@@ -17,29 +17,25 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::BufReader;
-use tokio::process::{Child, ChildStderr, Command};
+use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::conn::{CallError, Conn, lock};
+use super::stderr;
 use crate::clock::Clock;
 use crate::config::EngineConfig;
-use crate::engine::rpc::{self, GetInfo, Line};
+use crate::engine::rpc::GetInfo;
 use crate::engine::{EngineError, EngineHealth, LoadedModel};
 
-/// The line the runtime prints on stderr once it reads stdin.
-const READY_LINE: &str = "MLX Runtime ready";
 /// Period of the liveness ping.
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// First restart delay; doubles per consecutive restart up to [`RESTART_DELAY_MAX`].
 const RESTART_DELAY_MIN: Duration = Duration::from_millis(250);
 /// Longest restart delay.
 const RESTART_DELAY_MAX: Duration = Duration::from_secs(30);
-/// Longest stderr line forwarded to the log.
-const STDERR_LINE_BYTES_MAX: usize = 64 * 1024;
 /// How long a child whose stdin is closed gets to exit before it is killed.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
 
@@ -220,7 +216,7 @@ async fn run_child(
         return "the runtime's pipes are missing".to_owned();
     };
     let (ready_tx, ready_rx) = oneshot::channel();
-    let stderr_task = tokio::spawn(forward_stderr(stderr, ready_tx));
+    let stderr_task = tokio::spawn(stderr::forward(stderr, ready_tx));
     let (conn, pipes) = Conn::start(stdin, stdout);
     let outcome = serve(runtime, stop, first, &mut child, &conn, ready_rx).await;
     // Whatever ended the child's run, make sure it is gone: its stdin closes (it exits by
@@ -329,27 +325,4 @@ async fn ready(
         "runtime info"
     );
     Ok(())
-}
-
-/// Forwards the child's stderr lines into the log and reports its readiness line.
-async fn forward_stderr(stderr: ChildStderr, ready: oneshot::Sender<()>) {
-    let mut ready = Some(ready);
-    let mut reader = BufReader::new(stderr);
-    let mut buf = Vec::new();
-    loop {
-        match rpc::read_line(&mut reader, &mut buf, STDERR_LINE_BYTES_MAX).await {
-            Ok(Line::Complete(bytes)) => {
-                let text = String::from_utf8_lossy(&bytes);
-                let text = text.trim_end();
-                if text == READY_LINE
-                    && let Some(tx) = ready.take()
-                {
-                    let _ = tx.send(());
-                }
-                info!(target: "mlx_worker::runtime", "runtime: {text}");
-            }
-            Ok(Line::TooLong { len }) => warn!(len, "runtime: (stderr line too long, skipped)"),
-            Ok(Line::Eof) | Err(_) => return,
-        }
-    }
 }
