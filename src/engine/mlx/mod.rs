@@ -17,6 +17,7 @@
 //! worker even when the worker is killed.
 
 mod conn;
+mod redaction;
 mod stderr;
 mod supervisor;
 
@@ -126,7 +127,9 @@ impl MlxEngine {
         Ok(state.active_streams.unwrap_or(0))
     }
 
-    fn catalog_entry(&self, model_id: &str) -> Result<PathBuf, EngineError> {
+    /// The model's directory, resolved, and the model directory's spellings (as configured
+    /// and resolved) for [`redaction::without_paths`].
+    fn catalog_entry(&self, model_id: &str) -> Result<(PathBuf, Vec<PathBuf>), EngineError> {
         let not_found = || EngineError::ModelNotFound {
             model: model_id.to_owned(),
         };
@@ -134,8 +137,14 @@ impl MlxEngine {
         let catalog = lock(&self.catalog).clone();
         let catalog = match catalog {
             Some(c) => c,
-            None => catalog::scan(&config.model_dir).map_err(|e| EngineError::Unavailable {
-                reason: e.to_string(),
+            None => catalog::scan(&config.model_dir).map_err(|e| {
+                warn!(cause = %e, "cannot scan the model directory");
+                EngineError::Unavailable {
+                    reason: redaction::without_paths(
+                        &e.to_string(),
+                        std::slice::from_ref(&config.model_dir),
+                    ),
+                }
             })?,
         };
         let entry = catalog.models.get(model_id).ok_or_else(not_found)?;
@@ -145,7 +154,7 @@ impl MlxEngine {
         if !path.starts_with(&root) {
             return Err(not_found());
         }
-        Ok(path)
+        Ok((path, vec![root, config.model_dir.clone()]))
     }
 }
 
@@ -169,7 +178,7 @@ impl Engine for MlxEngine {
         if let Some(model) = self.runtime.loaded(model_id) {
             return Ok(model);
         }
-        let path = self.catalog_entry(model_id)?;
+        let (path, roots) = self.catalog_entry(model_id)?;
         let conn = self.runtime.conn()?;
         let local_path = path.display().to_string();
         let params = LoadModel {
@@ -180,10 +189,15 @@ impl Engine for MlxEngine {
             .call(&params, self.runtime.config.load_timeout)
             .await
             .map_err(|e| match e {
-                CallError::Rpc(rpc) => EngineError::LoadFailed {
-                    model: model_id.to_owned(),
-                    reason: rpc.message,
-                },
+                CallError::Rpc(rpc) => {
+                    // The operator gets the runtime's words; the client, the same without
+                    // the host's paths.
+                    warn!(model = model_id, path = %local_path, reason = %rpc.message, "model failed to load");
+                    EngineError::LoadFailed {
+                        model: model_id.to_owned(),
+                        reason: redaction::without_paths(&rpc.message, &roots),
+                    }
+                }
                 other => other.into_engine("load_model"),
             })?;
         let model = LoadedModel {
