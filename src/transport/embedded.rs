@@ -235,6 +235,7 @@ impl EmbeddedServer {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
+            .process_group(0) // Signals for the worker's group are the worker's to act on.
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| failed(format!("cannot run {}: {e}", binary.display())))?;

@@ -16,6 +16,9 @@
 //! protocol. The child also exits by itself when its stdin closes, so it cannot outlive the
 //! worker even when the worker is killed.
 
+#[cfg(test)]
+mod tests;
+
 mod conn;
 mod redaction;
 mod stderr;
@@ -115,6 +118,12 @@ impl MlxEngine {
                 reason: "the supervisor ended".to_owned(),
             }),
         }
+    }
+
+    /// Marks the start of the worker's stop: the runtime keeps serving the drain, but one that
+    /// exits from now on is not restarted.
+    pub fn begin_stop(&self) {
+        self.runtime.begin_stop();
     }
 
     /// Generations the runtime itself counts as live (its `runtime/state`).
@@ -270,6 +279,8 @@ impl Engine for MlxEngine {
         let Some(supervisor) = lock(&self.supervisor).take() else {
             return;
         };
+        // Before the runtime is told: it exits once it has answered, and that is no crash.
+        self.runtime.begin_stop();
         if let Ok(conn) = self.runtime.conn() {
             match conn.call(&Shutdown {}, grace).await {
                 Ok(_) => debug!("runtime acknowledged shutdown"),

@@ -5,6 +5,11 @@
 //! child's run, its stdin is closed (the runtime exits by itself at the end of its input) and it
 //! is killed if it lingers.
 //!
+//! The child runs in a process group of its own, so a signal sent to the worker's group (by
+//! `timeout`, `kill -- -PGID`, a terminal's Ctrl-C, some supervisors) reaches the worker
+//! alone, which drains and then stops the child itself. Once the engine is stopping, a child
+//! that exits is not restarted: its run is over, not crashed.
+//!
 //! It owns the child process, the engine's health and the record of the models loaded in the
 //! live child. It makes no call beyond readiness and liveness: lines and their routing are the
 //! connection's (`conn`), the engine's calls the engine face's (`mlx`).
@@ -50,6 +55,9 @@ pub(super) struct Runtime {
     health: watch::Sender<EngineHealth>,
     /// Models loaded in the live child; cleared when it ends.
     loaded: Mutex<BTreeMap<String, LoadedModel>>,
+    /// Fired when the engine starts stopping (the worker's stop began, or `shutdown`); from
+    /// then on a child that exits is not restarted.
+    stopping: CancellationToken,
 }
 
 impl Runtime {
@@ -61,7 +69,13 @@ impl Runtime {
             conn: Mutex::new(None),
             health: watch::Sender::new(EngineHealth::Starting),
             loaded: Mutex::new(BTreeMap::new()),
+            stopping: CancellationToken::new(),
         }
+    }
+
+    /// Marks the engine as stopping: a child that exits from now on is not restarted.
+    pub(super) fn begin_stop(&self) {
+        self.stopping.cancel();
     }
 
     /// The live child's connection, or why there is none.
@@ -70,6 +84,7 @@ impl Runtime {
             .clone()
             .ok_or_else(|| EngineError::Unavailable {
                 reason: match *self.health.borrow() {
+                    _ if self.stopping.is_cancelled() => "the MLX runtime is stopping".to_owned(),
                     EngineHealth::Down => "the MLX runtime is down".to_owned(),
                     _ => "the MLX runtime is starting".to_owned(),
                 },
@@ -155,8 +170,8 @@ impl RestartBudget {
     }
 }
 
-/// Starts, watches and restarts the child until `stop` fires or the budget runs out. `first`
-/// hears how the first start went.
+/// Starts, watches and restarts the child until `stop` fires, the engine is stopping or the
+/// budget runs out. `first` hears how the first start went.
 pub(super) async fn supervise(
     runtime: Arc<Runtime>,
     stop: CancellationToken,
@@ -167,9 +182,9 @@ pub(super) async fn supervise(
     loop {
         let outcome = run_child(&runtime, &stop, &mut first).await;
         runtime.forget_child(&outcome);
-        if stop.is_cancelled() {
+        if stop.is_cancelled() || runtime.stopping.is_cancelled() {
             runtime.health.send_replace(EngineHealth::Down);
-            info!("runtime stopped");
+            info!(cause = %outcome, "runtime stopped");
             return;
         }
         if let Some(first) = first.take() {
@@ -192,6 +207,11 @@ pub(super) async fn supervise(
         tokio::select! {
             () = stop.cancelled() => {
                 runtime.health.send_replace(EngineHealth::Down);
+                return;
+            }
+            () = runtime.stopping.cancelled() => {
+                runtime.health.send_replace(EngineHealth::Down);
+                info!("runtime stopped before its restart");
                 return;
             }
             () = tokio::time::sleep(delay) => {}
@@ -243,15 +263,19 @@ async fn serve(
 ) -> String {
     let config = &runtime.config;
     let pid = child.id().unwrap_or(0);
-    if let Err(reason) = ready(
+    let readiness = ready(
         conn,
         runtime.clock.as_ref(),
         ready_line,
         config.startup_timeout,
-    )
-    .await
-    {
-        return reason;
+    );
+    tokio::select! {
+        outcome = readiness => {
+            if let Err(reason) = outcome {
+                return reason;
+            }
+        }
+        () = stop.cancelled() => return "stopped while starting".to_owned(),
     }
     info!(pid, "runtime ready");
     runtime.go_live(conn);
@@ -291,6 +315,8 @@ fn spawn(config: &EngineConfig) -> std::io::Result<Child> {
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        // Its own process group: signals for the worker's group are the worker's to act on.
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
 }
