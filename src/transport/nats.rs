@@ -2,7 +2,9 @@
 //!
 //! This is the only module that imports `async_nats`. It owns the client's options (server
 //! list, name, credentials, ping interval, reconnect backoff, subscription capacity), turns the
-//! client's events into [`ConnectionState`] updates, and implements the listener check of
+//! client's events into [`ConnectionState`] updates (and notes when the client gave up
+//! reconnecting, after `nats.maxReconnectAttempts` failed attempts: the link is then gone for
+//! good and the subscriptions end), and implements the listener check of
 //! [`Transport::publish_if_listened`] with NATS's no-responders status:
 //!
 //! 1. publish the message with a reply subject `<inbox>.a.<n>` in this connection's private
@@ -21,13 +23,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::{ConnectErrorKind, ConnectOptions, Event, StatusCode, rustls};
+use async_nats::{ClientError, ConnectErrorKind, ConnectOptions, Event, StatusCode, rustls};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::{ConnectionState, InboundMessage, Subscription, Transport, TransportError};
 use crate::backoff::Backoff;
@@ -83,6 +85,8 @@ pub struct NatsTransport {
     pending: Pending,
     /// The inbox reader task; aborted when the transport is dropped.
     reader: JoinHandle<()>,
+    /// Set by the event callback when the client gave up reconnecting.
+    gave_up: Arc<AtomicBool>,
 }
 
 impl NatsTransport {
@@ -98,9 +102,14 @@ impl NatsTransport {
             reconnects: 0,
         });
         let state_tx = Arc::new(state_tx);
+        let gave_up = Arc::new(AtomicBool::new(false));
+        let events = Events {
+            state_tx,
+            gave_up: gave_up.clone(),
+        };
         let attempt = tokio::time::timeout(
             NATS_CONNECT_TIMEOUT,
-            options(config, state_tx.clone())
+            options(config, events.clone())
                 .await?
                 .connect(config.servers.clone()),
         )
@@ -129,12 +138,10 @@ impl NatsTransport {
                             reason: describe_tls_failure(tls),
                         });
                     }
-                    None => {
-                        retry_in_background(config, state_tx, &servers, &err.to_string()).await?
-                    }
+                    None => retry_in_background(config, events, &servers, &err.to_string()).await?,
                 },
             },
-            Err(_) => retry_in_background(config, state_tx, &servers, "timed out").await?,
+            Err(_) => retry_in_background(config, events, &servers, "timed out").await?,
         };
         let inbox = client.new_inbox();
         let pending: Pending = Arc::default();
@@ -154,6 +161,7 @@ impl NatsTransport {
             next_check: AtomicU64::new(0),
             pending,
             reader,
+            gave_up,
         })
     }
 
@@ -186,6 +194,12 @@ impl NatsTransport {
                 }),
             },
         }
+    }
+
+    /// Whether the client gave up reconnecting (its `nats.maxReconnectAttempts` attempts
+    /// failed): the link is gone for good and every subscription has ended.
+    pub fn gave_up_reconnecting(&self) -> bool {
+        self.gave_up.load(Ordering::Relaxed)
     }
 
     fn check_size(&self, len: usize) -> Result<(), TransportError> {
@@ -257,7 +271,7 @@ fn describe_tls_failure(err: &rustls::Error) -> String {
 
 async fn retry_in_background(
     config: &NatsConfig,
-    state_tx: Arc<watch::Sender<ConnectionState>>,
+    events: Events,
     servers: &str,
     reason: &str,
 ) -> Result<async_nats::Client, ConnectError> {
@@ -265,7 +279,7 @@ async fn retry_in_background(
         servers,
         reason, "message server unreachable, retrying in the background"
     );
-    options(config, state_tx)
+    options(config, events)
         .await?
         .retry_on_initial_connect()
         .connect(config.servers.clone())
@@ -276,10 +290,16 @@ async fn retry_in_background(
         })
 }
 
-async fn options(
-    config: &NatsConfig,
+/// Where the client's events go.
+#[derive(Clone)]
+struct Events {
+    /// The state the transport reports.
     state_tx: Arc<watch::Sender<ConnectionState>>,
-) -> Result<ConnectOptions, ConnectError> {
+    /// Set once the client gives up reconnecting.
+    gave_up: Arc<AtomicBool>,
+}
+
+async fn options(config: &NatsConfig, events: Events) -> Result<ConnectOptions, ConnectError> {
     let mut options = ConnectOptions::new()
         .name(&config.name)
         .ping_interval(config.ping_interval)
@@ -293,9 +313,9 @@ async fn options(
         .event_callback({
             let ever_connected = Arc::new(AtomicBool::new(false));
             move |event| {
-                let state_tx = state_tx.clone();
+                let events = events.clone();
                 let ever_connected = ever_connected.clone();
-                async move { on_event(&state_tx, &ever_connected, event) }
+                async move { on_event(&events, &ever_connected, event) }
             }
         });
     match &config.auth {
@@ -335,7 +355,33 @@ fn reconnect_backoff(max: Duration, seed: u64) -> Backoff {
     Backoff::new(NATS_RECONNECT_DELAY_MIN.min(max), max, seed)
 }
 
-fn on_event(state_tx: &watch::Sender<ConnectionState>, ever_connected: &AtomicBool, event: Event) {
+/// The longest the client waits between reconnect attempts in all before it gives up, when
+/// `nats.maxReconnectAttempts` limits them (`None` when it reconnects forever): the sum of the
+/// attempts' delay caps. The attempts themselves come on top: a server that is down refuses
+/// at once, one that does not answer takes up to [`NATS_CONNECT_TIMEOUT`] per attempt.
+pub fn reconnect_wait_max(config: &NatsConfig) -> Option<Duration> {
+    let attempts = config.max_reconnect_attempts?;
+    Some(reconnect_wait_total(attempts, config.reconnect_wait_max))
+}
+
+/// The sum of the delay caps of attempts `1..=attempts` with the bound `max`.
+fn reconnect_wait_total(attempts: usize, max: Duration) -> Duration {
+    let backoff = reconnect_backoff(max, 0);
+    let mut total = Duration::ZERO;
+    for attempt in 1..=attempts {
+        let cap = backoff.cap(u32::try_from(attempt).unwrap_or(u32::MAX));
+        if cap == max {
+            // From here on every attempt waits up to the bound.
+            let left = u32::try_from(attempts - attempt + 1).unwrap_or(u32::MAX);
+            return total.saturating_add(max.saturating_mul(left));
+        }
+        total += cap;
+    }
+    total
+}
+
+fn on_event(events: &Events, ever_connected: &AtomicBool, event: Event) {
+    let state_tx = &events.state_tx;
     match event {
         Event::Connected => {
             // The first connection is not a reconnect.
@@ -359,6 +405,10 @@ fn on_event(state_tx: &watch::Sender<ConnectionState>, ever_connected: &AtomicBo
         Event::LameDuckMode => warn!("message server entered lame duck mode"),
         Event::SlowConsumer(sid) => warn!(sid, "slow consumer: a subscription dropped messages"),
         Event::ServerError(err) => warn!(cause = %err, "message server error"),
+        Event::ClientError(ClientError::MaxReconnects) => {
+            events.gave_up.store(true, Ordering::Relaxed);
+            error!("gave up reconnecting to the message server (nats.maxReconnectAttempts)");
+        }
         Event::ClientError(err) => warn!(cause = %err, "message client error"),
         Event::Draining => debug!("connection draining"),
     }

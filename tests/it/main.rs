@@ -10,6 +10,7 @@ mod bodies;
 mod cli;
 mod creds;
 mod engine;
+mod faults;
 mod flood;
 mod group;
 mod harness;

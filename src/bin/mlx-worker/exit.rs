@@ -11,6 +11,11 @@ pub(crate) const EX_USAGE: u8 = 64;
 pub(crate) const EX_UNAVAILABLE: u8 = 69;
 /// The state directory or the worker id cannot be written.
 pub(crate) const EX_CANTCREAT: u8 = 73;
+/// The link to the message server was lost and the reconnect attempts
+/// (`nats.maxReconnectAttempts`) ran out. `sysexits`' I/O error: the worker's one link failed
+/// for good after it served, which a supervisor that restarts on failure should restart
+/// (unlike 64 and 77), and which 69 (unavailable at start) does not tell apart.
+pub(crate) const EX_IOERR: u8 = 74;
 /// Another instance holds the state directory or answers for the worker id; it clears when
 /// that one stops, so a supervisor may retry.
 pub(crate) const EX_TEMPFAIL: u8 = 75;

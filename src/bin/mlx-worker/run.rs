@@ -1,46 +1,84 @@
 //! `mlx-worker run`: configuration → logs → worker id → embedded server (if configured) →
-//! production seams → `Worker::run` until SIGINT or SIGTERM, then the drain.
+//! production seams → `Worker::run` until SIGINT or SIGTERM, then the drain. A run that ended
+//! because the client gave up reconnecting to the message server exits 74, not 0.
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 use mlx_worker::clock::{Clock, SystemClock};
-use mlx_worker::config::{Flags, WorkerConfig};
+use mlx_worker::config::{Flags, NatsConfig, WorkerConfig};
 use mlx_worker::engine::mlx::MlxEngine;
 use mlx_worker::hardware;
 use mlx_worker::identity::{self, Identity};
 use mlx_worker::instance::{self, InstanceError, StateLock};
 use mlx_worker::transport::embedded::EmbeddedServer;
-use mlx_worker::transport::nats::{ConnectError, NatsTransport};
+use mlx_worker::transport::nats::{self, ConnectError, NatsTransport};
 use mlx_worker::worker::{Deps, Worker};
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use crate::exit::{
-    EX_CANTCREAT, EX_FORCED, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, config_or_exit,
+    EX_CANTCREAT, EX_FORCED, EX_IOERR, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE,
+    config_or_exit,
 };
 use crate::logs;
 
-/// Resolves when the process gets SIGINT or SIGTERM.
-async fn signal() {
+/// Signals within this time of the first one are the same stop request: `timeout` and some
+/// supervisors send SIGTERM to the process and then to its whole group, so one request can
+/// arrive twice at once.
+const SIGNAL_REPEAT_WINDOW: Duration = Duration::from_secs(1);
+
+/// SIGINT and SIGTERM, listened to from the start of the run, so none is missed between two
+/// waits.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+    interrupt: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Signals {
+                interrupt: signal(SignalKind::interrupt()).ok(),
+                terminate: signal(SignalKind::terminate()).ok(),
             }
         }
+        #[cfg(not(unix))]
+        {
+            Signals {}
+        }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Resolves at the next SIGINT or SIGTERM.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+                match signal {
+                    Some(signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            if self.interrupt.is_none() && self.terminate.is_none() {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+            tokio::select! {
+                () = recv(&mut self.interrupt) => {}
+                () = recv(&mut self.terminate) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
@@ -57,6 +95,7 @@ pub(crate) async fn run(flags: Flags) -> ExitCode {
         Ok(lock) => lock,
         Err(e) => return refuse(&e),
     };
+    warn_if_reconnects_are_limited(&config.nats);
     let worker_id =
         match identity::worker_id(config.node.worker_id.as_deref(), &config.node.state_dir) {
             Ok(id) => id,
@@ -92,8 +131,38 @@ fn refuse(e: &InstanceError) -> ExitCode {
     })
 }
 
+/// With a finite `nats.maxReconnectAttempts` the worker ends once they are spent: say so at
+/// start, so whoever runs it knows to restart it (or to reconnect forever).
+fn warn_if_reconnects_are_limited(config: &NatsConfig) {
+    let (Some(attempts), Some(wait)) = (
+        config.max_reconnect_attempts,
+        nats::reconnect_wait_max(config),
+    ) else {
+        return;
+    };
+    let wait_s = wait.as_secs_f64();
+    warn!(
+        attempts,
+        wait_ms = mlx_worker::clock::millis(wait),
+        exit_code = EX_IOERR,
+        "reconnects are limited (nats.maxReconnectAttempts: {attempts}): once the link to the \
+         message server is lost, the worker tries {attempts} times, waiting up to {wait_s:.1} s \
+         in all between attempts, then exits with status {EX_IOERR} (-1 reconnects forever)"
+    );
+}
+
+/// The production seams and the HTTP listener.
+struct Seams {
+    deps: Deps,
+    listener: TcpListener,
+    /// `deps.transport` itself, for what only the NATS transport tells: whether it gave up.
+    nats: Arc<NatsTransport>,
+    /// `deps.engine` itself, told when the stop begins.
+    engine: Arc<MlxEngine>,
+}
+
 /// The production seams and the HTTP listener, or the exit code of the first that fails.
-async fn seams(config: &WorkerConfig, worker_id: &str) -> Result<(Deps, TcpListener), ExitCode> {
+async fn seams(config: &WorkerConfig, worker_id: &str) -> Result<Seams, ExitCode> {
     let transport = match NatsTransport::connect(&config.nats).await {
         Ok(t) => Arc::new(t),
         // Both need a person (new credentials or certificates), not a restart.
@@ -128,16 +197,26 @@ async fn seams(config: &WorkerConfig, worker_id: &str) -> Result<(Deps, TcpListe
         }
     };
     let deps = Deps {
-        transport,
-        engine,
+        transport: transport.clone(),
+        engine: engine.clone(),
         clock,
         hardware: hardware::detect(),
     };
-    Ok((deps, listener))
+    Ok(Seams {
+        deps,
+        listener,
+        nats: transport,
+        engine,
+    })
 }
 
 async fn serve(config: WorkerConfig, worker_id: String) -> ExitCode {
-    let (deps, listener) = match seams(&config, &worker_id).await {
+    let Seams {
+        deps,
+        listener,
+        nats,
+        engine,
+    } = match seams(&config, &worker_id).await {
         Ok(seams) => seams,
         Err(code) => return code,
     };
@@ -162,16 +241,40 @@ async fn serve(config: WorkerConfig, worker_id: String) -> ExitCode {
         stop_http.clone(),
     ));
     let (forced_tx, mut forced_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut signals = Signals::new();
     let shutdown = async move {
-        signal().await;
-        info!("stop requested: draining (a second signal forces the exit)");
+        signals.next().await;
+        info!("stop requested: draining (another signal, a second or more later, forces the exit)");
+        // The runtime serves the drain; if it exits now, it is not started again.
+        engine.begin_stop();
         tokio::spawn(async move {
-            signal().await;
+            let repeats_end = tokio::time::sleep(SIGNAL_REPEAT_WINDOW);
+            tokio::pin!(repeats_end);
+            loop {
+                tokio::select! {
+                    () = &mut repeats_end => break,
+                    () = signals.next() => {
+                        info!(
+                            window_ms = mlx_worker::clock::millis(SIGNAL_REPEAT_WINDOW),
+                            "signal repeated at once: the same stop request"
+                        );
+                    }
+                }
+            }
+            signals.next().await;
             let _ = forced_tx.send(());
         });
     };
     let code = tokio::select! {
         result = worker.run(shutdown) => match result {
+            // The subscriptions ended because the link is gone for good: not a clean stop.
+            _ if nats.gave_up_reconnecting() => {
+                error!(
+                    exit_code = EX_IOERR,
+                    "the message server is gone and the reconnect attempts are spent; exiting"
+                );
+                ExitCode::from(EX_IOERR)
+            }
             Ok(report) => {
                 info!(
                     requests = report.dispatch.metrics.total,

@@ -1,10 +1,11 @@
 // Goal: the reconnect delays handed to the client double from 100 ms up to the configured
-// bound, never exceed it (even a bound under 100 ms), and are spread by the seed.
+// bound, never exceed it (even a bound under 100 ms), and are spread by the seed; the most a
+// limited number of attempts can wait in all is the sum of their caps.
 // Method: the backoff the transport builds, read at the attempt numbers the client passes.
 
 use std::time::Duration;
 
-use super::reconnect_backoff;
+use super::{reconnect_backoff, reconnect_wait_total};
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -27,4 +28,16 @@ fn a_bound_under_100_ms_caps_the_first_delay_too() {
     let backoff = reconnect_backoff(10 * MS, 9);
     assert_eq!(backoff.cap(1), 10 * MS);
     assert_eq!(backoff.cap(20), 10 * MS);
+}
+
+#[test]
+fn limited_attempts_wait_at_most_the_sum_of_their_caps() {
+    // 100 + 200 + 400 + 800 + 1600, then the 2000 ms bound five times.
+    assert_eq!(reconnect_wait_total(10, 2000 * MS), 13_100 * MS);
+    // 100 + 200, then the 200 ms bound.
+    assert_eq!(reconnect_wait_total(3, 200 * MS), 500 * MS);
+    assert_eq!(reconnect_wait_total(1, 2000 * MS), 100 * MS);
+    assert_eq!(reconnect_wait_total(4, 10 * MS), 40 * MS);
+    // A huge budget saturates instead of overflowing.
+    assert!(reconnect_wait_total(usize::MAX, 2000 * MS) > Duration::from_secs(86_400));
 }
