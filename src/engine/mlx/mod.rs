@@ -5,12 +5,17 @@
 //! and generate, and the engine errors their failures are. It neither runs the process nor
 //! reads its lines. Its parts, each with its tasks:
 //!
-//! - `supervisor`: starts the child, waits for its readiness, pings it, and when it exits or
-//!   stops answering fails everything in flight with `Crashed`, reports `Restarting` and starts
-//!   it again with backoff within a restart budget (after which it reports `Down`);
+//! - `supervisor`: starts the child (in a process group of its own), waits for its readiness,
+//!   pings it, and when it exits or stops answering fails everything in flight with `Crashed`,
+//!   reports `Restarting` and starts it again with backoff within a restart budget (after which
+//!   it reports `Down`), unless the engine is stopping;
+//! - `stderr`: per child, a **forwarder** of its stderr lines into the log, at their level;
 //! - `conn`: per child, a **writer** (one line at a time to stdin) and a **reader** (stdout
 //!   lines with a hard cap, routed to waiting calls by id and to streams by `stream_id`); per
 //!   generation, a **watcher** that sends `cancel` when the token receiver is dropped.
+//!
+//! A load that fails is logged with the runtime's words; the error for clients has the host's
+//! paths taken out (`redaction`).
 //!
 //! `engine::mlx` and `engine::rpc` are the only modules that know the runtime's process and
 //! protocol. The child also exits by itself when its stdin closes, so it cannot outlive the
