@@ -288,7 +288,8 @@ async fn serve(config: WorkerConfig, worker_id: String) -> ExitCode {
                 ExitCode::from(EX_UNAVAILABLE)
             }
         },
-        _ = &mut forced_rx => {
+        // Only a second signal: the sender also goes away when the run ends without any.
+        Ok(()) = &mut forced_rx => {
             warn!("second signal: exiting without finishing the drain");
             ExitCode::from(EX_FORCED)
         }
