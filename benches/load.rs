@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
+use mlx_worker::client::{Client, Target};
 use mlx_worker::clock::SystemClock;
 use mlx_worker::config;
 use mlx_worker::engine::mlx::MlxEngine;
@@ -36,7 +37,8 @@ use mlx_worker::engine::{Engine, GenerateRequest, TokenEvent};
 use mlx_worker::identity::Identity;
 use mlx_worker::limits::MAX_TOKENS_MAX;
 use mlx_worker::metrics::Percentiles;
-use mlx_worker::protocol::{StreamMessage, TokenMessage, encode};
+use mlx_worker::protocol::{InferenceRequest, StreamMessage, TokenMessage, encode};
+use mlx_worker::transport::Transport;
 use mlx_worker::transport::nats::NatsTransport;
 use mlx_worker::worker::{Deps, Observer, Worker};
 use mlx_worker_sim::{SimEngine, SimEngineConfig, SimProbe};
@@ -336,26 +338,48 @@ async fn engine_tokens(
     (start.elapsed(), produced)
 }
 
+/// The library's client over its own `NatsTransport`.
+async fn stream_client(url: &str) -> Client {
+    let nats = worker_config(url, 0).nats;
+    let transport = NatsTransport::connect(&nats).await.unwrap();
+    let mut connection = transport.connection();
+    connection.wait_for(|c| c.connected).await.unwrap();
+    Client::new(Arc::new(transport), Arc::new(SystemClock))
+}
+
+/// A request as the bench sends it.
+fn request(id: &str, model: &str, prompt: &str, max_tokens: u32) -> InferenceRequest {
+    InferenceRequest {
+        request_id: id.to_owned(),
+        model_id: model.to_owned(),
+        prompt: prompt.to_owned(),
+        max_tokens: Some(max_tokens),
+        temperature: Some(0.0),
+        top_p: None,
+        session_id: None,
+        stream: None,
+        priority: None,
+        timeout_ms: None,
+    }
+}
+
+/// Longest a bench waits for any one message of a stream.
+const PATIENCE: Duration = Duration::from_secs(60);
+
 /// Receipt → first token, one request at a time, `n` times (the client subscribes first).
 async fn first_token_latencies(url: &str, worker: &str, n: usize, tag: &str) -> Vec<Duration> {
-    let client = client(url).await;
+    let client = stream_client(url).await;
+    let target = Target::Worker(worker.to_owned());
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
         let id = format!("{tag}-{i}");
-        let mut sub = client.subscribe(format!("response.{id}")).await.unwrap();
-        let _ = client.request("bench.sync", Bytes::new()).await;
-        let body = json!({"requestId": id, "modelId": SIM_MODEL, "prompt": "x", "maxTokens": 1});
-        let t = Instant::now();
-        client
-            .publish(
-                format!("worker.{worker}.inference"),
-                body.to_string().into(),
-            )
+        let mut stream = client
+            .send(&target, &request(&id, SIM_MODEL, "x", 1))
             .await
             .unwrap();
-        sub.next().await.unwrap();
-        out.push(t.elapsed());
-        sub.next().await.unwrap(); // done
+        let first = stream.next(PATIENCE).await.unwrap();
+        out.push(first.at - stream.sent_at());
+        stream.collect(PATIENCE).await.unwrap(); // done
     }
     out
 }
@@ -367,30 +391,25 @@ fn gaps(arrivals: &[Instant]) -> Vec<Duration> {
 
 /// One request through the worker: (tokens, gaps between token arrivals).
 async fn worker_stream(
-    client: &async_nats::Client,
+    client: &Client,
     worker: &str,
     model: &str,
     id: &str,
     tokens: u32,
 ) -> (usize, Vec<Duration>) {
-    let mut sub = client.subscribe(format!("response.{id}")).await.unwrap();
-    let _ = client.request("bench.sync", Bytes::new()).await;
-    let body = json!({"requestId": id, "modelId": model, "prompt": "Hello world", "maxTokens": tokens, "temperature": 0.0});
-    client
-        .publish(
-            format!("worker.{worker}.inference"),
-            body.to_string().into(),
+    let mut stream = client
+        .send(
+            &Target::Worker(worker.to_owned()),
+            &request(id, model, "Hello world", tokens),
         )
         .await
         .unwrap();
     let mut arrivals = Vec::new();
     loop {
-        let m = sub.next().await.unwrap();
-        match serde_json::from_slice::<StreamMessage>(&m.payload).unwrap() {
-            StreamMessage::Token { .. } => arrivals.push(Instant::now()),
-            StreamMessage::Done { .. } => {
-                return (arrivals.len(), gaps(&arrivals));
-            }
+        let arrival = stream.next(PATIENCE).await.unwrap();
+        match arrival.message {
+            StreamMessage::Token { .. } => arrivals.push(arrival.at.into_std()),
+            StreamMessage::Done { .. } => return (arrivals.len(), gaps(&arrivals)),
             StreamMessage::Error { error, .. } => panic!("{error}"),
         }
     }
@@ -626,7 +645,7 @@ async fn end_to_end(url: &str, quick: bool) -> Result<EndToEnd, String> {
     )
     .await;
     // The worker is serving once its preload has finished: a request answers.
-    let client = client(url).await;
+    let client = stream_client(url).await;
     let tokens: u32 = if quick { 8 } else { 128 };
     let rounds = if quick { 2 } else { 40 };
     let _ = worker_stream(&client, "e2e", TINY_MODEL, "e2e-warm", tokens).await;

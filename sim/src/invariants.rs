@@ -11,6 +11,7 @@
 //! | `one-terminal` | every request the worker received while serving ends with exactly one `done` or `error` on `response.{id}` (unless its host crashed, or the transport refused a message of the stream) |
 //! | `nothing-after-terminal` | no message of a request follows its terminal |
 //! | `contiguous-tokens` | token indices run 0, 1, 2, … |
+//! | `stream-fields` | every message of `response.{id}` names request `id`, and `done`'s `totalTokens` is the number of tokens before it |
 //! | `deadline` | the terminal is published by the request's deadline plus [`Limits::slack`] |
 //! | `drain-waits` | a drain ends a request it had accepted with `WORKER_SHUTDOWN` only once `drainTimeoutMs` has passed |
 //! | `legal-lifecycle` | every lifecycle move is one `Lifecycle::can_become` allows, from the state the worker was in |
@@ -18,11 +19,15 @@
 //! | `queue-bound` | no heartbeat reports more waiting requests than the configured bound; a flood past the bound gets `QUEUE_FULL` ([`check_flood`]) |
 //! | `latched-cancel` | a request whose cancel arrived before it ends `CANCELLED` |
 //! | `broker-fifo` | while a client's link was never lost, the broker received exactly its publishes, in order |
+//!
+//! The rules of one stream (`contiguous-tokens`, `stream-fields`) are the library client's
+//! own, `mlx_worker::client::StreamCheck`, applied to what the worker published.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use mlx_worker::client::{StreamCheck, StreamViolation};
 use mlx_worker::config::NodeConfig;
 use mlx_worker::lifecycle::Lifecycle;
 use mlx_worker::protocol::{StreamMessage, WorkerHeartbeat};
@@ -84,7 +89,8 @@ struct Open {
     deadline: Duration,
     owed: bool,
     latched: bool,
-    next_index: u64,
+    /// The stream's rules, as the worker published it.
+    stream: StreamCheck,
     before_drain: bool,
 }
 
@@ -180,13 +186,13 @@ pub fn check(events: &[Event], limits: &Limits, at_end: bool) -> Vec<Violation> 
                     Lifecycle::Connecting | Lifecycle::Registering | Lifecycle::Ready
                 );
                 open.insert(
-                    id,
+                    id.clone(),
                     Open {
                         received_at: e.at,
                         deadline: e.at + timeout,
                         owed: serving,
                         latched,
-                        next_index: 0,
+                        stream: StreamCheck::new(id),
                         before_drain: drain_at.is_none(),
                     },
                 );
@@ -243,17 +249,18 @@ pub fn check(events: &[Event], limits: &Limits, at_end: bool) -> Vec<Violation> 
                         v(what, e.at, format!("{id}: {msg:?} after the stream ended"));
                         continue;
                     };
+                    if let Err(broken) = o.stream.push(&msg) {
+                        let invariant = match broken {
+                            StreamViolation::TokenIndex { .. } => "contiguous-tokens",
+                            // A closed stream has no entry here; this one is still open.
+                            StreamViolation::AfterTerminal { .. } => "nothing-after-terminal",
+                            StreamViolation::WrongRequest { .. }
+                            | StreamViolation::TokenCount { .. } => "stream-fields",
+                        };
+                        v(invariant, e.at, format!("{id}: {broken}"));
+                    }
                     match msg {
-                        StreamMessage::Token { index, .. } => {
-                            if index != o.next_index {
-                                v(
-                                    "contiguous-tokens",
-                                    e.at,
-                                    format!("{id}: token {index}, expected {}", o.next_index),
-                                );
-                            }
-                            o.next_index = index + 1;
-                        }
+                        StreamMessage::Token { .. } => {}
                         terminal => {
                             let code = match &terminal {
                                 StreamMessage::Error { code, .. } => code.as_str(),

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
-use futures::StreamExt;
 use mlx_worker::clock::{Clock, SystemClock};
 use mlx_worker::config::NatsAuth;
 use mlx_worker::protocol::WorkerRegistration;
@@ -144,16 +143,16 @@ async fn a_worker_with_its_creds_file_registers_heartbeats_and_serves() {
 
     // The controller: another user of the same account.
     let controller_creds = op.user("controller");
-    let controller = Client {
-        nats: async_nats::ConnectOptions::with_credentials_file(&controller_creds)
-            .await
-            .unwrap()
-            .connect(&url)
+    let mut controller_config = test_config(&url, "").nats;
+    controller_config.auth = NatsAuth::CredsFile(controller_creds.clone());
+    let controller = Controller::connect_with(
+        &controller_config,
+        async_nats::ConnectOptions::with_credentials_file(&controller_creds)
             .await
             .unwrap(),
-    };
-    let mut registrations = controller.nats.subscribe("worker.register").await.unwrap();
-    controller.sync().await;
+    )
+    .await;
+    let mut registrations = controller.subscribe("worker.register").await;
 
     let creds = op.user("worker");
     let mut config = test_config(&url, "");

@@ -159,9 +159,8 @@ async fn a_dropped_generation_is_cancelled_in_the_runtime() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kill() {
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
-    let mut registrations = client.nats.subscribe("worker.register").await.unwrap();
-    client.sync().await;
+    let client = Controller::connect(&server.url()).await;
+    let mut registrations = client.subscribe("worker.register").await;
     let binary = WorkerProcess::serving_tiny(&server.url(), "e2e");
 
     let msg = within("the registration", registrations.next())
@@ -194,15 +193,14 @@ async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kil
     // Kill the runtime mid-generation: that request ends ENGINE_CRASHED, the worker goes
     // degraded, the runtime restarts, the worker is online again and serves.
     let mut long = client.subscribe_response("e2e-long").await;
-    let mut degraded = client.nats.subscribe("worker.heartbeat").await.unwrap();
-    client.sync().await;
+    let mut degraded = client.subscribe("worker.heartbeat").await;
     client
         .send(
             "e2e",
             &json!({"requestId": "e2e-long", "modelId": TINY, "prompt": "Hi", "maxTokens": 4000}),
         )
         .await;
-    within("a first token", long.next()).await.unwrap();
+    long.next(PATIENCE).await.unwrap();
     let runtime_pid = runtime_child_pid(binary.pid());
     send_signal(runtime_pid, "KILL");
     let rest = collect_stream(&mut long).await;
@@ -227,8 +225,7 @@ async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kil
         .await;
     assert_done(&after);
 
-    let mut goodbye = client.nats.subscribe("worker.deregister").await.unwrap();
-    client.sync().await;
+    let mut goodbye = client.subscribe("worker.deregister").await;
     let restarted_runtime = runtime_child_pid(binary.pid());
     assert_ne!(restarted_runtime, runtime_pid);
     assert_eq!(binary.terminate().await, 0);

@@ -1,6 +1,7 @@
 //! Test harness: a real `nats-server` on a free loopback port, a worker over the production
 //! `NatsTransport`, and a client that speaks the controller's side of the protocol.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
@@ -9,13 +10,15 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use futures::StreamExt;
+use mlx_worker::client::{ResponseStream, StreamCheck, Target};
 use mlx_worker::clock::SystemClock;
 use mlx_worker::config::{self, NodeConfig, WorkerConfig};
 use mlx_worker::engine::Engine;
 use mlx_worker::identity::Identity;
 use mlx_worker::lifecycle::Lifecycle;
-use mlx_worker::protocol::{StreamMessage, WorkerHeartbeat, WorkerRegistration};
+use mlx_worker::protocol::{StreamMessage, WorkerHeartbeat, WorkerRegistration, subject};
 use mlx_worker::transport::nats::NatsTransport;
+use mlx_worker::transport::{InboundMessage, Subscription, Transport};
 use mlx_worker::worker::{Deps, RunReport, Worker, WorkerError};
 use mlx_worker_sim::SimProbe;
 use serde_json::Value;
@@ -177,13 +180,8 @@ impl RunningWorker {
     ) -> RunningWorker {
         // The worker subscribes before it registers, on one connection: once its
         // registration is seen, the server has its subscriptions too.
-        let observer = Client::connect(&config.nats.servers[0]).await;
-        let mut registrations = observer
-            .nats
-            .subscribe("worker.register")
-            .await
-            .expect("subscribe");
-        observer.sync().await;
+        let observer = Controller::connect(&config.nats.servers[0]).await;
+        let mut registrations = observer.subscribe(subject::REGISTER).await;
         let transport = NatsTransport::connect(&config.nats)
             .await
             .expect("worker connects");
@@ -269,47 +267,109 @@ impl RunningWorker {
     }
 }
 
-/// The controller's side: a plain NATS client.
-pub(crate) struct Client {
-    /// The connection.
+/// The controller's side: the library's client over its own connection, and a plain NATS
+/// connection for request/reply, which `Transport` does not offer.
+///
+/// Everything the worker must see in order (requests, cancels, raw payloads) goes over the
+/// transport; a request sent with a reply subject goes over the plain connection, after a
+/// round trip on the transport, so the server has routed everything sent before it.
+pub(crate) struct Controller {
+    /// The connection the client's subscriptions and publishes use.
+    pub(crate) transport: Arc<NatsTransport>,
+    client: mlx_worker::client::Client,
+    /// A plain NATS connection, for request/reply only.
     pub(crate) nats: async_nats::Client,
 }
 
-impl Client {
-    /// Connects to `url`.
-    pub(crate) async fn connect(url: &str) -> Client {
-        Client {
-            nats: async_nats::connect(url).await.expect("client connects"),
+impl Controller {
+    /// Connects to `url` with no credentials.
+    pub(crate) async fn connect(url: &str) -> Controller {
+        Controller::connect_with(
+            &test_config(url, "").nats,
+            async_nats::ConnectOptions::new(),
+        )
+        .await
+    }
+
+    /// Connects the transport with `config` and the plain connection with `raw` (the same
+    /// credentials, in async-nats' terms).
+    pub(crate) async fn connect_with(
+        config: &config::NatsConfig,
+        raw: async_nats::ConnectOptions,
+    ) -> Controller {
+        let transport = Arc::new(connected(config, "the controller's connection").await);
+        let nats = raw
+            .connect(config.servers.clone())
+            .await
+            .expect("the controller's plain connection");
+        Controller {
+            client: mlx_worker::client::Client::new(transport.clone(), Arc::new(SystemClock)),
+            transport,
+            nats,
         }
     }
 
-    /// Subscribes to `response.{id}`, sends `request` to the worker, and returns the stream.
+    /// Sends `request` to the worker (subscribing to its response subject first) and reads
+    /// the stream ([`collect_stream`]).
     pub(crate) async fn infer(&self, worker_id: &str, request: Value) -> Vec<StreamMessage> {
         let id = request["requestId"].as_str().expect("requestId").to_owned();
-        let mut sub = self.subscribe_response(&id).await;
-        self.send(worker_id, &request).await;
-        collect_stream(&mut sub).await
+        let mut stream = self
+            .client
+            .send_payload(
+                &Target::Worker(worker_id.to_owned()),
+                &id,
+                Bytes::from(request.to_string()),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("send {id}: {e}"));
+        self.flush().await;
+        collect_stream(&mut stream).await
     }
 
     /// Subscribes to `response.{id}` and waits until the server has the subscription.
-    pub(crate) async fn subscribe_response(&self, request_id: &str) -> async_nats::Subscriber {
-        let sub = self
-            .nats
-            .subscribe(format!("response.{request_id}"))
+    pub(crate) async fn subscribe_response(&self, request_id: &str) -> ResponseStream {
+        let stream = self
+            .client
+            .subscribe(request_id)
             .await
-            .expect("subscribe");
+            .unwrap_or_else(|e| panic!("{e}"));
+        self.sync().await;
+        stream
+    }
+
+    /// Subscribes to `subject` and waits until the server has the subscription.
+    pub(crate) async fn subscribe(&self, subject: &str) -> Subscription {
+        let sub = self
+            .transport
+            .subscribe(subject.to_owned(), None)
+            .await
+            .unwrap_or_else(|e| panic!("subscribe to {subject}: {e}"));
         self.sync().await;
         sub
     }
 
-    /// Waits until the server has processed everything this client sent: a request to a
-    /// subject nobody listens on comes back "no responders" after one round trip, and the
-    /// server handles a connection's messages in order. (`flush` only writes the socket.)
+    /// Waits until the server has processed everything this controller's transport sent: a
+    /// listener check on a subject nobody listens on is answered after one round trip, and
+    /// the server handles a connection's messages in order. (`flush` only writes the socket.)
     pub(crate) async fn sync(&self) {
-        match self.nats.request("harness.sync", Bytes::new()).await {
-            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
-            other => panic!("sync round trip: {other:?}"),
-        }
+        let heard = self
+            .transport
+            .publish_if_listened("harness.sync".to_owned(), Bytes::new())
+            .await;
+        assert_eq!(heard, Ok(false), "sync round trip");
+    }
+
+    /// Writes everything published so far to the socket.
+    pub(crate) async fn flush(&self) {
+        self.transport.flush().await.expect("flush");
+    }
+
+    /// Publishes `payload` on `target`'s subject (not flushed).
+    pub(crate) async fn publish(&self, target: &Target, payload: Bytes) {
+        self.client
+            .publish(target, payload)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     /// Publishes a request to the worker.
@@ -320,20 +380,23 @@ impl Client {
 
     /// Publishes raw bytes to the worker's inference subject.
     pub(crate) async fn send_raw(&self, worker_id: &str, payload: Bytes) {
-        self.nats
-            .publish(format!("worker.{worker_id}.inference"), payload)
-            .await
-            .expect("publish");
-        self.nats.flush().await.expect("flush");
+        self.publish(&Target::Worker(worker_id.to_owned()), payload)
+            .await;
+        self.flush().await;
     }
 
     /// Sends raw bytes with a reply inbox and returns the first reply.
     pub(crate) async fn send_with_reply(&self, worker_id: &str, payload: Bytes) -> Value {
+        // What the transport sent before must reach the worker first.
+        self.sync().await;
         let inbox = self.nats.new_inbox();
         let mut sub = self.nats.subscribe(inbox.clone()).await.expect("subscribe");
-        self.sync().await;
+        match self.nats.request("harness.sync", Bytes::new()).await {
+            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {}
+            other => panic!("sync round trip: {other:?}"),
+        }
         self.nats
-            .publish_with_reply(format!("worker.{worker_id}.inference"), inbox, payload)
+            .publish_with_reply(subject::inference(worker_id), inbox, payload)
             .await
             .expect("publish");
         let msg = within("a reply", sub.next()).await.expect("reply");
@@ -343,11 +406,11 @@ impl Client {
     /// Publishes a cancel for `request_id`.
     pub(crate) async fn cancel(&self, worker_id: &str, request_id: &str) {
         let body = serde_json::json!({ "requestId": request_id }).to_string();
-        self.nats
-            .publish(format!("worker.{worker_id}.cancel"), body.into())
+        self.transport
+            .publish(subject::cancel(worker_id), body.into())
             .await
             .expect("publish");
-        self.nats.flush().await.expect("flush");
+        self.flush().await;
     }
 
     /// Waits for the next heartbeat of `worker_id` matching `pred`.
@@ -356,12 +419,7 @@ impl Client {
         worker_id: &str,
         pred: impl Fn(&WorkerHeartbeat) -> bool,
     ) -> WorkerHeartbeat {
-        let mut sub = self
-            .nats
-            .subscribe("worker.heartbeat")
-            .await
-            .expect("subscribe");
-        self.sync().await;
+        let mut sub = self.subscribe(subject::HEARTBEAT).await;
         within("a matching heartbeat", async {
             while let Some(msg) = sub.next().await {
                 let hb: WorkerHeartbeat =
@@ -378,20 +436,39 @@ impl Client {
 
 /// Reads a response stream up to its terminal message, then checks that nothing follows it
 /// for a short while (a second terminal would show up).
-pub(crate) async fn collect_stream(sub: &mut async_nats::Subscriber) -> Vec<StreamMessage> {
-    let mut out = Vec::new();
-    within("a terminal message", async {
-        while let Some(msg) = sub.next().await {
-            let m: StreamMessage = serde_json::from_slice(&msg.payload).expect("stream message");
-            let terminal = m.is_terminal();
-            out.push(m);
-            if terminal {
-                return;
-            }
+pub(crate) async fn collect_stream(stream: &mut ResponseStream) -> Vec<StreamMessage> {
+    stream
+        .collect(PATIENCE)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Many response streams read from one `response.>` subscription, each held to the stream's
+/// rules ([`StreamCheck`]).
+#[derive(Default)]
+pub(crate) struct Streams {
+    checks: BTreeMap<String, StreamCheck>,
+}
+
+impl Streams {
+    /// Decodes and checks a message of `response.>`; returns its request id and the message.
+    pub(crate) fn push(&mut self, msg: &InboundMessage) -> (String, StreamMessage) {
+        let id = msg
+            .subject
+            .strip_prefix("response.")
+            .unwrap_or_else(|| panic!("not a response subject: {}", msg.subject))
+            .to_owned();
+        let m: StreamMessage = serde_json::from_slice(&msg.payload)
+            .unwrap_or_else(|e| panic!("response.{id}: not a stream message: {e}"));
+        let check = self
+            .checks
+            .entry(id.clone())
+            .or_insert_with(|| StreamCheck::new(id.clone()));
+        if let Err(broken) = check.push(&m) {
+            panic!("response.{id}: {broken}");
         }
-    })
-    .await;
-    out
+        (id, m)
+    }
 }
 
 /// Asserts a stream is `n` tokens with indices 0..n, then one `done` with `totalTokens: n`.

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use mlx_worker::clock::SystemClock;
 use mlx_worker::identity::Identity;
 use mlx_worker::transport::nats::NatsTransport;
@@ -88,9 +87,8 @@ fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_and_metrics_follow_the_worker() {
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
-    let mut registrations = client.nats.subscribe("worker.register").await.unwrap();
-    client.sync().await;
+    let client = Controller::connect(&server.url()).await;
+    let mut registrations = client.subscribe("worker.register").await;
     let config = test_config(&server.url(), "  drainTimeoutMs: 5000\n");
     let transport = Arc::new(NatsTransport::connect(&config.nats).await.unwrap());
     let deps = Deps {
@@ -177,7 +175,7 @@ async fn health_readiness_and_metrics_follow_the_worker() {
             &json!({"requestId": "h-slow", "modelId": "sim/tiny", "prompt": "x", "maxTokens": 100}),
         )
         .await;
-    within("a first token", slow.next()).await.unwrap();
+    slow.next(PATIENCE).await.unwrap();
     stop.send(()).unwrap();
     within(
         "draining",

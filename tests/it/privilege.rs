@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use mlx_worker::config::{NatsAuth, Secret};
 use mlx_worker::protocol::service::PingResponse;
 use mlx_worker::transport::nats::NatsTransport;
@@ -36,17 +35,20 @@ async fn a_worker_runs_under_the_least_privilege_account_and_nothing_more() {
     .unwrap();
     let server = NatsServer::start_with(&["-c", conf.to_str().unwrap()]).await;
 
-    let controller = Client {
-        nats: async_nats::ConnectOptions::with_user_and_password(
+    let mut controller_config = test_config(&server.url(), "").nats;
+    controller_config.auth = NatsAuth::UserPassword {
+        user: "controller".into(),
+        password: Secret::new("controller-pw"),
+    };
+    let controller = Controller::connect_with(
+        &controller_config,
+        async_nats::ConnectOptions::with_user_and_password(
             "controller".into(),
             "controller-pw".into(),
-        )
-        .connect(server.url())
-        .await
-        .unwrap(),
-    };
-    let mut registrations = controller.nats.subscribe("worker.register").await.unwrap();
-    controller.sync().await;
+        ),
+    )
+    .await;
+    let mut registrations = controller.subscribe("worker.register").await;
     let mut config = test_config(&server.url(), "");
     config.nats.auth = NatsAuth::UserPassword {
         user: "worker".into(),
@@ -102,12 +104,7 @@ async fn a_worker_runs_under_the_least_privilege_account_and_nothing_more() {
             .connect(server.url())
             .await
             .unwrap();
-    let mut watched = controller
-        .nats
-        .subscribe("worker.other.inference")
-        .await
-        .unwrap();
-    controller.sync().await;
+    let mut watched = controller.subscribe("worker.other.inference").await;
     rogue
         .publish("worker.other.inference", Bytes::from_static(b"{}"))
         .await

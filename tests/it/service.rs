@@ -15,7 +15,7 @@ use crate::harness::*;
 #[tokio::test]
 async fn ping_info_and_stats_describe_the_worker() {
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
+    let client = Controller::connect(&server.url()).await;
     let config = test_config(&server.url(), "");
     let engine = Arc::new(SimEngine::new(SimEngineConfig::default()));
     let worker = RunningWorker::start("w-srv", &config, engine, vec![]).await;
