@@ -23,7 +23,6 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,56 +33,24 @@ use mlx_worker::clock::SystemClock;
 use mlx_worker::config;
 use mlx_worker::engine::mlx::MlxEngine;
 use mlx_worker::engine::{Engine, GenerateRequest, TokenEvent};
-use mlx_worker::identity::Identity;
 use mlx_worker::limits::MAX_TOKENS_MAX;
 use mlx_worker::metrics::Percentiles;
 use mlx_worker::protocol::{InferenceRequest, StreamMessage, TokenMessage, encode};
 use mlx_worker::transport::Transport;
 use mlx_worker::transport::nats::NatsTransport;
-use mlx_worker::worker::{Deps, Observer, Worker};
-use mlx_worker_sim::{SimEngine, SimEngineConfig, SimProbe};
+use mlx_worker_sim::{SimEngine, SimEngineConfig};
 use serde_json::json;
+use testkit::nats::nats_server_version;
+use testkit::{NatsServer, RunningWorker};
 
 /// The simulated engine's model.
 const SIM_MODEL: &str = "sim/tiny";
 /// The model `ci/setup.sh` generates for the real runtime.
-const TINY_MODEL: &str = "mlx-worker/tiny-llama";
+const TINY_MODEL: &str = testkit::runtime::TINY;
 /// The paced engine's delay before each token.
 const PACE: Duration = Duration::from_millis(1);
 /// Messages a bench client's subscription may buffer (async-nats' default is 65,536).
 const CLIENT_BUFFER: usize = 1 << 20;
-
-struct Server(Child, u16);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn start_server() -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new("nats-server")
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nats-server on PATH (run ci/setup.sh)");
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Server(child, port);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    panic!("nats-server did not start");
-}
 
 async fn client(url: &str) -> async_nats::Client {
     async_nats::ConnectOptions::new()
@@ -177,72 +144,15 @@ fn worker_config(url: &str, late_wait_ms: u64) -> config::WorkerConfig {
     config::from_yaml(&yaml, Path::new("bench.yaml")).unwrap()
 }
 
-struct Running {
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-    observer: Observer,
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.task.await.unwrap();
-    }
-}
-
-/// Starts a worker over `engine` and waits for its registration; returns it and the time from
-/// the transport's connect to the registration's arrival.
+/// Starts a bench worker over `engine` ([`worker_config`]) and waits for its registration.
 async fn start_worker(
     url: &str,
     id: &str,
     late_wait_ms: u64,
     engine: Arc<dyn Engine>,
     preload: Vec<String>,
-) -> (Running, Duration) {
-    let config = worker_config(url, late_wait_ms);
-    let observer = client(url).await;
-    let mut registrations = observer.subscribe("worker.register").await.unwrap();
-    let _ = observer.request("bench.sync", Bytes::new()).await;
-    let start = Instant::now();
-    let transport = Arc::new(NatsTransport::connect(&config.nats).await.unwrap());
-    let deps = Deps {
-        transport,
-        engine,
-        clock: Arc::new(SystemClock),
-        hardware: Arc::new(SimProbe::new()),
-    };
-    let identity = Identity {
-        worker_id: id.to_owned(),
-        hostname: "bench".into(),
-        ip: "127.0.0.1".into(),
-        port: 0,
-    };
-    let worker = Worker::new(identity, config.node, preload, deps);
-    let observer = worker.observer();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        worker
-            .run(async {
-                let _ = stopped.await;
-            })
-            .await
-            .unwrap();
-    });
-    loop {
-        let m = registrations.next().await.unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
-        if v["workerId"] == id {
-            break;
-        }
-    }
-    (
-        Running {
-            stop,
-            task,
-            observer,
-        },
-        start.elapsed(),
-    )
+) -> RunningWorker {
+    RunningWorker::start(id, &worker_config(url, late_wait_ms), engine, preload).await
 }
 
 fn sim_engine(token_latency: Duration) -> Arc<dyn Engine> {
@@ -511,8 +421,8 @@ struct Report {
 const CONCURRENCY: [usize; 4] = [1, 8, 64, 512];
 
 async fn zero_latency_rows(url: &str, quick: bool, rounds: usize) -> (Vec<Row>, Duration) {
-    let (worker, start_to_registered) =
-        start_worker(url, "bench", 2000, sim_engine(Duration::ZERO), vec![]).await;
+    let worker = start_worker(url, "bench", 2000, sim_engine(Duration::ZERO), vec![]).await;
+    let start_to_registered = worker.registered_after();
     let mut rows = Vec::new();
     for (i, &streams) in CONCURRENCY.iter().enumerate() {
         // About 64k tokens a row (4k when quick), 16 to `maxTokens`' bound a stream.
@@ -540,7 +450,7 @@ async fn paced_rows(url: &str, quick: bool, rounds: usize) -> Vec<Row> {
     let tokens: u32 = if quick { 20 } else { 200 };
     let direct = sim_engine(PACE);
     direct.load(SIM_MODEL).await.unwrap();
-    let (worker, _) = start_worker(url, "paced", 2000, sim_engine(PACE), vec![]).await;
+    let worker = start_worker(url, "paced", 2000, sim_engine(PACE), vec![]).await;
     let mut rows = Vec::new();
     for (i, &streams) in CONCURRENCY.iter().enumerate() {
         let total = streams * tokens as usize;
@@ -565,7 +475,7 @@ async fn paced_rows(url: &str, quick: bool, rounds: usize) -> Vec<Row> {
 
 async fn memory_per_stream(url: &str, quick: bool) -> (usize, f64) {
     // Streams held open by an engine that waits 5 s before each token.
-    let (slow, _) = start_worker(
+    let slow = start_worker(
         url,
         "slow",
         2000,
@@ -605,38 +515,23 @@ async fn memory_per_stream(url: &str, quick: bool) -> (usize, f64) {
     }
     let per_stream_kib = rss_kib().saturating_sub(before) as f64 / held as f64;
     drop(subs);
-    // The slow streams end `WORKER_SHUTDOWN` at the drain deadline; only the figure matters.
-    let _ = tokio::time::timeout(Duration::from_secs(30), slow.stop()).await;
+    // The slow streams end `WORKER_SHUTDOWN` at the drain deadline (30 s); only the figure
+    // matters.
+    slow.stop_within(Duration::from_secs(45)).await;
     (held, per_stream_kib)
 }
 
 /// The real runtime, direct and through the worker, rounds alternating.
 async fn end_to_end(url: &str, quick: bool) -> Result<EndToEnd, String> {
-    let python = repo(".venv/bin/python");
-    if !python.exists()
-        || !repo("models")
-            .join(TINY_MODEL)
-            .join("model.safetensors")
-            .exists()
-    {
-        return Err(
-            "not measured: the MLX runtime venv or the tiny model is missing (run ci/setup.sh)"
-                .into(),
-        );
-    }
-    let mut engine_config = config::from_yaml("", Path::new("defaults.yaml"))
-        .unwrap()
-        .engine;
-    engine_config.python = python;
-    engine_config.runtime_dir = repo("runtime");
-    engine_config.model_dir = repo("models");
+    let engine_config = testkit::runtime::engine_config(&repo(""))
+        .map_err(|missing| format!("not measured: {missing}"))?;
     // One runtime process serves both paths, so the only difference is the worker and NATS.
     let served: Arc<dyn Engine> = Arc::new(
         MlxEngine::start(engine_config, Arc::new(SystemClock))
             .await
             .map_err(|e| e.to_string())?,
     );
-    let (worker, _) = start_worker(
+    let worker = start_worker(
         url,
         "e2e",
         2000,
@@ -689,8 +584,10 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let server = start_server();
-    let url = format!("nats://127.0.0.1:{}", server.1);
+    // The worker's logs would cost what they measure: no subscriber takes them.
+    let _ = tracing::subscriber::set_global_default(tracing::subscriber::NoSubscriber::default());
+    let server = rt.block_on(NatsServer::start());
+    let url = server.url();
     let _guard = rt.enter();
     let rounds = if quick { 1 } else { 5 };
     // `--profile <streams>`: only the zero-latency row at that concurrency, and `--profile e2e`
@@ -716,7 +613,7 @@ fn main() {
         .and_then(|v| v.parse::<usize>().ok())
     {
         let row = rt.block_on(async {
-            let (worker, _) =
+            let worker =
                 start_worker(&url, "bench", 2000, sim_engine(Duration::ZERO), vec![]).await;
             let tokens = (65_536 / streams).clamp(16, MAX_TOKENS_MAX as usize) as u32;
             let mut times = Vec::new();
@@ -750,12 +647,11 @@ fn main() {
             // Request overhead: receipt→first token vs a raw round trip between two clients.
             let n = if quick { 20 } else { 1000 };
             let raw_rtt = raw_round_trips(&url, n).await;
-            let (late, _) =
-                start_worker(&url, "late", 2000, sim_engine(Duration::ZERO), vec![]).await;
+            let late = start_worker(&url, "late", 2000, sim_engine(Duration::ZERO), vec![]).await;
             let first = first_token_latencies(&url, "late", n, "o").await;
             let inside = late.observer.metrics().await.snapshot.time_to_first_token;
             late.stop().await;
-            let (unprotected, _) =
+            let unprotected =
                 start_worker(&url, "nolate", 0, sim_engine(Duration::ZERO), vec![]).await;
             let first_nolate = first_token_latencies(&url, "nolate", n, "n").await;
             let inside_nolate = unprotected
@@ -801,22 +697,8 @@ fn report_md_header(quick: bool) -> String {
         if quick { " -- --test (tiny sizes)" } else { "" },
         host(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
-        nats_version()
+        nats_server_version()
     )
-}
-
-fn nats_version() -> String {
-    Command::new("nats-server")
-        .arg("--version")
-        .output()
-        .ok()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .trim()
-                .trim_start_matches("nats-server: ")
-                .to_owned()
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn markdown(header: String, r: &Report) -> String {

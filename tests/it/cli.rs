@@ -11,7 +11,7 @@ use mlx_worker::clock::{Clock, SystemClock};
 use mlx_worker_sim::{SimEngine, SimEngineConfig};
 use tokio::io::AsyncReadExt;
 
-use crate::harness::*;
+use testkit::*;
 
 async fn infer(url: &str, extra: &[&str]) -> (Vec<(Duration, String)>, i32) {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mlx-worker"))

@@ -20,7 +20,7 @@ use mlx_worker_sim::{SimEngine, SimEngineConfig, SimProbe};
 use nkeys::KeyPair;
 use serde_json::{Value, json};
 
-use crate::harness::*;
+use testkit::*;
 
 /// Signs `claims` with `issuer` as a NATS JWT: `header.claims.signature`, each base64url
 /// without padding, the signature an ed25519 one over `header.claims`.
@@ -112,7 +112,7 @@ impl OperatorServer {
             ),
         )
         .unwrap();
-        let server = NatsServer::start_with(&["-c", conf.to_str().unwrap()]).await;
+        let server = NatsServer::start_with(NatsOptions::new().config_file(&conf)).await;
         OperatorServer {
             server,
             account,
@@ -234,6 +234,7 @@ async fn creds_the_server_cannot_trust_are_refused_and_the_seed_never_printed() 
             stdout,
             stderr,
         } = run_until_exit(
+            &worker_binary!(),
             case,
             &["--nats-url", &url, "--worker-id", "w-bad-creds"],
             &[("MLX_WORKER_NATS_CREDS_FILE", creds), ("RUST_LOG", "trace")],

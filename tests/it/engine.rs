@@ -18,9 +18,8 @@ use mlx_worker::engine::{Engine, EngineHealth, FinishReason, GenerateRequest, To
 use mlx_worker::protocol::{StreamMessage, WorkerHeartbeat, WorkerRegistration, WorkerStatus};
 use serde_json::json;
 
-use crate::harness::*;
-
-pub(crate) const TINY: &str = "mlx-worker/tiny-llama";
+use testkit::runtime::TINY;
+use testkit::*;
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -29,20 +28,7 @@ fn repo(path: &str) -> PathBuf {
 /// The engine configuration for the project venv and model directory; fails clearly when
 /// setup has not run.
 pub(crate) fn engine_config() -> EngineConfig {
-    let python = repo(".venv/bin/python");
-    let model = repo("models").join(TINY).join("model.safetensors");
-    assert!(
-        python.exists() && model.exists(),
-        "the MLX runtime venv or the tiny model is missing: run ci/setup.sh"
-    );
-    let mut config = mlx_worker::config::from_yaml("", Path::new("defaults.yaml"))
-        .unwrap()
-        .engine;
-    config.python = python;
-    config.runtime_dir = repo("runtime");
-    config.model_dir = repo("models");
-    config.restart_window = Duration::from_secs(60);
-    config
+    testkit::runtime::engine_config(&repo("")).unwrap_or_else(|missing| panic!("{missing}"))
 }
 
 fn generate(stream_id: &str, max_tokens: u32) -> GenerateRequest {
@@ -161,7 +147,7 @@ async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kil
     let server = NatsServer::start().await;
     let client = Controller::connect(&server.url()).await;
     let mut registrations = client.subscribe("worker.register").await;
-    let binary = WorkerProcess::serving_tiny(&server.url(), "e2e");
+    let binary = WorkerProcess::serving_tiny(&worker_binary!(), &server.url(), "e2e");
 
     let msg = within("the registration", registrations.next())
         .await
@@ -256,16 +242,19 @@ async fn embedded_mode_starts_its_own_nats_server_and_stops_it() {
         .local_addr()
         .unwrap()
         .port();
-    let mut worker = WorkerProcess::spawn(&[
-        "--nats-mode",
-        "embedded",
-        "--nats-embedded-port",
-        &port.to_string(),
-        "--worker-id",
-        "embedded",
-        "--model-dir",
-        "models",
-    ]);
+    let mut worker = WorkerProcess::spawn(
+        &worker_binary!(),
+        &[
+            "--nats-mode",
+            "embedded",
+            "--nats-embedded-port",
+            &port.to_string(),
+            "--worker-id",
+            "embedded",
+            "--model-dir",
+            "models",
+        ],
+    );
     // The worker's own nats-server accepts a client, and the worker registers on it.
     let url = format!("nats://127.0.0.1:{port}");
     let client = within("the embedded server", async {

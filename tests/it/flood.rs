@@ -12,8 +12,8 @@ use mlx_worker::client::Target;
 use mlx_worker::protocol::{StreamMessage, WorkerHeartbeat};
 use serde_json::json;
 
-use crate::engine::TINY;
-use crate::harness::*;
+use testkit::runtime::TINY;
+use testkit::*;
 
 const REQUESTS: usize = 10_000;
 const GARBAGE: usize = 1_000;
@@ -37,7 +37,7 @@ async fn a_flood_gets_every_request_answered_within_a_memory_bound() {
     let mut registrations = client.subscribe("worker.register").await;
     let mut heartbeats = client.subscribe("worker.heartbeat").await;
     let mut responses = client.subscribe("response.>").await;
-    let worker = WorkerProcess::serving_tiny(&server.url(), "flood");
+    let worker = WorkerProcess::serving_tiny(&worker_binary!(), &server.url(), "flood");
     let pid = worker.pid();
     within("the registration", registrations.next())
         .await

@@ -13,7 +13,7 @@ use mlx_worker::protocol::StreamMessage;
 use mlx_worker_sim::{SimEngine, SimEngineConfig};
 use serde_json::json;
 
-use crate::harness::*;
+use testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_share_a_model_and_a_stopping_one_loses_nothing() {

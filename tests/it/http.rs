@@ -8,16 +8,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use mlx_worker::clock::SystemClock;
-use mlx_worker::identity::Identity;
 use mlx_worker::transport::nats::NatsTransport;
-use mlx_worker::worker::{Deps, Worker};
 use mlx_worker_sim::{SimEngine, SimEngineConfig, SimProbe};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::*;
+use testkit::*;
 
 /// GET `path`; returns the status code and the body.
 async fn get(port: u16, path: &str) -> (u16, String) {
@@ -91,22 +88,18 @@ async fn health_readiness_and_metrics_follow_the_worker() {
     let mut registrations = client.subscribe("worker.register").await;
     let config = test_config(&server.url(), "  drainTimeoutMs: 5000\n");
     let transport = Arc::new(NatsTransport::connect(&config.nats).await.unwrap());
-    let deps = Deps {
+    let engine = Arc::new(SimEngine::new(SimEngineConfig {
+        token_latency: Duration::from_millis(20),
+        ..SimEngineConfig::default()
+    }));
+    let worker = Arc::new(testkit::worker::build(
+        "w-http",
+        config.node.clone(),
+        engine,
+        vec![],
         transport,
-        engine: Arc::new(SimEngine::new(SimEngineConfig {
-            token_latency: Duration::from_millis(20),
-            ..SimEngineConfig::default()
-        })),
-        clock: Arc::new(SystemClock),
-        hardware: Arc::new(SimProbe::new()),
-    };
-    let identity = Identity {
-        worker_id: "w-http".into(),
-        hostname: "h".into(),
-        ip: "127.0.0.1".into(),
-        port: 0,
-    };
-    let worker = Arc::new(Worker::new(identity, config.node.clone(), vec![], deps));
+        Arc::new(SimProbe::new()),
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let stop_http = CancellationToken::new();
@@ -124,17 +117,7 @@ async fn health_readiness_and_metrics_follow_the_worker() {
     assert_eq!(get(port, "/healthz").await.0, 200);
     assert_eq!(get(port, "/nope").await.0, 404);
 
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = {
-        let worker = worker.clone();
-        tokio::spawn(async move {
-            worker
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-        })
-    };
+    let running = RunningWorker::spawn(worker.clone());
     within("the registration", registrations.next())
         .await
         .unwrap();
@@ -176,7 +159,7 @@ async fn health_readiness_and_metrics_follow_the_worker() {
         )
         .await;
     slow.next(PATIENCE).await.unwrap();
-    stop.send(()).unwrap();
+    let stopping = tokio::spawn(running.stop());
     within(
         "draining",
         lifecycle.wait_for(|s| *s == mlx_worker::lifecycle::Lifecycle::Draining),
@@ -188,10 +171,7 @@ async fn health_readiness_and_metrics_follow_the_worker() {
         503,
         "not ready while draining"
     );
-    within("the worker to stop", running)
-        .await
-        .unwrap()
-        .unwrap();
+    within("the worker to stop", stopping).await.unwrap();
     assert_eq!(get(port, "/healthz").await.0, 503, "stopped");
     stop_http.cancel();
     http.await.unwrap();

@@ -11,7 +11,6 @@ mod creds;
 mod engine;
 mod flood;
 mod group;
-mod harness;
 mod http;
 mod privilege;
 mod probe;

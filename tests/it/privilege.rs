@@ -16,7 +16,7 @@ use mlx_worker_sim::{SimEngine, SimEngineConfig, SimProbe};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::harness::*;
+use testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_runs_under_the_least_privilege_account_and_nothing_more() {
@@ -33,7 +33,7 @@ async fn a_worker_runs_under_the_least_privilege_account_and_nothing_more() {
             .replace("$CONTROLLER_PASSWORD", "controller-pw"),
     )
     .unwrap();
-    let server = NatsServer::start_with(&["-c", conf.to_str().unwrap()]).await;
+    let server = NatsServer::start_with(NatsOptions::new().config_file(&conf)).await;
 
     let mut controller_config = test_config(&server.url(), "").nats;
     controller_config.auth = NatsAuth::UserPassword {

@@ -12,7 +12,7 @@ use mlx_worker::protocol::{WorkerHeartbeat, WorkerRegistration};
 use mlx_worker::transport::nats::NatsTransport;
 use mlx_worker_sim::{SimEngine, SimEngineConfig};
 
-use crate::harness::*;
+use testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_registration_carries_the_probe_profile_and_cpu_moves_under_load() {

@@ -10,7 +10,7 @@ use mlx_worker::protocol::service::{InfoResponse, PingResponse, StatsResponse};
 use mlx_worker_sim::{SimEngine, SimEngineConfig};
 use serde_json::json;
 
-use crate::harness::*;
+use testkit::*;
 
 #[tokio::test]
 async fn ping_info_and_stats_describe_the_worker() {

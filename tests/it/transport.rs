@@ -7,7 +7,7 @@ use std::time::Duration;
 use mlx_worker::config;
 use mlx_worker::transport::Transport;
 
-use crate::harness::*;
+use testkit::*;
 
 #[tokio::test]
 async fn the_listener_check_tells_an_empty_subject_from_a_listened_one() {

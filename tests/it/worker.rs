@@ -18,7 +18,7 @@ use mlx_worker::transport::Subscription;
 use mlx_worker_sim::{Fault, SimEngine, SimEngineConfig};
 use serde_json::json;
 
-use crate::harness::*;
+use testkit::*;
 
 const MODEL: &str = "sim/tiny";
 
