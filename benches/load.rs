@@ -289,7 +289,7 @@ async fn first_token_latencies(url: &str, worker: &str, n: usize, tag: &str) -> 
             .unwrap();
         let first = stream.next(PATIENCE).await.unwrap();
         out.push(first.at - stream.sent_at());
-        stream.collect(PATIENCE).await.unwrap(); // done
+        stream.collect(PATIENCE, Duration::ZERO).await.unwrap(); // done
     }
     out
 }

@@ -275,6 +275,12 @@ pub enum ClientError {
         /// The rule and how it was broken.
         violation: StreamViolation,
     },
+    /// A quiet window was asked of a stream that has not ended.
+    #[error("response.{request_id} has not ended, so it cannot be quiet after its end")]
+    NotEnded {
+        /// The request.
+        request_id: String,
+    },
     /// The stream ran past the most messages a stream can have.
     #[error("response.{request_id} ran past {limit} messages without ending")]
     TooLong {
@@ -473,10 +479,15 @@ impl ResponseStream {
         })
     }
 
-    /// Reads the stream up to its terminal message, within `timeout` in all, and returns the
+    /// Reads the stream up to its terminal message, within `timeout` in all, then confirms
+    /// that nothing follows it for `quiet` ([`ResponseStream::confirm_quiet`]); returns the
     /// messages read by this call (those already handed out by [`ResponseStream::next`] are
-    /// not repeated).
-    pub async fn collect(&mut self, timeout: Duration) -> Result<Vec<StreamMessage>, ClientError> {
+    /// not repeated). A `quiet` of zero checks only what has already arrived.
+    pub async fn collect(
+        &mut self,
+        timeout: Duration,
+        quiet: Duration,
+    ) -> Result<Vec<StreamMessage>, ClientError> {
         let deadline = self.clock.now() + timeout;
         let mut out = Vec::new();
         while !self.check.ended() {
@@ -497,6 +508,27 @@ impl ResponseStream {
                 Err(other) => return Err(other),
             }
         }
+        self.confirm_quiet(quiet).await?;
         Ok(out)
+    }
+
+    /// For a stream that has ended: waits `window` and fails if any message arrives on the
+    /// response subject meanwhile (a second terminal or a token after the end, as
+    /// [`StreamViolation::AfterTerminal`]); a message already waiting counts, one that comes
+    /// after the window does not.
+    pub async fn confirm_quiet(&mut self, window: Duration) -> Result<(), ClientError> {
+        if !self.check.ended() {
+            return Err(ClientError::NotEnded {
+                request_id: self.request_id.clone(),
+            });
+        }
+        match self.next(window).await {
+            Err(ClientError::TimedOut { .. }) => Ok(()),
+            Err(other) => Err(other),
+            Ok(arrival) => unreachable!(
+                "the check refuses every message after the terminal, got {:?}",
+                arrival.message
+            ),
+        }
     }
 }

@@ -140,6 +140,7 @@ fn error(id: &str, code: &str) -> Value {
 }
 
 const PATIENCE: Duration = Duration::from_secs(5);
+const QUIET: Duration = Duration::from_millis(100);
 
 #[tokio::test(start_paused = true)]
 async fn send_subscribes_to_the_response_subject_before_it_publishes_the_request() {
@@ -194,7 +195,7 @@ async fn a_stream_is_read_to_its_terminal_with_each_arrival_time() {
     let second = stream.next(PATIENCE).await.unwrap();
     assert_eq!(second.at - first.at, Duration::from_millis(150));
     assert_eq!(stream.outcome(), None);
-    let rest = stream.collect(PATIENCE).await.unwrap();
+    let rest = stream.collect(PATIENCE, QUIET).await.unwrap();
     assert_eq!(rest.len(), 1, "only what this call read: {rest:?}");
     assert_eq!(
         stream.outcome(),
@@ -211,7 +212,7 @@ async fn an_error_ends_the_stream_with_its_code() {
     let (bus, client) = client();
     let mut stream = client.subscribe("r1").await.unwrap();
     bus.stream("r1", &[token("r1", 0), error("r1", "TIMEOUT")]);
-    let all = stream.collect(PATIENCE).await.unwrap();
+    let all = stream.collect(PATIENCE, QUIET).await.unwrap();
     assert_eq!(all.len(), 2);
     let outcome = stream.outcome().unwrap();
     assert!(!outcome.is_done());
@@ -228,7 +229,7 @@ async fn an_error_ends_the_stream_with_its_code() {
         "r2",
         &[json!({"type": "error", "error": "bad", "code": "INVALID_REQUEST"})],
     );
-    assert_eq!(anonymous.collect(PATIENCE).await.unwrap().len(), 1);
+    assert_eq!(anonymous.collect(PATIENCE, QUIET).await.unwrap().len(), 1);
 }
 
 /// Collects a stream of `messages` for `r1` and returns the error it ends with.
@@ -236,7 +237,7 @@ async fn broken(messages: &[Value]) -> ClientError {
     let (bus, client) = client();
     let mut stream = client.subscribe("r1").await.unwrap();
     bus.stream("r1", messages);
-    stream.collect(PATIENCE).await.unwrap_err()
+    stream.collect(PATIENCE, QUIET).await.unwrap_err()
 }
 
 fn violation(e: ClientError) -> StreamViolation {
@@ -302,7 +303,7 @@ async fn a_message_after_the_terminal_is_refused_when_read() {
     let (bus, client) = client();
     let mut stream = client.subscribe("r1").await.unwrap();
     bus.stream("r1", &[done("r1", 0), token("r1", 0)]);
-    stream.collect(PATIENCE).await.unwrap();
+    stream.next(PATIENCE).await.unwrap();
     let e = stream.next(PATIENCE).await.unwrap_err();
     assert_eq!(
         violation(e.clone()),
@@ -320,7 +321,7 @@ async fn a_silent_stream_times_out_saying_how_much_came() {
     let mut stream = client.subscribe("r1").await.unwrap();
     bus.stream("r1", &[token("r1", 0)]);
     let e = stream
-        .collect(Duration::from_millis(2500))
+        .collect(Duration::from_millis(2500), QUIET)
         .await
         .unwrap_err();
     assert_eq!(
@@ -346,7 +347,7 @@ async fn a_stream_that_never_ends_stops_at_the_bound() {
         .collect();
     bus.stream("r1", &tokens);
     assert_eq!(
-        stream.collect(PATIENCE).await.unwrap_err(),
+        stream.collect(PATIENCE, QUIET).await.unwrap_err(),
         ClientError::TooLong {
             request_id: "r1".into(),
             limit: STREAM_MESSAGES_MAX
@@ -360,7 +361,7 @@ async fn a_stream_that_never_ends_stops_at_the_bound() {
     longest.push(done("r2", STREAM_MESSAGES_MAX as u64 - 1));
     bus.stream("r2", &longest);
     assert_eq!(
-        full.collect(PATIENCE).await.unwrap().len(),
+        full.collect(PATIENCE, QUIET).await.unwrap().len(),
         STREAM_MESSAGES_MAX
     );
 }
@@ -440,4 +441,70 @@ fn the_check_reports_each_break_once_and_goes_on() {
         check(&[token("r2", 3)]),
         [Err(WrongRequest { found: "r2".into() })]
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn collecting_fails_on_a_message_right_after_the_terminal() {
+    let (bus, client) = client();
+    let mut stream = client.subscribe("r1").await.unwrap();
+    bus.stream("r1", &[token("r1", 0), done("r1", 1), token("r1", 1)]);
+    let e = stream.collect(PATIENCE, QUIET).await.unwrap_err();
+    assert_eq!(
+        violation(e),
+        StreamViolation::AfterTerminal { terminal: false }
+    );
+    // A zero window still sees what has already arrived: here a second terminal.
+    let mut stream = client.subscribe("r2").await.unwrap();
+    bus.stream("r2", &[done("r2", 0), error("r2", "X")]);
+    let e = stream.collect(PATIENCE, Duration::ZERO).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .ends_with("a second terminal after the terminal message"),
+        "{e}"
+    );
+}
+
+/// Collects `r1`, whose stray token comes `delay` after its `done`.
+async fn stray_after(delay: Duration) -> Result<Vec<StreamMessage>, ClientError> {
+    let (bus, client) = client();
+    let mut stream = client.subscribe("r1").await.unwrap();
+    bus.stream("r1", &[done("r1", 0)]);
+    tokio::spawn(async move {
+        tokio::time::sleep(delay).await;
+        bus.stream("r1", &[token("r1", 0)]);
+    });
+    stream.collect(PATIENCE, QUIET).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_quiet_window_catches_what_comes_within_it_and_nothing_later() {
+    assert!(matches!(
+        stray_after(QUIET - Duration::from_millis(1)).await,
+        Err(ClientError::Broken {
+            violation: StreamViolation::AfterTerminal { terminal: false },
+            ..
+        })
+    ));
+    assert_eq!(
+        stray_after(QUIET + Duration::from_millis(1))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_that_has_not_ended_cannot_be_confirmed_quiet() {
+    let (bus, client) = client();
+    let mut stream = client.subscribe("r1").await.unwrap();
+    assert_eq!(
+        stream.confirm_quiet(QUIET).await,
+        Err(ClientError::NotEnded {
+            request_id: "r1".into()
+        })
+    );
+    bus.stream("r1", &[done("r1", 0)]);
+    stream.next(PATIENCE).await.unwrap();
+    assert_eq!(stream.confirm_quiet(QUIET).await, Ok(()));
 }

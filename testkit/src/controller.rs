@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use mlx_worker::client::{Client, ResponseStream, StreamCheck, Target};
+use mlx_worker::client::{Client, ClientError, ResponseStream, StreamCheck, Target};
 use mlx_worker::clock::SystemClock;
 use mlx_worker::config;
 use mlx_worker::protocol::{StreamMessage, WorkerHeartbeat, subject};
@@ -15,7 +15,10 @@ use mlx_worker::transport::nats::NatsTransport;
 use mlx_worker::transport::{InboundMessage, Subscription, Transport};
 use serde_json::Value;
 
-use crate::{PATIENCE, connected, test_config, within};
+use crate::{PATIENCE, QUIET, connected, test_config, within};
+
+#[cfg(test)]
+mod tests;
 
 /// The controller's side: the library's client over its own connection, and a plain NATS
 /// connection for request/reply, which `Transport` does not offer.
@@ -184,13 +187,23 @@ impl Controller {
     }
 }
 
-/// Reads a response stream up to its terminal message, then checks that nothing follows it
-/// for a short while (a second terminal would show up).
+/// Reads a response stream up to its terminal message within [`PATIENCE`], holding every
+/// message to the stream's rules ([`StreamCheck`]: it names the request, token indices run
+/// 0, 1, 2, …, `done` counts the tokens before it, one terminal ends it), then waits [`QUIET`]
+/// and fails if any further message arrives on `response.{id}` in that window: a second
+/// terminal or a token sent right after the end shows up, one sent later than that does not.
+/// Returns the messages it read; fails the test, naming the broken rule, otherwise.
 pub async fn collect_stream(stream: &mut ResponseStream) -> Vec<StreamMessage> {
-    stream
-        .collect(PATIENCE)
+    try_collect_stream(stream)
         .await
         .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`collect_stream`], for a test of a stream that must fail.
+pub async fn try_collect_stream(
+    stream: &mut ResponseStream,
+) -> Result<Vec<StreamMessage>, ClientError> {
+    stream.collect(PATIENCE, QUIET).await
 }
 
 /// Many response streams read from one `response.>` subscription, each held to the stream's

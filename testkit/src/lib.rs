@@ -24,6 +24,7 @@ use std::time::Duration;
 
 pub use controller::{
     Controller, Streams, assert_complete, assert_done, collect_stream, error_code,
+    try_collect_stream,
 };
 pub use nats::{NatsOptions, NatsServer, ServerTls};
 pub use worker::{
@@ -33,6 +34,10 @@ pub use worker::{
 
 /// How long any single expected event may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// How long [`collect_stream`] listens after a stream's terminal message for anything that
+/// follows it.
+pub const QUIET: Duration = Duration::from_millis(100);
 
 /// Waits for `fut`, failing the test with `what` if it takes longer than [`PATIENCE`].
 pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
