@@ -2,14 +2,15 @@
 // during a drain, /healthz follows the process, and /metrics is valid Prometheus text whose
 // counters move with traffic.
 // Method: a worker (simulated engine) on a real nats-server, its observer served by the
-// library's HTTP server on a free loopback port, and a plain TCP client.
+// library's HTTP server on a free loopback port, and a plain TCP client; /metrics is read
+// with a Prometheus text-format parser (prometheus-parse), not the project's own code.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use mlx_worker::transport::nats::NatsTransport;
 use mlx_worker_sim::{SimEngine, SimEngineConfig, SimProbe};
+use prometheus_parse::{LineInfo, SampleType, Scrape, Value};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
@@ -37,48 +38,59 @@ async fn get(port: u16, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// Checks the Prometheus text format and returns every sample by its full name with labels.
-fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
-    let mut typed = std::collections::BTreeSet::new();
-    let mut samples = BTreeMap::new();
+/// Parses `/metrics` with a Prometheus text-format parser, and checks that it understood
+/// every line: each is a help line, a type line of a known kind, or a sample whose value parses;
+/// the only untyped samples are the `_sum` and `_count` of a histogram.
+fn parse_prometheus(text: &str) -> Scrape {
     for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let mut parts = rest.split(' ');
-            let name = parts.next().unwrap();
-            let kind = parts.next().unwrap();
-            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
-            typed.insert(name.to_owned());
-            continue;
-        }
-        if line.starts_with("# HELP ") {
-            continue;
-        }
-        let (series, value) = line
-            .rsplit_once(' ')
-            .unwrap_or_else(|| panic!("bad line {line:?}"));
-        let value: f64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
-        let name = series.split('{').next().unwrap();
-        assert!(
-            name.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "bad name in {line:?}"
-        );
-        let family = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
-            .unwrap_or(name);
-        assert!(typed.contains(family), "sample before its TYPE: {line:?}");
-        if let Some(labels) = series.strip_prefix(name) {
-            assert!(
-                labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+        match LineInfo::parse(line) {
+            LineInfo::Doc { .. } => {}
+            LineInfo::Type { sample_type, .. } => assert!(
+                matches!(
+                    sample_type,
+                    SampleType::Counter | SampleType::Gauge | SampleType::Histogram
+                ),
                 "{line}"
+            ),
+            LineInfo::Sample { value, .. } => {
+                assert!(value.parse::<f64>().is_ok(), "bad value in {line:?}")
+            }
+            LineInfo::Empty | LineInfo::Ignored => panic!("not Prometheus text: {line:?}"),
+        }
+    }
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let histograms: Vec<&str> = scrape
+        .samples
+        .iter()
+        .filter(|s| matches!(s.value, Value::Histogram(_)))
+        .map(|s| s.metric.as_str())
+        .collect();
+    for sample in &scrape.samples {
+        if let Value::Untyped(_) = sample.value {
+            let family = ["_sum", "_count"]
+                .iter()
+                .find_map(|suffix| sample.metric.strip_suffix(suffix));
+            assert!(
+                family.is_some_and(|f| histograms.contains(&f)),
+                "sample without a type: {}",
+                sample.metric
             );
         }
-        samples.insert(series.to_owned(), value);
     }
-    samples
+    scrape
+}
+
+/// The value of the sample `name` with exactly `labels`, if the scrape has it.
+fn sample(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let found = scrape.samples.iter().find(|s| {
+        s.metric == name
+            && s.labels.len() == labels.len()
+            && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+    })?;
+    match found.value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
+        Value::Histogram(_) | Value::Summary(_) => panic!("{name} is not a single number"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -141,14 +153,17 @@ async fn health_readiness_and_metrics_follow_the_worker() {
     let (status, text) = get(port, "/metrics").await;
     assert_eq!(status, 200);
     let after = parse_prometheus(&text);
-    let ok = r#"mlx_worker_requests_total{model="sim/tiny",outcome="success"}"#;
-    assert_eq!(before.get(ok), None);
-    assert_eq!(after[ok], 1.0);
-    assert_eq!(after["mlx_worker_tokens_generated_total"], 5.0);
-    assert_eq!(after["mlx_worker_request_duration_seconds_count"], 1.0);
-    assert_eq!(after["mlx_worker_inter_token_seconds_count"], 4.0);
-    assert!(after["mlx_worker_heartbeats_sent_total"] >= 1.0);
-    assert_eq!(after["mlx_worker_ready"], 1.0);
+    let ok = [("model", "sim/tiny"), ("outcome", "success")];
+    assert_eq!(sample(&before, "mlx_worker_requests_total", &ok), None);
+    assert_eq!(sample(&after, "mlx_worker_requests_total", &ok), Some(1.0));
+    let value = |name: &str| {
+        sample(&after, name, &[]).unwrap_or_else(|| panic!("no sample {name} in {text}"))
+    };
+    assert_eq!(value("mlx_worker_tokens_generated_total"), 5.0);
+    assert_eq!(value("mlx_worker_request_duration_seconds_count"), 1.0);
+    assert_eq!(value("mlx_worker_inter_token_seconds_count"), 4.0);
+    assert!(value("mlx_worker_heartbeats_sent_total") >= 1.0);
+    assert_eq!(value("mlx_worker_ready"), 1.0);
 
     // During a drain the worker is not ready.
     let mut slow = client.subscribe_response("h-slow").await;

@@ -8,9 +8,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::service::PingResponse;
 use bytes::Bytes;
 use mlx_worker::config::{NatsAuth, Secret};
-use mlx_worker::protocol::service::PingResponse;
 use mlx_worker::transport::nats::NatsTransport;
 use mlx_worker_sim::{SimEngine, SimEngineConfig, SimProbe};
 use serde_json::json;
@@ -87,7 +87,7 @@ async fn a_worker_runs_under_the_least_privilege_account_and_nothing_more() {
     .await
     .unwrap();
     let ping: PingResponse = serde_json::from_slice(&ping.payload).unwrap();
-    assert_eq!(ping.header.id, "w-priv");
+    assert_eq!(ping.id, "w-priv");
 
     // Outside the grant: the server refuses and says so.
     let (errors_tx, mut errors) = mpsc::unbounded_channel();
