@@ -1,6 +1,7 @@
-//! The invariants every scenario is held to, checked on a world's [`Trace`] while it runs and
-//! at the end. A broken invariant is a [`Violation`] value, never a panic, so the mutant proof
-//! can collect them.
+//! The invariants every scenario is held to, checked on a world's [`Trace`](crate::Trace)
+//! while it runs and at the end. A broken invariant is a [`Violation`] value, never a panic, so
+//! the mutant proof can collect them. The worker under check and its configured bounds come in
+//! as [`Limits`]; this module knows nothing of how a world is built.
 //!
 //! The worker's promises are checked on what the worker handed to its transport (the trace of
 //! node `worker`), because a link loss legitimately loses what was in flight — exactly as with
@@ -30,11 +31,10 @@ use std::time::Duration;
 use mlx_worker::client::{StreamCheck, StreamViolation};
 use mlx_worker::config::NodeConfig;
 use mlx_worker::lifecycle::Lifecycle;
-use mlx_worker::protocol::{StreamMessage, WorkerHeartbeat};
+use mlx_worker::protocol::{StreamMessage, WorkerHeartbeat, subject};
 use serde::Deserialize;
 
 use crate::trace::{Event, EventKind};
-use crate::world::WORKER_ID;
 
 /// A broken invariant.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -51,9 +51,12 @@ impl fmt::Display for Violation {
     }
 }
 
-/// The configured limits the invariants check against.
+/// The worker under check and the configured limits the invariants check against.
 #[derive(Clone, Debug)]
 pub struct Limits {
+    /// The worker's id: its requests arrive on `worker.{id}.inference`, cancels on
+    /// `worker.{id}.cancel`.
+    pub worker_id: String,
     /// Waiting requests at most.
     pub queue_depth_max: usize,
     /// A request's deadline when it asks for none.
@@ -65,9 +68,10 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The limits of a worker configured with `node`.
-    pub fn from_node(node: &NodeConfig) -> Limits {
+    /// The limits of the worker `worker_id` configured with `node`.
+    pub fn from_node(worker_id: &str, node: &NodeConfig) -> Limits {
         Limits {
+            worker_id: worker_id.to_owned(),
             queue_depth_max: node.queue_depth_max,
             request_timeout: node.request_timeout,
             drain_timeout: node.drain_timeout,
@@ -119,8 +123,8 @@ pub fn check(events: &[Event], limits: &Limits, at_end: bool) -> Vec<Violation> 
             detail: format!("at {} ms: {detail}", at.as_millis()),
         });
     };
-    let inference = format!("worker.{WORKER_ID}.inference");
-    let cancel = format!("worker.{WORKER_ID}.cancel");
+    let inference = subject::inference(&limits.worker_id);
+    let cancel = subject::cancel(&limits.worker_id);
     let now = events.last().map(|e| e.at).unwrap_or_default();
 
     let mut state = Lifecycle::Idle;
