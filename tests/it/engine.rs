@@ -237,11 +237,7 @@ fn runtime_child_pid(parent: u32) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_mode_starts_its_own_nats_server_and_stops_it() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = testkit::nats::free_port();
     let mut worker = WorkerProcess::spawn(
         &worker_binary!(),
         &[
