@@ -3,31 +3,78 @@
 //! connection, `GET` only, request head capped in size and time, so a stray client or scanner
 //! costs nothing. It reads the worker through an [`Observer`] and changes nothing.
 
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
+use crate::backoff::{self, Backoff};
+use crate::limits::{
+    HTTP_ACCEPT_BACKOFF_MAX, HTTP_ACCEPT_BACKOFF_MIN, HTTP_CONNECTIONS_MAX,
+    HTTP_REQUEST_HEAD_BYTES_MAX, HTTP_REQUEST_TIMEOUT,
+};
 use crate::metrics::prometheus;
 use crate::worker::Observer;
 
-/// Largest request head read.
-const REQUEST_HEAD_BYTES_MAX: usize = 8 * 1024;
-/// Time a client has to send its request head.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more wait in the listen backlog.
-const CONNECTIONS_MAX: usize = 64;
-
 /// Serves until `stop` fires.
 pub async fn serve(listener: TcpListener, observer: Observer, stop: CancellationToken) {
-    if let Ok(addr) = listener.local_addr() {
-        info!(%addr, "serving /metrics, /healthz and /readyz");
-    }
+    let seed = match listener.local_addr() {
+        Ok(addr) => {
+            info!(%addr, "serving /metrics, /healthz and /readyz");
+            backoff::seed(addr)
+        }
+        Err(_) => 0,
+    };
     let tasks = TaskTracker::new();
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    accept_loop(&listener, seed, &stop, |stream, permit| {
+        let observer = observer.clone();
+        tasks.spawn(async move {
+            if let Err(e) = handle(stream, &observer).await {
+                debug!(cause = %e, "http connection ended");
+            }
+            drop(permit);
+        });
+    })
+    .await;
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// Where connections come from: the listener, or a stand-in that fails on demand.
+trait Accept {
+    /// One accepted connection.
+    type Stream;
+    /// Waits for the next connection.
+    fn accept(&self) -> impl Future<Output = std::io::Result<Self::Stream>> + Send;
+}
+
+impl Accept for TcpListener {
+    type Stream = TcpStream;
+
+    async fn accept(&self) -> std::io::Result<TcpStream> {
+        TcpListener::accept(self).await.map(|(stream, _)| stream)
+    }
+}
+
+/// Accepts connections until `stop` fires, at most [`HTTP_CONNECTIONS_MAX`] at once, and hands each
+/// to `serve` with its slot, which frees when dropped. While accepting fails it backs off,
+/// jittered by `seed`.
+async fn accept_loop<A: Accept>(
+    acceptor: &A,
+    seed: u64,
+    stop: &CancellationToken,
+    mut serve: impl FnMut(A::Stream, OwnedSemaphorePermit),
+) {
+    let slots = Arc::new(Semaphore::new(HTTP_CONNECTIONS_MAX));
+    let mut failures = AcceptFailures::new(seed);
     loop {
         let permit = tokio::select! {
             () = stop.cancelled() => break,
@@ -38,27 +85,79 @@ pub async fn serve(listener: TcpListener, observer: Observer, stop: Cancellation
         };
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
-            accepted = listener.accept() => accepted,
+            accepted = acceptor.accept() => accepted,
         };
         match accepted {
-            Ok((stream, _)) => {
-                let observer = observer.clone();
-                tasks.spawn(async move {
-                    if let Err(e) = handle(stream, &observer).await {
-                        debug!(cause = %e, "http connection ended");
-                    }
-                    drop(permit);
-                });
+            Ok(stream) => {
+                failures.end_burst();
+                serve(stream, permit);
             }
-            Err(e) => debug!(cause = %e, "accept failed"),
+            Err(e) => {
+                let Some(wait) = failures.failed(&e) else {
+                    continue;
+                };
+                drop(permit);
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(wait) => {}
+                }
+            }
         }
     }
-    tasks.close();
-    tasks.wait().await;
+}
+
+/// Accept failures in a row: how long to wait before the next attempt, and what to log.
+struct AcceptFailures {
+    /// The waits; its attempt count is the number of failures in the current burst.
+    backoff: Backoff,
+}
+
+impl AcceptFailures {
+    fn new(seed: u64) -> AcceptFailures {
+        AcceptFailures {
+            backoff: Backoff::new(HTTP_ACCEPT_BACKOFF_MIN, HTTP_ACCEPT_BACKOFF_MAX, seed),
+        }
+    }
+
+    /// The wait before the next accept after `err`, or `None` when the next may follow at once.
+    ///
+    /// A connection that failed before it was accepted says nothing about the listener. Any
+    /// other failure (no file descriptors or memory left) repeats until something is freed,
+    /// so the loop waits, longer each time; only the first failure of a burst is logged.
+    fn failed(&mut self, err: &std::io::Error) -> Option<Duration> {
+        use std::io::ErrorKind;
+        if matches!(
+            err.kind(),
+            ErrorKind::ConnectionAborted
+                | ErrorKind::ConnectionReset
+                | ErrorKind::ConnectionRefused
+        ) {
+            debug!(cause = %err, "a connection failed before it was accepted");
+            return None;
+        }
+        let wait = self.backoff.next_delay().unwrap_or(HTTP_ACCEPT_BACKOFF_MAX);
+        if self.backoff.attempts() == 1 {
+            warn!(
+                cause = %err,
+                wait_max_ms = crate::clock::millis(HTTP_ACCEPT_BACKOFF_MAX),
+                "accepting http connections fails; waiting longer between attempts until it works"
+            );
+        }
+        Some(wait)
+    }
+
+    /// An accept succeeded: the next failure starts a new burst, from the first wait.
+    fn end_burst(&mut self) {
+        let failures = self.backoff.attempts();
+        if failures > 0 {
+            info!(failures, "accepting http connections again");
+            self.backoff.reset();
+        }
+    }
 }
 
 async fn handle(mut stream: TcpStream, observer: &Observer) -> std::io::Result<()> {
-    let head = match tokio::time::timeout(REQUEST_TIMEOUT, read_head(&mut stream)).await {
+    let head = match tokio::time::timeout(HTTP_REQUEST_TIMEOUT, read_head(&mut stream)).await {
         Ok(Ok(Some(head))) => head,
         Ok(Ok(None)) => {
             return respond(&mut stream, 431, "text/plain", "request head too large\n").await;
@@ -74,14 +173,8 @@ async fn handle(mut stream: TcpStream, observer: &Observer) -> std::io::Result<(
     }
     match path {
         "/metrics" => {
-            let body = prometheus::render(&observer.metrics().await);
-            respond(
-                &mut stream,
-                200,
-                "text/plain; version=0.0.4; charset=utf-8",
-                &body,
-            )
-            .await
+            let body = prometheus::render(&observer.metrics());
+            respond(&mut stream, 200, prometheus::CONTENT_TYPE, &body).await
         }
         "/healthz" if observer.is_alive() => respond(&mut stream, 200, "text/plain", "ok\n").await,
         "/healthz" => respond(&mut stream, 503, "text/plain", "stopped\n").await,
@@ -106,7 +199,7 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<String>> {
         if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
             break;
         }
-        if buf.len() > REQUEST_HEAD_BYTES_MAX {
+        if buf.len() > HTTP_REQUEST_HEAD_BYTES_MAX {
             return Ok(None);
         }
     }

@@ -14,14 +14,19 @@
 //! - [`tier`]: model size tiers, the unit of concurrency planning.
 //! - [`config`]: the layered configuration (YAML, then `MLX_WORKER_*` environment, then flags).
 //! - [`hardware`]: the `HardwareProbe` seam, host profiles and concurrency recommendations.
+//! - [`backoff`]: the capped, jittered delays of every retry loop.
 //! - [`clock`], [`transport`], [`engine`]: the other three seams and their production
-//!   implementations (system clock, NATS, the MLX runtime); [`models`] scans model directories.
-//! - [`scheduler`], [`metrics`], [`lifecycle`], [`identity`]: the worker's pure parts.
+//!   implementations (system clock, NATS, the MLX runtime, whose model catalog is the scan of
+//!   [`engine::catalog`]).
+//! - [`scheduler`], [`admission`], [`metrics`], [`lifecycle`], [`identity`]: the worker's pure
+//!   parts.
 //! - [`worker`]: `Worker::run`, the task tree that ties everything together.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`mutation`]: planted bugs for the sims.
 //! - [`client`]: the requesting side of the protocol, over a `Transport`: send a request and
 //!   read its response stream, checked.
 
+pub mod admission;
+pub mod backoff;
 pub mod client;
 pub mod clock;
 pub mod config;
@@ -32,7 +37,6 @@ pub mod identity;
 pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
-pub mod models;
 pub mod mutation;
 pub mod protocol;
 pub mod scheduler;

@@ -1,8 +1,16 @@
-//! Every hard bound of the worker, in one place.
+//! The worker's hard bounds, as documented constants: the sizes, counts, capacities, durations
+//! and retry delays that cap what inputs, peers and failures can make the worker hold, wait for
+//! or repeat.
 //!
-//! Configuration may lower any of these, never raise one: `config` checks each configured value
-//! against the constant here. The relations between them are checked at compile time at the
-//! bottom of the file, so a change that breaks one does not build.
+//! A few bounds are still declared beside their code: those private to one part of `worker`,
+//! `engine`, `models` or `hardware` (a channel's capacity, a grace period, the depth of a
+//! directory scan), and the ranges `config` accepts for some intervals and timeouts.
+//!
+//! Where the configuration sets one of these (sizes of a request, requests in flight and
+//! waiting, tags, timeouts, the heartbeat), it may tighten the bound, never loosen it: `config`
+//! checks each configured value against the constant here. The relations between the constants
+//! are checked at compile time at the bottom of the file, so a change that breaks one does not
+//! build.
 
 use std::time::Duration;
 
@@ -27,6 +35,10 @@ pub const MODEL_ID_BYTES_MAX: usize = 512;
 
 /// Deepest JSON nesting accepted in an inbound NATS message.
 pub const JSON_DEPTH_MAX: usize = 32;
+
+/// Bytes of an inbound request that the lenient request-id scan looks at, when the body does
+/// not parse: all of any message within the payload limit.
+pub const REQUEST_ID_SCAN_BYTES_MAX: usize = NATS_PAYLOAD_BYTES_MAX;
 
 /// Longest line read from the MLX runtime's stdout. The existing runtime repeats the whole
 /// text so far in every token, so its lines grow with the output; ours are short.
@@ -79,8 +91,39 @@ pub const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Largest secret file (password, token, NKey seed) the configuration reads.
 pub const SECRET_FILE_BYTES_MAX: u64 = 64 * 1024;
 
-/// Request ids remembered after they finished, to answer a late duplicate.
-pub const FINISHED_IDS_REMEMBERED: usize = 4096;
+/// Distinct model labels the metrics' lifetime counters keep; a flood of made-up model ids
+/// cannot grow them further.
+pub const MODEL_LABELS_MAX: usize = 64;
+
+/// Longest a connection attempt to the message server may take; past it, the first attempt
+/// falls back to retrying in the background.
+pub const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Cap of the first reconnect delay; the cap doubles per attempt up to the configured
+/// `nats.reconnectTimeWait`.
+pub const NATS_RECONNECT_DELAY_MIN: Duration = Duration::from_millis(100);
+
+/// Longest wait for the marker of a listener check; past it the link is considered stalled.
+pub const LISTENER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest wait for the embedded nats-server's readiness line.
+pub const EMBEDDED_NATS_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest HTTP request head (request line and headers) the HTTP port reads.
+pub const HTTP_REQUEST_HEAD_BYTES_MAX: usize = 8 * 1024;
+
+/// Time an HTTP client has to send its request head.
+pub const HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// HTTP connections served at once; more wait in the listen backlog.
+pub const HTTP_CONNECTIONS_MAX: usize = 64;
+
+/// First delay cap of the HTTP port after a failed accept (out of file descriptors, say); it
+/// doubles per failure in a row up to [`HTTP_ACCEPT_BACKOFF_MAX`].
+pub const HTTP_ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+
+/// Longest the HTTP port waits between accepts while accepting fails.
+pub const HTTP_ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// Bytes of JSON framing around a prompt in an inference request, at most, besides the
 /// prompt itself (ids, numbers, field names, escapes are counted in the prompt's share).
@@ -90,5 +133,7 @@ const _: () = assert!(PROMPT_BYTES_MAX + REQUEST_FRAMING_BYTES <= NATS_PAYLOAD_B
 const _: () = assert!(PROMPT_BYTES_MAX + REQUEST_FRAMING_BYTES <= RPC_REQUEST_BYTES_MAX);
 const _: () = assert!(RPC_REQUEST_BYTES_MAX <= RPC_LINE_BYTES_MAX);
 const _: () = assert!(ID_BYTES_MAX <= MODEL_ID_BYTES_MAX);
+const _: () = assert!(NATS_PAYLOAD_BYTES_MAX <= REQUEST_ID_SCAN_BYTES_MAX);
 const _: () = assert!(INFLIGHT_REQUESTS_MAX <= QUEUE_DEPTH_MAX);
 const _: () = assert!(TAGS_MAX * TAG_BYTES_MAX <= REQUEST_FRAMING_BYTES);
+const _: () = assert!(HTTP_ACCEPT_BACKOFF_MIN.as_nanos() <= HTTP_ACCEPT_BACKOFF_MAX.as_nanos());

@@ -314,13 +314,8 @@ pub(crate) async fn request_overhead(url: &str, n: usize) -> Overhead {
         first.push(first_token(&client, "late", &format!("o-{i}")).await);
         first_nolate.push(first_token(&client, "nolate", &format!("n-{i}")).await);
     }
-    let inside = late.observer.metrics().await.snapshot.time_to_first_token;
-    let inside_nolate = unprotected
-        .observer
-        .metrics()
-        .await
-        .snapshot
-        .time_to_first_token;
+    let inside = late.observer.metrics().snapshot.time_to_first_token;
+    let inside_nolate = unprotected.observer.metrics().snapshot.time_to_first_token;
     late.stop().await;
     unprotected.stop().await;
     Overhead {

@@ -27,6 +27,14 @@ STREAMS_LIVE_MAX = 64
 COMPUTE_JOBS_QUEUED_MAX = STREAMS_LIVE_MAX + 8
 MODELS_LOADED_MAX = 8
 
+# Tokens whose text the streaming detokenizer may hold back while it does not
+# yet form valid UTF-8, and the most chunks of a stream that wait for their
+# text. A character is at most 4 bytes, so one spread over byte tokens keeps
+# at most 3 tokens waiting for the token that completes it; text still
+# unfinished after that is emitted as it stands (invalid bytes as U+FFFD),
+# except for the at most 3 bytes that may yet begin a character.
+DETOKENIZE_TOKENS_HELD_MAX = 3
+
 # How long shutdown waits for the compute thread to finish its current job.
 # Below the 5 s after which the existing TypeScript client kills the process.
 SHUTDOWN_GRACE_SECONDS = 4.0

@@ -24,7 +24,7 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step, generation_stream, wired_limit
 from mlx_lm.sample_utils import make_sampler
 
-from .detokenize import IncrementalDecoder
+from .detokenize import TokenTexts
 from .jsonrpc import Writer, internal_error, invalid_params
 from .models import LoadedModel
 
@@ -226,12 +226,8 @@ class GenerationJob:
         model = stream.model
         tokenizer = model.tokenizer
         eos_ids = tokenizer.eos_token_ids
-        decoder = IncrementalDecoder(lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
-        # Chunks whose text is still "" wait here until a later token completes
-        # the text, or the stream ends and the held-back text goes on the last
-        # of them. This keeps one chunk per token and the concatenated text
-        # exact, without delaying any visible text.
-        pending: list[tuple[int, str]] = []
+        # One chunk per token; chunks whose text is not final yet wait in here.
+        texts = TokenTexts(lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
         if stream.seed is not None:
             mx.random.seed(stream.seed)
         sampler = make_sampler(stream.temperature, stream.top_p)
@@ -257,17 +253,8 @@ class GenerationJob:
                     break
                 tokens_generated += 1
                 last_token_at = now
-                text = decoder.add(token_id)
-                pending.append((token_id, text))
-                if text:
-                    self._send(pending)
-        held_back = decoder.finish()
-        if pending:
-            last_token_id, _ = pending[-1]
-            pending[-1] = (last_token_id, held_back)
-            self._send(pending)
-        else:
-            assert not held_back, "text is held back only together with its chunks"
+                self._send(texts.add(token_id))
+        self._send(texts.finish())
         finished = time.perf_counter()
         return Completion(
             tokens_generated=tokens_generated,
@@ -279,10 +266,9 @@ class GenerationJob:
             finish_reason=finish_reason,
         )
 
-    def _send(self, pending: list[tuple[int, str]]) -> None:
-        for token_id, text in pending:
+    def _send(self, ready: list[tuple[int, str]]) -> None:
+        for token_id, text in ready:
             self.events.chunk(self.stream.stream_id, token_id, text)
-        pending.clear()
 
 
 def _decode_rate(

@@ -14,6 +14,7 @@ import uuid
 import pytest
 from tokenizers import Tokenizer
 
+from mlx_runtime.limits import DETOKENIZE_TOKENS_HELD_MAX
 from runtime_client import chunks, text_of, token_ids
 from tiny_model import MODEL_ID
 
@@ -123,6 +124,32 @@ def test_chunk_tokens_concatenate_to_the_decoded_ids(runtime, tiny_model_dir):
         held_back += sum(1 for chunk in chunks(notifications) if chunk["token"] == "")
     # The tiny model emits many byte tokens, so partial UTF-8 must have been held back.
     assert held_back > 0
+
+
+def test_a_run_of_invalid_bytes_streams_without_holding_chunks_back(runtime, tiny_model_dir):
+    # Greedy decoding of this prompt ends in one byte token, repeated, that
+    # is not UTF-8 on its own: a run of U+FFFD that no later token completes.
+    reference = Tokenizer.from_file(str(tiny_model_dir / "tokenizer.json"))
+    notifications = runtime.generate("invalid-run", **greedy("Hello world", 300))
+    ids = token_ids(notifications)
+    run_id = ids[-1]
+    run_start = next(i for i in range(len(ids), 0, -1) if ids[i - 1] != run_id)
+    assert len(ids) - run_start >= 100 and reference.decode([run_id] * 2) == "\ufffd" * 2, (
+        f"precondition: pick a prompt whose output ends in a long invalid run, not {ids[-20:]}"
+    )
+    assert text_of(notifications) == reference.decode(ids, skip_special_tokens=False)
+    texts = [chunk["token"] for chunk in chunks(notifications)]
+    silent = longest = 0
+    for text in texts:
+        silent = 0 if text else silent + 1
+        longest = max(longest, silent)
+    assert longest <= DETOKENIZE_TOKENS_HELD_MAX, (
+        f"{longest} chunks in a row carried no text, bound {DETOKENIZE_TOKENS_HELD_MAX}"
+    )
+    longest_text = max(len(text) for text in texts[run_start:])
+    assert longest_text <= DETOKENIZE_TOKENS_HELD_MAX + 1, (
+        f"a chunk of the run carried {longest_text} characters"
+    )
 
 
 def test_a_leading_space_of_the_first_token_is_kept(runtime, tiny_model_dir):

@@ -5,12 +5,24 @@
 //! snake_case spellings accepted as aliases and a top-level `cluster:` wrapper allowed. Sections
 //! that only the controller reads (`controller`, `workers`, `loadBalancing`, `requestRouting`)
 //! are accepted and ignored, so one file serves both; any other unknown key is an error naming
-//! the key and its line. Environment variables and flags set individual [`Setting`]s.
+//! the key and its line. Environment variables and flags set individual [`Setting`]s, all
+//! declared in one table (`setting.rs`) from which the variables, the flags ([`Flags`]) and
+//! their help are derived.
+//!
+//! Inside: `raw` (the file as written), `parse` (YAML to raw), `overrides` (environment and
+//! flags onto raw), `secrets` (secret and credential files), `resolve` (raw to the resolved
+//! sections, one file each).
 //!
 //! This module is the only one that reads the process environment. It owns parsing and
 //! validation; it does not start anything.
 
+mod flags;
+mod overrides;
+mod parse;
 mod raw;
+mod resolve;
+mod secrets;
+mod setting;
 #[cfg(test)]
 mod tests;
 
@@ -23,6 +35,12 @@ use crate::protocol::request::RequestLimits;
 use crate::tier::ModelTier;
 
 use raw::RawConfig;
+
+pub use flags::Flags;
+pub use overrides::{
+    ENV_CONFIG_FILE, ENV_PREFIX, Origin, Override, environment_overrides, read_environment,
+};
+pub use setting::Setting;
 
 /// Default heartbeat interval (the existing controller's).
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(5000);
@@ -252,6 +270,8 @@ pub struct EngineConfig {
 pub struct LoggingConfig {
     /// A `tracing` filter directive such as `info` or `mlx_worker=debug`.
     pub level: String,
+    /// A file the log lines are appended to instead of stderr; it must open at start-up.
+    pub file: Option<PathBuf>,
     /// Line format.
     pub format: LogFormat,
 }
@@ -263,183 +283,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-}
-
-/// A value that can be set from the environment or a flag.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Setting {
-    /// `nats.serverUrl` (comma-separated for several servers).
-    NatsUrl,
-    /// `nats.mode`: `embedded` or `external`.
-    NatsMode,
-    /// `nats.embedded.port`.
-    NatsEmbeddedPort,
-    /// `nats.user`.
-    NatsUser,
-    /// `nats.password`.
-    NatsPassword,
-    /// `nats.token`.
-    NatsToken,
-    /// `nats.nkeySeedFile`.
-    NatsNkeySeedFile,
-    /// `nats.credsFile`.
-    NatsCredsFile,
-    /// `worker.workerId`.
-    WorkerId,
-    /// `worker.port`.
-    Port,
-    /// `worker.tags` (comma-separated).
-    Tags,
-    /// `worker.priority`.
-    Priority,
-    /// `worker.stateDir`.
-    StateDir,
-    /// `worker.modelDir`.
-    ModelDir,
-    /// `worker.preWarming.models` (comma-separated).
-    Preload,
-    /// `worker.maxConcurrent`.
-    MaxConcurrent,
-    /// `worker.requestQueue.maxDepth`.
-    QueueDepth,
-    /// `worker.requestTimeoutMs`.
-    RequestTimeoutMs,
-    /// `worker.drainTimeoutMs`.
-    DrainTimeoutMs,
-    /// `discovery.heartbeatIntervalMs`.
-    HeartbeatIntervalMs,
-    /// `runtime.pythonPath`.
-    Python,
-    /// `runtime.runtimeDir`.
-    RuntimeDir,
-    /// `logging.level`.
-    LogLevel,
-    /// `logging.format`.
-    LogFormat,
-}
-
-impl Setting {
-    /// Every setting.
-    pub const ALL: [Setting; 24] = [
-        Setting::NatsUrl,
-        Setting::NatsMode,
-        Setting::NatsEmbeddedPort,
-        Setting::NatsUser,
-        Setting::NatsPassword,
-        Setting::NatsToken,
-        Setting::NatsNkeySeedFile,
-        Setting::NatsCredsFile,
-        Setting::WorkerId,
-        Setting::Port,
-        Setting::Tags,
-        Setting::Priority,
-        Setting::StateDir,
-        Setting::ModelDir,
-        Setting::Preload,
-        Setting::MaxConcurrent,
-        Setting::QueueDepth,
-        Setting::RequestTimeoutMs,
-        Setting::DrainTimeoutMs,
-        Setting::HeartbeatIntervalMs,
-        Setting::Python,
-        Setting::RuntimeDir,
-        Setting::LogLevel,
-        Setting::LogFormat,
-    ];
-
-    /// The environment variable's name without the `MLX_WORKER_` prefix.
-    pub fn env_suffix(self) -> &'static str {
-        match self {
-            Setting::NatsUrl => "NATS_URL",
-            Setting::NatsMode => "NATS_MODE",
-            Setting::NatsEmbeddedPort => "NATS_EMBEDDED_PORT",
-            Setting::NatsUser => "NATS_USER",
-            Setting::NatsPassword => "NATS_PASSWORD",
-            Setting::NatsToken => "NATS_TOKEN",
-            Setting::NatsNkeySeedFile => "NATS_NKEY_SEED_FILE",
-            Setting::NatsCredsFile => "NATS_CREDS_FILE",
-            Setting::WorkerId => "ID",
-            Setting::Port => "PORT",
-            Setting::Tags => "TAGS",
-            Setting::Priority => "PRIORITY",
-            Setting::StateDir => "STATE_DIR",
-            Setting::ModelDir => "MODEL_DIR",
-            Setting::Preload => "PRELOAD",
-            Setting::MaxConcurrent => "MAX_CONCURRENT",
-            Setting::QueueDepth => "QUEUE_DEPTH",
-            Setting::RequestTimeoutMs => "REQUEST_TIMEOUT_MS",
-            Setting::DrainTimeoutMs => "DRAIN_TIMEOUT_MS",
-            Setting::HeartbeatIntervalMs => "HEARTBEAT_INTERVAL_MS",
-            Setting::Python => "PYTHON",
-            Setting::RuntimeDir => "RUNTIME_DIR",
-            Setting::LogLevel => "LOG_LEVEL",
-            Setting::LogFormat => "LOG_FORMAT",
-        }
-    }
-
-    /// The configuration key the setting overrides, for messages and docs.
-    pub fn key(self) -> &'static str {
-        match self {
-            Setting::NatsUrl => "nats.serverUrl",
-            Setting::NatsMode => "nats.mode",
-            Setting::NatsEmbeddedPort => "nats.embedded.port",
-            Setting::NatsUser => "nats.user",
-            Setting::NatsPassword => "nats.password",
-            Setting::NatsToken => "nats.token",
-            Setting::NatsNkeySeedFile => "nats.nkeySeedFile",
-            Setting::NatsCredsFile => "nats.credsFile",
-            Setting::WorkerId => "worker.workerId",
-            Setting::Port => "worker.port",
-            Setting::Tags => "worker.tags",
-            Setting::Priority => "worker.priority",
-            Setting::StateDir => "worker.stateDir",
-            Setting::ModelDir => "worker.modelDir",
-            Setting::Preload => "worker.preWarming.models",
-            Setting::MaxConcurrent => "worker.maxConcurrent",
-            Setting::QueueDepth => "worker.requestQueue.maxDepth",
-            Setting::RequestTimeoutMs => "worker.requestTimeoutMs",
-            Setting::DrainTimeoutMs => "worker.drainTimeoutMs",
-            Setting::HeartbeatIntervalMs => "discovery.heartbeatIntervalMs",
-            Setting::Python => "runtime.pythonPath",
-            Setting::RuntimeDir => "runtime.runtimeDir",
-            Setting::LogLevel => "logging.level",
-            Setting::LogFormat => "logging.format",
-        }
-    }
-
-    /// Whether the value is a secret that must not appear in messages.
-    pub fn is_secret(self) -> bool {
-        matches!(self, Setting::NatsPassword | Setting::NatsToken)
-    }
-}
-
-/// Where an override came from.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Origin {
-    /// An environment variable, by name.
-    Env(String),
-    /// A command-line flag, by name.
-    Flag(&'static str),
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Origin::Env(name) => write!(f, "environment variable {name}"),
-            Origin::Flag(flag) => write!(f, "flag {flag}"),
-        }
-    }
-}
-
-/// One setting's value from the environment or a flag.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Override {
-    /// What it sets.
-    pub setting: Setting,
-    /// The text given.
-    pub value: String,
-    /// Where it came from.
-    pub origin: Origin,
 }
 
 /// Why the configuration could not be resolved.
@@ -499,57 +342,6 @@ pub enum ConfigError {
     },
 }
 
-/// The prefix of every environment variable the worker reads.
-pub const ENV_PREFIX: &str = "MLX_WORKER_";
-
-/// The environment variable naming the config file, read by the binary.
-pub const ENV_CONFIG_FILE: &str = "MLX_WORKER_CONFIG";
-
-/// Reads the process environment once and returns the `MLX_WORKER_*` pairs, sorted by name.
-///
-/// This is the one place the worker reads its environment.
-pub fn read_environment() -> Vec<(String, String)> {
-    let mut vars: Vec<(String, String)> = std::env::vars_os()
-        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-        .collect();
-    vars.sort();
-    vars
-}
-
-/// Turns `MLX_WORKER_*` pairs into overrides. `MLX_WORKER_CONFIG` (the file path) and
-/// `RUST_LOG`-style variables are not settings and are skipped; any other unknown
-/// `MLX_WORKER_*` name is an error, so a misspelt variable is not silently ignored.
-pub fn environment_overrides(vars: &[(String, String)]) -> Result<Vec<Override>, ConfigError> {
-    let mut overrides = Vec::new();
-    for (name, value) in vars {
-        let Some(suffix) = name.strip_prefix(ENV_PREFIX) else {
-            continue;
-        };
-        if name == ENV_CONFIG_FILE {
-            continue;
-        }
-        let setting = Setting::ALL
-            .into_iter()
-            .find(|s| s.env_suffix() == suffix)
-            .ok_or_else(|| ConfigError::UnknownEnv {
-                name: name.clone(),
-                known: Setting::ALL
-                    .iter()
-                    .map(|s| format!("{ENV_PREFIX}{}", s.env_suffix()))
-                    .chain([ENV_CONFIG_FILE.to_owned()])
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })?;
-        overrides.push(Override {
-            setting,
-            value: value.clone(),
-            origin: Origin::Env(name.clone()),
-        });
-    }
-    Ok(overrides)
-}
-
 /// Resolves the configuration: the file (if any), then `env`, then `flags`, then validation.
 pub fn load(
     file: Option<&Path>,
@@ -557,7 +349,7 @@ pub fn load(
     flags: &[Override],
 ) -> Result<WorkerConfig, ConfigError> {
     let mut raw = match file {
-        Some(path) => raw::read_file(path)?,
+        Some(path) => parse::read_file(path)?,
         None => RawConfig::default(),
     };
     for o in env.iter().chain(flags) {
@@ -568,5 +360,5 @@ pub fn load(
 
 /// Parses YAML text (as if read from `path`) and validates it, with no overrides.
 pub fn from_yaml(text: &str, path: &Path) -> Result<WorkerConfig, ConfigError> {
-    raw::parse(text, path)?.resolve()
+    parse::parse(text, path)?.resolve()
 }

@@ -255,11 +255,11 @@ fn a_secret_file_must_be_a_small_regular_file() {
 }
 
 /// A "billion laughs" document: ten levels, each a list of ten aliases of the level before, so
-/// the last level would expand to 10^10 scalars. Its anchors sit under `logging.file`, a key
+/// the last level would expand to 10^10 scalars. Its anchors sit under `controller`, a section
 /// whose value is read and discarded, so nothing but the expansion budget stands in the way.
 fn alias_bomb() -> String {
     let mut text = String::from(
-        "logging:\n  file:\n    - &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n",
+        "controller:\n  file:\n    - &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n",
     );
     for level in 1..10 {
         let prev = format!("*l{}", level - 1);
@@ -309,4 +309,30 @@ fn a_few_aliases_in_a_normal_file_are_accepted() {
     assert_eq!(c.node.tier_limits.get(&ModelTier::Small), Some(&small));
     assert_eq!(c.node.tier_limits.get(&ModelTier::Medium), Some(&big));
     assert_eq!(c.node.tier_limits.get(&ModelTier::Large), Some(&big));
+}
+
+#[test]
+fn a_file_that_runs_no_worker_on_this_host_is_refused() {
+    let err = yaml("mode: controller\n").unwrap_err().to_string();
+    assert_eq!(
+        err,
+        "config key mode: is controller, which runs no worker, must be worker or both"
+    );
+    for mode in ["worker", "both"] {
+        assert_eq!(yaml(&format!("mode: {mode}\n")).unwrap(), yaml("").unwrap());
+    }
+}
+
+#[test]
+fn logging_file_names_the_file_the_logs_go_to() {
+    let c = yaml("logging:\n  file: /var/log/mlx-worker.log\n").unwrap();
+    assert_eq!(
+        c.logging.file,
+        Some(PathBuf::from("/var/log/mlx-worker.log"))
+    );
+    // The existing controller's file spells "no file" as null.
+    assert_eq!(yaml("logging:\n  file: null\n").unwrap().logging.file, None);
+    assert_eq!(yaml("").unwrap().logging.file, None);
+    let err = yaml("logging:\n  file: ''\n").unwrap_err().to_string();
+    assert_eq!(err, "config key logging.file: is empty");
 }

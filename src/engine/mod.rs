@@ -3,8 +3,9 @@
 //!
 //! A generation's tokens arrive on a bounded channel ([`TokenStream`]); a full channel makes the
 //! engine wait, and dropping the receiver cancels the generation. The production engine is the
-//! MLX runtime, a supervised Python child spoken to over JSON-RPC (`engine::mlx`); the `sim`
-//! crate has a scripted one. This module owns the shapes, not the worker's use of them.
+//! MLX runtime, a supervised Python child spoken to over JSON-RPC ([`mlx`], [`rpc`]), serving
+//! the models a scan of the model directory finds ([`catalog`]); the `sim` crate has a scripted
+//! one. This module owns the shapes, not the worker's use of them.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::protocol::ErrorCode;
 
+pub mod catalog;
 pub mod mlx;
 pub mod rpc;
 

@@ -2,6 +2,9 @@
 //! encoding, classification of inbound lines (responses by id, stream notifications by
 //! `stream_id`), and a line reader with a hard length cap.
 //!
+//! Every call the worker makes is a typed [`Call`]: its parameters serialize to the frame's
+//! `params`, and the part of its result the worker reads deserializes from the answer.
+//!
 //! Both the existing mlx-serving runtime and ours are understood: single and batched
 //! `stream.chunk` forms, `completed` / `error` / `cancelled` stream events. Only this module and
 //! `engine::mlx` know the runtime's wire format.
@@ -9,6 +12,7 @@
 #[cfg(test)]
 mod tests;
 
+use serde::de::{DeserializeOwned, Deserializer, IgnoredAny};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
@@ -17,13 +21,13 @@ use crate::limits::{RPC_LINE_BYTES_MAX, RPC_REQUEST_BYTES_MAX};
 
 /// An outbound request.
 #[derive(Debug, Serialize)]
-pub struct Request<'a> {
+pub struct Request<'a, P: ?Sized> {
     /// Always `2.0`.
     pub jsonrpc: &'static str,
     /// The method.
     pub method: &'a str,
     /// Its parameters.
-    pub params: &'a Value,
+    pub params: &'a P,
     /// Correlates the response.
     pub id: u64,
 }
@@ -44,7 +48,11 @@ pub enum EncodeError {
 
 /// Encodes one request as a line (with its newline), refusing one the runtime would reject.
 /// serde_json escapes control characters, so the line holds no raw newline before the end.
-pub fn encode_request(id: u64, method: &str, params: &Value) -> Result<Vec<u8>, EncodeError> {
+pub fn encode_request<P: Serialize + ?Sized>(
+    id: u64,
+    method: &str,
+    params: &P,
+) -> Result<Vec<u8>, EncodeError> {
     let request = Request {
         jsonrpc: "2.0",
         method,
@@ -60,6 +68,187 @@ pub fn encode_request(id: u64, method: &str, params: &Value) -> Result<Vec<u8>, 
     debug_assert!(!line.contains(&b'\n'));
     line.push(b'\n');
     Ok(line)
+}
+
+/// Encodes one call as a request line, as [`encode_request`] does.
+pub fn encode_call<C: Call>(id: u64, call: &C) -> Result<Vec<u8>, EncodeError> {
+    encode_request(id, C::METHOD, call)
+}
+
+/// A call the worker makes: its parameters, the method they go to, and what the worker reads
+/// of its result.
+///
+/// The parameter structs declare their fields in alphabetical order, the order their frames
+/// have always had on the pipe; the snapshots in this module's tests pin every frame.
+pub trait Call: Serialize {
+    /// The method.
+    const METHOD: &'static str;
+    /// What the worker reads of the result ([`IgnoredAny`] when it reads nothing).
+    type Output: DeserializeOwned + Default;
+}
+
+/// Reads what the worker uses of a call's result. Each field read is taken only when it has
+/// the expected type and is otherwise absent, and a result that is not an object reads as
+/// empty: the runtimes differ in what they report, and a call succeeds on its answer alone.
+pub fn decode_result<T: DeserializeOwned + Default>(result: Value) -> T {
+    if !result.is_object() {
+        return T::default();
+    }
+    serde_json::from_value(result).unwrap_or_default()
+}
+
+/// A result field taken only when it has the expected type.
+fn lenient<'de, D: Deserializer<'de>, T: DeserializeOwned>(
+    field: D,
+) -> Result<Option<T>, D::Error> {
+    Ok(serde_json::from_value(Value::deserialize(field)?).ok())
+}
+
+/// A result field holding a list of strings: its string items, none when it is no list.
+fn strings<'de, D: Deserializer<'de>>(field: D) -> Result<Vec<String>, D::Error> {
+    Ok(match Value::deserialize(field)? {
+        Value::Array(items) => items
+            .into_iter()
+            .filter_map(|item| match item {
+                Value::String(s) => Some(s),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    })
+}
+
+/// `runtime/info`: the readiness probe and the liveness ping.
+#[derive(Debug, Default, Serialize)]
+pub struct GetInfo {}
+
+impl Call for GetInfo {
+    const METHOD: &'static str = "runtime/info";
+    type Output = Info;
+}
+
+/// What the worker reads of `runtime/info`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct Info {
+    /// The runtime's version.
+    #[serde(default, deserialize_with = "lenient")]
+    pub version: Option<String>,
+    /// MLX's version.
+    #[serde(default, deserialize_with = "lenient")]
+    pub mlx_version: Option<String>,
+    /// Whether MLX runs on this host; the existing runtime says `false` where it cannot.
+    #[serde(default, deserialize_with = "lenient")]
+    pub mlx_supported: Option<bool>,
+    /// What the runtime says it can do; `cancel` is the one the worker looks for.
+    #[serde(default, deserialize_with = "strings")]
+    pub capabilities: Vec<String>,
+}
+
+impl Info {
+    /// Whether the runtime has the `cancel` method (ours does; the existing one does not).
+    pub fn can_cancel(&self) -> bool {
+        self.capabilities.iter().any(|c| c == "cancel")
+    }
+}
+
+/// `runtime/state`.
+#[derive(Debug, Default, Serialize)]
+pub struct GetState {}
+
+impl Call for GetState {
+    const METHOD: &'static str = "runtime/state";
+    type Output = State;
+}
+
+/// What the worker reads of `runtime/state`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct State {
+    /// Generations the runtime counts as live.
+    #[serde(default, deserialize_with = "lenient")]
+    pub active_streams: Option<u64>,
+}
+
+/// `load_model`: loads the model at `local_path` under the id `model_id`, so that no network
+/// is involved and `generate` uses the same id.
+#[derive(Debug, Serialize)]
+pub struct LoadModel<'a> {
+    /// The model's directory, absolute.
+    pub local_path: &'a str,
+    /// The id the model is kept under.
+    pub model_id: &'a str,
+}
+
+impl Call for LoadModel<'_> {
+    const METHOD: &'static str = "load_model";
+    type Output = ModelLoaded;
+}
+
+/// What the worker reads of `load_model`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct ModelLoaded {
+    /// The model's context length, tokens.
+    #[serde(default, deserialize_with = "lenient")]
+    pub context_length: Option<u64>,
+    /// The model's parameters; 0 when the runtime could not count them.
+    #[serde(default, deserialize_with = "lenient")]
+    pub parameter_count: Option<u64>,
+}
+
+/// `unload_model`.
+#[derive(Debug, Serialize)]
+pub struct UnloadModel<'a> {
+    /// The model's id.
+    pub model_id: &'a str,
+}
+
+impl Call for UnloadModel<'_> {
+    const METHOD: &'static str = "unload_model";
+    type Output = IgnoredAny;
+}
+
+/// `generate`: starts a stream whose notifications carry `stream_id`.
+#[derive(Debug, Serialize)]
+pub struct Generate<'a> {
+    /// Tokens to generate at most.
+    pub max_tokens: u32,
+    /// A loaded model's id.
+    pub model_id: &'a str,
+    /// Prompt text.
+    pub prompt: &'a str,
+    /// The stream's id, chosen by the worker.
+    pub stream_id: &'a str,
+    /// Whether tokens come as notifications; the worker always streams.
+    pub streaming: bool,
+    /// Sampling temperature.
+    pub temperature: f64,
+    /// Nucleus sampling mass.
+    pub top_p: f64,
+}
+
+impl Call for Generate<'_> {
+    const METHOD: &'static str = "generate";
+    type Output = IgnoredAny;
+}
+
+/// `cancel` (our runtime only): ends a stream early.
+#[derive(Debug, Serialize)]
+pub struct Cancel<'a> {
+    /// The stream.
+    pub stream_id: &'a str,
+}
+
+impl Call for Cancel<'_> {
+    const METHOD: &'static str = "cancel";
+    type Output = IgnoredAny;
+}
+
+/// `shutdown`: the runtime answers, then exits.
+#[derive(Debug, Default, Serialize)]
+pub struct Shutdown {}
+
+impl Call for Shutdown {
+    const METHOD: &'static str = "shutdown";
+    type Output = IgnoredAny;
 }
 
 /// A JSON-RPC error object.

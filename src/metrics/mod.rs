@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::limits::METRICS_WINDOW_REQUESTS;
+use crate::limits::{METRICS_WINDOW_REQUESTS, MODEL_LABELS_MAX};
 use crate::protocol::ErrorCode;
 
 /// How a request ended.
@@ -146,10 +146,6 @@ pub struct Snapshot {
     /// [`MODEL_LABELS_MAX`] distinct ones count under `other`).
     pub by_model_outcome: BTreeMap<(String, Outcome), u64>,
 }
-
-/// Distinct model labels the lifetime counters keep; a flood of made-up model ids cannot grow
-/// them further.
-pub const MODEL_LABELS_MAX: usize = 64;
 
 /// Collects finished requests.
 #[derive(Debug)]

@@ -1,10 +1,24 @@
 //! The Prometheus text exposition (format 0.0.4) of the worker's figures. Pure: it renders a
-//! [`MetricsView`] gathered by the worker; names carry their unit (`_seconds`, `_total`).
+//! [`MetricsView`] gathered by the worker through `prometheus-client`'s encoder, which names,
+//! escapes and formats every sample; names carry their unit (`_seconds`, `_total`).
 
-use std::fmt::Write;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet, prometheus_text,
+};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
 
 use super::telemetry::HistogramReading;
 use super::{Outcome, Snapshot};
+
+/// The `Content-Type` of [`render`]'s text: the Prometheus text format, version 0.0.4.
+pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// The prefix of every metric name.
+const PREFIX: &str = "mlx_worker";
 
 /// Everything `/metrics` shows, read at one moment.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -49,14 +63,6 @@ pub struct MetricsView {
     pub inter_token: HistogramReading,
 }
 
-/// Escapes a label value.
-fn label(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 fn outcome_label(outcome: Outcome) -> &'static str {
     match outcome {
         Outcome::Success => "success",
@@ -65,187 +71,209 @@ fn outcome_label(outcome: Outcome) -> &'static str {
     }
 }
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
-    header(out, name, kind, help);
-    let _ = writeln!(out, "{name} {value}");
-}
-
-fn histogram(out: &mut String, name: &str, help: &str, h: &HistogramReading) {
-    header(out, name, "histogram", help);
-    for (bound, count) in &h.buckets {
-        let le = if bound.is_infinite() {
-            "+Inf".to_owned()
-        } else {
-            bound.to_string()
-        };
-        let _ = writeln!(out, "{name}_bucket{{le=\"{le}\"}} {count}");
-    }
-    let _ = writeln!(out, "{name}_sum {}", h.sum);
-    let _ = writeln!(out, "{name}_count {}", h.count);
-}
-
 /// Renders the view.
 pub fn render(v: &MetricsView) -> String {
+    let mut registry = Registry::with_prefix(PREFIX);
+    registry.register_collector(Box::new(Exposition(v.clone())));
     let mut out = String::with_capacity(8 * 1024);
-    header(
-        &mut out,
-        "mlx_worker_info",
-        "gauge",
-        "Worker identity (always 1).",
-    );
-    let _ = writeln!(
-        out,
-        "mlx_worker_info{{worker_id=\"{}\",version=\"{}\",lifecycle=\"{}\"}} 1",
-        label(&v.worker_id),
-        label(&v.version),
-        label(&v.lifecycle)
-    );
-    single(
-        &mut out,
-        "mlx_worker_ready",
-        "gauge",
-        "1 when the worker takes work.",
-        u8::from(v.ready),
-    );
-
-    header(
-        &mut out,
-        "mlx_worker_requests_total",
-        "counter",
-        "Requests finished, by model and outcome.",
-    );
-    let mut by_label: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
-    for ((model, outcome), n) in &v.snapshot.by_model_outcome {
-        *by_label
-            .entry((model, outcome_label(*outcome)))
-            .or_default() += n;
-    }
-    for ((model, outcome), n) in by_label {
-        let _ = writeln!(
-            out,
-            "mlx_worker_requests_total{{model=\"{}\",outcome=\"{outcome}\"}} {n}",
-            label(model)
-        );
-    }
-    header(
-        &mut out,
-        "mlx_worker_errors_total",
-        "counter",
-        "Requests that ended with an error, by code.",
-    );
-    for (code, n) in &v.snapshot.errors_by_code {
-        let _ = writeln!(out, "mlx_worker_errors_total{{code=\"{code}\"}} {n}");
-    }
-    single(
-        &mut out,
-        "mlx_worker_undeliverable_total",
-        "counter",
-        "Requests whose terminal message could not be delivered.",
-        v.snapshot.undeliverable,
-    );
-    single(
-        &mut out,
-        "mlx_worker_tokens_generated_total",
-        "counter",
-        "Tokens sent to clients.",
-        v.snapshot.tokens_total,
-    );
-    single(
-        &mut out,
-        "mlx_worker_requests_in_flight",
-        "gauge",
-        "Requests running now.",
-        v.running,
-    );
-    single(
-        &mut out,
-        "mlx_worker_queue_depth",
-        "gauge",
-        "Requests waiting for a slot.",
-        v.queued,
-    );
-    single(
-        &mut out,
-        "mlx_worker_queue_capacity",
-        "gauge",
-        "Requests that may wait.",
-        v.queue_capacity,
-    );
-    single(
-        &mut out,
-        "mlx_worker_inflight_capacity",
-        "gauge",
-        "Requests that may run at once.",
-        v.inflight_capacity,
-    );
-    header(
-        &mut out,
-        "mlx_worker_intake_rejected_total",
-        "counter",
-        "Inbound messages that never became requests, by reason.",
-    );
-    for (reason, n) in [
-        ("unreadable", v.unreadable),
-        ("duplicate", v.duplicates),
-        ("bad_cancel", v.bad_cancels),
-    ] {
-        let _ = writeln!(
-            out,
-            "mlx_worker_intake_rejected_total{{reason=\"{reason}\"}} {n}"
-        );
-    }
-    single(
-        &mut out,
-        "mlx_worker_reconnects_total",
-        "counter",
-        "Reconnects to the message server.",
-        v.reconnects,
-    );
-    single(
-        &mut out,
-        "mlx_worker_heartbeats_sent_total",
-        "counter",
-        "Heartbeats published.",
-        v.heartbeats_sent,
-    );
-    single(
-        &mut out,
-        "mlx_worker_registrations_sent_total",
-        "counter",
-        "Registrations published.",
-        v.registrations_sent,
-    );
-    single(
-        &mut out,
-        "mlx_worker_engine_restarts_total",
-        "counter",
-        "Times the engine restarted after a failure.",
-        v.engine_restarts,
-    );
-    histogram(
-        &mut out,
-        "mlx_worker_request_duration_seconds",
-        "Receipt of a request to its terminal message.",
-        &v.request_duration,
-    );
-    histogram(
-        &mut out,
-        "mlx_worker_time_to_first_token_seconds",
-        "Receipt of a request to its first token.",
-        &v.time_to_first_token,
-    );
-    histogram(
-        &mut out,
-        "mlx_worker_inter_token_seconds",
-        "Time between two tokens of one stream.",
-        &v.inter_token,
-    );
+    prometheus_text::encode(&mut out, &registry)
+        .expect("encoding into a String fails only on a write error, and a String has none");
     out
+}
+
+/// The view as the encoder reads it: one descriptor per metric, in a fixed order.
+#[derive(Debug)]
+struct Exposition(MetricsView);
+
+impl Collector for Exposition {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let v = &self.0;
+        let e = &mut encoder;
+        let identity = [
+            ("worker_id", v.worker_id.as_str()),
+            ("version", v.version.as_str()),
+            ("lifecycle", v.lifecycle.as_str()),
+        ];
+        family(
+            e,
+            "info",
+            "Worker identity (always 1).",
+            [(identity, ConstGauge::new(1u32))],
+        )?;
+        single(
+            e,
+            "ready",
+            "1 when the worker takes work.",
+            ConstGauge::new(u32::from(v.ready)),
+        )?;
+        let mut by_label: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
+        for ((model, outcome), n) in &v.snapshot.by_model_outcome {
+            *by_label
+                .entry((model, outcome_label(*outcome)))
+                .or_default() += n;
+        }
+        family(
+            e,
+            "requests",
+            "Requests finished, by model and outcome.",
+            by_label.into_iter().map(|((model, outcome), n)| {
+                (
+                    [("model", model), ("outcome", outcome)],
+                    ConstCounter::new(n),
+                )
+            }),
+        )?;
+        family(
+            e,
+            "errors",
+            "Requests that ended with an error, by code.",
+            v.snapshot
+                .errors_by_code
+                .iter()
+                .map(|(code, n)| ([("code", code.as_str())], ConstCounter::new(*n))),
+        )?;
+        let counter = ConstCounter::new;
+        single(
+            e,
+            "undeliverable",
+            "Requests whose terminal message could not be delivered.",
+            counter(v.snapshot.undeliverable),
+        )?;
+        single(
+            e,
+            "tokens_generated",
+            "Tokens sent to clients.",
+            counter(v.snapshot.tokens_total),
+        )?;
+        let gauge = ConstGauge::new;
+        single(
+            e,
+            "requests_in_flight",
+            "Requests running now.",
+            gauge(v.running),
+        )?;
+        single(
+            e,
+            "queue_depth",
+            "Requests waiting for a slot.",
+            gauge(v.queued),
+        )?;
+        single(
+            e,
+            "queue_capacity",
+            "Requests that may wait.",
+            gauge(v.queue_capacity),
+        )?;
+        single(
+            e,
+            "inflight_capacity",
+            "Requests that may run at once.",
+            gauge(v.inflight_capacity),
+        )?;
+        family(
+            e,
+            "intake_rejected",
+            "Inbound messages that never became requests, by reason.",
+            [
+                ("unreadable", v.unreadable),
+                ("duplicate", v.duplicates),
+                ("bad_cancel", v.bad_cancels),
+            ]
+            .map(|(reason, n)| ([("reason", reason)], counter(n))),
+        )?;
+        single(
+            e,
+            "reconnects",
+            "Reconnects to the message server.",
+            counter(v.reconnects),
+        )?;
+        single(
+            e,
+            "heartbeats_sent",
+            "Heartbeats published.",
+            counter(v.heartbeats_sent),
+        )?;
+        single(
+            e,
+            "registrations_sent",
+            "Registrations published.",
+            counter(v.registrations_sent),
+        )?;
+        single(
+            e,
+            "engine_restarts",
+            "Times the engine restarted after a failure.",
+            counter(v.engine_restarts),
+        )?;
+        single(
+            e,
+            "request_duration_seconds",
+            "Receipt of a request to its terminal message.",
+            Histogram(&v.request_duration),
+        )?;
+        single(
+            e,
+            "time_to_first_token_seconds",
+            "Receipt of a request to its first token.",
+            Histogram(&v.time_to_first_token),
+        )?;
+        single(
+            e,
+            "inter_token_seconds",
+            "Time between two tokens of one stream.",
+            Histogram(&v.inter_token),
+        )
+    }
+}
+
+/// One metric without labels.
+fn single(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
+}
+
+/// One metric with a sample per label set; its `HELP` and `TYPE` lines are written even when
+/// it has no samples yet, so the metric is always known to a scraper.
+fn family<L: EncodeLabelSet, M: EncodeMetric + TypedMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, M)>,
+) -> Result<(), std::fmt::Error> {
+    let mut metric = encoder.encode_descriptor(name, help, None, M::TYPE)?;
+    for (labels, sample) in samples {
+        sample.encode(metric.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+/// A histogram reading as the encoder wants it.
+struct Histogram<'a>(&'a HistogramReading);
+
+impl EncodeMetric for Histogram<'_> {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let h = self.0;
+        // The reading is cumulative; the encoder takes each bucket's own count.
+        let mut below = 0;
+        let buckets: Vec<(f64, u64)> = h
+            .buckets
+            .iter()
+            .map(|&(bound, cumulative)| {
+                let own = cumulative.saturating_sub(below);
+                below = cumulative;
+                (bound, own)
+            })
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(h.sum, h.count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! validated [`request::ValidRequest`] or a [`request::Rejection`] that names the field, the value
 //! and the limit. This module owns the shapes and the checks, not what the worker does with them.
 
+mod body;
 pub mod request;
 pub mod service;
 pub mod subject;
@@ -385,8 +386,9 @@ pub enum ErrorCode {
     InvalidRequest,
     /// The message or its prompt exceeds a size limit.
     PayloadTooLarge,
-    /// A request with this id is already running or finished recently; the first one is not
-    /// disturbed. Only ever sent on a message's reply subject.
+    /// A request with this id is already in flight (waiting or running); the first one is not
+    /// disturbed. Ids of finished requests are not remembered. Only ever sent on a message's
+    /// reply subject.
     DuplicateRequest,
     /// The worker does not serve the requested model.
     ModelNotFound,

@@ -1,14 +1,18 @@
 //! Decoding and validation of inbound inference and cancel messages.
 //!
 //! Nothing that arrives on a subject is trusted. [`decode_request`] checks size, JSON nesting,
-//! every field's type and range, and returns either a [`ValidRequest`] the worker can act on or a
-//! [`Rejection`] that carries the request id when it could be read (so the worker can answer on
-//! `response.{requestId}`) and a [`RequestError`] naming the field, the value and the limit.
+//! UTF-8, every field's type and range, and returns either a [`ValidRequest`] the worker can act
+//! on or a [`Rejection`] that carries the request id when it could be read (so the worker can
+//! answer on `response.{requestId}`) and a [`RequestError`] naming the field, the value and the
+//! limit. An unpaired surrogate escape in a string reads as U+FFFD, the replacement character.
+//! When the body does not parse, the id comes from a bounded, lenient scan of its top level
+//! (the passes over raw bytes are in `protocol::body`).
 
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+use super::body::{check_depth, check_utf8, repair_surrogates, scan_request_id};
 use super::subject::{TokenError, check_token};
 use super::{ErrorCode, Priority};
 use crate::limits::{
@@ -106,6 +110,12 @@ pub enum RequestError {
         /// The parser's words.
         reason: String,
     },
+    /// The message is not UTF-8.
+    #[error("invalid UTF-8 in the body at byte {offset}")]
+    InvalidUtf8 {
+        /// Offset of the first byte that is not UTF-8, from 0.
+        offset: usize,
+    },
     /// The message nests deeper than allowed.
     #[error("message nests deeper than {JSON_DEPTH_MAX} levels")]
     TooDeep,
@@ -175,11 +185,12 @@ impl RequestError {
 /// Decodes and validates an inference request.
 pub fn decode_request(payload: &[u8], limits: &RequestLimits) -> Result<ValidRequest, Rejection> {
     if payload.len() > limits.payload_bytes_max {
-        // Still read the id when the message is not absurdly large, so the client hears why.
-        let request_id = if payload.len() <= 4 * NATS_PAYLOAD_BYTES_MAX {
-            parse_object(payload).ok().and_then(|map| readable_id(&map))
-        } else {
-            None
+        // Still read the id, so the client hears why: parse the message when it is not absurdly
+        // large, and scan it when it is or when it does not parse.
+        let parsed = (payload.len() <= 4 * NATS_PAYLOAD_BYTES_MAX).then(|| parse_object(payload));
+        let request_id = match parsed {
+            Some(Ok(map)) => readable_id(&map),
+            _ => scan_request_id(payload),
         };
         return Err(Rejection {
             request_id,
@@ -190,7 +201,7 @@ pub fn decode_request(payload: &[u8], limits: &RequestLimits) -> Result<ValidReq
         });
     }
     let map = parse_object(payload).map_err(|error| Rejection {
-        request_id: None,
+        request_id: scan_request_id(payload),
         error,
     })?;
     let request_id = readable_id(&map);
@@ -211,43 +222,14 @@ pub fn decode_cancel(payload: &[u8]) -> Result<String, RequestError> {
 
 fn parse_object(payload: &[u8]) -> Result<Map<String, Value>, RequestError> {
     check_depth(payload)?;
-    match serde_json::from_slice::<Value>(payload) {
+    check_utf8(payload)?;
+    match serde_json::from_slice::<Value>(&repair_surrogates(payload)) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(RequestError::NotObject),
         Err(err) => Err(RequestError::NotJson {
             reason: err.to_string(),
         }),
     }
-}
-
-/// Rejects input nesting deeper than [`JSON_DEPTH_MAX`] before the parser recurses into it.
-fn check_depth(payload: &[u8]) -> Result<(), RequestError> {
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &byte in payload {
-        if in_string {
-            match (escaped, byte) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match byte {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > JSON_DEPTH_MAX {
-                    return Err(RequestError::TooDeep);
-                }
-            }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 fn readable_id(map: &Map<String, Value>) -> Option<String> {
@@ -277,7 +259,34 @@ fn validate(
             limit: limits.prompt_bytes_max,
         });
     }
-    let max_tokens = optional_uint(map, "maxTokens")?
+    Ok(ValidRequest {
+        request_id,
+        model_id: model_id.to_owned(),
+        prompt: prompt.to_owned(),
+        max_tokens: max_tokens_field(map, limits)?,
+        temperature: bounded_f64(
+            map,
+            "temperature",
+            |t| (0.0..=2.0).contains(&t),
+            "between 0 and 2",
+        )?,
+        top_p: bounded_f64(
+            map,
+            "topP",
+            |p| p > 0.0 && p <= 1.0,
+            "greater than 0 and at most 1",
+        )?,
+        session_id: session_id_field(map)?,
+        priority: priority_field(map)?,
+        timeout: timeout_field(map, limits)?,
+    })
+}
+
+fn max_tokens_field(
+    map: &Map<String, Value>,
+    limits: &RequestLimits,
+) -> Result<Option<u32>, RequestError> {
+    optional_uint(map, "maxTokens")?
         .map(|value| match u32::try_from(value) {
             Ok(v) if (1..=limits.max_tokens_max).contains(&v) => Ok(v),
             _ => Err(RequestError::OutOfRange {
@@ -286,34 +295,33 @@ fn validate(
                 range: format!("between 1 and {}", limits.max_tokens_max),
             }),
         })
-        .transpose()?;
-    let temperature = optional_f64(map, "temperature")?
-        .map(|t| {
-            if (0.0..=2.0).contains(&t) {
-                Ok(t)
+        .transpose()
+}
+
+/// An optional number that must satisfy `within`, described by `range` in the error.
+fn bounded_f64(
+    map: &Map<String, Value>,
+    field: &'static str,
+    within: impl Fn(f64) -> bool,
+    range: &str,
+) -> Result<Option<f64>, RequestError> {
+    optional_f64(map, field)?
+        .map(|v| {
+            if within(v) {
+                Ok(v)
             } else {
                 Err(RequestError::OutOfRange {
-                    field: "temperature",
-                    value: t.to_string(),
-                    range: "between 0 and 2".to_owned(),
+                    field,
+                    value: v.to_string(),
+                    range: range.to_owned(),
                 })
             }
         })
-        .transpose()?;
-    let top_p = optional_f64(map, "topP")?
-        .map(|p| {
-            if p > 0.0 && p <= 1.0 {
-                Ok(p)
-            } else {
-                Err(RequestError::OutOfRange {
-                    field: "topP",
-                    value: p.to_string(),
-                    range: "greater than 0 and at most 1".to_owned(),
-                })
-            }
-        })
-        .transpose()?;
-    let session_id = optional_str(map, "sessionId")?
+        .transpose()
+}
+
+fn session_id_field(map: &Map<String, Value>) -> Result<Option<String>, RequestError> {
+    optional_str(map, "sessionId")?
         .map(|s| {
             check_token(s)
                 .map(|()| s.to_owned())
@@ -322,27 +330,34 @@ fn validate(
                     reason,
                 })
         })
-        .transpose()?;
+        .transpose()
+}
+
+fn priority_field(map: &Map<String, Value>) -> Result<Priority, RequestError> {
     let stream = match map.get("stream") {
         None | Some(Value::Null) => None,
         Some(Value::Bool(b)) => Some(*b),
         Some(other) => return Err(wrong_type("stream", "a boolean", other)),
     };
-    let priority = match optional_str(map, "priority")? {
-        Some("high") => Priority::High,
-        Some("medium") => Priority::Medium,
-        Some("low") => Priority::Low,
-        Some(other) => {
-            return Err(RequestError::BadPriority {
-                value: other.to_owned(),
-            });
-        }
+    match optional_str(map, "priority")? {
+        Some("high") => Ok(Priority::High),
+        Some("medium") => Ok(Priority::Medium),
+        Some("low") => Ok(Priority::Low),
+        Some(other) => Err(RequestError::BadPriority {
+            value: other.to_owned(),
+        }),
         // The existing worker's queue serves non-streaming requests first.
-        None if stream == Some(false) => Priority::High,
-        None => Priority::Medium,
-    };
+        None if stream == Some(false) => Ok(Priority::High),
+        None => Ok(Priority::Medium),
+    }
+}
+
+fn timeout_field(
+    map: &Map<String, Value>,
+    limits: &RequestLimits,
+) -> Result<Option<Duration>, RequestError> {
     let timeout_max_ms = u64::try_from(limits.timeout_max.as_millis()).unwrap_or(u64::MAX);
-    let timeout = optional_uint(map, "timeoutMs")?
+    optional_uint(map, "timeoutMs")?
         .map(|ms| {
             if (1..=timeout_max_ms).contains(&ms) {
                 Ok(Duration::from_millis(ms))
@@ -354,18 +369,7 @@ fn validate(
                 })
             }
         })
-        .transpose()?;
-    Ok(ValidRequest {
-        request_id,
-        model_id: model_id.to_owned(),
-        prompt: prompt.to_owned(),
-        max_tokens,
-        temperature,
-        top_p,
-        session_id,
-        priority,
-        timeout,
-    })
+        .transpose()
 }
 
 fn check_model_id(model_id: &str) -> Result<(), RequestError> {

@@ -294,7 +294,13 @@ fn optional_fields_and_priority_defaults_are_read() {
 }
 
 /// One invalid request: its payload, whether its id is readable, the code and the message.
-fn check(payload: &[u8], limits: &RequestLimits, id: Option<&str>, code: ErrorCode, message: &str) {
+pub(super) fn check(
+    payload: &[u8],
+    limits: &RequestLimits,
+    id: Option<&str>,
+    code: ErrorCode,
+    message: &str,
+) {
     let rejection = decode_request(payload, limits).expect_err("must be rejected");
     assert_eq!(rejection.request_id.as_deref(), id, "{message}");
     assert_eq!(rejection.code(), code, "{message}");

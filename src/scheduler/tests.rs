@@ -152,10 +152,16 @@ proptest! {
                     let tier = if huge { Huge } else { Tiny };
                     if running.get(&tier).copied().unwrap_or(0) > 0 {
                         *running.entry(tier).or_default() -= 1;
+                        let (running_before, queued_before) = (s.running() - 1, s.queued());
                         let started = s.finish(tier);
+                        // Whatever starts leaves the queue and runs: the counts move by as
+                        // many as `finish` names, and none of them twice.
+                        prop_assert_eq!(s.running(), running_before + started.len());
+                        prop_assert_eq!(s.queued(), queued_before - started.len());
+                        let distinct: std::collections::HashSet<_> = started.iter().collect();
+                        prop_assert_eq!(distinct.len(), started.len());
                         // The tier that finished may start its own or another tier's work;
                         // the scheduler's own counts tell which.
-                        let _ = started;
                         running.clear();
                         running.insert(Huge, s.tiers[&Huge].running);
                         running.insert(Tiny, s.tiers[&Tiny].running);

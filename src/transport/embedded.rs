@@ -6,16 +6,13 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
 use crate::config::EmbeddedNats;
-
-/// Longest wait for the embedded server's readiness line.
-const READY_TIMEOUT: Duration = Duration::from_secs(10);
+use crate::limits::EMBEDDED_NATS_READY_TIMEOUT;
 
 /// Why the embedded server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -82,7 +79,7 @@ impl EmbeddedServer {
             .ok_or_else(|| failed("no stderr pipe".to_owned()))?;
         let mut lines = BufReader::new(stderr).lines();
         let mut last = String::new();
-        let ready = tokio::time::timeout(READY_TIMEOUT, async {
+        let ready = tokio::time::timeout(EMBEDDED_NATS_READY_TIMEOUT, async {
             while let Ok(Some(line)) = lines.next_line().await {
                 if line.contains("Server is ready") {
                     return true;
@@ -95,7 +92,11 @@ impl EmbeddedServer {
         match ready {
             Ok(true) => {}
             Ok(false) => return Err(failed(format!("it exited: {last}"))),
-            Err(_) => return Err(failed(format!("not ready within {READY_TIMEOUT:?}"))),
+            Err(_) => {
+                return Err(failed(format!(
+                    "not ready within {EMBEDDED_NATS_READY_TIMEOUT:?}"
+                )));
+            }
         }
         // Keep reading its log so its pipe never fills; it ends when the process does.
         tokio::spawn(async move {

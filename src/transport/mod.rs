@@ -17,7 +17,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
 use futures::StreamExt;
-use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 /// One message received on a subscription.
@@ -31,69 +30,17 @@ pub struct InboundMessage {
     pub payload: Bytes,
 }
 
-/// What a transport hands out as a subscription: its messages, and a way to leave that keeps
-/// the ones already on their way, as far as the transport can.
-pub trait SubscriptionSource: Stream<Item = InboundMessage> + Send + Unpin {
-    /// Stops new messages; messages already routed here are still delivered where the transport
-    /// can tell them apart, then the stream ends.
-    fn drain(&mut self) -> BoxFuture<'_, Result<(), TransportError>>;
-}
-
-/// A plain stream as a subscription; draining it ends it at once.
-struct PlainSource<S> {
-    stream: S,
-    ended: bool,
-}
-
-impl<S: Stream<Item = InboundMessage> + Send + Unpin> Stream for PlainSource<S> {
-    type Item = InboundMessage;
-
-    fn poll_next(
-        mut self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<InboundMessage>> {
-        if self.ended {
-            return std::task::Poll::Ready(None);
-        }
-        Pin::new(&mut self.stream).poll_next(cx)
-    }
-}
-
-impl<S: Stream<Item = InboundMessage> + Send + Unpin> SubscriptionSource for PlainSource<S> {
-    fn drain(&mut self) -> BoxFuture<'_, Result<(), TransportError>> {
-        self.ended = true;
-        Box::pin(async { Ok(()) })
-    }
-}
-
 /// A live subscription. Dropping it unsubscribes.
 pub struct Subscription {
-    inner: Box<dyn SubscriptionSource>,
+    inner: Pin<Box<dyn Stream<Item = InboundMessage> + Send>>,
 }
 
 impl Subscription {
-    /// Wraps a stream of messages; the stream ends when the subscription does, and draining it
-    /// ends it at once.
+    /// Wraps a stream of messages; the subscription ends when the stream does.
     pub fn new(stream: impl Stream<Item = InboundMessage> + Send + 'static) -> Self {
-        let stream: Pin<Box<dyn Stream<Item = InboundMessage> + Send>> = Box::pin(stream);
         Subscription {
-            inner: Box::new(PlainSource {
-                stream,
-                ended: false,
-            }),
+            inner: Box::pin(stream),
         }
-    }
-
-    /// Wraps a source that knows how to drain.
-    pub fn from_source(source: impl SubscriptionSource + 'static) -> Self {
-        Subscription {
-            inner: Box::new(source),
-        }
-    }
-
-    /// Stops new messages and ends the stream after those already delivered to it.
-    pub async fn drain(&mut self) -> Result<(), TransportError> {
-        self.inner.drain().await
     }
 
     /// The next message, or `None` once the subscription has ended.
@@ -111,7 +58,7 @@ impl Stream for Subscription {
         mut self: Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<InboundMessage>> {
-        Pin::new(&mut *self.inner).poll_next(cx)
+        self.inner.as_mut().poll_next(cx)
     }
 }
 

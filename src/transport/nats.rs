@@ -13,6 +13,9 @@
 //!    order, so once the marker arrives, a 503 for step 1 — if there was one — has already
 //!    arrived. Cost: one server round trip, no guessing with timers.
 
+#[cfg(test)]
+mod tests;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,17 +30,12 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::{ConnectionState, InboundMessage, Subscription, Transport, TransportError};
+use crate::backoff::Backoff;
 use crate::config::{NatsAuth, NatsConfig};
-use crate::limits::{NATS_PAYLOAD_BYTES_MAX, SUBSCRIPTION_CAPACITY};
-
-/// Longest wait for the marker of a listener check; past it the link is considered stalled.
-const LISTENER_CHECK_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Longest wait of the first connection attempt before falling back to background retries.
-const FIRST_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Shortest reconnect delay; the delay doubles per attempt up to the configured bound.
-const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(50);
+use crate::limits::{
+    LISTENER_CHECK_TIMEOUT, NATS_CONNECT_TIMEOUT, NATS_PAYLOAD_BYTES_MAX, NATS_RECONNECT_DELAY_MIN,
+    SUBSCRIPTION_CAPACITY,
+};
 
 /// Why the transport could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -101,7 +99,7 @@ impl NatsTransport {
         });
         let state_tx = Arc::new(state_tx);
         let attempt = tokio::time::timeout(
-            FIRST_CONNECT_TIMEOUT,
+            NATS_CONNECT_TIMEOUT,
             options(config, state_tx.clone())
                 .await?
                 .connect(config.servers.clone()),
@@ -254,12 +252,12 @@ async fn options(
     let mut options = ConnectOptions::new()
         .name(&config.name)
         .ping_interval(config.ping_interval)
-        .connection_timeout(FIRST_CONNECT_TIMEOUT)
+        .connection_timeout(NATS_CONNECT_TIMEOUT)
         .subscription_capacity(SUBSCRIPTION_CAPACITY)
         .max_reconnects(config.max_reconnect_attempts)
         .reconnect_delay_callback({
-            let max = config.reconnect_wait_max;
-            move |attempts| reconnect_delay(attempts, max)
+            let backoff = reconnect_backoff(config.reconnect_wait_max, rand::random());
+            move |attempts| backoff.delay(u32::try_from(attempts).unwrap_or(u32::MAX))
         })
         .event_callback({
             let ever_connected = Arc::new(AtomicBool::new(false));
@@ -299,11 +297,11 @@ async fn options(
     Ok(options)
 }
 
-/// Capped exponential backoff with jitter: attempt 0 waits ~50 ms, doubling up to `max`.
-fn reconnect_delay(attempts: usize, max: Duration) -> Duration {
-    let shift = u32::try_from(attempts.min(16)).unwrap_or(16);
-    let base = RECONNECT_DELAY_MIN.saturating_mul(1 << shift).min(max);
-    base.mul_f64(rand::random_range(0.5..=1.0))
+/// The reconnect delays: the client counts attempts from 1, and the first waits up to 100 ms
+/// (less when `max` is lower), doubling up to `max`. The seed is drawn per connection, so a
+/// fleet that lost its server at once does not come back in step.
+fn reconnect_backoff(max: Duration, seed: u64) -> Backoff {
+    Backoff::new(NATS_RECONNECT_DELAY_MIN.min(max), max, seed)
 }
 
 fn on_event(state_tx: &watch::Sender<ConnectionState>, ever_connected: &AtomicBool, event: Event) {

@@ -1,146 +1,77 @@
-//! The dispatcher: the one task that owns the worker's request state. It reads the inference
-//! and cancel subscriptions, decides admission (validation, duplicate ids, drain, model,
-//! queue bound), starts request tasks through the scheduler, hears their ends, times out
-//! waiting requests, answers load queries, and at stop drains.
+//! The dispatcher: the one task between the subscriptions and admission. It decodes what
+//! arrives on the inference and cancel subscriptions and the request tasks' ends, feeds them to
+//! [`Admission`] as events, and carries out its actions: it spawns request tasks, publishes
+//! refusals, answers duplicates and trips abort tokens. It records every end in the metrics
+//! collector and publishes its figures after each change.
 //!
-//! Every request it accepts ends with exactly one terminal message, sent either by its request
-//! task or — for requests refused or ended while waiting — by a short responder task here.
+//! Every request admission accepts ends with exactly one terminal message, sent either by its
+//! request task or — for requests refused or ended while waiting — by a short responder task
+//! here.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use super::presence::{FAULT_MIN_SAMPLES, FAULT_WINDOW, Load};
+use super::figures::{FAULT_MIN_SAMPLES, FAULT_WINDOW, FaultAging, Figures, IntakeCounters};
 use super::request::{self, Abort, Finished, Job, RequestContext};
 use super::responder::Responder;
-use crate::clock::millis;
-use crate::config::NodeConfig;
+use crate::admission::{Action, Admission, Arrival, Ending, Event};
+use crate::config::GenerationDefaults;
 use crate::engine::GenerateRequest;
 use crate::metrics::{Collector, Outcome, RequestRecord, Snapshot};
-use crate::mutation::Mutation;
-use crate::protocol::request::{ValidRequest, decode_cancel, decode_request};
+use crate::protocol::request::{RequestLimits, ValidRequest, decode_cancel, decode_request};
 use crate::protocol::{self, ErrorCode, ErrorMessage};
-use crate::scheduler::{Admission, Scheduler};
-use crate::tier::ModelTier;
 use crate::transport::InboundMessage;
 
 /// Responder tasks for refused requests that may wait for a listener at once; past this, a
 /// refusal is published without waiting, so a flood cannot pile up tasks.
 const REFUSAL_TASKS_MAX: usize = 256;
-/// Cancels remembered for requests that have not arrived yet.
-const LATCHED_CANCELS_MAX: usize = 1024;
-/// How long a latched cancel waits for its request.
-const LATCHED_CANCEL_TTL: Duration = Duration::from_secs(60);
 
-/// Counts of inbound messages that never became requests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct IntakeCounters {
-    /// Messages whose request id could not be read.
-    pub unreadable: u64,
-    /// Requests whose id was already in flight.
-    pub duplicates: u64,
-    /// Cancel messages that could not be read.
-    pub bad_cancels: u64,
-    /// Refusals published without waiting for a listener, because too many were pending.
-    pub refusals_unprotected: u64,
-}
-
-/// A question for the dispatcher, which owns the figures.
+/// What admission keeps of each accepted request for the dispatcher: what its task generates,
+/// and the abort that stops the task.
 #[derive(Debug)]
-pub(crate) enum Query {
-    /// The heartbeat's figures.
-    Load(oneshot::Sender<Load>),
-    /// Everything the metrics endpoint shows of the dispatcher.
-    View(oneshot::Sender<DispatchView>),
-}
-
-/// The dispatcher's figures for the metrics endpoint.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct DispatchView {
-    /// The collector's reading.
-    pub snapshot: Snapshot,
-    /// Requests running.
-    pub running: usize,
-    /// Requests waiting.
-    pub queued: usize,
-    /// Bound of the queue.
-    pub queue_capacity: usize,
-    /// Requests that may run at once.
-    pub inflight_capacity: usize,
-    /// Inbound messages that never became requests.
-    pub intake: IntakeCounters,
-}
-
-/// A request the dispatcher accepted.
-struct Tracked {
+pub(crate) struct Work {
     generate: GenerateRequest,
-    tier: ModelTier,
-    received_at: Instant,
-    deadline: Instant,
     abort: Arc<Abort>,
-    running: bool,
-}
-
-/// Cancels that arrived before their request, bounded in number and age.
-#[derive(Default)]
-struct Latch {
-    order: VecDeque<(Instant, String)>,
-}
-
-impl Latch {
-    fn insert(&mut self, now: Instant, id: String) {
-        self.expire(now);
-        if self.order.len() == LATCHED_CANCELS_MAX {
-            self.order.pop_front();
-        }
-        self.order.push_back((now, id));
-    }
-
-    fn take(&mut self, now: Instant, id: &str) -> bool {
-        self.expire(now);
-        match self.order.iter().position(|(_, latched)| latched == id) {
-            Some(pos) => {
-                self.order.remove(pos);
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn expire(&mut self, now: Instant) {
-        while let Some((at, _)) = self.order.front() {
-            if now.saturating_duration_since(*at) <= LATCHED_CANCEL_TTL {
-                break;
-            }
-            self.order.pop_front();
-        }
-    }
 }
 
 /// The dispatcher's state.
 pub(crate) struct Dispatcher {
-    config: NodeConfig,
-    /// Model id → tier, for every model the engine serves.
-    tiers: HashMap<String, ModelTier>,
-    scheduler: Scheduler,
-    requests: HashMap<String, Tracked>,
-    /// Deadlines of waiting requests, earliest first.
-    queued_deadlines: BTreeSet<(Instant, String)>,
-    latch: Latch,
+    /// Bounds of inbound requests.
+    request_limits: RequestLimits,
+    /// Generation parameters a request leaves out.
+    defaults: GenerationDefaults,
+    /// All request state: accepted requests, deadlines, latched cancels, the scheduler.
+    admission: Admission<Arc<Work>>,
     metrics: Collector,
+    /// Requests recorded in `metrics` so far.
+    recorded: u64,
     counters: IntakeCounters,
+    /// Where the figures are published for presence, service discovery and `/metrics`.
+    figures: watch::Sender<Figures>,
+    /// What the last published figures were built from, to build them only when it changed.
+    published: Option<Published>,
+    /// When the fault ratio next changes by itself.
+    aging: FaultAging,
     ctx: Arc<RequestContext>,
     /// Request and responder tasks; waited for at the end of a drain.
     tasks: TaskTracker,
     /// Bounds the responder tasks of refusals.
     refusals: Arc<Semaphore>,
-    draining: bool,
+}
+
+/// What the figures change with, besides the metrics collector's records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Published {
+    recorded: u64,
+    running: usize,
+    queued: usize,
+    intake: IntakeCounters,
 }
 
 /// What the run loop reports when it ends.
@@ -157,35 +88,38 @@ pub struct DispatchReport {
 
 impl Dispatcher {
     pub(crate) fn new(
-        config: NodeConfig,
-        tiers: HashMap<String, ModelTier>,
-        scheduler: Scheduler,
+        request_limits: RequestLimits,
+        defaults: GenerationDefaults,
+        admission: Admission<Arc<Work>>,
         ctx: Arc<RequestContext>,
+        figures: watch::Sender<Figures>,
     ) -> Dispatcher {
-        Dispatcher {
-            config,
-            tiers,
-            scheduler,
-            requests: HashMap::new(),
-            queued_deadlines: BTreeSet::new(),
-            latch: Latch::default(),
+        let mut dispatcher = Dispatcher {
+            request_limits,
+            defaults,
+            admission,
             metrics: Collector::default(),
+            recorded: 0,
             counters: IntakeCounters::default(),
+            figures,
+            published: None,
+            aging: FaultAging::default(),
             ctx,
             tasks: TaskTracker::new(),
             refusals: Arc::new(Semaphore::new(REFUSAL_TASKS_MAX)),
-            draining: false,
-        }
+        };
+        dispatcher.publish();
+        dispatcher
     }
 
-    /// Whether any accepted request lacks its terminal message.
+    /// Whether every accepted request has its terminal message.
     pub(crate) fn is_idle(&self) -> bool {
-        self.requests.is_empty()
+        self.admission.is_idle()
     }
 
     /// The earliest deadline of a waiting request.
     pub(crate) fn next_queued_deadline(&self) -> Option<Instant> {
-        self.queued_deadlines.first().map(|(at, _)| *at)
+        self.admission.next_deadline()
     }
 
     /// Handles one message of `worker.{id}.inference`, or of a model queue group
@@ -193,16 +127,18 @@ impl Dispatcher {
     /// served even while draining.
     pub(crate) fn on_request(&mut self, msg: InboundMessage, from_group: bool) {
         let now = self.ctx.clock.now();
-        match decode_request(&msg.payload, &self.config.request_limits) {
-            Ok(request) => self.admit(request, msg.reply, now, from_group),
-            Err(rejection) => match rejection.request_id.clone() {
-                Some(id) if self.requests.contains_key(&id) => {
-                    self.duplicate(&id, msg.reply);
-                }
-                Some(id) => {
-                    debug!(request_id = %id, cause = %rejection.error, "invalid request");
-                    self.refuse(&id, "-", rejection.code(), rejection.error.to_string(), now);
-                }
+        let event = match decode_request(&msg.payload, &self.request_limits) {
+            Ok(request) => Event::Arrived {
+                request: self.arrival(request, from_group),
+                now,
+            },
+            Err(rejection) => match rejection.request_id {
+                Some(id) => Event::Invalid {
+                    id,
+                    code: rejection.error.code(),
+                    text: rejection.error.to_string(),
+                    now,
+                },
                 None => {
                     self.counters.unreadable += 1;
                     warn!(
@@ -212,117 +148,65 @@ impl Dispatcher {
                     );
                     if let Some(reply) = msg.reply {
                         let text = rejection.error.to_string();
-                        let message = ErrorMessage::anonymous(rejection.code(), &text);
+                        let message = ErrorMessage::anonymous(rejection.error.code(), &text);
                         self.reply(reply, &message);
                     }
+                    return;
                 }
             },
-        }
+        };
+        self.feed(event, msg.reply);
     }
 
-    fn admit(
-        &mut self,
-        request: ValidRequest,
-        reply: Option<String>,
-        now: Instant,
-        from_group: bool,
-    ) {
-        let id = request.request_id.clone();
-        if self.requests.contains_key(&id) {
-            self.duplicate(&id, reply);
-            return;
-        }
-        if self.draining && !from_group {
-            self.refuse(
-                &id,
-                &request.model_id,
-                ErrorCode::WorkerShutdown,
-                "the worker is draining and takes no new requests".to_owned(),
-                now,
-            );
-            return;
-        }
-        let Some(&tier) = self.tiers.get(&request.model_id) else {
-            let served: Vec<&str> = self.tiers.keys().map(String::as_str).collect();
-            let text = format!(
-                "model {:?} is not served by this worker (it serves {})",
-                request.model_id,
-                if served.is_empty() {
-                    "none".to_owned()
-                } else {
-                    served.join(", ")
-                }
-            );
-            self.refuse(&id, &request.model_id, ErrorCode::ModelNotFound, text, now);
-            return;
-        };
-        if self.latch.take(now, &id) {
-            self.refuse(
-                &id,
-                &request.model_id,
-                ErrorCode::Cancelled,
-                "the request was cancelled before it arrived".to_owned(),
-                now,
-            );
-            return;
-        }
-        let timeout = request.timeout.map_or(self.config.request_timeout, |t| {
-            t.min(self.config.request_timeout)
-        });
-        let defaults = &self.config.generation_defaults;
+    /// The request as admission sees it, with the work its task will do.
+    fn arrival(&self, request: ValidRequest, from_group: bool) -> Arrival<Arc<Work>> {
+        let defaults = &self.defaults;
         let generate = GenerateRequest {
-            stream_id: id.clone(),
+            stream_id: request.request_id.clone(),
             model_id: request.model_id.clone(),
             prompt: request.prompt,
             max_tokens: request.max_tokens.unwrap_or(defaults.max_tokens),
             temperature: request.temperature.unwrap_or(defaults.temperature),
             top_p: request.top_p.unwrap_or(defaults.top_p),
         };
-        let tracked = Tracked {
-            generate,
-            tier,
-            received_at: now,
-            deadline: now + timeout,
-            abort: Arc::new(Abort::default()),
-            running: false,
-        };
-        match self.scheduler.admit(id.clone(), tier, request.priority) {
-            Admission::Start => {
-                self.requests.insert(id.clone(), tracked);
-                self.start(&id);
-            }
-            Admission::Queued => {
-                self.queued_deadlines.insert((tracked.deadline, id.clone()));
-                self.requests.insert(id, tracked);
-            }
-            Admission::Full { waiting, limit } => {
-                let text = format!("queue is full ({waiting} waiting, limit {limit})");
-                self.refuse(
-                    &id,
-                    &tracked.generate.model_id,
-                    ErrorCode::QueueFull,
-                    text,
-                    now,
-                );
-            }
+        Arrival {
+            id: request.request_id,
+            model: request.model_id,
+            priority: request.priority,
+            timeout: request.timeout,
+            from_group,
+            payload: Arc::new(Work {
+                generate,
+                abort: Arc::new(Abort::default()),
+            }),
         }
     }
 
-    fn start(&mut self, id: &str) {
-        let Some(tracked) = self.requests.get_mut(id) else {
-            return;
-        };
-        tracked.running = true;
-        self.queued_deadlines
-            .remove(&(tracked.deadline, id.to_owned()));
-        let job = Job {
-            request_id: id.to_owned(),
-            generate: tracked.generate.clone(),
-            received_at: tracked.received_at,
-            deadline: tracked.deadline,
-            abort: tracked.abort.clone(),
-        };
-        self.tasks.spawn(request::run(self.ctx.clone(), job));
+    /// Feeds one event to admission and carries out what it decides; `reply` is the reply
+    /// subject of the message the event came from, for a duplicate's answer.
+    fn feed(&mut self, event: Event<Arc<Work>>, mut reply: Option<String>) {
+        for action in self.admission.handle(event) {
+            match action {
+                Action::Start {
+                    id,
+                    payload,
+                    received_at,
+                    deadline,
+                } => {
+                    let job = Job {
+                        request_id: id,
+                        generate: payload.generate.clone(),
+                        received_at,
+                        deadline,
+                        abort: payload.abort.clone(),
+                    };
+                    self.tasks.spawn(request::run(self.ctx.clone(), job));
+                }
+                Action::Refuse(ending) | Action::EndWaiting(ending) => self.refuse(ending),
+                Action::Duplicate { id } => self.duplicate(&id, reply.take()),
+                Action::Cancel { code, payload, .. } => payload.abort.fire(code),
+            }
+        }
     }
 
     fn duplicate(&mut self, id: &str, reply: Option<String>) {
@@ -336,13 +220,32 @@ impl Dispatcher {
         }
     }
 
+    fn reply(&self, subject: String, message: &ErrorMessage<'_>) {
+        let Ok(payload) = protocol::encode(message) else {
+            return;
+        };
+        let transport = self.ctx.transport.clone();
+        self.tasks.spawn(async move {
+            if let Err(err) = transport.publish(subject, Bytes::from(payload)).await {
+                debug!(cause = %err, "reply not sent");
+            }
+        });
+    }
+
     /// Ends a request that will not run with an error on its response subject.
-    fn refuse(&mut self, id: &str, model: &str, code: ErrorCode, text: String, received: Instant) {
+    fn refuse(&mut self, ending: Ending) {
+        let Ending {
+            id,
+            model,
+            code,
+            text,
+            received_at,
+        } = ending;
         debug!(request_id = %id, %code, reason = %text, "request refused");
-        self.metrics.record(RequestRecord {
-            model: model.to_owned(),
+        self.record(RequestRecord {
+            model,
             outcome: Outcome::Failed(code),
-            latency: self.ctx.clock.now().saturating_duration_since(received),
+            latency: self.ctx.clock.now().saturating_duration_since(received_at),
             time_to_first_token: None,
             tokens: 0,
             finished_at: self.ctx.clock.now(),
@@ -355,7 +258,6 @@ impl Dispatcher {
             }
         };
         let ctx = self.ctx.clone();
-        let id = id.to_owned();
         self.tasks.spawn(async move {
             // Past the bound, refusals go out without waiting for a listener.
             let late_wait = if wait.is_some() {
@@ -373,145 +275,99 @@ impl Dispatcher {
         });
     }
 
-    fn reply(&self, subject: String, message: &ErrorMessage<'_>) {
-        let Ok(payload) = protocol::encode(message) else {
-            return;
-        };
-        let transport = self.ctx.transport.clone();
-        self.tasks.spawn(async move {
-            if let Err(err) = transport.publish(subject, Bytes::from(payload)).await {
-                debug!(cause = %err, "reply not sent");
-            }
-        });
-    }
-
     /// Handles one message of `worker.{id}.cancel`.
     pub(crate) fn on_cancel(&mut self, msg: InboundMessage) {
         let now = self.ctx.clock.now();
-        let id = match decode_cancel(&msg.payload) {
-            Ok(id) => id,
+        match decode_cancel(&msg.payload) {
+            Ok(id) => self.feed(Event::Cancel { id, now }, None),
             Err(err) => {
                 self.counters.bad_cancels += 1;
                 warn!(cause = %err, "unreadable cancel message dropped");
-                return;
             }
-        };
-        match self.requests.get(&id) {
-            Some(t) if t.running => {
-                info!(request_id = %id, "cancelling a running request");
-                t.abort.fire(ErrorCode::Cancelled);
-            }
-            Some(_) => {
-                info!(request_id = %id, "cancelling a waiting request");
-                self.end_waiting(
-                    &id,
-                    ErrorCode::Cancelled,
-                    "the request was cancelled".to_owned(),
-                );
-            }
-            None if self.ctx.mutations.has(Mutation::ForgetLatchedCancel) => {}
-            None => {
-                debug!(request_id = %id, "cancel for an unknown request latched");
-                self.latch.insert(now, id);
-            }
-        }
-    }
-
-    /// Ends a waiting request with an error.
-    fn end_waiting(&mut self, id: &str, code: ErrorCode, text: String) {
-        if !self.scheduler.remove_queued(id) {
-            return;
-        }
-        if let Some(t) = self.requests.remove(id) {
-            self.queued_deadlines.remove(&(t.deadline, id.to_owned()));
-            self.refuse(id, &t.generate.model_id, code, text, t.received_at);
         }
     }
 
     /// Ends waiting requests whose deadline has passed.
     pub(crate) fn expire_queued(&mut self) {
         let now = self.ctx.clock.now();
-        while let Some((at, id)) = self.queued_deadlines.first().cloned() {
-            if at > now {
-                break;
-            }
-            let waited = self
-                .requests
-                .get(&id)
-                .map_or(0, |t| millis(at.saturating_duration_since(t.received_at)));
-            self.end_waiting(
-                &id,
-                ErrorCode::Timeout,
-                format!("request waited past its deadline of {waited} ms for a slot"),
-            );
-            self.queued_deadlines.remove(&(at, id));
-        }
+        self.feed(Event::Tick { now }, None);
     }
 
     /// A request task ended.
     pub(crate) fn on_finished(&mut self, finished: Finished) {
-        let Some(tracked) = self.requests.remove(&finished.request_id) else {
-            error!(request_id = %finished.request_id, "finish of an unknown request");
+        let id = finished.request_id;
+        if !self.admission.is_running(&id) {
+            error!(request_id = %id, "finish of a request that is not running");
             return;
-        };
-        debug_assert!(tracked.running, "only running requests finish");
+        }
         let telemetry = &self.ctx.telemetry;
         telemetry.request_duration.observe(finished.record.latency);
         if let Some(ttft) = finished.record.time_to_first_token {
             telemetry.time_to_first_token.observe(ttft);
         }
-        self.metrics.record(finished.record);
-        for id in self.scheduler.finish(tracked.tier) {
-            self.start(&id);
-        }
+        self.record(finished.record);
+        self.feed(Event::Finished { id }, None);
     }
 
-    /// The figures a heartbeat carries.
-    pub(crate) fn load(&self) -> Load {
-        let snapshot = self.metrics.snapshot();
-        let limits = self.scheduler.limits();
-        Load {
-            running: self.scheduler.running(),
-            queued: self.scheduler.queued(),
+    fn record(&mut self, record: RequestRecord) {
+        self.aging.note(record.finished_at);
+        self.metrics.record(record);
+        self.recorded += 1;
+    }
+
+    /// Publishes the figures if anything they show changed since they were last published.
+    pub(crate) fn publish(&mut self) {
+        let now = Published {
+            recorded: self.recorded,
+            running: self.admission.running(),
+            queued: self.admission.queued(),
+            intake: self.counters,
+        };
+        if self.published == Some(now) {
+            return;
+        }
+        self.published = Some(now);
+        let limits = self.admission.limits();
+        self.figures.send_replace(Figures {
+            snapshot: self.metrics.snapshot(),
+            running: now.running,
+            queued: now.queued,
             queue_capacity: limits.queue_depth_max,
             inflight_capacity: limits.inflight_max,
-            total_handled: snapshot.total,
-            avg_latency_ms: snapshot.latency.avg.as_secs_f64() * 1000.0,
-            tokens_per_second: snapshot.tokens_per_second,
-            fault_ratio: self.metrics.fault_ratio(
-                self.ctx.clock.now(),
-                FAULT_WINDOW,
-                FAULT_MIN_SAMPLES,
-            ),
-        }
+            intake: now.intake,
+            fault_ratio: self.fault_ratio(),
+        });
     }
 
-    /// Answers a query from the presence task or the metrics endpoint.
-    pub(crate) fn answer(&self, query: Query) {
-        match query {
-            Query::Load(reply) => {
-                let _ = reply.send(self.load());
-            }
-            Query::View(reply) => {
-                let limits = self.scheduler.limits();
-                let _ = reply.send(DispatchView {
-                    snapshot: self.metrics.snapshot(),
-                    running: self.scheduler.running(),
-                    queued: self.scheduler.queued(),
-                    queue_capacity: limits.queue_depth_max,
-                    inflight_capacity: limits.inflight_max,
-                    intake: self.counters,
-                });
-            }
+    fn fault_ratio(&self) -> f64 {
+        self.metrics
+            .fault_ratio(self.ctx.clock.now(), FAULT_WINDOW, FAULT_MIN_SAMPLES)
+    }
+
+    /// When the fault ratio next changes with time alone.
+    pub(crate) fn next_fault_aging(&self) -> Option<Instant> {
+        self.aging.next()
+    }
+
+    /// Takes the fault ratio again once requests have left its window, and publishes it.
+    pub(crate) fn age_faults(&mut self) {
+        if !self.aging.pass(self.ctx.clock.now()) {
+            return;
         }
+        let ratio = self.fault_ratio();
+        self.figures.send_if_modified(|f| {
+            let changed = f.fault_ratio != ratio;
+            f.fault_ratio = ratio;
+            changed
+        });
     }
 
     /// Stops taking new requests; accepted ones go on.
     pub(crate) fn start_drain(&mut self) {
-        self.draining = true;
+        self.feed(Event::DrainStarted, None);
         info!(
-            running = self.scheduler.running(),
-            waiting = self.scheduler.queued(),
+            running = self.admission.running(),
+            waiting = self.admission.queued(),
             "draining"
         );
     }
@@ -519,24 +375,7 @@ impl Dispatcher {
     /// Ends everything still accepted with `WORKER_SHUTDOWN`: waiting requests at once,
     /// running ones through their abort.
     pub(crate) fn abort_all(&mut self) {
-        for id in self.scheduler.take_queued() {
-            if let Some(t) = self.requests.remove(&id) {
-                self.queued_deadlines.remove(&(t.deadline, id.clone()));
-                self.refuse(
-                    &id,
-                    &t.generate.model_id,
-                    ErrorCode::WorkerShutdown,
-                    "the worker stopped before the request could run".to_owned(),
-                    t.received_at,
-                );
-            }
-        }
-        // In id order, so simulations replay the same terminals in the same order.
-        let mut running: Vec<(&String, &Tracked)> = self.requests.iter().collect();
-        running.sort_unstable_by_key(|(id, _)| *id);
-        for (_, t) in running {
-            t.abort.fire(ErrorCode::WorkerShutdown);
-        }
+        self.feed(Event::AbortAll, None);
     }
 
     /// Waits for every spawned task, at most `limit`; returns the report.
@@ -547,14 +386,15 @@ impl Dispatcher {
     ) -> DispatchReport {
         self.tasks.close();
         let deadline = self.ctx.clock.now() + limit;
-        while !self.requests.is_empty() {
+        while !self.admission.is_idle() {
             tokio::select! {
                 Some(f) = finished.recv() => self.on_finished(f),
                 () = tokio::time::sleep_until(deadline) => break,
             }
+            self.publish();
         }
         let _ = tokio::time::timeout_at(deadline, self.tasks.wait()).await;
-        let abandoned = self.requests.len();
+        let abandoned = self.admission.accepted();
         if abandoned > 0 {
             error!(abandoned, "requests left without a terminal message");
         }

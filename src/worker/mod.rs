@@ -3,18 +3,21 @@
 //!
 //! The task tree of one run:
 //!
-//! - the **dispatcher** (this task): reads `worker.{id}.inference` and `worker.{id}.cancel`,
-//!   admits requests and owns all request state (see `dispatcher`);
+//! - the **dispatcher** (this task): reads `worker.{id}.inference`, `worker.{id}.cancel` and
+//!   the model groups, feeds what arrives to [`crate::admission`], which holds all request
+//!   state, carries out its decisions, and publishes the figures (see `dispatcher`, `figures`);
 //! - one **request task** per running request, plus short responder tasks for refusals, tracked
 //!   so a drain waits for them (see `request`);
 //! - the **presence** task: registration, heartbeats, re-registration after reconnects (see
 //!   `presence`);
+//! - the **service** task: `$SRV` discovery answers, with the figures (see `service`);
 //! - a **preload** task loading the configured models in the background.
 //!
 //! The worker reaches the outside only through [`Deps`]: the transport, the engine, the clock
 //! and the hardware probe.
 
 mod dispatcher;
+mod figures;
 mod group;
 mod plan;
 mod presence;
@@ -24,21 +27,24 @@ mod service;
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
-pub use dispatcher::{DispatchReport, DispatchView, IntakeCounters};
+pub use dispatcher::DispatchReport;
+pub use figures::IntakeCounters;
 pub use plan::Plan;
 
+use crate::admission::{Admission, AdmissionLimits};
 use crate::clock::Clock;
 use crate::config::NodeConfig;
-use crate::engine::Engine;
-use crate::engine::EngineHealth;
-use crate::hardware::HardwareProbe;
+use crate::engine::{Catalog, Engine, EngineHealth};
+use crate::hardware::{HardwareProbe, HostProfile};
 use crate::identity::Identity;
 use crate::lifecycle::{Lifecycle, LifecycleCell};
 use crate::limits::INFLIGHT_REQUESTS_MAX;
@@ -49,7 +55,8 @@ use crate::protocol::{self, ModelSkills, WorkerDeregistration, subject};
 use crate::transport::ConnectionState;
 use crate::transport::{Subscription, Transport, TransportError};
 
-use dispatcher::{Dispatcher, Query};
+use dispatcher::Dispatcher;
+use figures::Figures;
 use group::ModelGroups;
 use presence::{Announcement, Presence};
 use request::{Finished, Loader, RequestContext};
@@ -104,8 +111,9 @@ pub struct Worker {
     mutations: Mutations,
     /// Counters and histograms shared by the worker's tasks and read by `/metrics`.
     telemetry: Arc<Telemetry>,
-    /// Reaches the running dispatcher; `None` when not running.
-    queries: Arc<Mutex<Option<mpsc::Sender<Query>>>>,
+    /// The dispatcher's figures: published by the running dispatcher, the defaults outside a
+    /// run; read by presence, service discovery and every [`Observer`].
+    figures: watch::Sender<Figures>,
 }
 
 impl Worker {
@@ -120,7 +128,7 @@ impl Worker {
             lifecycle: Arc::new(LifecycleCell::default()),
             mutations: Mutations::NONE,
             telemetry: Arc::new(Telemetry::default()),
-            queries: Arc::new(Mutex::new(None)),
+            figures: watch::Sender::new(Figures::default()),
         }
     }
 
@@ -132,7 +140,7 @@ impl Worker {
             engine_health: self.deps.engine.health(),
             connection: self.deps.transport.connection(),
             telemetry: self.telemetry.clone(),
-            queries: self.queries.clone(),
+            figures: self.figures.subscribe(),
         }
     }
 
@@ -170,10 +178,9 @@ impl Worker {
         &self,
         shutdown: impl Future<Output = ()>,
     ) -> Result<RunReport, WorkerError> {
-        let deps = &self.deps;
         self.lifecycle.advance(Lifecycle::Connecting);
         // Subscribe before anything announces the worker, so no routed request is missed.
-        let (mut inference, mut cancel) = match self.subscribe().await {
+        let (inference, cancel) = match self.subscribe().await {
             Ok(subs) => subs,
             Err(err) => {
                 self.lifecycle.advance(Lifecycle::Draining);
@@ -181,8 +188,35 @@ impl Worker {
                 return Err(err);
             }
         };
-        let profile = deps.hardware.profile().await;
-        let catalog = match deps.engine.catalog().await {
+        let (profile, catalog, plan) = self.plan().await;
+        let (finished_tx, finished) = mpsc::channel::<Finished>(INFLIGHT_REQUESTS_MAX);
+        let ctx = Arc::new(RequestContext {
+            transport: self.deps.transport.clone(),
+            engine: self.deps.engine.clone(),
+            clock: self.deps.clock.clone(),
+            loader: Arc::new(Loader::default()),
+            late_subscriber_wait: self.config.late_subscriber_wait,
+            finished: finished_tx,
+            mutations: self.mutations,
+            telemetry: self.telemetry.clone(),
+        });
+        let mut dispatcher = self.dispatcher(&plan, ctx.clone());
+        let background = self.start_background(&profile, &catalog, &plan, ctx);
+        let mut intake = Intake {
+            inference,
+            cancel,
+            groups: ModelGroups::new(catalog.models.keys()),
+            finished,
+        };
+        intake.groups.join(&self.deps.transport).await;
+        self.serve(&mut dispatcher, &mut intake, shutdown).await;
+        Ok(self.stop(dispatcher, intake, background).await)
+    }
+
+    /// The host's profile, the engine's models and the plan for both.
+    async fn plan(&self) -> (HostProfile, Catalog, Plan) {
+        let profile = self.deps.hardware.profile().await;
+        let catalog = match self.deps.engine.catalog().await {
             Ok(catalog) => catalog,
             Err(err) => {
                 warn!(cause = %err, "cannot list the engine's models; serving none");
@@ -196,19 +230,10 @@ impl Worker {
             queue_depth_max = plan.scheduler.queue_depth_max,
             "plan"
         );
-        let (finished_tx, mut finished_rx) = mpsc::channel::<Finished>(INFLIGHT_REQUESTS_MAX);
-        let (query_tx, mut query_rx) = mpsc::channel::<Query>(16);
-        *lock(&self.queries) = Some(query_tx.clone());
-        let ctx = Arc::new(RequestContext {
-            transport: deps.transport.clone(),
-            engine: deps.engine.clone(),
-            clock: deps.clock.clone(),
-            loader: Arc::new(Loader::default()),
-            late_subscriber_wait: self.config.late_subscriber_wait,
-            finished: finished_tx,
-            mutations: self.mutations,
-            telemetry: self.telemetry.clone(),
-        });
+        (profile, catalog, plan)
+    }
+
+    fn dispatcher(&self, plan: &Plan, ctx: Arc<RequestContext>) -> Dispatcher {
         let mut limits = plan.scheduler.clone();
         if self.mutations.has(Mutation::IgnoreQueueBound) {
             limits.queue_depth_max = usize::MAX;
@@ -217,146 +242,197 @@ impl Worker {
                 .values_mut()
                 .for_each(|t| t.queue_depth = usize::MAX);
         }
-        let mut dispatcher = Dispatcher::new(
-            self.config.clone(),
+        let admission = Admission::new(
+            AdmissionLimits {
+                scheduler: limits,
+                request_timeout: self.config.request_timeout,
+            },
             plan.model_tiers.clone(),
-            crate::scheduler::Scheduler::new(limits),
-            ctx.clone(),
+            self.mutations,
         );
+        Dispatcher::new(
+            self.config.request_limits,
+            self.config.generation_defaults,
+            admission,
+            ctx,
+            self.figures.clone(),
+        )
+    }
 
-        let stop_background = CancellationToken::new();
+    /// Spawns the presence, service discovery and preload tasks.
+    fn start_background(
+        &self,
+        profile: &HostProfile,
+        catalog: &Catalog,
+        plan: &Plan,
+        ctx: Arc<RequestContext>,
+    ) -> Background {
+        let deps = &self.deps;
+        let background = Background {
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
+        };
         let presence = Presence {
             config: self.config.clone(),
-            announcement: Announcement {
-                identity: self.identity.clone(),
-                skills: ModelSkills {
-                    available_models: catalog.models.keys().cloned().collect(),
-                    model_paths: catalog
-                        .models
-                        .iter()
-                        .map(|(id, m)| (id.clone(), m.path.display().to_string()))
-                        .collect::<BTreeMap<_, _>>(),
-                    total_model_size: catalog.total_size_bytes(),
-                    last_scanned: deps.clock.unix_millis(),
-                },
-                hardware: plan.hardware_wire(&profile, deps.clock.unix_millis()),
-                capabilities: plan.capabilities.clone(),
-            },
+            announcement: self.announcement(profile, catalog, plan),
             transport: deps.transport.clone(),
             clock: deps.clock.clone(),
             hardware: deps.hardware.clone(),
             engine_health: deps.engine.health(),
             lifecycle: self.lifecycle.clone(),
-            queries: query_tx.clone(),
+            figures: self.figures.subscribe(),
             telemetry: self.telemetry.clone(),
             mutations: self.mutations,
         };
-        let background = tokio_util::task::TaskTracker::new();
-        background.spawn(
+        background.tasks.spawn(
             presence
-                .run(stop_background.clone())
+                .run(background.stop.clone())
                 .instrument(info_span!("presence")),
         );
-        background.spawn(
-            service::Service {
-                worker_id: self.identity.worker_id.clone(),
-                transport: deps.transport.clone(),
-                queries: query_tx.clone(),
-                telemetry: self.telemetry.clone(),
-                started_ms: deps.clock.unix_millis(),
-            }
-            .run(stop_background.clone())
-            .instrument(info_span!("service")),
+        let service = service::Service {
+            worker_id: self.identity.worker_id.clone(),
+            transport: deps.transport.clone(),
+            figures: self.figures.subscribe(),
+            telemetry: self.telemetry.clone(),
+            started_ms: deps.clock.unix_millis(),
+        };
+        background.tasks.spawn(
+            service
+                .run(background.stop.clone())
+                .instrument(info_span!("service")),
         );
-        background.spawn(
-            preload(
-                ctx.clone(),
-                self.preload.clone(),
-                self.lifecycle.subscribe(),
-            )
-            .instrument(info_span!("preload")),
+        background.tasks.spawn(
+            preload(ctx, self.preload.clone(), self.lifecycle.subscribe())
+                .instrument(info_span!("preload")),
         );
+        background
+    }
 
-        // Serving.
-        let mut groups = ModelGroups::new(catalog.models.keys());
-        groups.join(&deps.transport).await;
+    /// What the registration says about this worker.
+    fn announcement(&self, profile: &HostProfile, catalog: &Catalog, plan: &Plan) -> Announcement {
+        let clock = &self.deps.clock;
+        Announcement {
+            identity: self.identity.clone(),
+            skills: ModelSkills {
+                available_models: catalog.models.keys().cloned().collect(),
+                model_paths: catalog
+                    .models
+                    .iter()
+                    .map(|(id, m)| (id.clone(), m.path.display().to_string()))
+                    .collect::<BTreeMap<_, _>>(),
+                total_model_size: catalog.total_size_bytes(),
+                last_scanned: clock.unix_millis(),
+            },
+            hardware: plan.hardware_wire(profile, clock.unix_millis()),
+            capabilities: plan.capabilities.clone(),
+        }
+    }
+
+    /// The run loop: serves until `shutdown` completes (or the inference subscription ends),
+    /// then drains until the accepted work is done and the model groups are quiet, or the
+    /// drain deadline passes.
+    async fn serve(
+        &self,
+        dispatcher: &mut Dispatcher,
+        intake: &mut Intake,
+        shutdown: impl Future<Output = ()>,
+    ) {
         tokio::pin!(shutdown);
+        let clock = &self.deps.clock;
+        let mut phase = Phase::Serving;
+        let mut inference_open = true;
         loop {
+            dispatcher.publish();
+            let idle = dispatcher.is_idle();
+            if phase.may_leave(idle, intake.groups.is_empty(), clock.now())
+                || (phase.is_draining() && self.mutations.has(Mutation::DrainWithoutWaiting))
+            {
+                return;
+            }
+            let serving = !phase.is_draining();
+            let (drain_deadline, group_quiet_at) = phase.timers();
             let queued_deadline = dispatcher.next_queued_deadline();
+            let fault_aging = dispatcher.next_fault_aging();
             tokio::select! {
-                () = &mut shutdown => break,
-                msg = groups.next() => dispatcher.on_request(msg, true),
-                msg = inference.next() => match msg {
+                () = &mut shutdown, if serving => phase = self.begin_drain(dispatcher).await,
+                msg = intake.groups.next() => {
+                    phase.group_active(clock.now());
+                    dispatcher.on_request(msg, true);
+                }
+                msg = intake.inference.next(), if inference_open => match msg {
                     Some(msg) => dispatcher.on_request(msg, false),
                     None => {
-                        warn!("inference subscription ended; stopping");
-                        break;
+                        inference_open = false;
+                        if serving {
+                            warn!("inference subscription ended; stopping");
+                            phase = self.begin_drain(dispatcher).await;
+                        }
                     }
                 },
-                Some(msg) = cancel.next() => dispatcher.on_cancel(msg),
-                Some(finished) = finished_rx.recv() => dispatcher.on_finished(finished),
-                Some(query) = query_rx.recv() => dispatcher.answer(query),
+                Some(msg) = intake.cancel.next() => dispatcher.on_cancel(msg),
+                Some(finished) = intake.finished.recv() => dispatcher.on_finished(finished),
                 () = sleep_until_opt(queued_deadline) => dispatcher.expire_queued(),
+                () = sleep_until_opt(fault_aging) => dispatcher.age_faults(),
+                () = sleep_until_opt(group_quiet_at.filter(|_| idle)) => {}
+                () = sleep_until_opt(drain_deadline) => {
+                    warn!("drain deadline reached; ending what is left with WORKER_SHUTDOWN");
+                    return;
+                }
             }
         }
+    }
 
-        // Draining: refuse new work, say goodbye, let accepted work finish.
+    /// Draining: refuse new work, say goodbye, let accepted work finish.
+    async fn begin_drain(&self, dispatcher: &mut Dispatcher) -> Phase {
         self.lifecycle.advance(Lifecycle::Draining);
         dispatcher.start_drain();
         self.deregister().await;
-        let drain_deadline = deps.clock.now() + self.config.drain_timeout;
+        let deadline = self.deps.clock.now() + self.config.drain_timeout;
         // The model groups keep routing here until the worker leaves them, and core NATS drops
         // what is in flight at that moment; so leave only once idle and quiet for a while.
-        let mut group_quiet_at = deps.clock.now() + GROUP_QUIET;
-        loop {
-            let idle = dispatcher.is_idle();
-            let quiet = groups.is_empty() || deps.clock.now() >= group_quiet_at;
-            if (idle && quiet) || self.mutations.has(Mutation::DrainWithoutWaiting) {
-                break;
-            }
-            let queued_deadline = dispatcher.next_queued_deadline();
-            tokio::select! {
-                msg = groups.next() => {
-                    group_quiet_at = deps.clock.now() + GROUP_QUIET;
-                    dispatcher.on_request(msg, true);
-                }
-                () = tokio::time::sleep_until(group_quiet_at), if idle => {}
-                () = tokio::time::sleep_until(drain_deadline) => {
-                    warn!("drain deadline reached; ending what is left with WORKER_SHUTDOWN");
-                    break;
-                }
-                Some(msg) = inference.next() => dispatcher.on_request(msg, false),
-                Some(msg) = cancel.next() => dispatcher.on_cancel(msg),
-                Some(finished) = finished_rx.recv() => dispatcher.on_finished(finished),
-                Some(query) = query_rx.recv() => dispatcher.answer(query),
-                () = sleep_until_opt(queued_deadline) => dispatcher.expire_queued(),
-            }
+        let group_quiet_at = self.deps.clock.now() + GROUP_QUIET;
+        Phase::Draining {
+            deadline,
+            group_quiet_at,
         }
+    }
+
+    /// Ends what is left, waits for the tasks, and stops the engine.
+    async fn stop(
+        &self,
+        mut dispatcher: Dispatcher,
+        intake: Intake,
+        background: Background,
+    ) -> RunReport {
+        let Intake {
+            inference,
+            cancel,
+            mut groups,
+            mut finished,
+        } = intake;
         groups.leave();
         dispatcher.abort_all();
-        *lock(&self.queries) = None;
-        // Nobody answers queries from here on: dropping the receiver fails the pending ones at
-        // once, so a heartbeat or a discovery answer in progress cannot wait forever and hold
-        // up the stop.
-        drop(query_rx);
+        dispatcher.publish();
         let grace = self.config.late_subscriber_wait + TERMINAL_GRACE;
-        let dispatch = dispatcher.finish_tasks(&mut finished_rx, grace).await;
+        let dispatch = dispatcher.finish_tasks(&mut finished, grace).await;
         drop(inference);
         drop(cancel);
-        stop_background.cancel();
-        background.close();
-        background.wait().await;
-        if let Err(err) = deps.transport.flush().await {
+        background.stop.cancel();
+        background.tasks.close();
+        background.tasks.wait().await;
+        if let Err(err) = self.deps.transport.flush().await {
             warn!(cause = %err, "final flush failed");
         }
-        deps.engine.shutdown(ENGINE_STOP_GRACE).await;
+        self.deps.engine.shutdown(ENGINE_STOP_GRACE).await;
+        // Outside a run, readers see the defaults.
+        self.figures.send_replace(Figures::default());
         self.lifecycle.advance(Lifecycle::Stopped);
         info!(
             handled = dispatch.metrics.total,
             abandoned = dispatch.abandoned,
             "stopped"
         );
-        Ok(RunReport { dispatch })
+        RunReport { dispatch }
     }
 
     async fn subscribe(&self) -> Result<(Subscription, Subscription), WorkerError> {
@@ -396,6 +472,72 @@ impl Worker {
     }
 }
 
+/// Where one run's work comes from.
+struct Intake {
+    /// `worker.{id}.inference`.
+    inference: Subscription,
+    /// `worker.{id}.cancel`.
+    cancel: Subscription,
+    /// `inference.{model}` in the model queue groups.
+    groups: ModelGroups,
+    /// Ends reported by the request tasks.
+    finished: mpsc::Receiver<Finished>,
+}
+
+/// The presence, service discovery and preload tasks of one run.
+struct Background {
+    /// The tasks, waited for at the end of the stop.
+    tasks: TaskTracker,
+    /// Tells them to stop, once the requests have ended.
+    stop: CancellationToken,
+}
+
+/// Where the run loop is.
+#[derive(Clone, Copy, Debug)]
+enum Phase {
+    /// Taking requests.
+    Serving,
+    /// Refusing new requests on the worker's own subject while accepted ones finish.
+    Draining {
+        /// When what is left ends with `WORKER_SHUTDOWN`.
+        deadline: Instant,
+        /// When the model groups will have been quiet long enough to leave them.
+        group_quiet_at: Instant,
+    },
+}
+
+impl Phase {
+    fn is_draining(self) -> bool {
+        matches!(self, Phase::Draining { .. })
+    }
+
+    /// Whether a drain may end: nothing accepted is left and the model groups are quiet.
+    fn may_leave(self, idle: bool, no_groups: bool, now: Instant) -> bool {
+        match self {
+            Phase::Serving => false,
+            Phase::Draining { group_quiet_at, .. } => idle && (no_groups || now >= group_quiet_at),
+        }
+    }
+
+    /// The drain deadline and the end of the groups' quiet time, while draining.
+    fn timers(self) -> (Option<Instant>, Option<Instant>) {
+        match self {
+            Phase::Serving => (None, None),
+            Phase::Draining {
+                deadline,
+                group_quiet_at,
+            } => (Some(deadline), Some(group_quiet_at)),
+        }
+    }
+
+    /// A model group just routed a request here: while draining, the quiet time starts again.
+    fn group_active(&mut self, now: Instant) {
+        if let Phase::Draining { group_quiet_at, .. } = self {
+            *group_quiet_at = now + GROUP_QUIET;
+        }
+    }
+}
+
 /// Time request tasks get, after the drain deadline, to publish their terminal messages.
 const TERMINAL_GRACE: Duration = Duration::from_secs(5);
 /// Quiet time on the model groups before a draining worker leaves them.
@@ -403,7 +545,7 @@ const GROUP_QUIET: Duration = Duration::from_secs(1);
 /// Time the engine gets to exit cleanly at stop.
 const ENGINE_STOP_GRACE: Duration = Duration::from_secs(5);
 
-async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
+async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
@@ -437,11 +579,6 @@ async fn preload(
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The critical sections here only swap an Option; a poisoned lock still holds valid data.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// A read-only view of a worker: whether it is alive and ready, and its metrics.
 #[derive(Clone)]
 pub struct Observer {
@@ -450,7 +587,8 @@ pub struct Observer {
     engine_health: watch::Receiver<EngineHealth>,
     connection: watch::Receiver<ConnectionState>,
     telemetry: Arc<Telemetry>,
-    queries: Arc<Mutex<Option<mpsc::Sender<Query>>>>,
+    /// The dispatcher's figures, as last published.
+    figures: watch::Receiver<Figures>,
 }
 
 impl Observer {
@@ -470,19 +608,10 @@ impl Observer {
             )
     }
 
-    /// Everything `/metrics` shows; the dispatcher's part is empty while not running.
-    pub async fn metrics(&self) -> MetricsView {
-        let sender = lock(&self.queries).clone();
-        let dispatch = match sender {
-            Some(tx) => {
-                let (reply, rx) = oneshot::channel();
-                match tx.send(Query::View(reply)).await {
-                    Ok(()) => rx.await.unwrap_or_default(),
-                    Err(_) => DispatchView::default(),
-                }
-            }
-            None => DispatchView::default(),
-        };
+    /// Everything `/metrics` shows, without waiting: the dispatcher's figures as last
+    /// published, the defaults while not running.
+    pub fn metrics(&self) -> MetricsView {
+        let dispatch = self.figures.borrow().clone();
         let t = &self.telemetry;
         MetricsView {
             worker_id: self.worker_id.clone(),

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::dispatcher::Query;
+use super::figures::Figures;
 use crate::clock::Clock;
 use crate::config::NodeConfig;
 use crate::engine::EngineHealth;
@@ -35,24 +35,6 @@ use crate::transport::{ConnectionState, Transport};
 
 /// First registration retry delay; it doubles up to [`REGISTER_BACKOFF_MAX`].
 const REGISTER_BACKOFF_MIN: Duration = Duration::from_millis(100);
-
-/// How far back the fault ratio looks, and how many requests it needs to judge.
-pub(crate) const FAULT_WINDOW: Duration = Duration::from_secs(60);
-/// Requests the fault ratio needs within [`FAULT_WINDOW`] before it can make a worker degraded.
-pub(crate) const FAULT_MIN_SAMPLES: usize = 5;
-
-/// The load figures a heartbeat carries, read from the dispatcher.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub(crate) struct Load {
-    pub(crate) running: usize,
-    pub(crate) queued: usize,
-    pub(crate) queue_capacity: usize,
-    pub(crate) inflight_capacity: usize,
-    pub(crate) total_handled: u64,
-    pub(crate) avg_latency_ms: f64,
-    pub(crate) tokens_per_second: f64,
-    pub(crate) fault_ratio: f64,
-}
 
 /// What the registration says about the worker, fixed at start.
 #[derive(Clone, Debug)]
@@ -72,8 +54,8 @@ pub(crate) struct Presence {
     pub(crate) hardware: Arc<dyn HardwareProbe>,
     pub(crate) engine_health: watch::Receiver<EngineHealth>,
     pub(crate) lifecycle: Arc<LifecycleCell>,
-    /// Asks the dispatcher for the current load.
-    pub(crate) queries: mpsc::Sender<Query>,
+    /// The dispatcher's figures, as last published.
+    pub(crate) figures: watch::Receiver<Figures>,
     /// Shared counters.
     pub(crate) telemetry: Arc<Telemetry>,
     /// Planted bugs (always empty outside the simulation suite).
@@ -228,7 +210,7 @@ impl Presence {
     }
 
     async fn heartbeat(&self) {
-        let load = self.read_load().await;
+        let figures = self.figures.borrow().clone();
         let sample = self.hardware.sample().await;
         let health = self.engine_health.borrow().clone();
         let models_loaded = match &health {
@@ -238,7 +220,7 @@ impl Presence {
         let status = status(
             self.lifecycle.get(),
             &health,
-            load.fault_ratio,
+            figures.fault_ratio,
             self.config.degraded_error_ratio,
         );
         let message = WorkerHeartbeat {
@@ -253,14 +235,14 @@ impl Presence {
                         .unwrap_or(0.0)
                         .clamp(0.0, 100.0),
                 ),
-                active_requests: count(load.running + load.queued),
-                total_requests_handled: load.total_handled,
-                avg_latency_ms: round2(load.avg_latency_ms),
+                active_requests: count(figures.running + figures.queued),
+                total_requests_handled: figures.snapshot.total,
+                avg_latency_ms: round2(figures.snapshot.latency.avg.as_secs_f64() * 1000.0),
                 models_loaded,
-                queue_depth: count(load.queued),
-                queue_capacity: count(load.queue_capacity),
-                inflight_capacity: count(load.inflight_capacity),
-                tokens_per_second: round2(load.tokens_per_second),
+                queue_depth: count(figures.queued),
+                queue_capacity: count(figures.queue_capacity),
+                inflight_capacity: count(figures.inflight_capacity),
+                tokens_per_second: round2(figures.snapshot.tokens_per_second),
             },
             timestamp: self.clock.unix_millis(),
         };
@@ -268,14 +250,6 @@ impl Presence {
             Ok(()) => bump(&self.telemetry.heartbeats_sent),
             Err(err) => debug!(cause = %err, "heartbeat not sent"),
         }
-    }
-
-    async fn read_load(&self) -> Load {
-        let (tx, rx) = oneshot::channel();
-        if self.queries.send(Query::Load(tx)).await.is_err() {
-            return Load::default();
-        }
-        rx.await.unwrap_or_default()
     }
 
     async fn publish<T: Serialize>(

@@ -284,7 +284,7 @@ async fn finish(
         millis: millis(limit),
     }));
     match sent {
-        Ok(_) => {
+        Ok(()) => {
             // The terminal is the one message worth waiting for: push it to the server now.
             if let Err(err) = responder.flush().await {
                 debug!(cause = %err, "flush after the terminal message failed");

@@ -23,15 +23,6 @@ const CHECK_DELAY_MIN: Duration = Duration::from_millis(1);
 /// Longest delay between two listener checks.
 const CHECK_DELAY_MAX: Duration = Duration::from_millis(50);
 
-/// What happened to the first message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum FirstDelivery {
-    /// Somebody listened and got it.
-    Listened,
-    /// Nobody listened within the wait; it was published anyway.
-    Unheard,
-}
-
 /// The publisher of one response stream.
 pub(crate) struct Responder {
     transport: Arc<dyn Transport>,
@@ -60,12 +51,8 @@ impl Responder {
         }
     }
 
-    /// Publishes one message of the stream. Returns how the first message was delivered, when
-    /// this was the first.
-    pub(crate) async fn send<T: Serialize>(
-        &mut self,
-        message: &T,
-    ) -> Result<Option<FirstDelivery>, TransportError> {
+    /// Publishes one message of the stream; the first waits for a listener (see the module).
+    pub(crate) async fn send<T: Serialize>(&mut self, message: &T) -> Result<(), TransportError> {
         let payload =
             Bytes::from(
                 protocol::encode(message).map_err(|e| TransportError::Refused {
@@ -73,21 +60,15 @@ impl Responder {
                 })?,
             );
         if !self.first_pending {
-            self.transport
-                .publish(self.subject.clone(), payload)
-                .await?;
-            return Ok(None);
+            return self.transport.publish(self.subject.clone(), payload).await;
         }
         self.first_pending = false;
-        self.send_first(payload).await.map(Some)
+        self.send_first(payload).await
     }
 
-    async fn send_first(&self, payload: Bytes) -> Result<FirstDelivery, TransportError> {
+    async fn send_first(&self, payload: Bytes) -> Result<(), TransportError> {
         if self.late_subscriber_wait.is_zero() {
-            self.transport
-                .publish(self.subject.clone(), payload)
-                .await?;
-            return Ok(FirstDelivery::Listened);
+            return self.transport.publish(self.subject.clone(), payload).await;
         }
         let deadline = self.clock.now() + self.late_subscriber_wait;
         let mut delay = CHECK_DELAY_MIN;
@@ -97,7 +78,7 @@ impl Responder {
                 .publish_if_listened(self.subject.clone(), payload.clone())
                 .await?
             {
-                return Ok(FirstDelivery::Listened);
+                return Ok(());
             }
             let now = self.clock.now();
             if now >= deadline {
@@ -106,10 +87,7 @@ impl Responder {
                     wait_ms = crate::clock::millis(self.late_subscriber_wait),
                     "nobody listens on the response subject; publishing anyway"
                 );
-                self.transport
-                    .publish(self.subject.clone(), payload)
-                    .await?;
-                return Ok(FirstDelivery::Unheard);
+                return self.transport.publish(self.subject.clone(), payload).await;
             }
             tokio::time::sleep(delay.min(deadline - now)).await;
             delay = (delay * 2).min(CHECK_DELAY_MAX);

@@ -10,11 +10,11 @@ use futures::StreamExt;
 use futures::stream::SelectAll;
 use serde::Serialize;
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::dispatcher::{DispatchView, Query};
+use super::figures::Figures;
 use crate::metrics::telemetry::Telemetry;
 use crate::protocol::service::{
     EndpointInfo, EndpointStats, InfoResponse, PingResponse, SERVICE_NAME, ServiceHeader,
@@ -27,7 +27,8 @@ use crate::transport::{Subscription, Transport};
 pub(crate) struct Service {
     pub(crate) worker_id: String,
     pub(crate) transport: Arc<dyn Transport>,
-    pub(crate) queries: mpsc::Sender<Query>,
+    /// The dispatcher's figures, as last published.
+    pub(crate) figures: watch::Receiver<Figures>,
     pub(crate) telemetry: Arc<Telemetry>,
     /// When the run started, Unix milliseconds.
     pub(crate) started_ms: u64,
@@ -56,7 +57,7 @@ impl Service {
             let payload = match verb {
                 "PING" => encode(&self.ping()),
                 "INFO" => encode(&self.info()),
-                "STATS" => encode(&self.stats().await),
+                "STATS" => encode(&self.stats()),
                 _ => continue,
             };
             if let Some(payload) = payload
@@ -100,12 +101,8 @@ impl Service {
         }
     }
 
-    async fn stats(&self) -> StatsResponse {
-        let (tx, rx) = oneshot::channel();
-        let view = match self.queries.send(Query::View(tx)).await {
-            Ok(()) => rx.await.unwrap_or_default(),
-            Err(_) => DispatchView::default(),
-        };
+    fn stats(&self) -> StatsResponse {
+        let view = self.figures.borrow().clone();
         let durations = self.telemetry.request_duration.read();
         let processing_ns = (durations.sum * 1e9) as u64;
         let snapshot = &view.snapshot;

@@ -6,12 +6,14 @@
 #![allow(clippy::unwrap_used)]
 
 mod auth;
+mod bodies;
 mod cli;
 mod creds;
 mod engine;
 mod flood;
 mod group;
 mod http;
+mod logging;
 mod privilege;
 mod probe;
 mod service;

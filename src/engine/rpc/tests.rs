@@ -1,7 +1,9 @@
 // Goal: every line shape of both runtimes (the existing mlx-serving one and ours) classifies
-// correctly, requests never exceed what the runtime reads, and the line reader is bounded.
-// Method: lines captured from the runtimes' documented wire format, an insta snapshot
-// of an encoded frame, and the reader fed from in-memory buffers, including arbitrary bytes.
+// correctly, every call the worker makes goes out as the same bytes, results are read
+// field by field, requests never exceed what the runtime reads, and the line reader is bounded.
+// Method: lines captured from the runtimes' documented wire format, insta snapshots of every
+// frame the worker sends, results in both runtimes' shapes and in wrong ones, and the reader
+// fed from in-memory buffers, including arbitrary bytes.
 
 use proptest::prelude::*;
 use serde_json::json;
@@ -18,6 +20,137 @@ fn requests_encode_as_one_json_line() {
         encode_request(1, "generate", &big),
         Err(EncodeError::TooLarge { .. })
     ));
+}
+
+/// The line a call goes out as: one JSON document and its newline.
+fn frame<C: Call>(id: u64, call: &C) -> String {
+    let line = String::from_utf8(encode_call(id, call).unwrap()).unwrap();
+    assert_eq!(line.find('\n'), Some(line.len() - 1), "{line}");
+    line
+}
+
+const MODEL: &str = "mlx-worker/tiny-llama";
+
+#[test]
+fn every_call_goes_out_as_its_pinned_frame() {
+    insta::assert_snapshot!("runtime_info", frame(1, &GetInfo {}));
+    insta::assert_snapshot!(
+        "load_model",
+        frame(
+            2,
+            &LoadModel {
+                local_path: "/srv/models/mlx-worker/tiny-llama",
+                model_id: MODEL,
+            }
+        )
+    );
+    insta::assert_snapshot!(
+        "generate",
+        frame(
+            4,
+            &Generate {
+                max_tokens: 12,
+                model_id: MODEL,
+                prompt: "Hello world",
+                stream_id: "s-3",
+                streaming: true,
+                temperature: 0.0,
+                top_p: 1.0,
+            }
+        )
+    );
+    insta::assert_snapshot!(
+        "generate_escaped_and_sampled",
+        frame(
+            6,
+            &Generate {
+                max_tokens: 4096,
+                model_id: MODEL,
+                prompt: "Say \"h\u{e9}llo\"\n\tthen\u{7} stop",
+                stream_id: "s-5",
+                streaming: true,
+                temperature: 0.7,
+                top_p: 0.95,
+            }
+        )
+    );
+    insta::assert_snapshot!("cancel", frame(7, &Cancel { stream_id: "s-5" }));
+    insta::assert_snapshot!("runtime_state", frame(8, &GetState {}));
+    insta::assert_snapshot!("unload_model", frame(9, &UnloadModel { model_id: MODEL }));
+    insta::assert_snapshot!("shutdown", frame(10, &Shutdown {}));
+}
+
+#[test]
+fn results_are_read_in_both_runtimes_shapes() {
+    let ours: Info = decode_result(json!({
+        "version": "0.1.0", "mlx_version": "0.32.4", "mlx_lm_version": "0.32.2",
+        "protocol": "json-rpc-2.0", "capabilities": ["generate", "cancel"],
+        "mlx_supported": true, "memory": {"rss": 1, "vms": 2}
+    }));
+    assert_eq!(
+        ours,
+        Info {
+            version: Some("0.1.0".into()),
+            mlx_version: Some("0.32.4".into()),
+            mlx_supported: Some(true),
+            capabilities: vec!["generate".into(), "cancel".into()],
+        }
+    );
+    assert!(ours.can_cancel());
+    let existing: Info = decode_result(json!({
+        "version": "0.1.0", "capabilities": [], "mlx_supported": false
+    }));
+    assert!(!existing.can_cancel());
+    assert_eq!(existing.mlx_supported, Some(false));
+    let loaded: ModelLoaded = decode_result(json!({
+        "model_id": MODEL, "state": "ready", "context_length": 8192,
+        "parameter_count": 0, "dtype": "unknown", "is_vision_model": false
+    }));
+    assert_eq!(
+        loaded,
+        ModelLoaded {
+            context_length: Some(8192),
+            parameter_count: Some(0)
+        }
+    );
+    let state: State = decode_result(json!({
+        "loaded_models": [], "active_streams": 2, "restart_count": 0
+    }));
+    assert_eq!(state.active_streams, Some(2));
+}
+
+#[test]
+fn result_fields_of_another_type_read_as_absent_one_by_one() {
+    let info: Info = decode_result(json!({
+        "version": 1, "mlx_version": "0.32.4", "mlx_supported": "no",
+        "capabilities": ["cancel", 3, null]
+    }));
+    assert_eq!(
+        info,
+        Info {
+            version: None,
+            mlx_version: Some("0.32.4".into()),
+            mlx_supported: None,
+            capabilities: vec!["cancel".into()],
+        }
+    );
+    let info: Info = decode_result(json!({"capabilities": "cancel"}));
+    assert!(!info.can_cancel());
+    let loaded: ModelLoaded = decode_result(json!({
+        "context_length": 8192.0, "parameter_count": -1
+    }));
+    assert_eq!(loaded, ModelLoaded::default());
+    let loaded: ModelLoaded = decode_result(json!({
+        "context_length": null, "parameter_count": 1_000_000
+    }));
+    assert_eq!(loaded.parameter_count, Some(1_000_000));
+    // A result that is no object reads as empty, whatever its items are.
+    assert_eq!(decode_result::<State>(json!([3])), State::default());
+    assert_eq!(
+        decode_result::<Info>(json!(["0.1.0", "0.32.4", false])),
+        Info::default()
+    );
+    assert_eq!(decode_result::<Info>(Value::Null), Info::default());
 }
 
 #[test]

@@ -1,0 +1,26 @@
+//! Exit codes (the BSD `sysexits` values where one fits) and the exit for an invalid
+//! configuration, which every command shares.
+
+use std::process::ExitCode;
+
+use mlx_worker::config::{Flags, WorkerConfig};
+
+/// Invalid configuration or usage.
+pub(crate) const EX_USAGE: u8 = 64;
+/// A service is unavailable: the message server, the MLX runtime, the embedded nats-server.
+pub(crate) const EX_UNAVAILABLE: u8 = 69;
+/// The worker id cannot be stored.
+pub(crate) const EX_CANTCREAT: u8 = 73;
+/// The message server rejected the credentials, or the TLS handshake with it failed.
+pub(crate) const EX_NOPERM: u8 = 77;
+/// A second signal stopped the worker before the drain finished.
+pub(crate) const EX_FORCED: u8 = 130;
+
+/// The configuration resolved from `flags` (file, environment, flags), or, printed on stderr,
+/// why it is invalid and exit 64.
+pub(crate) fn config_or_exit(flags: &Flags) -> Result<WorkerConfig, ExitCode> {
+    flags.resolve().map_err(|e| {
+        eprintln!("mlx-worker: invalid configuration: {e}");
+        ExitCode::from(EX_USAGE)
+    })
+}

@@ -1,0 +1,23 @@
+//! `mlx-worker probe`: the detected hardware and the concurrency plan, as JSON.
+
+use std::process::ExitCode;
+
+use mlx_worker::config::Flags;
+use mlx_worker::hardware;
+
+use crate::exit::config_or_exit;
+use crate::output::print_json;
+
+pub(crate) async fn probe(flags: Flags) -> ExitCode {
+    let config = match config_or_exit(&flags) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let probe = hardware::detect();
+    let profile = probe.profile().await;
+    let sample = probe.sample().await;
+    let recommendation = hardware::recommendation::Recommendation::for_profile(&profile)
+        .with_overrides(&config.node.tier_limits);
+    let report = hardware::report::probe_report(&profile, &sample, &recommendation);
+    print_json(&report)
+}

@@ -1,0 +1,84 @@
+//! The MLX engine, from the `runtime` section and the models of `worker` (`modelDir`,
+//! `preWarming`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{invalid, millis, millis_or};
+use crate::config::raw::{RawRuntime, RawWorker};
+use crate::config::{
+    ConfigError, DEFAULT_ENGINE_CALL_TIMEOUT, DEFAULT_ENGINE_RESTART_WINDOW,
+    DEFAULT_ENGINE_RESTARTS_MAX, DEFAULT_ENGINE_STARTUP_TIMEOUT, DEFAULT_MODEL_DIR,
+    DEFAULT_MODEL_LOAD_TIMEOUT, DEFAULT_PYTHON, DEFAULT_RUNTIME_DIR, EngineConfig,
+};
+use crate::limits::REQUEST_TIMEOUT_MAX;
+
+pub(super) fn resolve_engine(w: &RawWorker, r: RawRuntime) -> Result<EngineConfig, ConfigError> {
+    let preload = preload(w)?;
+    let load_timeout = match (r.load_timeout_ms, w.pre_warming.timeout_per_model_ms) {
+        (Some(ms), _) | (None, Some(ms)) => millis(
+            "runtime.loadTimeoutMs",
+            ms,
+            Duration::from_millis(1),
+            REQUEST_TIMEOUT_MAX,
+        )?,
+        (None, None) => DEFAULT_MODEL_LOAD_TIMEOUT,
+    };
+    Ok(EngineConfig {
+        python: r
+            .python_path
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PYTHON)),
+        runtime_dir: r
+            .runtime_dir
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR)),
+        model_dir: w
+            .model_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL_DIR)),
+        preload,
+        startup_timeout: millis_or(
+            "runtime.startupTimeoutMs",
+            r.startup_timeout_ms,
+            DEFAULT_ENGINE_STARTUP_TIMEOUT,
+            Duration::from_millis(100),
+            Duration::from_secs(600),
+        )?,
+        call_timeout: millis_or(
+            "runtime.callTimeoutMs",
+            r.call_timeout_ms,
+            DEFAULT_ENGINE_CALL_TIMEOUT,
+            Duration::from_millis(100),
+            Duration::from_secs(600),
+        )?,
+        load_timeout,
+        restarts_max: r.max_restarts.unwrap_or(DEFAULT_ENGINE_RESTARTS_MAX),
+        restart_window: millis_or(
+            "runtime.restartWindowMs",
+            r.restart_window_ms,
+            DEFAULT_ENGINE_RESTART_WINDOW,
+            Duration::from_secs(1),
+            Duration::from_secs(24 * 3600),
+        )?,
+    })
+}
+
+/// The models loaded at start: none when pre-warming is disabled.
+fn preload(w: &RawWorker) -> Result<Vec<String>, ConfigError> {
+    let preload: Vec<String> = if w.pre_warming.enabled == Some(false) {
+        Vec::new()
+    } else {
+        w.pre_warming
+            .models
+            .iter()
+            .flatten()
+            .map(|m| m.id().to_owned())
+            .collect()
+    };
+    if let Some(empty) = preload.iter().position(String::is_empty) {
+        return Err(invalid(
+            &format!("worker.preWarming.models[{empty}]"),
+            "is empty",
+        ));
+    }
+    Ok(preload)
+}

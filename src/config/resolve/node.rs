@@ -1,0 +1,288 @@
+//! The worker node, from the `worker` and `discovery` sections (and the tier limits the
+//! `runtime` section may carry): identity, labels, timings, admission bounds, request limits
+//! and defaults.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::{bounded, invalid, millis, millis_or};
+use crate::config::raw::{
+    RawDefaults, RawDiscovery, RawLimits, RawRuntime, RawTierLimit, RawWorker,
+};
+use crate::config::{
+    ConfigError, DEFAULT_DEGRADED_ERROR_RATIO, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL,
+    DEFAULT_LATE_SUBSCRIBER_WAIT, DEFAULT_MAX_TOKENS, DEFAULT_PORT, DEFAULT_PRIORITY,
+    DEFAULT_QUEUE_DEPTH, DEFAULT_REQUEST_TIMEOUT, DEFAULT_REREGISTER_EVERY_HEARTBEATS,
+    DEFAULT_STATE_DIR, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationDefaults, NodeConfig,
+    TierLimit,
+};
+use crate::limits::{
+    DRAIN_TIMEOUT_MAX, HEARTBEAT_INTERVAL_MIN, INFLIGHT_REQUESTS_MAX, LATE_SUBSCRIBER_WAIT_MAX,
+    MAX_TOKENS_MAX, NATS_PAYLOAD_BYTES_MAX, PROMPT_BYTES_MAX, QUEUE_DEPTH_MAX, REQUEST_TIMEOUT_MAX,
+    TAG_BYTES_MAX, TAGS_MAX,
+};
+use crate::protocol::request::RequestLimits;
+use crate::protocol::subject::check_token;
+use crate::tier::ModelTier;
+
+pub(super) fn resolve_node(
+    w: &RawWorker,
+    d: &RawDiscovery,
+    r: &RawRuntime,
+) -> Result<NodeConfig, ConfigError> {
+    if let Some(id) = &w.worker_id {
+        check_token(id).map_err(|e| invalid("worker.workerId", format!("{id:?} {e}")))?;
+    }
+    let tags = tags(w)?;
+    let priority = priority(w)?;
+    let tier_limits = tiers(w, r)?;
+    let request_limits = request_limits(&w.limits)?;
+    let generation_defaults = generation_defaults(&w.defaults, &request_limits)?;
+    let degraded_error_ratio = degraded_error_ratio(w)?;
+    let reregister_every = reregister_every(w)?;
+    Ok(NodeConfig {
+        worker_id: w.worker_id.clone(),
+        state_dir: w
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR)),
+        port: w.port.unwrap_or(DEFAULT_PORT),
+        tags,
+        priority,
+        heartbeat_interval: heartbeat_interval(d)?,
+        reregister_every,
+        request_timeout: millis_or(
+            "worker.requestTimeoutMs",
+            w.request_timeout_ms,
+            DEFAULT_REQUEST_TIMEOUT,
+            Duration::from_millis(1),
+            REQUEST_TIMEOUT_MAX,
+        )?,
+        drain_timeout: millis_or(
+            "worker.drainTimeoutMs",
+            w.drain_timeout_ms,
+            DEFAULT_DRAIN_TIMEOUT,
+            Duration::ZERO,
+            DRAIN_TIMEOUT_MAX,
+        )?,
+        late_subscriber_wait: millis_or(
+            "worker.lateSubscriberWaitMs",
+            w.late_subscriber_wait_ms,
+            DEFAULT_LATE_SUBSCRIBER_WAIT,
+            Duration::ZERO,
+            LATE_SUBSCRIBER_WAIT_MAX,
+        )?,
+        inflight_max: w
+            .max_concurrent
+            .map(|v| bounded("worker.maxConcurrent", v, 1, INFLIGHT_REQUESTS_MAX))
+            .transpose()?,
+        queue_depth_max: bounded(
+            "worker.requestQueue.maxDepth",
+            w.request_queue.max_depth.unwrap_or(DEFAULT_QUEUE_DEPTH),
+            1,
+            QUEUE_DEPTH_MAX,
+        )?,
+        tier_limits,
+        request_limits,
+        generation_defaults,
+        degraded_error_ratio,
+    })
+}
+
+/// The operator's labels: at most [`TAGS_MAX`], each 1 to [`TAG_BYTES_MAX`] bytes.
+fn tags(w: &RawWorker) -> Result<Vec<String>, ConfigError> {
+    let tags = w.tags.clone().unwrap_or_default();
+    if tags.len() > TAGS_MAX {
+        return Err(invalid(
+            "worker.tags",
+            format!("has {} tags, limit {TAGS_MAX}", tags.len()),
+        ));
+    }
+    if let Some(tag) = tags
+        .iter()
+        .find(|t| t.is_empty() || t.len() > TAG_BYTES_MAX)
+    {
+        return Err(invalid(
+            "worker.tags",
+            format!(
+                "tag {tag:?} is {} bytes, must be 1 to {TAG_BYTES_MAX}",
+                tag.len()
+            ),
+        ));
+    }
+    Ok(tags)
+}
+
+fn priority(w: &RawWorker) -> Result<u8, ConfigError> {
+    let priority = w.priority.unwrap_or(DEFAULT_PRIORITY);
+    if priority > 100 {
+        return Err(invalid(
+            "worker.priority",
+            format!("is {priority}, must be between 0 and 100"),
+        ));
+    }
+    Ok(priority)
+}
+
+fn heartbeat_interval(d: &RawDiscovery) -> Result<Duration, ConfigError> {
+    match d.heartbeat_interval_ms {
+        // The existing controller treats 0 as "use the default".
+        None | Some(0) => Ok(DEFAULT_HEARTBEAT_INTERVAL),
+        Some(ms) => millis(
+            "discovery.heartbeatIntervalMs",
+            ms,
+            HEARTBEAT_INTERVAL_MIN,
+            Duration::from_secs(3600),
+        ),
+    }
+}
+
+/// Per-tier limits: the existing runtime's `modelConcurrencyLimiter` first (unless disabled),
+/// then `worker.tierLimits`, which wins for a tier both name.
+fn tiers(w: &RawWorker, r: &RawRuntime) -> Result<BTreeMap<ModelTier, TierLimit>, ConfigError> {
+    let mut tiers = BTreeMap::new();
+    if r.model_concurrency_limiter.enabled != Some(false)
+        && let Some(map) = &r.model_concurrency_limiter.tier_limits
+    {
+        tier_limits(
+            "runtime.modelConcurrencyLimiter.tierLimits",
+            map,
+            &mut tiers,
+        )?;
+    }
+    if let Some(map) = &w.tier_limits {
+        tier_limits("worker.tierLimits", map, &mut tiers)?;
+    }
+    Ok(tiers)
+}
+
+fn tier_limits(
+    key: &str,
+    map: &BTreeMap<String, RawTierLimit>,
+    out: &mut BTreeMap<ModelTier, TierLimit>,
+) -> Result<(), ConfigError> {
+    for (name, raw) in map {
+        let tier: ModelTier = name
+            .parse()
+            .map_err(|e: crate::tier::UnknownTier| invalid(key, e.to_string()))?;
+        let (Some(max_concurrent), queue_depth) = (raw.max_concurrent, raw.queue_depth) else {
+            return Err(invalid(
+                &format!("{key}.{name}.maxConcurrent"),
+                "is required",
+            ));
+        };
+        let max_concurrent = bounded(
+            &format!("{key}.{name}.maxConcurrent"),
+            max_concurrent,
+            1,
+            INFLIGHT_REQUESTS_MAX,
+        )?;
+        let queue_depth = bounded(
+            &format!("{key}.{name}.queueDepth"),
+            queue_depth.unwrap_or(DEFAULT_QUEUE_DEPTH),
+            0,
+            QUEUE_DEPTH_MAX,
+        )?;
+        out.insert(
+            tier,
+            TierLimit {
+                max_concurrent,
+                queue_depth,
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Bounds on inbound requests; the configuration may lower the hard limits, never raise them.
+fn request_limits(limits: &RawLimits) -> Result<RequestLimits, ConfigError> {
+    Ok(RequestLimits {
+        payload_bytes_max: bounded(
+            "worker.limits.payloadBytesMax",
+            limits.payload_bytes_max.unwrap_or(NATS_PAYLOAD_BYTES_MAX),
+            1024,
+            NATS_PAYLOAD_BYTES_MAX,
+        )?,
+        prompt_bytes_max: bounded(
+            "worker.limits.promptBytesMax",
+            limits.prompt_bytes_max.unwrap_or(PROMPT_BYTES_MAX),
+            1,
+            PROMPT_BYTES_MAX,
+        )?,
+        max_tokens_max: {
+            let v = limits.max_tokens_max.unwrap_or(MAX_TOKENS_MAX);
+            if !(1..=MAX_TOKENS_MAX).contains(&v) {
+                return Err(invalid(
+                    "worker.limits.maxTokensMax",
+                    format!("is {v}, must be between 1 and {MAX_TOKENS_MAX}"),
+                ));
+            }
+            v
+        },
+        timeout_max: REQUEST_TIMEOUT_MAX,
+    })
+}
+
+/// Sampling defaults, each within what a request itself could ask for.
+fn generation_defaults(
+    d: &RawDefaults,
+    limits: &RequestLimits,
+) -> Result<GenerationDefaults, ConfigError> {
+    let defaults = GenerationDefaults {
+        max_tokens: d.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+        temperature: d.temperature.unwrap_or(DEFAULT_TEMPERATURE),
+        top_p: d.top_p.unwrap_or(DEFAULT_TOP_P),
+    };
+    if !(1..=limits.max_tokens_max).contains(&defaults.max_tokens) {
+        return Err(invalid(
+            "worker.defaults.maxTokens",
+            format!(
+                "is {}, must be between 1 and {}",
+                defaults.max_tokens, limits.max_tokens_max
+            ),
+        ));
+    }
+    if !(0.0..=2.0).contains(&defaults.temperature) {
+        return Err(invalid(
+            "worker.defaults.temperature",
+            format!("is {}, must be between 0 and 2", defaults.temperature),
+        ));
+    }
+    if !(defaults.top_p > 0.0 && defaults.top_p <= 1.0) {
+        return Err(invalid(
+            "worker.defaults.topP",
+            format!(
+                "is {}, must be greater than 0 and at most 1",
+                defaults.top_p
+            ),
+        ));
+    }
+    Ok(defaults)
+}
+
+fn degraded_error_ratio(w: &RawWorker) -> Result<f64, ConfigError> {
+    let ratio = w
+        .degraded_error_ratio
+        .unwrap_or(DEFAULT_DEGRADED_ERROR_RATIO);
+    if !(ratio > 0.0 && ratio <= 1.0) {
+        return Err(invalid(
+            "worker.degradedErrorRatio",
+            format!("is {ratio}, must be greater than 0 and at most 1"),
+        ));
+    }
+    Ok(ratio)
+}
+
+fn reregister_every(w: &RawWorker) -> Result<u32, ConfigError> {
+    let every = w
+        .reregister_every_heartbeats
+        .unwrap_or(DEFAULT_REREGISTER_EVERY_HEARTBEATS);
+    if every == 0 {
+        return Err(invalid(
+            "worker.reregisterEveryHeartbeats",
+            "is 0, must be at least 1",
+        ));
+    }
+    Ok(every)
+}

@@ -1,0 +1,298 @@
+//! The JSON-RPC multiplexer over one running child's pipes: it numbers the calls and hands each
+//! response to the call waiting for it, routes stream notifications to their generations by
+//! `stream_id` (waiting on a full token channel, which is the back-pressure), fails everything
+//! in flight when the child is gone, and sends `cancel` when a generation's consumer goes away.
+//!
+//! It owns the lines on the child's stdin and stdout and the routing tables, not the child:
+//! starting it, readiness, liveness and restarts are the supervisor's (`supervisor`), and which
+//! calls the engine makes is the engine face's (`mlx`). Framing and the classification of a
+//! line are `engine::rpc`'s.
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tracing::{debug, warn};
+
+use crate::engine::rpc::{self, Call, Cancel, Inbound, Line, RpcError, StreamEnd};
+use crate::engine::{EngineError, FinishReason, TokenEvent};
+
+/// Lines queued for the child's stdin.
+const STDIN_QUEUE: usize = 256;
+
+/// Locks `m`, also when poisoned: every critical section of the engine is a plain read or
+/// write that cannot panic half-way, so a poisoned lock still holds valid data.
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why a JSON-RPC call failed.
+#[derive(Debug)]
+pub(super) enum CallError {
+    /// The runtime answered with an error.
+    Rpc(RpcError),
+    /// No runtime, or it died during the call.
+    Gone(String),
+    /// The call did not answer in time.
+    TimedOut(u64),
+    /// The request could not be encoded.
+    Encode(String),
+}
+
+impl CallError {
+    /// The engine error a failed `method` call is, when the caller has no better one.
+    pub(super) fn into_engine(self, method: &str) -> EngineError {
+        match self {
+            CallError::Rpc(e) => EngineError::Generation {
+                reason: format!("{} (code {})", e.message, e.code),
+            },
+            CallError::Gone(reason) => EngineError::Crashed { reason },
+            CallError::TimedOut(millis) => EngineError::TimedOut {
+                call: method.to_owned(),
+                millis,
+            },
+            CallError::Encode(reason) => EngineError::Rejected { reason },
+        }
+    }
+}
+
+/// One running child's connection: its calls in flight and its live streams.
+pub(super) struct Conn {
+    /// Lines for the child's stdin; the writer task owns the pipe.
+    stdin: mpsc::Sender<Vec<u8>>,
+    /// Calls waiting for their response, by id.
+    pending: Mutex<HashMap<u64, oneshot::Sender<Result<Value, RpcError>>>>,
+    /// Live streams, by stream id; the reader sends their events.
+    streams: Mutex<HashMap<String, mpsc::Sender<TokenEvent>>>,
+    /// The next call id, also the number of the next stream id.
+    next_id: AtomicU64,
+    /// Whether the runtime has a `cancel` method (ours does; the existing one does not).
+    can_cancel: Mutex<bool>,
+}
+
+/// The tasks that move one child's lines; whoever runs the child ends them with it.
+pub(super) struct Pipes {
+    /// Writes queued lines to the child's stdin, which it owns: aborting it closes stdin.
+    writer: JoinHandle<()>,
+    /// Reads the child's stdout and routes each line.
+    reader: JoinHandle<()>,
+}
+
+impl Pipes {
+    /// Closes the child's stdin (the runtime exits by itself at the end of its input).
+    pub(super) fn close_stdin(&self) {
+        self.writer.abort();
+    }
+
+    /// Stops reading the child's stdout.
+    pub(super) fn stop_reading(&self) {
+        self.reader.abort();
+    }
+}
+
+impl Conn {
+    /// Starts the writer on a child's `stdin` and the reader on its `stdout`.
+    pub(super) fn start<W, R>(stdin: W, stdout: R) -> (Arc<Conn>, Pipes)
+    where
+        W: AsyncWrite + Unpin + Send + 'static,
+        R: AsyncRead + Unpin + Send + 'static,
+    {
+        let (lines_tx, lines_rx) = mpsc::channel(STDIN_QUEUE);
+        let writer = tokio::spawn(write_stdin(stdin, lines_rx));
+        let conn = Arc::new(Conn {
+            stdin: lines_tx,
+            pending: Mutex::new(HashMap::new()),
+            streams: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            can_cancel: Mutex::new(false),
+        });
+        let reader = tokio::spawn(read_stdout(stdout, conn.clone()));
+        (conn, Pipes { writer, reader })
+    }
+
+    /// Records whether the runtime said it has a `cancel` method.
+    pub(super) fn set_can_cancel(&self, can_cancel: bool) {
+        *lock(&self.can_cancel) = can_cancel;
+    }
+
+    /// A stream id unique on this connection. The runtime's stream ids have a narrower charset
+    /// than request ids, so the worker uses its own.
+    pub(super) fn new_stream_id(&self) -> String {
+        format!("s-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// Routes the events of stream `stream_id` to `tx` from now on. Register a stream before
+    /// the call that starts it: notifications may follow its answer at once.
+    pub(super) fn open_stream(&self, stream_id: &str, tx: mpsc::Sender<TokenEvent>) {
+        lock(&self.streams).insert(stream_id.to_owned(), tx);
+    }
+
+    /// Stops routing stream `stream_id`; whether it was still live.
+    pub(super) fn close_stream(&self, stream_id: &str) -> bool {
+        lock(&self.streams).remove(stream_id).is_some()
+    }
+
+    /// Fails every call and stream in flight: the child is gone.
+    pub(super) fn fail_all(&self, reason: &str) {
+        lock(&self.pending).clear();
+        let streams: Vec<_> = lock(&self.streams).drain().collect();
+        for (_, tx) in streams {
+            let _ = tx.try_send(TokenEvent::Failed(EngineError::Crashed {
+                reason: reason.to_owned(),
+            }));
+        }
+    }
+
+    /// Makes `call` and waits up to `limit` for its answer.
+    pub(super) async fn call<C: Call>(
+        &self,
+        call: &C,
+        limit: Duration,
+    ) -> Result<C::Output, CallError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let line = rpc::encode_call(id, call).map_err(|e| CallError::Encode(e.to_string()))?;
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        if self.stdin.send(line).await.is_err() {
+            lock(&self.pending).remove(&id);
+            return Err(CallError::Gone("the runtime's stdin is closed".to_owned()));
+        }
+        match timeout(limit, rx).await {
+            Ok(Ok(outcome)) => outcome.map(rpc::decode_result).map_err(CallError::Rpc),
+            Ok(Err(_)) => Err(CallError::Gone(
+                "the runtime exited during the call".to_owned(),
+            )),
+            Err(_) => {
+                lock(&self.pending).remove(&id);
+                Err(CallError::TimedOut(crate::clock::millis(limit)))
+            }
+        }
+    }
+}
+
+/// Sends `cancel` for a stream whose receiver was dropped before its end.
+pub(super) async fn watch_cancel(
+    conn: Arc<Conn>,
+    tx: mpsc::Sender<TokenEvent>,
+    stream_id: String,
+    limit: Duration,
+) {
+    tx.closed().await;
+    let live = conn.close_stream(&stream_id);
+    if !live || !*lock(&conn.can_cancel) {
+        return;
+    }
+    debug!(stream_id, "generation cancelled by its consumer");
+    if let Err(err) = conn
+        .call(
+            &Cancel {
+                stream_id: &stream_id,
+            },
+            limit,
+        )
+        .await
+    {
+        debug!(cause = ?err, "cancel not acknowledged");
+    }
+}
+
+async fn write_stdin<W: AsyncWrite + Unpin>(mut stdin: W, mut lines: mpsc::Receiver<Vec<u8>>) {
+    while let Some(line) = lines.recv().await {
+        if let Err(e) = stdin.write_all(&line).await {
+            warn!(cause = %e, "cannot write to the runtime");
+            return;
+        }
+        if let Err(e) = stdin.flush().await {
+            warn!(cause = %e, "cannot flush the runtime's stdin");
+            return;
+        }
+    }
+}
+
+async fn read_stdout<R: AsyncRead + Unpin>(stdout: R, conn: Arc<Conn>) {
+    let mut reader = BufReader::new(stdout);
+    let mut buf = Vec::new();
+    loop {
+        let line = match rpc::read_line(&mut reader, &mut buf, rpc::LINE_CAP).await {
+            Ok(Line::Complete(line)) => line,
+            Ok(Line::TooLong { len }) => {
+                warn!(
+                    len,
+                    limit = rpc::LINE_CAP,
+                    "runtime line over the limit skipped"
+                );
+                continue;
+            }
+            Ok(Line::Eof) => return,
+            Err(e) => {
+                warn!(cause = %e, "cannot read the runtime's stdout");
+                return;
+            }
+        };
+        match rpc::decode_line(&line) {
+            Ok(inbound) => route(&conn, inbound).await,
+            Err(e) => warn!(cause = %e, "runtime line not understood"),
+        }
+    }
+}
+
+/// Hands one inbound message to the call or the stream it belongs to.
+async fn route(conn: &Conn, inbound: Inbound) {
+    match inbound {
+        Inbound::Response {
+            id: Some(id),
+            outcome,
+        } => {
+            if let Some(waiter) = lock(&conn.pending).remove(&id) {
+                let _ = waiter.send(outcome);
+            }
+        }
+        Inbound::Response { id: None, outcome } => {
+            warn!(?outcome, "runtime answered a request it could not read");
+        }
+        Inbound::Chunk { stream_id, tokens } => {
+            let tx = lock(&conn.streams).get(&stream_id).cloned();
+            let Some(tx) = tx else { return };
+            for token in tokens {
+                // Waiting here is the back-pressure: a full stream slows the reader.
+                if tx.send(TokenEvent::Token(token.text)).await.is_err() {
+                    break;
+                }
+            }
+        }
+        Inbound::End { stream_id, end } => {
+            let tx = lock(&conn.streams).remove(&stream_id);
+            let Some(tx) = tx else { return };
+            let _ = tx.send(end_event(end)).await;
+        }
+        Inbound::Stats { .. } | Inbound::Other { .. } => {}
+    }
+}
+
+/// The last event of a stream that ended with `end`.
+fn end_event(end: StreamEnd) -> TokenEvent {
+    match end {
+        StreamEnd::Completed { finish_reason } => {
+            TokenEvent::Finished(if finish_reason == "stop" {
+                FinishReason::Stop
+            } else {
+                FinishReason::Length
+            })
+        }
+        StreamEnd::Failed { error } => {
+            TokenEvent::Failed(EngineError::Generation { reason: error })
+        }
+        StreamEnd::Cancelled => TokenEvent::Failed(EngineError::Generation {
+            reason: "cancelled by the runtime".to_owned(),
+        }),
+    }
+}

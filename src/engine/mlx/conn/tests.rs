@@ -1,0 +1,278 @@
+// Goal: the multiplexer hands each answer to the call that asked, routes stream notifications
+// of both chunk forms to their generation in order, ends a stream with its last event, fails
+// everything in flight when the child is gone, and sends `cancel` only to a runtime that has it.
+// Method: a connection over in-memory pipes, with the test playing the runtime: it reads the
+// request lines the connection writes and writes the lines a runtime would.
+
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, Lines};
+
+use super::*;
+use crate::engine::rpc::{GetInfo, GetState, LoadModel, State};
+
+const PIPE_BYTES: usize = 64 * 1024;
+const LIMIT: Duration = Duration::from_secs(30);
+
+/// The runtime's side of a connection's pipes.
+struct FakeRuntime {
+    /// What the connection wrote to the runtime's stdin.
+    stdin: Lines<BufReader<DuplexStream>>,
+    /// The runtime's stdout, which the connection reads.
+    stdout: DuplexStream,
+}
+
+impl FakeRuntime {
+    /// The next request line, parsed.
+    async fn request(&mut self) -> Value {
+        let line = self.stdin.next_line().await.unwrap().unwrap();
+        serde_json::from_str(&line).unwrap()
+    }
+
+    async fn send(&mut self, line: Value) {
+        let mut bytes = serde_json::to_vec(&line).unwrap();
+        bytes.push(b'\n');
+        self.stdout.write_all(&bytes).await.unwrap();
+    }
+}
+
+fn connect() -> (Arc<Conn>, Pipes, FakeRuntime) {
+    let (stdin, runtime_stdin) = tokio::io::duplex(PIPE_BYTES);
+    let (runtime_stdout, stdout) = tokio::io::duplex(PIPE_BYTES);
+    let (conn, pipes) = Conn::start(stdin, stdout);
+    let runtime = FakeRuntime {
+        stdin: BufReader::new(runtime_stdin).lines(),
+        stdout: runtime_stdout,
+    };
+    (conn, pipes, runtime)
+}
+
+/// Makes a call in its own task, so that the test can answer it.
+fn spawn_call<C>(
+    conn: &Arc<Conn>,
+    call: C,
+    limit: Duration,
+) -> tokio::task::JoinHandle<Result<C::Output, CallError>>
+where
+    C: Call + Send + Sync + 'static,
+    C::Output: Send + 'static,
+{
+    let conn = conn.clone();
+    tokio::spawn(async move { conn.call(&call, limit).await })
+}
+
+fn notification(method: &str, params: Value) -> Value {
+    json!({"jsonrpc": "2.0", "method": method, "params": params})
+}
+
+#[tokio::test]
+async fn each_answer_reaches_the_call_with_its_id() {
+    let (conn, _pipes, mut runtime) = connect();
+    let a = spawn_call(&conn, GetInfo {}, LIMIT);
+    let first = runtime.request().await;
+    let b = spawn_call(&conn, GetState {}, LIMIT);
+    let second = runtime.request().await;
+    assert_eq!(
+        (first["method"].as_str(), second["method"].as_str()),
+        (Some("runtime/info"), Some("runtime/state"))
+    );
+    assert_ne!(first["id"], second["id"]);
+    // Answered in the other order, each call still gets its own answer.
+    runtime
+        .send(json!({"jsonrpc": "2.0", "id": second["id"], "result": {"active_streams": 2}}))
+        .await;
+    runtime
+        .send(json!({"jsonrpc": "2.0", "id": first["id"], "error": {"code": -32602, "message": "no"}}))
+        .await;
+    assert_eq!(
+        b.await.unwrap().unwrap(),
+        State {
+            active_streams: Some(2)
+        }
+    );
+    let Err(CallError::Rpc(error)) = a.await.unwrap() else {
+        panic!("the error answer is the call's error")
+    };
+    assert_eq!((error.code, error.message.as_str()), (-32602, "no"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_without_an_answer_times_out_and_is_forgotten() {
+    let (conn, _pipes, mut runtime) = connect();
+    let call = spawn_call(&conn, GetInfo {}, Duration::from_millis(1500));
+    let request = runtime.request().await;
+    assert!(matches!(
+        call.await.unwrap(),
+        Err(CallError::TimedOut(1500))
+    ));
+    assert!(lock(&conn.pending).is_empty());
+    // A late answer finds nobody waiting and is dropped; the connection keeps working.
+    runtime
+        .send(json!({"jsonrpc": "2.0", "id": request["id"], "result": {}}))
+        .await;
+    let next = spawn_call(&conn, GetState {}, LIMIT);
+    let request = runtime.request().await;
+    runtime
+        .send(json!({"jsonrpc": "2.0", "id": request["id"], "result": {"active_streams": 0}}))
+        .await;
+    assert_eq!(
+        next.await.unwrap().unwrap(),
+        State {
+            active_streams: Some(0)
+        }
+    );
+}
+
+#[tokio::test]
+async fn chunks_of_both_forms_reach_their_stream_in_order_until_its_end() {
+    let (conn, _pipes, mut runtime) = connect();
+    let stream_id = conn.new_stream_id();
+    let (tx, mut rx) = mpsc::channel(16);
+    conn.open_stream(&stream_id, tx);
+    let (other_tx, mut other_rx) = mpsc::channel(16);
+    conn.open_stream("s-other", other_tx);
+    runtime
+        .send(notification(
+            "stream.chunk",
+            json!({"stream_id": stream_id, "tokens": [
+                {"stream_id": stream_id, "token": "a", "token_id": 1, "is_final": false},
+                {"stream_id": stream_id, "token": "b", "token_id": 2, "is_final": false},
+            ], "batch_size": 2, "is_batch": true}),
+        ))
+        .await;
+    runtime
+        .send(notification(
+            "stream.chunk",
+            json!({"stream_id": "s-unknown", "token": "lost", "token_id": 3}),
+        ))
+        .await;
+    runtime
+        .send(notification(
+            "stream.chunk",
+            json!({"stream_id": stream_id, "token": "c", "token_id": 4, "is_final": false}),
+        ))
+        .await;
+    runtime
+        .send(notification(
+            "stream.stats",
+            json!({"stream_id": stream_id, "tokens_generated": 3}),
+        ))
+        .await;
+    runtime
+        .send(notification(
+            "stream.event",
+            json!({"stream_id": stream_id, "event": "completed", "is_final": true, "finish_reason": "stop"}),
+        ))
+        .await;
+    let mut events = Vec::new();
+    while let Some(event) = rx.recv().await {
+        events.push(event);
+    }
+    assert_eq!(
+        events,
+        [
+            TokenEvent::Token("a".into()),
+            TokenEvent::Token("b".into()),
+            TokenEvent::Token("c".into()),
+            TokenEvent::Finished(FinishReason::Stop),
+        ]
+    );
+    // The end unregistered the stream (its channel closed above); the other one saw nothing.
+    assert!(!conn.close_stream(&stream_id));
+    assert!(other_rx.try_recv().is_err());
+    assert!(conn.close_stream("s-other"));
+}
+
+#[test]
+fn each_stream_end_is_its_last_event() {
+    let completed = |reason: &str| StreamEnd::Completed {
+        finish_reason: reason.to_owned(),
+    };
+    let cases = [
+        (completed("stop"), TokenEvent::Finished(FinishReason::Stop)),
+        (
+            completed("length"),
+            TokenEvent::Finished(FinishReason::Length),
+        ),
+        (
+            completed("completed"),
+            TokenEvent::Finished(FinishReason::Length),
+        ),
+        (
+            StreamEnd::Failed {
+                error: "boom".into(),
+            },
+            TokenEvent::Failed(EngineError::Generation {
+                reason: "boom".into(),
+            }),
+        ),
+        (
+            StreamEnd::Cancelled,
+            TokenEvent::Failed(EngineError::Generation {
+                reason: "cancelled by the runtime".into(),
+            }),
+        ),
+    ];
+    for (end, expected) in cases {
+        assert_eq!(end_event(end.clone()), expected, "{end:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_gone_child_fails_calls_and_streams_in_flight() {
+    let (conn, _pipes, mut runtime) = connect();
+    let (tx, mut rx) = mpsc::channel(16);
+    conn.open_stream("s-1", tx);
+    let call = spawn_call(
+        &conn,
+        LoadModel {
+            local_path: "/models/org/m",
+            model_id: "org/m",
+        },
+        LIMIT,
+    );
+    runtime.request().await;
+    conn.fail_all("the runtime exited (signal: 9)");
+    let Err(CallError::Gone(reason)) = call.await.unwrap() else {
+        panic!("a call in flight fails as gone")
+    };
+    assert_eq!(reason, "the runtime exited during the call");
+    assert_eq!(
+        rx.recv().await,
+        Some(TokenEvent::Failed(EngineError::Crashed {
+            reason: "the runtime exited (signal: 9)".into()
+        }))
+    );
+    assert!(!conn.close_stream("s-1"));
+}
+
+#[tokio::test]
+async fn a_dropped_receiver_is_cancelled_in_a_runtime_that_can_cancel() {
+    let (conn, _pipes, mut runtime) = connect();
+    conn.set_can_cancel(true);
+    let (tx, rx) = mpsc::channel(16);
+    conn.open_stream("s-1", tx.clone());
+    let watcher = tokio::spawn(watch_cancel(conn.clone(), tx, "s-1".into(), LIMIT));
+    drop(rx);
+    let cancel = runtime.request().await;
+    assert_eq!(cancel["method"], "cancel");
+    assert_eq!(cancel["params"], json!({"stream_id": "s-1"}));
+    runtime
+        .send(json!({"jsonrpc": "2.0", "id": cancel["id"], "result": {"cancelled": true}}))
+        .await;
+    watcher.await.unwrap();
+    assert!(!conn.close_stream("s-1"));
+}
+
+#[tokio::test]
+async fn a_runtime_without_cancel_is_sent_none() {
+    let (conn, _pipes, mut runtime) = connect();
+    let (tx, rx) = mpsc::channel(16);
+    conn.open_stream("s-1", tx.clone());
+    drop(rx);
+    watch_cancel(conn.clone(), tx, "s-1".into(), LIMIT).await;
+    assert!(!conn.close_stream("s-1"));
+    // The next line on the pipe is the next call: no cancel went before it.
+    let next = spawn_call(&conn, GetInfo {}, LIMIT);
+    assert_eq!(runtime.request().await["method"], "runtime/info");
+    next.abort();
+}

@@ -1,0 +1,279 @@
+//! [`MlxEngine`]: the production [`Engine`], the MLX runtime in a supervised Python child,
+//! spoken to with newline-delimited JSON-RPC over its stdin and stdout.
+//!
+//! This face owns the catalog and turns the seam's operations into runtime calls: load, unload
+//! and generate, and the engine errors their failures are. It neither runs the process nor
+//! reads its lines. Its parts, each with its tasks:
+//!
+//! - `supervisor`: starts the child, waits for its readiness, pings it, and when it exits or
+//!   stops answering fails everything in flight with `Crashed`, reports `Restarting` and starts
+//!   it again with backoff within a restart budget (after which it reports `Down`);
+//! - `conn`: per child, a **writer** (one line at a time to stdin) and a **reader** (stdout
+//!   lines with a hard cap, routed to waiting calls by id and to streams by `stream_id`); per
+//!   generation, a **watcher** that sends `cancel` when the token receiver is dropped.
+//!
+//! `engine::mlx` and `engine::rpc` are the only modules that know the runtime's process and
+//! protocol. The child also exits by itself when its stdin closes, so it cannot outlive the
+//! worker even when the worker is killed.
+
+mod conn;
+mod supervisor;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use self::conn::{CallError, lock, watch_cancel};
+use self::supervisor::{Runtime, supervise};
+use super::rpc::{self, Generate, GetState, LoadModel, Shutdown, UnloadModel};
+use super::{
+    Catalog, Engine, EngineError, EngineHealth, GenerateRequest, LoadedModel, TokenStream, catalog,
+};
+use crate::clock::Clock;
+use crate::config::EngineConfig;
+use crate::limits::TOKEN_CHANNEL_CAPACITY;
+
+/// The MLX runtime as an [`Engine`].
+pub struct MlxEngine {
+    /// The supervised runtime, shared with the supervisor task.
+    runtime: Arc<Runtime>,
+    /// The scanned catalog, once scanned.
+    catalog: Mutex<Option<Catalog>>,
+    /// Stops the supervisor; fired by `shutdown`.
+    stop: CancellationToken,
+    /// The supervisor task, awaited by `shutdown`.
+    supervisor: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Why the engine could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The interpreter is missing.
+    #[error("python interpreter {path} not found; run ci/setup.sh or set runtime.pythonPath")]
+    NoPython {
+        /// The configured path.
+        path: PathBuf,
+    },
+    /// The runtime package is missing.
+    #[error("MLX runtime package not found in {path}; set runtime.runtimeDir")]
+    NoRuntime {
+        /// The configured directory.
+        path: PathBuf,
+    },
+    /// The first start failed.
+    #[error("the MLX runtime did not start: {reason}")]
+    Failed {
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+impl MlxEngine {
+    /// Starts the runtime and waits until it is ready (or the first start failed).
+    pub async fn start(
+        config: EngineConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Result<MlxEngine, StartError> {
+        if !config.python.exists() {
+            return Err(StartError::NoPython {
+                path: config.python.clone(),
+            });
+        }
+        if !config.runtime_dir.join("mlx_runtime").is_dir() {
+            return Err(StartError::NoRuntime {
+                path: config.runtime_dir.clone(),
+            });
+        }
+        let runtime = Arc::new(Runtime::new(config, clock));
+        let stop = CancellationToken::new();
+        let (first_tx, first_rx) = oneshot::channel();
+        let supervisor = tokio::spawn(
+            supervise(runtime.clone(), stop.clone(), first_tx).instrument(info_span!("engine")),
+        );
+        match first_rx.await {
+            Ok(Ok(())) => Ok(MlxEngine {
+                runtime,
+                catalog: Mutex::new(None),
+                stop,
+                supervisor: Mutex::new(Some(supervisor)),
+            }),
+            Ok(Err(reason)) => {
+                stop.cancel();
+                let _ = supervisor.await;
+                Err(StartError::Failed { reason })
+            }
+            Err(_) => Err(StartError::Failed {
+                reason: "the supervisor ended".to_owned(),
+            }),
+        }
+    }
+
+    /// Generations the runtime itself counts as live (its `runtime/state`).
+    pub async fn active_streams(&self) -> Result<u64, EngineError> {
+        let conn = self.runtime.conn()?;
+        let state = conn
+            .call(&GetState {}, self.runtime.config.call_timeout)
+            .await
+            .map_err(|e| e.into_engine("runtime/state"))?;
+        Ok(state.active_streams.unwrap_or(0))
+    }
+
+    fn catalog_entry(&self, model_id: &str) -> Result<PathBuf, EngineError> {
+        let not_found = || EngineError::ModelNotFound {
+            model: model_id.to_owned(),
+        };
+        let config = &self.runtime.config;
+        let catalog = lock(&self.catalog).clone();
+        let catalog = match catalog {
+            Some(c) => c,
+            None => catalog::scan(&config.model_dir).map_err(|e| EngineError::Unavailable {
+                reason: e.to_string(),
+            })?,
+        };
+        let entry = catalog.models.get(model_id).ok_or_else(not_found)?;
+        // The catalog only holds scanned directories; still, never load outside the root.
+        let root = config.model_dir.canonicalize().map_err(|_| not_found())?;
+        let path = entry.path.canonicalize().map_err(|_| not_found())?;
+        if !path.starts_with(&root) {
+            return Err(not_found());
+        }
+        Ok(path)
+    }
+}
+
+#[async_trait]
+impl Engine for MlxEngine {
+    async fn catalog(&self) -> Result<Catalog, EngineError> {
+        let root = self.runtime.config.model_dir.clone();
+        let catalog = tokio::task::spawn_blocking(move || catalog::scan(&root))
+            .await
+            .map_err(|e| EngineError::Unavailable {
+                reason: format!("model scan failed: {e}"),
+            })?
+            .map_err(|e| EngineError::Unavailable {
+                reason: e.to_string(),
+            })?;
+        *lock(&self.catalog) = Some(catalog.clone());
+        Ok(catalog)
+    }
+
+    async fn load(&self, model_id: &str) -> Result<LoadedModel, EngineError> {
+        if let Some(model) = self.runtime.loaded(model_id) {
+            return Ok(model);
+        }
+        let path = self.catalog_entry(model_id)?;
+        let conn = self.runtime.conn()?;
+        let local_path = path.display().to_string();
+        let params = LoadModel {
+            local_path: &local_path,
+            model_id,
+        };
+        let result = conn
+            .call(&params, self.runtime.config.load_timeout)
+            .await
+            .map_err(|e| match e {
+                CallError::Rpc(rpc) => EngineError::LoadFailed {
+                    model: model_id.to_owned(),
+                    reason: rpc.message,
+                },
+                other => other.into_engine("load_model"),
+            })?;
+        let model = LoadedModel {
+            model_id: model_id.to_owned(),
+            context_length: result.context_length.unwrap_or(0),
+            parameter_count: result.parameter_count.filter(|&n| n > 0),
+        };
+        self.runtime.add_loaded(model.clone());
+        info!(model = model_id, "model loaded");
+        Ok(model)
+    }
+
+    async fn unload(&self, model_id: &str) -> Result<(), EngineError> {
+        let conn = self.runtime.conn()?;
+        conn.call(&UnloadModel { model_id }, self.runtime.config.call_timeout)
+            .await
+            .map_err(|e| e.into_engine("unload_model"))?;
+        self.runtime.remove_loaded(model_id);
+        Ok(())
+    }
+
+    async fn generate(&self, request: GenerateRequest) -> Result<TokenStream, EngineError> {
+        let conn = self.runtime.conn()?;
+        let (tx, rx) = mpsc::channel(TOKEN_CHANNEL_CAPACITY);
+        let stream_id = conn.new_stream_id();
+        // Registered before the call: notifications may follow the answer at once.
+        conn.open_stream(&stream_id, tx.clone());
+        let params = Generate {
+            max_tokens: request.max_tokens,
+            model_id: &request.model_id,
+            prompt: &request.prompt,
+            stream_id: &stream_id,
+            streaming: true,
+            temperature: request.temperature,
+            top_p: request.top_p,
+        };
+        if let Err(err) = conn.call(&params, self.runtime.config.call_timeout).await {
+            conn.close_stream(&stream_id);
+            return Err(match err {
+                CallError::Rpc(rpc) if rpc.code == rpc::code::INVALID_PARAMS => {
+                    EngineError::Rejected {
+                        reason: rpc.message,
+                    }
+                }
+                CallError::Rpc(rpc) if rpc.code == rpc::code::MODEL_NOT_LOADED => {
+                    // Lost in a restart the engine has not seen yet: load again next time.
+                    self.runtime.remove_loaded(&request.model_id);
+                    EngineError::Generation {
+                        reason: rpc.message,
+                    }
+                }
+                other => other.into_engine("generate"),
+            });
+        }
+        debug!(request_id = %request.stream_id, stream_id, "generation started");
+        tokio::spawn(watch_cancel(
+            conn,
+            tx,
+            stream_id,
+            self.runtime.config.call_timeout,
+        ));
+        Ok(rx)
+    }
+
+    fn health(&self) -> watch::Receiver<EngineHealth> {
+        self.runtime.health()
+    }
+
+    async fn shutdown(&self, grace: Duration) {
+        let Some(supervisor) = lock(&self.supervisor).take() else {
+            return;
+        };
+        if let Ok(conn) = self.runtime.conn() {
+            match conn.call(&Shutdown {}, grace).await {
+                Ok(_) => debug!("runtime acknowledged shutdown"),
+                Err(err) => warn!(cause = ?err, "runtime did not acknowledge shutdown"),
+            }
+        }
+        self.stop.cancel();
+        if timeout(grace + Duration::from_secs(1), supervisor)
+            .await
+            .is_err()
+        {
+            error!("engine supervisor did not stop in time");
+        }
+    }
+}
+
+impl Drop for MlxEngine {
+    fn drop(&mut self) {
+        // Without a shutdown, stop the supervisor; the child is killed on drop.
+        self.stop.cancel();
+    }
+}

@@ -1,0 +1,355 @@
+//! The MLX runtime's process supervisor: it spawns the Python child, waits for its readiness
+//! line on stderr and a `runtime/info` answer, pings it, and when it exits or stops answering
+//! fails every call and stream in flight with `Crashed`, reports `Restarting` and starts it
+//! again with backoff, within a restart budget (after which it reports `Down`). Whatever ends a
+//! child's run, its stdin is closed (the runtime exits by itself at the end of its input) and it
+//! is killed if it lingers.
+//!
+//! It owns the child process, the engine's health and the record of the models loaded in the
+//! live child. It makes no call beyond readiness and liveness: lines and their routing are the
+//! connection's (`conn`), the engine's calls the engine face's (`mlx`).
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::BufReader;
+use tokio::process::{Child, ChildStderr, Command};
+use tokio::sync::{oneshot, watch};
+use tokio::time::{Instant, timeout};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::conn::{CallError, Conn, lock};
+use crate::clock::Clock;
+use crate::config::EngineConfig;
+use crate::engine::rpc::{self, GetInfo, Line};
+use crate::engine::{EngineError, EngineHealth, LoadedModel};
+
+/// The line the runtime prints on stderr once it reads stdin.
+const READY_LINE: &str = "MLX Runtime ready";
+/// Period of the liveness ping.
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// First restart delay; doubles per consecutive restart up to [`RESTART_DELAY_MAX`].
+const RESTART_DELAY_MIN: Duration = Duration::from_millis(250);
+/// Longest restart delay.
+const RESTART_DELAY_MAX: Duration = Duration::from_secs(30);
+/// Longest stderr line forwarded to the log.
+const STDERR_LINE_BYTES_MAX: usize = 64 * 1024;
+/// How long a child whose stdin is closed gets to exit before it is killed.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// The supervised runtime, shared by the engine face and the supervisor task.
+pub(super) struct Runtime {
+    /// The engine's configuration.
+    pub(super) config: EngineConfig,
+    clock: Arc<dyn Clock>,
+    /// The live child's connection; `None` while starting, restarting or stopped.
+    conn: Mutex<Option<Arc<Conn>>>,
+    /// The engine's health; the face hands out its receivers.
+    health: watch::Sender<EngineHealth>,
+    /// Models loaded in the live child; cleared when it ends.
+    loaded: Mutex<BTreeMap<String, LoadedModel>>,
+}
+
+impl Runtime {
+    /// A runtime not started yet (`Starting`).
+    pub(super) fn new(config: EngineConfig, clock: Arc<dyn Clock>) -> Runtime {
+        Runtime {
+            config,
+            clock,
+            conn: Mutex::new(None),
+            health: watch::Sender::new(EngineHealth::Starting),
+            loaded: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The live child's connection, or why there is none.
+    pub(super) fn conn(&self) -> Result<Arc<Conn>, EngineError> {
+        lock(&self.conn)
+            .clone()
+            .ok_or_else(|| EngineError::Unavailable {
+                reason: match *self.health.borrow() {
+                    EngineHealth::Down => "the MLX runtime is down".to_owned(),
+                    _ => "the MLX runtime is starting".to_owned(),
+                },
+            })
+    }
+
+    /// The engine's health, updated as it changes.
+    pub(super) fn health(&self) -> watch::Receiver<EngineHealth> {
+        self.health.subscribe()
+    }
+
+    /// The model `model_id`, when the live child has it loaded.
+    pub(super) fn loaded(&self, model_id: &str) -> Option<LoadedModel> {
+        lock(&self.loaded).get(model_id).cloned()
+    }
+
+    /// Records a model the live child loaded.
+    pub(super) fn add_loaded(&self, model: LoadedModel) {
+        lock(&self.loaded).insert(model.model_id.clone(), model);
+        self.publish_up();
+    }
+
+    /// Records that the live child no longer has `model_id`.
+    pub(super) fn remove_loaded(&self, model_id: &str) {
+        lock(&self.loaded).remove(model_id);
+        self.publish_up();
+    }
+
+    fn publish_up(&self) {
+        let loaded = lock(&self.loaded).keys().cloned().collect();
+        self.health.send_replace(EngineHealth::Up { loaded });
+    }
+
+    /// Makes a ready child's connection the live one.
+    fn go_live(&self, conn: &Arc<Conn>) {
+        *lock(&self.conn) = Some(conn.clone());
+        self.publish_up();
+    }
+
+    /// Forgets the ended child: its models, and its calls and streams, which fail with `reason`.
+    fn forget_child(&self, reason: &str) {
+        lock(&self.loaded).clear();
+        if let Some(conn) = lock(&self.conn).take() {
+            conn.fail_all(reason);
+        }
+    }
+}
+
+/// Restarts allowed within a sliding window, and the delay before each, which doubles per
+/// restart up to [`RESTART_DELAY_MAX`].
+struct RestartBudget {
+    window: Duration,
+    max: usize,
+    /// When the restarts still in the window happened.
+    recent: VecDeque<Instant>,
+    /// The delay before the next restart.
+    delay: Duration,
+}
+
+impl RestartBudget {
+    fn new(window: Duration, max: u32) -> RestartBudget {
+        RestartBudget {
+            window,
+            max: max as usize,
+            recent: VecDeque::new(),
+            delay: RESTART_DELAY_MIN,
+        }
+    }
+
+    /// Counts a restart at `now` and gives the delay before it; `None` when the window's
+    /// budget is spent.
+    fn admit(&mut self, now: Instant) -> Option<Duration> {
+        let window = self.window;
+        self.recent
+            .retain(|at| now.saturating_duration_since(*at) < window);
+        if self.recent.len() >= self.max {
+            return None;
+        }
+        self.recent.push_back(now);
+        let delay = self.delay;
+        self.delay = (delay * 2).min(RESTART_DELAY_MAX);
+        Some(delay)
+    }
+}
+
+/// Starts, watches and restarts the child until `stop` fires or the budget runs out. `first`
+/// hears how the first start went.
+pub(super) async fn supervise(
+    runtime: Arc<Runtime>,
+    stop: CancellationToken,
+    first: oneshot::Sender<Result<(), String>>,
+) {
+    let mut first = Some(first);
+    let mut budget = RestartBudget::new(runtime.config.restart_window, runtime.config.restarts_max);
+    loop {
+        let outcome = run_child(&runtime, &stop, &mut first).await;
+        runtime.forget_child(&outcome);
+        if stop.is_cancelled() {
+            runtime.health.send_replace(EngineHealth::Down);
+            info!("runtime stopped");
+            return;
+        }
+        if let Some(first) = first.take() {
+            runtime.health.send_replace(EngineHealth::Down);
+            let _ = first.send(Err(outcome));
+            return;
+        }
+        let Some(delay) = budget.admit(runtime.clock.now()) else {
+            error!(
+                restarts = budget.recent.len(),
+                window_s = runtime.config.restart_window.as_secs(),
+                cause = %outcome,
+                "runtime keeps failing; giving up"
+            );
+            runtime.health.send_replace(EngineHealth::Down);
+            return;
+        };
+        runtime.health.send_replace(EngineHealth::Restarting);
+        warn!(cause = %outcome, retry_ms = delay.as_millis() as u64, "runtime failed; restarting");
+        tokio::select! {
+            () = stop.cancelled() => {
+                runtime.health.send_replace(EngineHealth::Down);
+                return;
+            }
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
+/// Runs one child to its end; returns why it ended.
+async fn run_child(
+    runtime: &Runtime,
+    stop: &CancellationToken,
+    first: &mut Option<oneshot::Sender<Result<(), String>>>,
+) -> String {
+    let config = &runtime.config;
+    let mut child = match spawn(config) {
+        Ok(child) => child,
+        Err(e) => return format!("cannot start {}: {e}", config.python.display()),
+    };
+    let (Some(stdin), Some(stdout), Some(stderr)) =
+        (child.stdin.take(), child.stdout.take(), child.stderr.take())
+    else {
+        return "the runtime's pipes are missing".to_owned();
+    };
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let stderr_task = tokio::spawn(forward_stderr(stderr, ready_tx));
+    let (conn, pipes) = Conn::start(stdin, stdout);
+    let outcome = serve(runtime, stop, first, &mut child, &conn, ready_rx).await;
+    // Whatever ended the child's run, make sure it is gone: its stdin closes (it exits by
+    // itself on end of input), then it is killed if it lingers.
+    drop(conn);
+    pipes.close_stdin();
+    if timeout(EXIT_GRACE, child.wait()).await.is_err() {
+        let _ = child.kill().await;
+    }
+    pipes.stop_reading();
+    stderr_task.abort();
+    outcome
+}
+
+/// Brings a started child up, then watches it until it exits, stops answering or `stop`
+/// fires; returns why its run ended.
+async fn serve(
+    runtime: &Runtime,
+    stop: &CancellationToken,
+    first: &mut Option<oneshot::Sender<Result<(), String>>>,
+    child: &mut Child,
+    conn: &Arc<Conn>,
+    ready_line: oneshot::Receiver<()>,
+) -> String {
+    let config = &runtime.config;
+    let pid = child.id().unwrap_or(0);
+    if let Err(reason) = ready(
+        conn,
+        runtime.clock.as_ref(),
+        ready_line,
+        config.startup_timeout,
+    )
+    .await
+    {
+        return reason;
+    }
+    info!(pid, "runtime ready");
+    runtime.go_live(conn);
+    if let Some(first) = first.take() {
+        let _ = first.send(Ok(()));
+    }
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    ping.tick().await;
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                return match status {
+                    Ok(s) => format!("the runtime exited ({s})"),
+                    Err(e) => format!("cannot wait for the runtime: {e}"),
+                };
+            }
+            () = stop.cancelled() => return "stopped".to_owned(),
+            _ = ping.tick() => {
+                if let Err(err @ CallError::TimedOut(_)) =
+                    conn.call(&GetInfo {}, config.call_timeout).await
+                {
+                    return format!("the runtime stopped answering ({err:?})");
+                }
+            }
+        }
+    }
+}
+
+fn spawn(config: &EngineConfig) -> std::io::Result<Child> {
+    Command::new(&config.python)
+        .arg("-m")
+        .arg("mlx_runtime")
+        .env("PYTHONPATH", &config.runtime_dir)
+        .env("PYTHONUNBUFFERED", "1")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_OFFLINE", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+}
+
+/// Waits for the readiness line, then for a `runtime/info` answer, within `limit` in all.
+async fn ready(
+    conn: &Conn,
+    clock: &dyn Clock,
+    ready_line: oneshot::Receiver<()>,
+    limit: Duration,
+) -> Result<(), String> {
+    let deadline = clock.now() + limit;
+    if tokio::time::timeout_at(deadline, ready_line).await.is_err() {
+        return Err(format!(
+            "no readiness line within {} ms",
+            crate::clock::millis(limit)
+        ));
+    }
+    let remaining = deadline.saturating_duration_since(clock.now());
+    let info = conn
+        .call(&GetInfo {}, remaining.max(Duration::from_millis(1)))
+        .await
+        .map_err(|e| format!("runtime/info failed: {e:?}"))?;
+    if info.mlx_supported == Some(false) {
+        return Err("the runtime reports that MLX is not supported on this host".to_owned());
+    }
+    conn.set_can_cancel(info.can_cancel());
+    info!(
+        version = info.version.as_deref().unwrap_or("?"),
+        mlx = info.mlx_version.as_deref().unwrap_or("?"),
+        can_cancel = info.can_cancel(),
+        "runtime info"
+    );
+    Ok(())
+}
+
+/// Forwards the child's stderr lines into the log and reports its readiness line.
+async fn forward_stderr(stderr: ChildStderr, ready: oneshot::Sender<()>) {
+    let mut ready = Some(ready);
+    let mut reader = BufReader::new(stderr);
+    let mut buf = Vec::new();
+    loop {
+        match rpc::read_line(&mut reader, &mut buf, STDERR_LINE_BYTES_MAX).await {
+            Ok(Line::Complete(bytes)) => {
+                let text = String::from_utf8_lossy(&bytes);
+                let text = text.trim_end();
+                if text == READY_LINE
+                    && let Some(tx) = ready.take()
+                {
+                    let _ = tx.send(());
+                }
+                info!(target: "mlx_worker::runtime", "runtime: {text}");
+            }
+            Ok(Line::TooLong { len }) => warn!(len, "runtime: (stderr line too long, skipped)"),
+            Ok(Line::Eof) | Err(_) => return,
+        }
+    }
+}
