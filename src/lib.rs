@@ -19,7 +19,8 @@
 //!   implementations (system clock, NATS, the MLX runtime, whose model catalog is the scan of
 //!   [`engine::catalog`]).
 //! - [`scheduler`], [`admission`], [`metrics`], [`lifecycle`], [`identity`]: the worker's pure
-//!   parts.
+//!   parts; [`instance`]: one process per worker id (the state-directory lock, the check on
+//!   the bus).
 //! - [`worker`]: `Worker::run`, the task tree that ties everything together.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`mutation`]: planted bugs for the sims.
 //! - [`client`]: the requesting side of the protocol, over a `Transport`: send a request and
@@ -34,6 +35,7 @@ pub mod engine;
 pub mod hardware;
 pub mod http;
 pub mod identity;
+pub mod instance;
 pub mod lifecycle;
 pub mod limits;
 pub mod metrics;

@@ -125,6 +125,17 @@ pub const HTTP_ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 /// Longest the HTTP port waits between accepts while accepting fails.
 pub const HTTP_ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
+/// Longest the start-up waits for another instance of the worker id to answer on the bus (and,
+/// before that, for the connection the question needs). Silence means no other instance.
+pub const INSTANCE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Largest small state file read back (the state-directory lock, the embedded server's record).
+pub const STATE_FILE_BYTES_MAX: u64 = 4096;
+
+/// Longest wait for an orphaned embedded nats-server to exit, after SIGTERM and again after
+/// SIGKILL.
+pub const EMBEDDED_ORPHAN_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Bytes of JSON framing around a prompt in an inference request, at most, besides the
 /// prompt itself (ids, numbers, field names, escapes are counted in the prompt's share).
 const REQUEST_FRAMING_BYTES: usize = 4 * 1024;

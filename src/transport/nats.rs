@@ -157,6 +157,37 @@ impl NatsTransport {
         })
     }
 
+    /// Sends a request on `subject` and waits up to `timeout` for the first answer:
+    /// `Ok(Some(payload))`, or `Ok(None)` when nobody subscribes to the subject (the server's
+    /// no-responders status). Used at start-up, outside the [`Transport`] seam the worker core
+    /// speaks through.
+    pub async fn request(
+        &self,
+        subject: String,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Option<Bytes>, TransportError> {
+        use async_nats::RequestErrorKind;
+        self.check_size(payload.len())?;
+        let request = async_nats::Request::new()
+            .payload(payload)
+            .timeout(Some(timeout));
+        match self.client.send_request(subject, request).await {
+            Ok(answer) => Ok(Some(answer.payload)),
+            Err(err) => match err.kind() {
+                RequestErrorKind::NoResponders => Ok(None),
+                RequestErrorKind::TimedOut => Err(TransportError::TimedOut {
+                    millis: crate::clock::millis(timeout),
+                }),
+                RequestErrorKind::InvalidSubject
+                | RequestErrorKind::MaxPayloadExceeded
+                | RequestErrorKind::Other => Err(TransportError::Refused {
+                    reason: err.to_string(),
+                }),
+            },
+        }
+    }
+
     fn check_size(&self, len: usize) -> Result<(), TransportError> {
         let server = self.client.max_payload();
         let limit = if server == 0 {

@@ -13,6 +13,7 @@ mod engine;
 mod flood;
 mod group;
 mod http;
+mod instance;
 mod logging;
 mod privilege;
 mod probe;

@@ -18,8 +18,9 @@ use tokio::sync::mpsc;
 
 use testkit::*;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_runs_under_the_least_privilege_account_and_nothing_more() {
+/// A nats-server with the shipped account file, passwords `worker-pw` and `controller-pw`
+/// filled in; the directory holds the filled-in file while the server runs.
+pub(crate) async fn least_privilege_server() -> (NatsServer, tempfile::TempDir) {
     let shipped = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nats-worker-account.conf"),
     )
@@ -34,6 +35,12 @@ async fn a_worker_runs_under_the_least_privilege_account_and_nothing_more() {
     )
     .unwrap();
     let server = NatsServer::start_with(NatsOptions::new().config_file(&conf)).await;
+    (server, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_runs_under_the_least_privilege_account_and_nothing_more() {
+    let (server, _account) = least_privilege_server().await;
 
     let mut controller_config = test_config(&server.url(), "").nats;
     controller_config.auth = NatsAuth::UserPassword {

@@ -9,8 +9,11 @@ use mlx_worker::config::{Flags, WorkerConfig};
 pub(crate) const EX_USAGE: u8 = 64;
 /// A service is unavailable: the message server, the MLX runtime, the embedded nats-server.
 pub(crate) const EX_UNAVAILABLE: u8 = 69;
-/// The worker id cannot be stored.
+/// The state directory or the worker id cannot be written.
 pub(crate) const EX_CANTCREAT: u8 = 73;
+/// Another instance holds the state directory or answers for the worker id; it clears when
+/// that one stops, so a supervisor may retry.
+pub(crate) const EX_TEMPFAIL: u8 = 75;
 /// The message server rejected the credentials, or the TLS handshake with it failed.
 pub(crate) const EX_NOPERM: u8 = 77;
 /// A second signal stopped the worker before the drain finished.

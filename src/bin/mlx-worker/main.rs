@@ -5,8 +5,10 @@
 //!
 //! Exit codes: 0 success; 1 a request failed (`infer`); 64 invalid configuration or usage;
 //! 69 a service is unavailable (message server, MLX runtime, embedded nats-server);
-//! 73 the worker id cannot be stored; 77 the message server rejected the credentials, or the
-//! TLS handshake with it failed (certificate not trusted, client certificate refused);
+//! 73 the state directory or the worker id cannot be written; 75 another instance holds the
+//! state directory or answers for the worker id; 77 the message server rejected the
+//! credentials, or the TLS handshake with it failed (certificate not trusted, client
+//! certificate refused);
 //! 130 stopped by a second signal before the drain finished.
 
 mod check;

@@ -9,13 +9,16 @@ use mlx_worker::config::{Flags, WorkerConfig};
 use mlx_worker::engine::mlx::MlxEngine;
 use mlx_worker::hardware;
 use mlx_worker::identity::{self, Identity};
+use mlx_worker::instance::{self, InstanceError, StateLock};
 use mlx_worker::transport::embedded::EmbeddedServer;
 use mlx_worker::transport::nats::{ConnectError, NatsTransport};
 use mlx_worker::worker::{Deps, Worker};
 use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
-use crate::exit::{EX_CANTCREAT, EX_FORCED, EX_NOPERM, EX_UNAVAILABLE, EX_USAGE, config_or_exit};
+use crate::exit::{
+    EX_CANTCREAT, EX_FORCED, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE, config_or_exit,
+};
 use crate::logs;
 
 /// Resolves when the process gets SIGINT or SIGTERM.
@@ -50,6 +53,10 @@ pub(crate) async fn run(flags: Flags) -> ExitCode {
         eprintln!("mlx-worker: {e:#}");
         return ExitCode::from(EX_USAGE);
     }
+    let _lock = match StateLock::acquire(&config.node.state_dir) {
+        Ok(lock) => lock,
+        Err(e) => return refuse(&e),
+    };
     let worker_id =
         match identity::worker_id(config.node.worker_id.as_deref(), &config.node.state_dir) {
             Ok(id) => id,
@@ -59,7 +66,7 @@ pub(crate) async fn run(flags: Flags) -> ExitCode {
             }
         };
     let embedded = match &config.nats.embedded {
-        Some(embedded) => match EmbeddedServer::start(embedded).await {
+        Some(embedded) => match EmbeddedServer::start(embedded, &config.node.state_dir).await {
             Ok(server) => Some(server),
             Err(e) => {
                 error!("{e}");
@@ -75,8 +82,18 @@ pub(crate) async fn run(flags: Flags) -> ExitCode {
     code
 }
 
+/// Another instance (exit 75: it clears when that one stops), or an unusable state directory.
+fn refuse(e: &InstanceError) -> ExitCode {
+    error!("{e}");
+    ExitCode::from(if e.is_conflict() {
+        EX_TEMPFAIL
+    } else {
+        EX_CANTCREAT
+    })
+}
+
 /// The production seams and the HTTP listener, or the exit code of the first that fails.
-async fn seams(config: &WorkerConfig) -> Result<(Deps, TcpListener), ExitCode> {
+async fn seams(config: &WorkerConfig, worker_id: &str) -> Result<(Deps, TcpListener), ExitCode> {
     let transport = match NatsTransport::connect(&config.nats).await {
         Ok(t) => Arc::new(t),
         // Both need a person (new credentials or certificates), not a restart.
@@ -89,6 +106,11 @@ async fn seams(config: &WorkerConfig) -> Result<(Deps, TcpListener), ExitCode> {
             return Err(ExitCode::from(EX_UNAVAILABLE));
         }
     };
+    // Before the engine starts and before any subscription: another live instance with this
+    // id would otherwise run every request a second time.
+    if let Err(e) = instance::check_bus(&transport, worker_id).await {
+        return Err(refuse(&e));
+    }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let engine = match MlxEngine::start(config.engine.clone(), clock.clone()).await {
         Ok(engine) => Arc::new(engine),
@@ -114,7 +136,7 @@ async fn seams(config: &WorkerConfig) -> Result<(Deps, TcpListener), ExitCode> {
 }
 
 async fn serve(config: WorkerConfig, worker_id: String) -> ExitCode {
-    let (deps, listener) = match seams(&config).await {
+    let (deps, listener) = match seams(&config, &worker_id).await {
         Ok(seams) => seams,
         Err(code) => return code,
     };
