@@ -28,8 +28,8 @@ pub use controller::{
 };
 pub use nats::{NatsOptions, NatsServer, ServerTls};
 pub use worker::{
-    Exited, RunningWorker, WorkerBinary, WorkerProcess, connected, run_until_exit, send_signal,
-    test_config, wait_connected,
+    Exited, RunningWorker, SERVING_TINY, WorkerBinary, WorkerProcess, connected, run_until_exit,
+    send_signal, test_config, wait_connected,
 };
 
 /// How long any single expected event may take before the test fails.

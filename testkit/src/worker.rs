@@ -53,6 +53,17 @@ pub async fn wait_connected(transport: &NatsTransport, what: &str) {
         .expect("the connection state is kept while the transport lives");
 }
 
+/// The arguments of `mlx-worker run` that serve the tiny model (from the repository root's
+/// `models/`, loaded at start) and heartbeat every 200 ms.
+pub const SERVING_TINY: [&str; 6] = [
+    "--model-dir",
+    "models",
+    "--preload",
+    TINY,
+    "--heartbeat-interval-ms",
+    "200",
+];
+
 /// A worker running in this process, as a task.
 pub struct RunningWorker {
     /// Its lifecycle.
@@ -310,21 +321,8 @@ impl WorkerProcess {
     /// Starts a worker `id` on the message server at `url`, serving the tiny model (preloaded),
     /// heartbeating every 200 ms.
     pub fn serving_tiny(binary: &WorkerBinary, url: &str, id: &str) -> WorkerProcess {
-        WorkerProcess::spawn(
-            binary,
-            &[
-                "--nats-url",
-                url,
-                "--worker-id",
-                id,
-                "--model-dir",
-                "models",
-                "--preload",
-                TINY,
-                "--heartbeat-interval-ms",
-                "200",
-            ],
-        )
+        let args = [&["--nats-url", url, "--worker-id", id][..], &SERVING_TINY].concat();
+        WorkerProcess::spawn(binary, &args)
     }
 
     /// The process id.

@@ -25,16 +25,6 @@ use testkit::*;
 /// The exit code of a worker refused because another instance has its state directory or id.
 const EXIT_INSTANCE_CONFLICT: i32 = 75;
 
-/// Serve the tiny model, loaded at start, and heartbeat every 200 ms.
-const SERVING_TINY: [&str; 6] = [
-    "--model-dir",
-    "models",
-    "--preload",
-    TINY,
-    "--heartbeat-interval-ms",
-    "200",
-];
-
 /// `mlx-worker run <args> --port 0` from the repository root on `state`; killed if dropped.
 fn worker_command(state: &Path, args: &[&str]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_mlx-worker"));
