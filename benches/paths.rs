@@ -9,7 +9,7 @@
 //!   starts at once, and when it is refused because the queue is full.
 //!
 //! The per-token path (encode, publish) is in `benches/token.rs`; the whole worker under load
-//! is `benches/load.rs`.
+//! is `benches/load/`.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;

@@ -6,7 +6,6 @@
 //! The heartbeat's probe sample (`benches/probe.rs`) is measured against this figure.
 
 use std::hint::black_box;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +14,7 @@ use mlx_worker::config;
 use mlx_worker::protocol::{TokenMessage, encode};
 use mlx_worker::transport::Transport;
 use mlx_worker::transport::nats::NatsTransport;
+use testkit::NatsServer;
 
 fn encode_token(c: &mut Criterion) {
     c.bench_function("encode token message", |b| {
@@ -28,33 +28,13 @@ fn encode_token(c: &mut Criterion) {
     });
 }
 
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn publish_token(c: &mut Criterion) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port");
-    let _server = Server(
-        Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server on PATH (run ci/setup.sh)"),
-    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let url = format!("nats://127.0.0.1:{port}");
+    let server = rt.block_on(NatsServer::start());
+    let url = server.url();
     let yaml = format!("nats:\n  serverUrl: {url}\n");
     let nats = config::from_yaml(&yaml, std::path::Path::new("bench.yaml"))
         .expect("config")

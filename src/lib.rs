@@ -23,9 +23,12 @@
 //!   the bus).
 //! - [`worker`]: `Worker::run`, the task tree that ties everything together.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`; [`mutation`]: planted bugs for the sims.
+//! - [`client`]: the requesting side of the protocol, over a `Transport`: send a request and
+//!   read its response stream, checked.
 
 pub mod admission;
 pub mod backoff;
+pub mod client;
 pub mod clock;
 pub mod config;
 pub mod engine;

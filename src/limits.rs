@@ -23,6 +23,10 @@ pub const PROMPT_BYTES_MAX: usize = 512 * 1024;
 /// Largest `maxTokens` a request may ask for (the MLX runtime's own generation cap).
 pub const MAX_TOKENS_MAX: u32 = 4096;
 
+/// Most messages a client reads from one response stream: every token a request may ask for,
+/// then its terminal message.
+pub const STREAM_MESSAGES_MAX: usize = MAX_TOKENS_MAX as usize + 1;
+
 /// Longest request id, worker id or session id, in bytes.
 pub const ID_BYTES_MAX: usize = 128;
 

@@ -1,6 +1,7 @@
-//! The invariants every scenario is held to, checked on a world's [`Trace`] while it runs and
-//! at the end. A broken invariant is a [`Violation`] value, never a panic, so the mutant proof
-//! can collect them.
+//! The invariants every scenario is held to, checked on a world's [`Trace`](crate::Trace)
+//! while it runs and at the end. A broken invariant is a [`Violation`] value, never a panic, so
+//! the mutant proof can collect them. The worker under check and its configured bounds come in
+//! as [`Limits`]; this module knows nothing of how a world is built.
 //!
 //! The worker's promises are checked on what the worker handed to its transport (the trace of
 //! node `worker`), because a link loss legitimately loses what was in flight — exactly as with
@@ -11,6 +12,7 @@
 //! | `one-terminal` | every request the worker received while serving ends with exactly one `done` or `error` on `response.{id}` (unless its host crashed, or the transport refused a message of the stream) |
 //! | `nothing-after-terminal` | no message of a request follows its terminal |
 //! | `contiguous-tokens` | token indices run 0, 1, 2, … |
+//! | `stream-fields` | every message of `response.{id}` names request `id`, and `done`'s `totalTokens` is the number of tokens before it |
 //! | `deadline` | the terminal is published by the request's deadline plus [`Limits::slack`] |
 //! | `drain-waits` | a drain ends a request it had accepted with `WORKER_SHUTDOWN` only once `drainTimeoutMs` has passed |
 //! | `legal-lifecycle` | every lifecycle move is one `Lifecycle::can_become` allows, from the state the worker was in |
@@ -18,18 +20,21 @@
 //! | `queue-bound` | no heartbeat reports more waiting requests than the configured bound; a flood past the bound gets `QUEUE_FULL` ([`check_flood`]) |
 //! | `latched-cancel` | a request whose cancel arrived before it ends `CANCELLED` |
 //! | `broker-fifo` | while a client's link was never lost, the broker received exactly its publishes, in order |
+//!
+//! The rules of one stream (`contiguous-tokens`, `stream-fields`) are the library client's
+//! own, `mlx_worker::client::StreamCheck`, applied to what the worker published.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use mlx_worker::client::{StreamCheck, StreamViolation};
 use mlx_worker::config::NodeConfig;
 use mlx_worker::lifecycle::Lifecycle;
-use mlx_worker::protocol::{StreamMessage, WorkerHeartbeat};
+use mlx_worker::protocol::{StreamMessage, WorkerHeartbeat, subject};
 use serde::Deserialize;
 
 use crate::trace::{Event, EventKind};
-use crate::world::WORKER_ID;
 
 /// A broken invariant.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,9 +51,12 @@ impl fmt::Display for Violation {
     }
 }
 
-/// The configured limits the invariants check against.
+/// The worker under check and the configured limits the invariants check against.
 #[derive(Clone, Debug)]
 pub struct Limits {
+    /// The worker's id: its requests arrive on `worker.{id}.inference`, cancels on
+    /// `worker.{id}.cancel`.
+    pub worker_id: String,
     /// Waiting requests at most.
     pub queue_depth_max: usize,
     /// A request's deadline when it asks for none.
@@ -60,9 +68,10 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The limits of a worker configured with `node`.
-    pub fn from_node(node: &NodeConfig) -> Limits {
+    /// The limits of the worker `worker_id` configured with `node`.
+    pub fn from_node(worker_id: &str, node: &NodeConfig) -> Limits {
         Limits {
+            worker_id: worker_id.to_owned(),
             queue_depth_max: node.queue_depth_max,
             request_timeout: node.request_timeout,
             drain_timeout: node.drain_timeout,
@@ -84,7 +93,8 @@ struct Open {
     deadline: Duration,
     owed: bool,
     latched: bool,
-    next_index: u64,
+    /// The stream's rules, as the worker published it.
+    stream: StreamCheck,
     before_drain: bool,
 }
 
@@ -113,8 +123,8 @@ pub fn check(events: &[Event], limits: &Limits, at_end: bool) -> Vec<Violation> 
             detail: format!("at {} ms: {detail}", at.as_millis()),
         });
     };
-    let inference = format!("worker.{WORKER_ID}.inference");
-    let cancel = format!("worker.{WORKER_ID}.cancel");
+    let inference = subject::inference(&limits.worker_id);
+    let cancel = subject::cancel(&limits.worker_id);
     let now = events.last().map(|e| e.at).unwrap_or_default();
 
     let mut state = Lifecycle::Idle;
@@ -180,13 +190,13 @@ pub fn check(events: &[Event], limits: &Limits, at_end: bool) -> Vec<Violation> 
                     Lifecycle::Connecting | Lifecycle::Registering | Lifecycle::Ready
                 );
                 open.insert(
-                    id,
+                    id.clone(),
                     Open {
                         received_at: e.at,
                         deadline: e.at + timeout,
                         owed: serving,
                         latched,
-                        next_index: 0,
+                        stream: StreamCheck::new(id),
                         before_drain: drain_at.is_none(),
                     },
                 );
@@ -243,17 +253,18 @@ pub fn check(events: &[Event], limits: &Limits, at_end: bool) -> Vec<Violation> 
                         v(what, e.at, format!("{id}: {msg:?} after the stream ended"));
                         continue;
                     };
+                    if let Err(broken) = o.stream.push(&msg) {
+                        let invariant = match broken {
+                            StreamViolation::TokenIndex { .. } => "contiguous-tokens",
+                            // A closed stream has no entry here; this one is still open.
+                            StreamViolation::AfterTerminal { .. } => "nothing-after-terminal",
+                            StreamViolation::WrongRequest { .. }
+                            | StreamViolation::TokenCount { .. } => "stream-fields",
+                        };
+                        v(invariant, e.at, format!("{id}: {broken}"));
+                    }
                     match msg {
-                        StreamMessage::Token { index, .. } => {
-                            if index != o.next_index {
-                                v(
-                                    "contiguous-tokens",
-                                    e.at,
-                                    format!("{id}: token {index}, expected {}", o.next_index),
-                                );
-                            }
-                            o.next_index = index + 1;
-                        }
+                        StreamMessage::Token { .. } => {}
                         terminal => {
                             let code = match &terminal {
                                 StreamMessage::Error { code, .. } => code.as_str(),

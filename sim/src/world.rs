@@ -338,7 +338,7 @@ impl World {
 
     /// The limits the invariants check against.
     pub fn limits(&self) -> Limits {
-        Limits::from_node(&self.node)
+        Limits::from_node(WORKER_ID, &self.node)
     }
 
     /// Advances simulated time by `d`, checking the safety invariants on the way.

@@ -10,13 +10,13 @@ use mlx_worker::config::{NatsAuth, Secret};
 use mlx_worker::transport::nats::{ConnectError, NatsTransport};
 use mlx_worker_sim::{SimEngine, SimEngineConfig};
 
-use crate::harness::*;
+use testkit::*;
 
 const PASSWORD: &str = "correct-horse-battery-staple";
 
 #[tokio::test]
 async fn user_password_and_token_are_accepted_and_wrong_ones_refused() {
-    let server = NatsServer::start_with(&["--user", "worker", "--pass", PASSWORD]).await;
+    let server = NatsServer::start_with(NatsOptions::new().user_password("worker", PASSWORD)).await;
     let mut config = test_config(&server.url(), "");
     config.nats.auth = NatsAuth::UserPassword {
         user: "worker".into(),
@@ -46,7 +46,7 @@ async fn user_password_and_token_are_accepted_and_wrong_ones_refused() {
         Ok(_) => panic!("a wrong password was accepted"),
     }
 
-    let server = NatsServer::start_with(&["--auth", PASSWORD]).await;
+    let server = NatsServer::start_with(NatsOptions::new().token(PASSWORD)).await;
     let mut config = test_config(&server.url(), "");
     config.nats.auth = NatsAuth::Token(Secret::new(PASSWORD));
     let _token_link = connected(&config.nats, "connected with a token").await;
@@ -59,8 +59,10 @@ async fn user_password_and_token_are_accepted_and_wrong_ones_refused() {
 
 #[tokio::test]
 async fn a_refused_credential_exits_77_and_never_prints_the_secret() {
-    let server = NatsServer::start_with(&["--user", "worker", "--pass", "the-real-one"]).await;
+    let server =
+        NatsServer::start_with(NatsOptions::new().user_password("worker", "the-real-one")).await;
     let Exited { code, stderr, .. } = run_until_exit(
+        &worker_binary!(),
         "refused credentials",
         &["--nats-url", &server.url(), "--worker-id", "w-bad-auth"],
         &[

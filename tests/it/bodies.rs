@@ -7,20 +7,18 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use mlx_worker::protocol::StreamMessage;
 
-use crate::engine::TINY;
-use crate::harness::*;
+use testkit::runtime::TINY;
+use testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_body_with_a_readable_id_ends_with_one_terminal() {
     let _ = crate::engine::engine_config(); // fails clearly when setup has not run
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
-    let mut registrations = client.nats.subscribe("worker.register").await.unwrap();
-    client.sync().await;
-    let _worker = WorkerProcess::serving_tiny(&server.url(), "bodies");
+    let client = Controller::connect(&server.url()).await;
+    let mut registrations = client.subscribe("worker.register").await;
+    let _worker = WorkerProcess::serving_tiny(&worker_binary!(), &server.url(), "bodies");
     within("the registration", registrations.next())
         .await
         .unwrap();
@@ -77,10 +75,8 @@ async fn every_body_with_a_readable_id_ends_with_one_terminal() {
     }
     // A second terminal would follow the first at once; nothing comes.
     for (id, mut sub) in quiet {
-        let late = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
-        assert!(
-            late.is_err(),
-            "{id}: a message after the terminal: {late:?}"
-        );
+        if let Err(late) = sub.confirm_quiet(Duration::from_millis(300)).await {
+            panic!("{id}: a message after the terminal: {late}");
+        }
     }
 }

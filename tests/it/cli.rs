@@ -16,7 +16,8 @@ use mlx_worker::clock::{Clock, SystemClock};
 use mlx_worker_sim::{SimEngine, SimEngineConfig};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
-use crate::harness::*;
+use testkit::*;
+
 use crate::http::get_from;
 
 async fn infer(url: &str, extra: &[&str]) -> (Vec<(Duration, String)>, i32) {
@@ -163,7 +164,7 @@ async fn infer_and_watch_connect_under_names_of_their_own() {
         .and_then(|l| l.local_addr())
         .unwrap()
         .port();
-    let server = NatsServer::start_with(&["-m", &monitor.to_string()]).await;
+    let server = NatsServer::start_with(NatsOptions::new().monitor_port(monitor)).await;
     let config = test_config(&server.url(), "");
     let worker = RunningWorker::start(
         "w-names",

@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use data_encoding::{BASE32_NOPAD, BASE64URL_NOPAD};
-use futures::StreamExt;
 use mlx_worker::clock::{Clock, SystemClock};
 use mlx_worker::config::NatsAuth;
 use mlx_worker::protocol::WorkerRegistration;
@@ -21,7 +20,7 @@ use mlx_worker_sim::{SimEngine, SimEngineConfig, SimProbe};
 use nkeys::KeyPair;
 use serde_json::{Value, json};
 
-use crate::harness::*;
+use testkit::*;
 
 /// Signs `claims` with `issuer` as a NATS JWT: `header.claims.signature`, each base64url
 /// without padding, the signature an ed25519 one over `header.claims`.
@@ -113,7 +112,7 @@ impl OperatorServer {
             ),
         )
         .unwrap();
-        let server = NatsServer::start_with(&["-c", conf.to_str().unwrap()]).await;
+        let server = NatsServer::start_with(NatsOptions::new().config_file(&conf)).await;
         OperatorServer {
             server,
             account,
@@ -144,16 +143,16 @@ async fn a_worker_with_its_creds_file_registers_heartbeats_and_serves() {
 
     // The controller: another user of the same account.
     let controller_creds = op.user("controller");
-    let controller = Client {
-        nats: async_nats::ConnectOptions::with_credentials_file(&controller_creds)
-            .await
-            .unwrap()
-            .connect(&url)
+    let mut controller_config = test_config(&url, "").nats;
+    controller_config.auth = NatsAuth::CredsFile(controller_creds.clone());
+    let controller = Controller::connect_with(
+        &controller_config,
+        async_nats::ConnectOptions::with_credentials_file(&controller_creds)
             .await
             .unwrap(),
-    };
-    let mut registrations = controller.nats.subscribe("worker.register").await.unwrap();
-    controller.sync().await;
+    )
+    .await;
+    let mut registrations = controller.subscribe("worker.register").await;
 
     let creds = op.user("worker");
     let mut config = test_config(&url, "");
@@ -235,6 +234,7 @@ async fn creds_the_server_cannot_trust_are_refused_and_the_seed_never_printed() 
             stdout,
             stderr,
         } = run_until_exit(
+            &worker_binary!(),
             case,
             &["--nats-url", &url, "--worker-id", "w-bad-creds"],
             &[("MLX_WORKER_NATS_CREDS_FILE", creds), ("RUST_LOG", "trace")],

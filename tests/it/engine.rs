@@ -18,9 +18,8 @@ use mlx_worker::engine::{Engine, EngineHealth, FinishReason, GenerateRequest, To
 use mlx_worker::protocol::{StreamMessage, WorkerHeartbeat, WorkerRegistration, WorkerStatus};
 use serde_json::json;
 
-use crate::harness::*;
-
-pub(crate) const TINY: &str = "mlx-worker/tiny-llama";
+use testkit::runtime::TINY;
+use testkit::*;
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -29,20 +28,7 @@ fn repo(path: &str) -> PathBuf {
 /// The engine configuration for the project venv and model directory; fails clearly when
 /// setup has not run.
 pub(crate) fn engine_config() -> EngineConfig {
-    let python = repo(".venv/bin/python");
-    let model = repo("models").join(TINY).join("model.safetensors");
-    assert!(
-        python.exists() && model.exists(),
-        "the MLX runtime venv or the tiny model is missing: run ci/setup.sh"
-    );
-    let mut config = mlx_worker::config::from_yaml("", Path::new("defaults.yaml"))
-        .unwrap()
-        .engine;
-    config.python = python;
-    config.runtime_dir = repo("runtime");
-    config.model_dir = repo("models");
-    config.restart_window = Duration::from_secs(60);
-    config
+    testkit::runtime::engine_config(&repo("")).unwrap_or_else(|missing| panic!("{missing}"))
 }
 
 fn generate(stream_id: &str, max_tokens: u32) -> GenerateRequest {
@@ -159,10 +145,9 @@ async fn a_dropped_generation_is_cancelled_in_the_runtime() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kill() {
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
-    let mut registrations = client.nats.subscribe("worker.register").await.unwrap();
-    client.sync().await;
-    let binary = WorkerProcess::serving_tiny(&server.url(), "e2e");
+    let client = Controller::connect(&server.url()).await;
+    let mut registrations = client.subscribe("worker.register").await;
+    let binary = WorkerProcess::serving_tiny(&worker_binary!(), &server.url(), "e2e");
 
     let msg = within("the registration", registrations.next())
         .await
@@ -194,15 +179,14 @@ async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kil
     // Kill the runtime mid-generation: that request ends ENGINE_CRASHED, the worker goes
     // degraded, the runtime restarts, the worker is online again and serves.
     let mut long = client.subscribe_response("e2e-long").await;
-    let mut degraded = client.nats.subscribe("worker.heartbeat").await.unwrap();
-    client.sync().await;
+    let mut degraded = client.subscribe("worker.heartbeat").await;
     client
         .send(
             "e2e",
             &json!({"requestId": "e2e-long", "modelId": TINY, "prompt": "Hi", "maxTokens": 4000}),
         )
         .await;
-    within("a first token", long.next()).await.unwrap();
+    long.next(PATIENCE).await.unwrap();
     let runtime_pid = runtime_child_pid(binary.pid());
     send_signal(runtime_pid, "KILL");
     let rest = collect_stream(&mut long).await;
@@ -227,8 +211,7 @@ async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kil
         .await;
     assert_done(&after);
 
-    let mut goodbye = client.nats.subscribe("worker.deregister").await.unwrap();
-    client.sync().await;
+    let mut goodbye = client.subscribe("worker.deregister").await;
     let restarted_runtime = runtime_child_pid(binary.pid());
     assert_ne!(restarted_runtime, runtime_pid);
     assert_eq!(binary.terminate().await, 0);
@@ -254,21 +237,20 @@ fn runtime_child_pid(parent: u32) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_mode_starts_its_own_nats_server_and_stops_it() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut worker = WorkerProcess::spawn(&[
-        "--nats-mode",
-        "embedded",
-        "--nats-embedded-port",
-        &port.to_string(),
-        "--worker-id",
-        "embedded",
-        "--model-dir",
-        "models",
-    ]);
+    let port = testkit::nats::free_port();
+    let mut worker = WorkerProcess::spawn(
+        &worker_binary!(),
+        &[
+            "--nats-mode",
+            "embedded",
+            "--nats-embedded-port",
+            &port.to_string(),
+            "--worker-id",
+            "embedded",
+            "--model-dir",
+            "models",
+        ],
+    );
     // The worker's own nats-server accepts a client, and the worker registers on it.
     let url = format!("nats://127.0.0.1:{port}");
     let client = within("the embedded server", async {

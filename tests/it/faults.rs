@@ -23,8 +23,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-use crate::engine::TINY;
-use crate::harness::*;
+use testkit::runtime::TINY;
+use testkit::*;
 
 /// The exit status for a message server lost for good (README, docs/operations.md).
 const EX_IOERR: i32 = 74;
@@ -137,8 +137,8 @@ fn terminate_like_timeout(pid: u32) {
 
 /// Starts a worker `worker_id` on the message server at `url` (with `args` besides), connects
 /// a client there and waits for the worker's registration.
-async fn registered(url: &str, worker_id: &str, args: &[&str]) -> (LoggedWorker, Client) {
-    let client = Client::connect(url).await;
+async fn registered(url: &str, worker_id: &str, args: &[&str]) -> (LoggedWorker, Controller) {
+    let client = Controller::connect(url).await;
     let mut registrations = client.nats.subscribe("worker.register").await.unwrap();
     client.sync().await;
     let mut all = vec!["--nats-url", url, "--worker-id", worker_id];
@@ -247,9 +247,7 @@ async fn a_sigterm_to_the_process_group_drains_in_flight_requests() {
     ]);
     let url = format!("nats://127.0.0.1:{port}");
     worker.logged("embedded nats-server started").await;
-    let client = Client {
-        nats: async_nats::connect(&url).await.unwrap(),
-    };
+    let client = Controller::connect(&url).await;
     client
         .heartbeat_where("group", |hb| {
             hb.metrics.models_loaded.contains(&TINY.to_owned())
@@ -267,8 +265,7 @@ async fn a_sigterm_to_the_process_group_drains_in_flight_requests() {
         let body = json!({"requestId": id, "modelId": TINY, "prompt": "Hello world", "maxTokens": TOKENS, "temperature": 0});
         client.send("group", &body).await;
     }
-    let first = within("a first token", streams[0].next()).await.unwrap();
-    let first: StreamMessage = serde_json::from_slice(&first.payload).unwrap();
+    let first = streams[0].next(PATIENCE).await.unwrap().message;
     assert!(
         matches!(first, StreamMessage::Token { index: 0, .. }),
         "{first:?}"
@@ -334,7 +331,7 @@ async fn a_signal_a_second_after_the_first_forces_the_exit() {
         let body = json!({"requestId": id, "modelId": TINY, "prompt": "Hello world", "maxTokens": TOKENS, "temperature": 0});
         client.send("forced", &body).await;
     }
-    within("a first token", first.next()).await.unwrap();
+    first.next(PATIENCE).await.unwrap();
 
     terminate_like_timeout(worker.pid());
     worker.logged("stop requested").await;

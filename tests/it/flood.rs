@@ -8,12 +8,12 @@
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
-use futures::StreamExt;
+use mlx_worker::client::Target;
 use mlx_worker::protocol::{StreamMessage, WorkerHeartbeat};
 use serde_json::json;
 
-use crate::engine::TINY;
-use crate::harness::*;
+use testkit::runtime::TINY;
+use testkit::*;
 
 const REQUESTS: usize = 10_000;
 const GARBAGE: usize = 1_000;
@@ -33,46 +33,37 @@ fn peak_rss_kib(pid: u32) -> u64 {
 async fn a_flood_gets_every_request_answered_within_a_memory_bound() {
     let _ = crate::engine::engine_config(); // fails clearly when setup has not run
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
-    let mut registrations = client.nats.subscribe("worker.register").await.unwrap();
-    let mut heartbeats = client.nats.subscribe("worker.heartbeat").await.unwrap();
-    let mut responses = client.nats.subscribe("response.>").await.unwrap();
-    client.sync().await;
-    let worker = WorkerProcess::serving_tiny(&server.url(), "flood");
+    let client = Controller::connect(&server.url()).await;
+    let mut registrations = client.subscribe("worker.register").await;
+    let mut heartbeats = client.subscribe("worker.heartbeat").await;
+    let mut responses = client.subscribe("response.>").await;
+    let worker = WorkerProcess::serving_tiny(&worker_binary!(), &server.url(), "flood");
     let pid = worker.pid();
     within("the registration", registrations.next())
         .await
         .unwrap();
 
+    let flood = Target::Worker("flood".to_owned());
     for n in 0..REQUESTS {
         let body =
             json!({"requestId": format!("f-{n}"), "modelId": TINY, "prompt": "Hi", "maxTokens": 2});
-        client
-            .nats
-            .publish("worker.flood.inference", body.to_string().into())
-            .await
-            .unwrap();
+        client.publish(&flood, body.to_string().into()).await;
         if n % 10 == 0 {
             let junk: Vec<u8> = (0..64).map(|i| ((n * 31 + i * 7) % 251) as u8).collect();
-            client
-                .nats
-                .publish("worker.flood.inference", Bytes::from(junk))
-                .await
-                .unwrap();
+            client.publish(&flood, Bytes::from(junk)).await;
         }
     }
-    client.nats.flush().await.unwrap();
+    client.flush().await;
     assert_eq!(REQUESTS / 10, GARBAGE);
 
     let mut ends: BTreeMap<String, String> = BTreeMap::new();
+    let mut streams = Streams::default();
     let mut beats_during = 0;
     within("every request's answer", async {
         while ends.len() < REQUESTS {
             tokio::select! {
                 msg = responses.next() => {
-                    let msg = msg.unwrap();
-                    let m: StreamMessage = serde_json::from_slice(&msg.payload).unwrap();
-                    let id = msg.subject.trim_start_matches("response.").to_owned();
+                    let (id, m) = streams.push(&msg.unwrap());
                     match m {
                         StreamMessage::Done { .. } => {
                             assert!(ends.insert(id, "done".into()).is_none());

@@ -8,18 +8,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
+use mlx_worker::client::Target;
 use mlx_worker::protocol::StreamMessage;
-use mlx_worker::protocol::subject::model_inference;
 use mlx_worker_sim::{SimEngine, SimEngineConfig};
 use serde_json::json;
 
-use crate::harness::*;
+use testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_workers_share_a_model_and_a_stopping_one_loses_nothing() {
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
+    let client = Controller::connect(&server.url()).await;
     let config = test_config(
         &server.url(),
         "  drainTimeoutMs: 20000\n  requestQueue:\n    maxDepth: 300\n",
@@ -34,32 +33,26 @@ async fn three_workers_share_a_model_and_a_stopping_one_loses_nothing() {
     for i in 0..3 {
         workers.push(RunningWorker::start(&format!("g-{i}"), &config, engine(), vec![]).await);
     }
-    let mut responses = client.nats.subscribe("response.>").await.unwrap();
-    client.sync().await;
-    let subject = model_inference("sim/tiny");
+    let mut responses = client.subscribe("response.>").await;
+    let model = Target::Model("sim/tiny".to_owned());
 
     let mut stopping = None;
     for n in 0..300 {
         let body = json!({"requestId": format!("m-{n}"), "modelId": "sim/tiny", "prompt": "x", "maxTokens": 3});
-        client
-            .nats
-            .publish(subject.clone(), body.to_string().into())
-            .await
-            .unwrap();
+        client.publish(&model, body.to_string().into()).await;
         if n == 100 {
-            client.nats.flush().await.unwrap();
+            client.flush().await;
             stopping = Some(tokio::spawn(workers.remove(1).stop()));
         }
     }
-    client.nats.flush().await.unwrap();
+    client.flush().await;
 
     let mut ends: BTreeMap<String, StreamMessage> = BTreeMap::new();
+    let mut streams = Streams::default();
     within("every request's terminal message", async {
         while ends.len() < 300 {
-            let msg = responses.next().await.unwrap();
-            let m: StreamMessage = serde_json::from_slice(&msg.payload).unwrap();
+            let (id, m) = streams.push(&responses.next().await.unwrap());
             if m.is_terminal() {
-                let id = msg.subject.trim_start_matches("response.").to_owned();
                 assert!(
                     ends.insert(id.clone(), m).is_none(),
                     "two terminals for {id}"

@@ -2,23 +2,20 @@
 // during a drain, /healthz follows the process, and /metrics is valid Prometheus text whose
 // counters move with traffic.
 // Method: a worker (simulated engine) on a real nats-server, its observer served by the
-// library's HTTP server on a free loopback port, and a plain TCP client.
+// library's HTTP server on a free loopback port, and a plain TCP client; /metrics is read
+// with a Prometheus text-format parser (prometheus-parse), not the project's own code.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
-use mlx_worker::clock::SystemClock;
-use mlx_worker::identity::Identity;
 use mlx_worker::transport::nats::NatsTransport;
-use mlx_worker::worker::{Deps, Worker};
 use mlx_worker_sim::{SimEngine, SimEngineConfig, SimProbe};
+use prometheus_parse::{LineInfo, SampleType, Scrape, Value};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::harness::*;
+use testkit::*;
 
 /// GET `path` from the worker's HTTP port on the loopback address; the status and the body.
 async fn get(port: u16, path: &str) -> (u16, String) {
@@ -45,74 +42,80 @@ pub(crate) async fn get_from(
     Ok((status, body))
 }
 
-/// Checks the Prometheus text format and returns every sample by its full name with labels.
-fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
-    let mut typed = std::collections::BTreeSet::new();
-    let mut samples = BTreeMap::new();
+/// Parses `/metrics` with a Prometheus text-format parser, and checks that it understood
+/// every line: each is a help line, a type line of a known kind, or a sample whose value parses;
+/// the only untyped samples are the `_sum` and `_count` of a histogram.
+fn parse_prometheus(text: &str) -> Scrape {
     for line in text.lines() {
-        if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let mut parts = rest.split(' ');
-            let name = parts.next().unwrap();
-            let kind = parts.next().unwrap();
-            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
-            typed.insert(name.to_owned());
-            continue;
-        }
-        if line.starts_with("# HELP ") {
-            continue;
-        }
-        let (series, value) = line
-            .rsplit_once(' ')
-            .unwrap_or_else(|| panic!("bad line {line:?}"));
-        let value: f64 = value
-            .parse()
-            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
-        let name = series.split('{').next().unwrap();
-        assert!(
-            name.chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
-            "bad name in {line:?}"
-        );
-        let family = ["_bucket", "_sum", "_count"]
-            .iter()
-            .find_map(|s| name.strip_suffix(s).filter(|f| typed.contains(*f)))
-            .unwrap_or(name);
-        assert!(typed.contains(family), "sample before its TYPE: {line:?}");
-        if let Some(labels) = series.strip_prefix(name) {
-            assert!(
-                labels.is_empty() || (labels.starts_with('{') && labels.ends_with('}')),
+        match LineInfo::parse(line) {
+            LineInfo::Doc { .. } => {}
+            LineInfo::Type { sample_type, .. } => assert!(
+                matches!(
+                    sample_type,
+                    SampleType::Counter | SampleType::Gauge | SampleType::Histogram
+                ),
                 "{line}"
+            ),
+            LineInfo::Sample { value, .. } => {
+                assert!(value.parse::<f64>().is_ok(), "bad value in {line:?}")
+            }
+            LineInfo::Empty | LineInfo::Ignored => panic!("not Prometheus text: {line:?}"),
+        }
+    }
+    let scrape = Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let histograms: Vec<&str> = scrape
+        .samples
+        .iter()
+        .filter(|s| matches!(s.value, Value::Histogram(_)))
+        .map(|s| s.metric.as_str())
+        .collect();
+    for sample in &scrape.samples {
+        if let Value::Untyped(_) = sample.value {
+            let family = ["_sum", "_count"]
+                .iter()
+                .find_map(|suffix| sample.metric.strip_suffix(suffix));
+            assert!(
+                family.is_some_and(|f| histograms.contains(&f)),
+                "sample without a type: {}",
+                sample.metric
             );
         }
-        samples.insert(series.to_owned(), value);
     }
-    samples
+    scrape
+}
+
+/// The value of the sample `name` with exactly `labels`, if the scrape has it.
+fn sample(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let found = scrape.samples.iter().find(|s| {
+        s.metric == name
+            && s.labels.len() == labels.len()
+            && labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v))
+    })?;
+    match found.value {
+        Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => Some(v),
+        Value::Histogram(_) | Value::Summary(_) => panic!("{name} is not a single number"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_and_metrics_follow_the_worker() {
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
-    let mut registrations = client.nats.subscribe("worker.register").await.unwrap();
-    client.sync().await;
+    let client = Controller::connect(&server.url()).await;
+    let mut registrations = client.subscribe("worker.register").await;
     let config = test_config(&server.url(), "  drainTimeoutMs: 5000\n");
     let transport = Arc::new(NatsTransport::connect(&config.nats).await.unwrap());
-    let deps = Deps {
+    let engine = Arc::new(SimEngine::new(SimEngineConfig {
+        token_latency: Duration::from_millis(20),
+        ..SimEngineConfig::default()
+    }));
+    let worker = Arc::new(testkit::worker::build(
+        "w-http",
+        config.node.clone(),
+        engine,
+        vec![],
         transport,
-        engine: Arc::new(SimEngine::new(SimEngineConfig {
-            token_latency: Duration::from_millis(20),
-            ..SimEngineConfig::default()
-        })),
-        clock: Arc::new(SystemClock),
-        hardware: Arc::new(SimProbe::new()),
-    };
-    let identity = Identity {
-        worker_id: "w-http".into(),
-        hostname: "h".into(),
-        ip: "127.0.0.1".into(),
-        port: 0,
-    };
-    let worker = Arc::new(Worker::new(identity, config.node.clone(), vec![], deps));
+        Arc::new(SimProbe::new()),
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let stop_http = CancellationToken::new();
@@ -130,17 +133,7 @@ async fn health_readiness_and_metrics_follow_the_worker() {
     assert_eq!(get(port, "/healthz").await.0, 200);
     assert_eq!(get(port, "/nope").await.0, 404);
 
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = {
-        let worker = worker.clone();
-        tokio::spawn(async move {
-            worker
-                .run(async {
-                    let _ = stopped.await;
-                })
-                .await
-        })
-    };
+    let running = RunningWorker::spawn(worker.clone());
     within("the registration", registrations.next())
         .await
         .unwrap();
@@ -164,14 +157,17 @@ async fn health_readiness_and_metrics_follow_the_worker() {
     let (status, text) = get(port, "/metrics").await;
     assert_eq!(status, 200);
     let after = parse_prometheus(&text);
-    let ok = r#"mlx_worker_requests_total{model="sim/tiny",outcome="success"}"#;
-    assert_eq!(before.get(ok), None);
-    assert_eq!(after[ok], 1.0);
-    assert_eq!(after["mlx_worker_tokens_generated_total"], 5.0);
-    assert_eq!(after["mlx_worker_request_duration_seconds_count"], 1.0);
-    assert_eq!(after["mlx_worker_inter_token_seconds_count"], 4.0);
-    assert!(after["mlx_worker_heartbeats_sent_total"] >= 1.0);
-    assert_eq!(after["mlx_worker_ready"], 1.0);
+    let ok = [("model", "sim/tiny"), ("outcome", "success")];
+    assert_eq!(sample(&before, "mlx_worker_requests_total", &ok), None);
+    assert_eq!(sample(&after, "mlx_worker_requests_total", &ok), Some(1.0));
+    let value = |name: &str| {
+        sample(&after, name, &[]).unwrap_or_else(|| panic!("no sample {name} in {text}"))
+    };
+    assert_eq!(value("mlx_worker_tokens_generated_total"), 5.0);
+    assert_eq!(value("mlx_worker_request_duration_seconds_count"), 1.0);
+    assert_eq!(value("mlx_worker_inter_token_seconds_count"), 4.0);
+    assert!(value("mlx_worker_heartbeats_sent_total") >= 1.0);
+    assert_eq!(value("mlx_worker_ready"), 1.0);
 
     // During a drain the worker is not ready.
     let mut slow = client.subscribe_response("h-slow").await;
@@ -181,8 +177,8 @@ async fn health_readiness_and_metrics_follow_the_worker() {
             &json!({"requestId": "h-slow", "modelId": "sim/tiny", "prompt": "x", "maxTokens": 100}),
         )
         .await;
-    within("a first token", slow.next()).await.unwrap();
-    stop.send(()).unwrap();
+    slow.next(PATIENCE).await.unwrap();
+    let stopping = tokio::spawn(running.stop());
     within(
         "draining",
         lifecycle.wait_for(|s| *s == mlx_worker::lifecycle::Lifecycle::Draining),
@@ -194,10 +190,7 @@ async fn health_readiness_and_metrics_follow_the_worker() {
         503,
         "not ready while draining"
     );
-    within("the worker to stop", running)
-        .await
-        .unwrap()
-        .unwrap();
+    within("the worker to stop", stopping).await.unwrap();
     assert_eq!(get(port, "/healthz").await.0, 503, "stopped");
     stop_http.cancel();
     http.await.unwrap();

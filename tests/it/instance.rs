@@ -12,27 +12,18 @@ use std::path::Path;
 use std::process::Stdio;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use mlx_worker::protocol::WorkerRegistration;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::engine::TINY;
-use crate::harness::*;
+use mlx_worker::transport::Subscription;
+use testkit::nats::free_port;
+use testkit::runtime::TINY;
+use testkit::*;
 
 /// The exit code of a worker refused because another instance has its state directory or id.
 const EXIT_INSTANCE_CONFLICT: i32 = 75;
-
-/// Serve the tiny model, loaded at start, and heartbeat every 200 ms.
-const SERVING_TINY: [&str; 6] = [
-    "--model-dir",
-    "models",
-    "--preload",
-    TINY,
-    "--heartbeat-interval-ms",
-    "200",
-];
 
 /// `mlx-worker run <args> --port 0` from the repository root on `state`; killed if dropped.
 fn worker_command(state: &Path, args: &[&str]) -> Command {
@@ -134,17 +125,8 @@ impl Drop for ReapNatsServers {
     }
 }
 
-/// A port nobody listens on now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The id of the next worker registration on `registrations`.
-async fn registered_id(registrations: &mut async_nats::Subscriber) -> String {
+async fn registered_id(registrations: &mut Subscription) -> String {
     let msg = within("the registration", registrations.next())
         .await
         .unwrap();
@@ -153,7 +135,7 @@ async fn registered_id(registrations: &mut async_nats::Subscriber) -> String {
 }
 
 /// Waits until `id` has the tiny model loaded, then runs one request on it to `done`.
-async fn serves_a_request(client: &Client, id: &str, request_id: &str) {
+async fn serves_a_request(client: &Controller, id: &str, request_id: &str) {
     client
         .heartbeat_where(id, |hb| hb.metrics.models_loaded.contains(&TINY.to_owned()))
         .await;
@@ -164,9 +146,8 @@ async fn serves_a_request(client: &Client, id: &str, request_id: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_worker_on_the_same_state_directory_refuses_and_the_first_serves() {
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
-    let mut registrations = client.nats.subscribe("worker.register").await.unwrap();
-    client.sync().await;
+    let client = Controller::connect(&server.url()).await;
+    let mut registrations = client.subscribe("worker.register").await;
     let state = tempfile::tempdir().unwrap();
     // No --worker-id: the id is the one generated into the state directory.
     let url = server.url();
@@ -196,7 +177,7 @@ async fn a_second_worker_on_the_same_state_directory_refuses_and_the_first_serve
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_worker_with_the_same_id_on_the_bus_refuses() {
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
+    let client = Controller::connect(&server.url()).await;
     let (state_a, state_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let args = [
         "--nats-url",
@@ -299,15 +280,8 @@ async fn a_killed_embedded_worker_leaves_no_nats_server_behind_at_the_next_start
 
     let mut first = spawn_worker(state.path(), &args);
     let first_pid = first.id().expect("running");
-    let client = within("the embedded server", async {
-        loop {
-            if let Ok(nats) = async_nats::connect(&url).await {
-                return Client { nats };
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-    })
-    .await;
+    // The controller's transport retries until the worker's own server is up.
+    let client = Controller::connect(&url).await;
     client.heartbeat_where("orphan-check", |_| true).await;
     let orphan = match nats_servers_on(port)[..] {
         [pid] => pid,
@@ -360,7 +334,7 @@ async fn a_killed_embedded_worker_leaves_no_nats_server_behind_at_the_next_start
     };
     assert_eq!(parent_of(own), Some(second_pid));
 
-    let client = Client::connect(&url).await;
+    let client = Controller::connect(&url).await;
     serves_a_request(&client, "orphan-check", "orphan-1").await;
     drop(client);
     assert_eq!(terminate(second).await, Some(0));

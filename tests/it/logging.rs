@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use crate::harness::*;
+use testkit::*;
 
 /// What the worker logs on its way to exit 69 (see the method above).
 const UNREACHABLE: &str = "message server unreachable, retrying in the background";
@@ -37,7 +37,13 @@ async fn run_with(dir: &Path, yaml: &str) -> Exited {
         "/nonexistent/python",
     ];
     // Text logs, whatever the environment asks for.
-    run_until_exit("no runtime", &args, &[("RUST_LOG", "info")]).await
+    run_until_exit(
+        &worker_binary!(),
+        "no runtime",
+        &args,
+        &[("RUST_LOG", "info")],
+    )
+    .await
 }
 
 #[tokio::test]

@@ -13,7 +13,6 @@ mod engine;
 mod faults;
 mod flood;
 mod group;
-mod harness;
 mod http;
 mod instance;
 mod logging;

@@ -12,8 +12,8 @@ use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::harness::*;
 use crate::http::get_from;
+use testkit::*;
 
 /// Runs the worker with its HTTP port on `address` and returns it with the address its
 /// listening socket is bound to, as it logs it.

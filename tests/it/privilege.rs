@@ -8,16 +8,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_nats::service::PingResponse;
 use bytes::Bytes;
-use futures::StreamExt;
 use mlx_worker::config::{NatsAuth, Secret};
-use mlx_worker::protocol::service::PingResponse;
 use mlx_worker::transport::nats::NatsTransport;
 use mlx_worker_sim::{SimEngine, SimEngineConfig, SimProbe};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::harness::*;
+use testkit::*;
 
 /// A nats-server with the shipped account file, passwords `worker-pw` and `controller-pw`
 /// filled in; the directory holds the filled-in file while the server runs.
@@ -35,7 +34,7 @@ pub(crate) async fn least_privilege_server() -> (NatsServer, tempfile::TempDir) 
             .replace("$CONTROLLER_PASSWORD", "controller-pw"),
     )
     .unwrap();
-    let server = NatsServer::start_with(&["-c", conf.to_str().unwrap()]).await;
+    let server = NatsServer::start_with(NatsOptions::new().config_file(&conf)).await;
     (server, dir)
 }
 
@@ -43,17 +42,20 @@ pub(crate) async fn least_privilege_server() -> (NatsServer, tempfile::TempDir) 
 async fn a_worker_runs_under_the_least_privilege_account_and_nothing_more() {
     let (server, _account) = least_privilege_server().await;
 
-    let controller = Client {
-        nats: async_nats::ConnectOptions::with_user_and_password(
+    let mut controller_config = test_config(&server.url(), "").nats;
+    controller_config.auth = NatsAuth::UserPassword {
+        user: "controller".into(),
+        password: Secret::new("controller-pw"),
+    };
+    let controller = Controller::connect_with(
+        &controller_config,
+        async_nats::ConnectOptions::with_user_and_password(
             "controller".into(),
             "controller-pw".into(),
-        )
-        .connect(server.url())
-        .await
-        .unwrap(),
-    };
-    let mut registrations = controller.nats.subscribe("worker.register").await.unwrap();
-    controller.sync().await;
+        ),
+    )
+    .await;
+    let mut registrations = controller.subscribe("worker.register").await;
     let mut config = test_config(&server.url(), "");
     config.nats.auth = NatsAuth::UserPassword {
         user: "worker".into(),
@@ -92,7 +94,7 @@ async fn a_worker_runs_under_the_least_privilege_account_and_nothing_more() {
     .await
     .unwrap();
     let ping: PingResponse = serde_json::from_slice(&ping.payload).unwrap();
-    assert_eq!(ping.header.id, "w-priv");
+    assert_eq!(ping.id, "w-priv");
 
     // Outside the grant: the server refuses and says so.
     let (errors_tx, mut errors) = mpsc::unbounded_channel();
@@ -109,12 +111,7 @@ async fn a_worker_runs_under_the_least_privilege_account_and_nothing_more() {
             .connect(server.url())
             .await
             .unwrap();
-    let mut watched = controller
-        .nats
-        .subscribe("worker.other.inference")
-        .await
-        .unwrap();
-    controller.sync().await;
+    let mut watched = controller.subscribe("worker.other.inference").await;
     rogue
         .publish("worker.other.inference", Bytes::from_static(b"{}"))
         .await

@@ -7,21 +7,19 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use futures::StreamExt;
 use mlx_worker::hardware;
 use mlx_worker::protocol::{WorkerHeartbeat, WorkerRegistration};
 use mlx_worker::transport::nats::NatsTransport;
 use mlx_worker_sim::{SimEngine, SimEngineConfig};
 
-use crate::harness::*;
+use testkit::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_registration_carries_the_probe_profile_and_cpu_moves_under_load() {
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
-    let mut registrations = client.nats.subscribe("worker.register").await.unwrap();
-    let mut heartbeats = client.nats.subscribe("worker.heartbeat").await.unwrap();
-    client.sync().await;
+    let client = Controller::connect(&server.url()).await;
+    let mut registrations = client.subscribe("worker.register").await;
+    let mut heartbeats = client.subscribe("worker.heartbeat").await;
     let config = test_config(&server.url(), "");
     let probe = hardware::detect();
     let profile = probe.profile().await;

@@ -12,7 +12,7 @@ use mlx_worker::transport::Transport;
 use mlx_worker::transport::nats::{ConnectError, NatsTransport};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
 
-use crate::harness::*;
+use testkit::*;
 
 async fn connects(config: &NatsConfig) -> Result<(), String> {
     match NatsTransport::connect(config).await {
@@ -37,7 +37,7 @@ async fn an_nkey_user_is_accepted_and_another_key_refused() {
         ),
     )
     .unwrap();
-    let server = NatsServer::start_with(&["-c", conf.to_str().unwrap()]).await;
+    let server = NatsServer::start_with(NatsOptions::new().config_file(&conf)).await;
     let mut config = test_config(&server.url(), "").nats;
     config.auth = NatsAuth::NKey(Secret::new(user.seed().unwrap()));
     connects(&config).await.unwrap();
@@ -92,17 +92,11 @@ fn pki(dir: &Path, name: &str) -> Pki {
 /// A nats-server that requires TLS with `pki`'s server certificate and verifies clients
 /// against its CA.
 async fn tls_server(pki: &Pki) -> NatsServer {
-    let s = |p: &Path| p.to_str().unwrap().to_owned();
-    NatsServer::start_with(&[
-        "--tls",
-        "--tlscert",
-        &s(&pki.server_cert),
-        "--tlskey",
-        &s(&pki.server_key),
-        "--tlsverify",
-        "--tlscacert",
-        &s(&pki.ca),
-    ])
+    NatsServer::start_with(NatsOptions::new().tls(ServerTls {
+        cert: pki.server_cert.clone(),
+        key: pki.server_key.clone(),
+        client_ca: Some(pki.ca.clone()),
+    }))
     .await
 }
 
@@ -112,7 +106,7 @@ async fn tls_with_the_right_ca_and_client_certificate_connects_and_a_wrong_ca_is
     let good = pki(dir.path(), "good");
     let other = pki(dir.path(), "other");
     let mut server = tls_server(&good).await;
-    let url = format!("tls://127.0.0.1:{}", server.port);
+    let url = server.url();
     let mut config = test_config(&url, "").nats;
     assert!(config.tls.required, "a tls:// URL requires TLS");
     config.tls = NatsTls {
@@ -183,7 +177,7 @@ async fn a_failed_tls_handshake_stops_start_up_with_exit_77_naming_the_handshake
     let other = pki(dir.path(), "other");
     let s = |p: &Path| p.to_str().unwrap().to_owned();
     let server = tls_server(&good).await;
-    let url = format!("tls://127.0.0.1:{}", server.port);
+    let url = server.url();
     let cases = [
         (
             "untrusted server certificate",
@@ -206,6 +200,7 @@ async fn a_failed_tls_handshake_stops_start_up_with_exit_77_naming_the_handshake
         std::fs::write(&file, format!("nats:\n  serverUrl: {url}\n{tls}")).unwrap();
         // A worker left retrying in the background would never exit: the wait fails then.
         let Exited { code, stderr, .. } = run_until_exit(
+            &worker_binary!(),
             name,
             &["--config", &s(&file), "--worker-id", "w-bad-tls"],
             &[("RUST_LOG", "info")],

@@ -4,11 +4,10 @@
 
 use std::time::Duration;
 
-use futures::StreamExt;
 use mlx_worker::config;
 use mlx_worker::transport::Transport;
 
-use crate::harness::*;
+use testkit::*;
 
 #[tokio::test]
 async fn the_listener_check_tells_an_empty_subject_from_a_listened_one() {
@@ -22,8 +21,8 @@ async fn the_listener_check_tells_an_empty_subject_from_a_listened_one() {
         .unwrap();
     assert!(!heard, "nobody listens on response.nobody");
 
-    let client = Client::connect(&server.url()).await;
-    let mut sub = client.subscribe_response("somebody").await;
+    let client = Controller::connect(&server.url()).await;
+    let mut sub = client.subscribe("response.somebody").await;
     let heard = transport
         .publish_if_listened("response.somebody".into(), "hello".into())
         .await

@@ -10,14 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use mlx_worker::protocol::{
     StreamMessage, WorkerDeregistration, WorkerHeartbeat, WorkerRegistration, WorkerStatus,
 };
+use mlx_worker::transport::Subscription;
 use mlx_worker_sim::{Fault, SimEngine, SimEngineConfig};
 use serde_json::json;
 
-use crate::harness::*;
+use testkit::*;
 
 const MODEL: &str = "sim/tiny";
 
@@ -32,7 +32,7 @@ fn request(id: &str, max_tokens: u32) -> serde_json::Value {
     json!({"requestId": id, "modelId": MODEL, "prompt": "Hello", "maxTokens": max_tokens})
 }
 
-async fn next(sub: &mut async_nats::Subscriber) -> (String, Bytes) {
+async fn next(sub: &mut Subscription) -> (String, Bytes) {
     let msg = within("a worker message", sub.next()).await.unwrap();
     (msg.subject.to_string(), msg.payload)
 }
@@ -40,9 +40,8 @@ async fn next(sub: &mut async_nats::Subscriber) -> (String, Bytes) {
 #[tokio::test]
 async fn registers_heartbeats_and_deregisters() {
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
-    let mut announcements = client.nats.subscribe("worker.>").await.unwrap();
-    client.sync().await;
+    let client = Controller::connect(&server.url()).await;
+    let mut announcements = client.subscribe("worker.>").await;
     let config = test_config(&server.url(), "");
     let mut worker =
         RunningWorker::start("w-lifecycle", &config, Arc::new(engine(0)), vec![]).await;
@@ -92,7 +91,7 @@ async fn registers_heartbeats_and_deregisters() {
 #[tokio::test]
 async fn streams_every_token_in_order_then_done() {
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
+    let client = Controller::connect(&server.url()).await;
     let config = test_config(&server.url(), "");
     let mut worker = RunningWorker::start("w-stream", &config, Arc::new(engine(0)), vec![]).await;
     worker.ready().await;
@@ -113,7 +112,7 @@ async fn streams_every_token_in_order_then_done() {
 #[tokio::test]
 async fn a_client_that_subscribes_after_sending_still_gets_every_token() {
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
+    let client = Controller::connect(&server.url()).await;
     let config = test_config(&server.url(), "");
     let mut worker = RunningWorker::start("w-late", &config, Arc::new(engine(0)), vec![]).await;
     worker.ready().await;
@@ -145,7 +144,7 @@ async fn a_client_that_subscribes_after_sending_still_gets_every_token() {
 #[tokio::test]
 async fn bad_requests_get_their_documented_codes_and_the_worker_keeps_serving() {
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
+    let client = Controller::connect(&server.url()).await;
     let config = test_config(
         &server.url(),
         "  maxConcurrent: 1\n  requestQueue:\n    maxDepth: 1\n",
@@ -199,9 +198,11 @@ async fn bad_requests_get_their_documented_codes_and_the_worker_keeps_serving() 
     check("q-full", request("q-full", 2), "QUEUE_FULL").await;
 
     // Cancel the running one mid-stream; the waiting one then runs.
-    let first = within("first token", running.next()).await.unwrap();
-    let first: StreamMessage = serde_json::from_slice(&first.payload).unwrap();
-    assert!(matches!(first, StreamMessage::Token { index: 0, .. }));
+    let first = running.next(PATIENCE).await.unwrap();
+    assert!(matches!(
+        first.message,
+        StreamMessage::Token { index: 0, .. }
+    ));
     client.cancel("w-bad", "q-run").await;
     let rest = collect_stream(&mut running).await;
     assert_eq!(error_code(&rest), "CANCELLED");
@@ -221,16 +222,14 @@ async fn bad_requests_get_their_documented_codes_and_the_worker_keeps_serving() 
     assert_eq!(reply["code"], "DUPLICATE_REQUEST");
     let stream = collect_stream(&mut first).await;
     assert_complete(&stream, 10);
-    // Nothing follows the terminal: a second terminal would arrive within the next stream.
+    // Nothing follows the terminal, not even while the next stream runs.
     let mut next = client.subscribe_response("after-dup").await;
     client.send("w-bad", &request("after-dup", 1)).await;
     assert_complete(&collect_stream(&mut next).await, 1);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(300), first.next())
-            .await
-            .is_err(),
-        "no message after the terminal"
-    );
+    first
+        .confirm_quiet(Duration::from_millis(300))
+        .await
+        .expect("no message after the terminal");
 
     // Still serving, and idle again.
     assert_complete(&client.infer("w-bad", request("after", 3)).await, 3);
@@ -247,7 +246,7 @@ async fn bad_requests_get_their_documented_codes_and_the_worker_keeps_serving() 
 #[tokio::test]
 async fn engine_failures_and_timeouts_end_with_one_error() {
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
+    let client = Controller::connect(&server.url()).await;
     let config = test_config(&server.url(), "  requestTimeoutMs: 500\n");
     let sim = engine(0);
     let mut worker = RunningWorker::start("w-fault", &config, Arc::new(sim.clone()), vec![]).await;
@@ -287,16 +286,15 @@ async fn reconnects_and_re_registers_after_the_server_restarts() {
     let mut worker =
         RunningWorker::start("w-reconnect", &config, Arc::new(engine(50)), vec![]).await;
     worker.ready().await;
-    let client = Client::connect(&server.url()).await;
+    let client = Controller::connect(&server.url()).await;
     let mut interrupted = client.subscribe_response("cut").await;
     client.send("w-reconnect", &request("cut", 200)).await;
-    within("a first token", interrupted.next()).await.unwrap();
+    interrupted.next(PATIENCE).await.unwrap();
 
     server.restart().await;
     // A fresh client (the old one reconnects on its own schedule) watches for the worker.
-    let client = Client::connect(&server.url()).await;
-    let mut registrations = client.nats.subscribe("worker.register").await.unwrap();
-    client.sync().await;
+    let client = Controller::connect(&server.url()).await;
+    let mut registrations = client.subscribe("worker.register").await;
     let msg = within("a re-registration", registrations.next())
         .await
         .unwrap();
@@ -315,7 +313,7 @@ async fn reconnects_and_re_registers_after_the_server_restarts() {
 #[tokio::test]
 async fn stop_lets_running_work_finish_within_the_drain() {
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
+    let client = Controller::connect(&server.url()).await;
     let config = test_config(&server.url(), "  maxConcurrent: 2\n");
     let mut worker = RunningWorker::start("w-drain", &config, Arc::new(engine(10)), vec![]).await;
     worker.ready().await;
@@ -325,7 +323,7 @@ async fn stop_lets_running_work_finish_within_the_drain() {
         subs.push(client.subscribe_response(&id).await);
         client.send("w-drain", &request(&id, 20)).await;
     }
-    within("the first token", subs[0].next()).await.unwrap();
+    subs[0].next(PATIENCE).await.unwrap();
     let stopping = tokio::spawn(worker.stop());
     for (i, sub) in subs.iter_mut().enumerate() {
         let stream = collect_stream(sub).await;
@@ -342,7 +340,7 @@ async fn stop_lets_running_work_finish_within_the_drain() {
 #[tokio::test]
 async fn what_the_drain_deadline_cuts_ends_with_worker_shutdown() {
     let server = NatsServer::start().await;
-    let client = Client::connect(&server.url()).await;
+    let client = Controller::connect(&server.url()).await;
     let config = test_config(&server.url(), "  maxConcurrent: 1\n  drainTimeoutMs: 200\n");
     let mut worker = RunningWorker::start("w-cut", &config, Arc::new(engine(50)), vec![]).await;
     worker.ready().await;
@@ -350,7 +348,7 @@ async fn what_the_drain_deadline_cuts_ends_with_worker_shutdown() {
     let mut queued = client.subscribe_response("cut-queued").await;
     client.send("w-cut", &request("cut-run", 1000)).await;
     client.send("w-cut", &request("cut-queued", 10)).await;
-    within("the first token", running.next()).await.unwrap();
+    running.next(PATIENCE).await.unwrap();
     let report = worker.stop().await;
     assert_eq!(
         error_code(&collect_stream(&mut running).await),
