@@ -408,13 +408,17 @@ pub enum ErrorCode {
     EngineCrashed,
     /// The worker is stopping and did not run (or finish) the request.
     WorkerShutdown,
+    /// The worker's link to the message server was lost while the response streamed, so some
+    /// of its tokens may never have arrived: the answer is incomplete. Sent once the link is
+    /// back; sending the request again is safe.
+    StreamInterrupted,
     /// An internal fault of the worker; a bug.
     InternalError,
 }
 
 impl ErrorCode {
     /// Every code, for documentation and tests.
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 14] = [
         ErrorCode::InvalidRequest,
         ErrorCode::PayloadTooLarge,
         ErrorCode::DuplicateRequest,
@@ -427,6 +431,7 @@ impl ErrorCode {
         ErrorCode::EngineError,
         ErrorCode::EngineCrashed,
         ErrorCode::WorkerShutdown,
+        ErrorCode::StreamInterrupted,
         ErrorCode::InternalError,
     ];
 
@@ -445,6 +450,7 @@ impl ErrorCode {
             ErrorCode::EngineError => "ENGINE_ERROR",
             ErrorCode::EngineCrashed => "ENGINE_CRASHED",
             ErrorCode::WorkerShutdown => "WORKER_SHUTDOWN",
+            ErrorCode::StreamInterrupted => "STREAM_INTERRUPTED",
             ErrorCode::InternalError => "INTERNAL_ERROR",
         }
     }
