@@ -85,6 +85,10 @@ pub const DRAIN_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
 /// Longest the worker holds the first message of a stream while nobody listens yet.
 pub const LATE_SUBSCRIBER_WAIT_MAX: Duration = Duration::from_secs(60);
 
+/// Longest fixed delay the configuration may put between a request's receipt and the first
+/// message of its stream (`worker.lateSubscriberMinDelayMs`).
+pub const LATE_SUBSCRIBER_MIN_DELAY_MAX: Duration = Duration::from_secs(10);
+
 /// Upper bound of the registration retry backoff.
 pub const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -148,3 +152,5 @@ const _: () = assert!(NATS_PAYLOAD_BYTES_MAX <= REQUEST_ID_SCAN_BYTES_MAX);
 const _: () = assert!(INFLIGHT_REQUESTS_MAX <= QUEUE_DEPTH_MAX);
 const _: () = assert!(TAGS_MAX * TAG_BYTES_MAX <= REQUEST_FRAMING_BYTES);
 const _: () = assert!(HTTP_ACCEPT_BACKOFF_MIN.as_nanos() <= HTTP_ACCEPT_BACKOFF_MAX.as_nanos());
+const _: () =
+    assert!(LATE_SUBSCRIBER_MIN_DELAY_MAX.as_nanos() <= LATE_SUBSCRIBER_WAIT_MAX.as_nanos());

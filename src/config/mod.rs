@@ -248,6 +248,9 @@ pub struct NodeConfig {
     pub drain_timeout: Duration,
     /// Longest wait for a listener before the first message of a stream.
     pub late_subscriber_wait: Duration,
+    /// Shortest time from a request's receipt to the first message of its stream, whoever
+    /// listens (a tap on `response.>` passes the listener check for everybody).
+    pub late_subscriber_min_delay: Duration,
     /// Requests running at once; `None` takes the hardware recommendation.
     pub inflight_max: Option<usize>,
     /// Requests waiting at most.

@@ -354,6 +354,14 @@ settings! {
         help: "Time a drain gives running and queued requests, milliseconds",
         set: |c, v| c.worker.drain_timeout_ms = Some(v),
     },
+    LateSubscriberMinDelayMs {
+        key: "worker.lateSubscriberMinDelayMs",
+        env: "LATE_SUBSCRIBER_MIN_DELAY_MS",
+        flag: None,
+        kind: MILLIS,
+        help: "Shortest time from a request's receipt to its first response message, milliseconds",
+        set: |c, v| c.worker.late_subscriber_min_delay_ms = Some(v),
+    },
     HeartbeatIntervalMs {
         key: "discovery.heartbeatIntervalMs",
         env: "HEARTBEAT_INTERVAL_MS",

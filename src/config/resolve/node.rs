@@ -20,9 +20,10 @@ use crate::config::{
     GenerationDefaults, NodeConfig, TierLimit,
 };
 use crate::limits::{
-    DRAIN_TIMEOUT_MAX, HEARTBEAT_INTERVAL_MIN, INFLIGHT_REQUESTS_MAX, LATE_SUBSCRIBER_WAIT_MAX,
-    MAX_TOKENS_MAX, NATS_PAYLOAD_BYTES_MAX, PROMPT_BYTES_MAX, QUEUE_DEPTH_MAX, REQUEST_TIMEOUT_MAX,
-    TAG_BYTES_MAX, TAGS_MAX,
+    DRAIN_TIMEOUT_MAX, HEARTBEAT_INTERVAL_MIN, INFLIGHT_REQUESTS_MAX,
+    LATE_SUBSCRIBER_MIN_DELAY_MAX, LATE_SUBSCRIBER_WAIT_MAX, MAX_TOKENS_MAX,
+    NATS_PAYLOAD_BYTES_MAX, PROMPT_BYTES_MAX, QUEUE_DEPTH_MAX, REQUEST_TIMEOUT_MAX, TAG_BYTES_MAX,
+    TAGS_MAX,
 };
 use crate::protocol::request::RequestLimits;
 use crate::protocol::subject::check_token;
@@ -75,6 +76,13 @@ pub(super) fn resolve_node(
             DEFAULT_LATE_SUBSCRIBER_WAIT,
             Duration::ZERO,
             LATE_SUBSCRIBER_WAIT_MAX,
+        )?,
+        late_subscriber_min_delay: millis_or(
+            "worker.lateSubscriberMinDelayMs",
+            w.late_subscriber_min_delay_ms,
+            Duration::ZERO,
+            Duration::ZERO,
+            LATE_SUBSCRIBER_MIN_DELAY_MAX,
         )?,
         inflight_max: w
             .max_concurrent
