@@ -89,6 +89,30 @@ pub const LATE_SUBSCRIBER_WAIT_MAX: Duration = Duration::from_secs(60);
 /// message of its stream (`worker.lateSubscriberMinDelayMs`).
 pub const LATE_SUBSCRIBER_MIN_DELAY_MAX: Duration = Duration::from_secs(10);
 
+/// First delay cap between two listener checks of one message; it doubles per check up to
+/// [`LISTENER_CHECK_DELAY_MAX`].
+pub const LISTENER_CHECK_DELAY_MIN: Duration = Duration::from_millis(1);
+
+/// Longest delay between two listener checks of one message.
+pub const LISTENER_CHECK_DELAY_MAX: Duration = Duration::from_millis(50);
+
+/// Longest a response message waits for a listener once the worker's link came back after a
+/// loss, when the configured wait is shorter: clients reconnect and subscribe again on their
+/// own backoff (async-nats waits up to 4 s between attempts, the existing controller 2 s).
+/// The request's deadline cuts it short.
+pub const LISTENER_REJOIN_WAIT: Duration = Duration::from_secs(10);
+
+/// Longest a terminal message may take to hand to the connection, beyond the waits for the
+/// link and for a listener.
+pub const TERMINAL_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Times a terminal message is sent again because the link was lost while it was checked.
+pub const TERMINAL_ATTEMPTS_MAX: u32 = 8;
+
+/// Longest wait for a flush of the connection outside a request (the goodbye, the stop):
+/// async-nats holds a flush until the link is back.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Upper bound of the registration retry backoff.
 pub const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
@@ -152,5 +176,7 @@ const _: () = assert!(NATS_PAYLOAD_BYTES_MAX <= REQUEST_ID_SCAN_BYTES_MAX);
 const _: () = assert!(INFLIGHT_REQUESTS_MAX <= QUEUE_DEPTH_MAX);
 const _: () = assert!(TAGS_MAX * TAG_BYTES_MAX <= REQUEST_FRAMING_BYTES);
 const _: () = assert!(HTTP_ACCEPT_BACKOFF_MIN.as_nanos() <= HTTP_ACCEPT_BACKOFF_MAX.as_nanos());
+const _: () = assert!(LISTENER_CHECK_DELAY_MIN.as_nanos() <= LISTENER_CHECK_DELAY_MAX.as_nanos());
 const _: () =
     assert!(LATE_SUBSCRIBER_MIN_DELAY_MAX.as_nanos() <= LATE_SUBSCRIBER_WAIT_MAX.as_nanos());
+const _: () = assert!(LISTENER_CHECK_TIMEOUT.as_nanos() <= TERMINAL_SEND_TIMEOUT.as_nanos());

@@ -19,17 +19,21 @@ pub enum Mutation {
     TokenAfterDone,
     /// The queue bound is not enforced.
     IgnoreQueueBound,
+    /// A stream's first message goes out without waiting for the link, and a stream whose first
+    /// publish timed out is abandoned without a terminal (the loss a long broker outage caused).
+    AbandonOnFirstPublishTimeout,
 }
 
 impl Mutation {
     /// Every planted bug.
-    pub const ALL: [Mutation; 6] = [
+    pub const ALL: [Mutation; 7] = [
         Mutation::SkipReregistration,
         Mutation::DropTerminalOnTimeout,
         Mutation::ForgetLatchedCancel,
         Mutation::DrainWithoutWaiting,
         Mutation::TokenAfterDone,
         Mutation::IgnoreQueueBound,
+        Mutation::AbandonOnFirstPublishTimeout,
     ];
 
     fn bit(self) -> u32 {

@@ -5,11 +5,12 @@
 //!
 //! The worker's promises are checked on what the worker handed to its transport (the trace of
 //! node `worker`), because a link loss legitimately loses what was in flight — exactly as with
-//! NATS. What the broker saw is checked against it where no link was lost (`broker-fifo`).
+//! NATS. What the broker saw is checked against it where no link was lost (`broker-fifo`), and
+//! what the controller received must never be a `done` over missing tokens (`done-is-complete`).
 //!
 //! | name | promise |
 //! |---|---|
-//! | `one-terminal` | every request the worker received while serving ends with exactly one `done` or `error` on `response.{id}` (unless its host crashed, or the transport refused a message of the stream) |
+//! | `one-terminal` | every request the worker received while serving ends with exactly one `done` or `error` on `response.{id}` (unless its host crashed, or the worker's link was down at some moment between the request's deadline and that deadline plus [`Limits::slack`]: then nobody is left to tell) |
 //! | `nothing-after-terminal` | no message of a request follows its terminal |
 //! | `contiguous-tokens` | token indices run 0, 1, 2, … |
 //! | `stream-fields` | every message of `response.{id}` names request `id`, and `done`'s `totalTokens` is the number of tokens before it |
@@ -20,11 +21,12 @@
 //! | `queue-bound` | no heartbeat reports more waiting requests than the configured bound; a flood past the bound gets `QUEUE_FULL` ([`check_flood`]) |
 //! | `latched-cancel` | a request whose cancel arrived before it ends `CANCELLED` |
 //! | `broker-fifo` | while a client's link was never lost, the broker received exactly its publishes, in order |
+//! | `done-is-complete` | a `done` the controller receives with `totalTokens: n` follows its receipt of every token index below `n`: a stream that lost tokens on the way ends with an error, never with `done` |
 //!
 //! The rules of one stream (`contiguous-tokens`, `stream-fields`) are the library client's
 //! own, `mlx_worker::client::StreamCheck`, applied to what the worker published.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Duration;
 
@@ -132,6 +134,10 @@ pub fn check(events: &[Event], limits: &Limits, at_end: bool) -> Vec<Violation> 
     let mut drain_at: Option<Duration> = None;
     let mut open: BTreeMap<String, Open> = BTreeMap::new();
     let mut cancels: BTreeMap<String, Duration> = BTreeMap::new();
+    // The worker's link: (time, up) at each change.
+    let mut link: Vec<(Duration, bool)> = Vec::new();
+    // Token indices the controller received, by response subject.
+    let mut delivered: BTreeMap<String, BTreeSet<u64>> = BTreeMap::new();
 
     for e in events {
         match (&e.node[..], &e.kind) {
@@ -211,12 +217,10 @@ pub fn check(events: &[Event], limits: &Limits, at_end: bool) -> Vec<Violation> 
                     cancels.insert(id, e.at);
                 }
             }
-            ("worker", EventKind::PublishFailed { subject }) => {
-                if let Some(id) = subject.strip_prefix("response.")
-                    && let Some(o) = open.get_mut(id)
-                {
-                    o.owed = false;
-                }
+            ("worker", EventKind::Connected { .. }) => link.push((e.at, true)),
+            ("worker", EventKind::Disconnected) => link.push((e.at, false)),
+            ("controller", EventKind::Received { subject, payload }) => {
+                received(&mut delivered, subject, payload, e.at, &mut v);
             }
             (
                 "worker",
@@ -312,7 +316,10 @@ pub fn check(events: &[Event], limits: &Limits, at_end: bool) -> Vec<Violation> 
         }
     }
     for (id, o) in &open {
-        if o.owed && now > o.deadline + limits.slack {
+        if o.owed
+            && now > o.deadline + limits.slack
+            && !down_between(&link, o.deadline, o.deadline + limits.slack)
+        {
             v(
                 "one-terminal",
                 now,
@@ -327,6 +334,59 @@ pub fn check(events: &[Event], limits: &Limits, at_end: bool) -> Vec<Violation> 
     }
     broker_fifo(events, &mut out);
     out
+}
+
+/// How long the answer of a listener check may take (the transports' round-trip timeout).
+const CHECK_ANSWER_WITHIN: Duration = Duration::from_secs(5);
+
+/// Whether the link whose changes are `link` was down at `from` or went down before `to`.
+fn down_between(link: &[(Duration, bool)], from: Duration, to: Duration) -> bool {
+    let up_at_from = link
+        .iter()
+        .take_while(|(at, _)| *at <= from)
+        .last()
+        .is_some_and(|(_, up)| *up);
+    !up_at_from || link.iter().any(|(at, up)| *at > from && *at <= to && !up)
+}
+
+/// `done-is-complete`: notes a message the controller received on a response subject, and
+/// checks a `done` against the tokens received before it.
+fn received(
+    delivered: &mut BTreeMap<String, BTreeSet<u64>>,
+    subject: &str,
+    payload: &[u8],
+    at: Duration,
+    v: &mut impl FnMut(&'static str, Duration, String),
+) {
+    let Some(id) = subject.strip_prefix("response.") else {
+        return;
+    };
+    match serde_json::from_slice::<StreamMessage>(payload) {
+        Ok(StreamMessage::Token { index, .. }) => {
+            delivered
+                .entry(subject.to_owned())
+                .or_default()
+                .insert(index);
+        }
+        Ok(StreamMessage::Done { total_tokens, .. }) => {
+            let got = delivered.get(subject);
+            let missing: Vec<u64> = (0..total_tokens)
+                .filter(|i| !got.is_some_and(|g| g.contains(i)))
+                .take(5)
+                .collect();
+            if !missing.is_empty() {
+                v(
+                    "done-is-complete",
+                    at,
+                    format!(
+                        "{id}: done with totalTokens {total_tokens}, but the controller never \
+                         received token(s) {missing:?}"
+                    ),
+                );
+            }
+        }
+        _ => {}
+    }
 }
 
 /// `broker-fifo`: for each client whose link never dropped and which never restarted, the
@@ -348,9 +408,13 @@ fn broker_fifo(events: &[Event], out: &mut Vec<Violation>) {
             continue;
         }
         // Per subject: a listener check is recorded by its sender only once answered, so the
-        // order across subjects may differ from the broker's; within a subject it may not.
+        // order across subjects may differ from the broker's; within a subject it may not, but
+        // the broker may already hold the subject's last message while its check's answer is
+        // on the way (for at most the check's timeout).
+        let now = events.last().map(|e| e.at).unwrap_or_default();
         let mut sent: BTreeMap<&str, Vec<&[u8]>> = BTreeMap::new();
         let mut got: BTreeMap<&str, Vec<&[u8]>> = BTreeMap::new();
+        let mut last_got: BTreeMap<&str, Duration> = BTreeMap::new();
         for e in events {
             match &e.kind {
                 EventKind::Published {
@@ -361,12 +425,23 @@ fn broker_fifo(events: &[Event], out: &mut Vec<Violation>) {
                     subject,
                     payload,
                     ..
-                } if from == node => got.entry(subject).or_default().push(payload),
+                } if from == node => {
+                    got.entry(subject).or_default().push(payload);
+                    last_got.insert(subject, e.at);
+                }
                 _ => {}
             }
         }
         for (subject, got) in &got {
             let sent = sent.get(subject).map_or(&[][..], Vec::as_slice);
+            let answer_on_the_way = got.len() == sent.len() + 1
+                && got[..sent.len()] == sent[..]
+                && last_got
+                    .get(subject)
+                    .is_some_and(|at| now.saturating_sub(*at) < CHECK_ANSWER_WITHIN);
+            if answer_on_the_way {
+                continue;
+            }
             if got.len() > sent.len() || sent[..got.len()] != got[..] {
                 let first = sent
                     .iter()

@@ -157,6 +157,8 @@ pub struct Ending {
     pub text: String,
     /// When it arrived.
     pub received_at: Instant,
+    /// Its deadline: past it, nobody waits for the error any more.
+    pub deadline: Instant,
 }
 
 /// An accepted request.
@@ -310,29 +312,30 @@ impl<T: Clone> Admission<T> {
             out.push(Action::Duplicate { id });
             return;
         }
+        let limit = self.request_timeout;
+        let deadline = now + timeout.map_or(limit, |t| t.min(limit));
+        let refuse = |code, text| refusal(&id, &model, code, text, now, deadline);
         if self.draining && !from_group {
             let text = "the worker is draining and takes no new requests".to_owned();
-            out.push(refusal(&id, &model, ErrorCode::WorkerShutdown, text, now));
+            out.push(refuse(ErrorCode::WorkerShutdown, text));
             return;
         }
         let Some(&tier) = self.models.get(&model) else {
             let text = self.not_served(&model);
-            out.push(refusal(&id, &model, ErrorCode::ModelNotFound, text, now));
+            out.push(refuse(ErrorCode::ModelNotFound, text));
             return;
         };
         if self.latch.take(now, &id) {
             let text = "the request was cancelled before it arrived".to_owned();
-            out.push(refusal(&id, &model, ErrorCode::Cancelled, text, now));
+            out.push(refuse(ErrorCode::Cancelled, text));
             return;
         }
-        let limit = self.request_timeout;
-        let deadline = now + timeout.map_or(limit, |t| t.min(limit));
         let starts = match self.scheduler.admit(id.clone(), tier, priority) {
             scheduler::Admission::Start => true,
             scheduler::Admission::Queued => false,
             scheduler::Admission::Full { waiting, limit } => {
                 let text = format!("queue is full ({waiting} waiting, limit {limit})");
-                out.push(refusal(&id, &model, ErrorCode::QueueFull, text, now));
+                out.push(refuse(ErrorCode::QueueFull, text));
                 return;
             }
         };
@@ -375,7 +378,8 @@ impl<T: Clone> Admission<T> {
             return;
         }
         debug!(request_id = %id, cause = %text, "invalid request");
-        out.push(refusal(&id, "-", code, text, now));
+        let deadline = now + self.request_timeout;
+        out.push(refusal(&id, "-", code, text, now, deadline));
     }
 
     /// Marks an accepted request running and says so.
@@ -430,6 +434,7 @@ impl<T: Clone> Admission<T> {
                 code,
                 text,
                 received_at: entry.received_at,
+                deadline: entry.deadline,
             }));
         }
     }
@@ -475,6 +480,7 @@ impl<T: Clone> Admission<T> {
                     code: ErrorCode::WorkerShutdown,
                     text: "the worker stopped before the request could run".to_owned(),
                     received_at: entry.received_at,
+                    deadline: entry.deadline,
                 }));
             }
         }
@@ -488,13 +494,21 @@ impl<T: Clone> Admission<T> {
     }
 }
 
-/// Refuses a request on arrival.
-fn refusal<T>(id: &str, model: &str, code: ErrorCode, text: String, now: Instant) -> Action<T> {
+/// Refuses a request on arrival; `deadline` is the one it would have had.
+fn refusal<T>(
+    id: &str,
+    model: &str,
+    code: ErrorCode,
+    text: String,
+    now: Instant,
+    deadline: Instant,
+) -> Action<T> {
     Action::Refuse(Ending {
         id: id.to_owned(),
         model: model.to_owned(),
         code,
         text,
         received_at: now,
+        deadline,
     })
 }

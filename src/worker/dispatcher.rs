@@ -19,7 +19,7 @@ use tracing::{debug, error, info, warn};
 
 use super::figures::{FAULT_MIN_SAMPLES, FAULT_WINDOW, FaultAging, Figures, IntakeCounters};
 use super::request::{self, Abort, Finished, Job, RequestContext};
-use super::responder::Responder;
+use super::responder::{Responder, Window};
 use crate::admission::{Action, Admission, Arrival, Ending, Event};
 use crate::config::GenerationDefaults;
 use crate::engine::GenerateRequest;
@@ -240,6 +240,7 @@ impl Dispatcher {
             code,
             text,
             received_at,
+            deadline,
         } = ending;
         debug!(request_id = %id, %code, reason = %text, "request refused");
         self.record(RequestRecord {
@@ -259,16 +260,31 @@ impl Dispatcher {
         };
         let ctx = self.ctx.clone();
         self.tasks.spawn(async move {
-            // Past the bound, refusals go out without waiting for a listener.
-            let late_wait = if wait.is_some() {
-                ctx.late_subscriber_wait
+            // Past the bound, refusals go out at once, without waiting for a listener or for
+            // the link.
+            let now = ctx.clock.now();
+            let window = if wait.is_some() {
+                Window {
+                    not_before: received_at + ctx.late_subscriber_min_delay,
+                    listener_wait: ctx.late_subscriber_wait,
+                    deadline,
+                }
             } else {
-                Duration::ZERO
+                Window {
+                    not_before: now,
+                    listener_wait: Duration::ZERO,
+                    deadline: now,
+                }
             };
-            let mut responder =
-                Responder::new(ctx.transport.clone(), ctx.clock.clone(), &id, late_wait);
+            let mut responder = Responder::new(
+                ctx.transport.clone(),
+                ctx.clock.clone(),
+                &id,
+                window,
+                ctx.mutations,
+            );
             let message = ErrorMessage::new(&id, code, &text);
-            if let Err(err) = responder.send(&message).await {
+            if let Err(err) = responder.terminal(&message, &message).await {
                 warn!(request_id = %id, cause = %err, "refusal could not be published");
             }
             drop(wait);

@@ -34,7 +34,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use dispatcher::DispatchReport;
 pub use figures::IntakeCounters;
@@ -47,7 +47,7 @@ use crate::engine::{Catalog, Engine, EngineHealth};
 use crate::hardware::{HardwareProbe, HostProfile};
 use crate::identity::Identity;
 use crate::lifecycle::{Lifecycle, LifecycleCell};
-use crate::limits::INFLIGHT_REQUESTS_MAX;
+use crate::limits::{FLUSH_TIMEOUT, INFLIGHT_REQUESTS_MAX};
 use crate::metrics::prometheus::MetricsView;
 use crate::metrics::telemetry::{self, Telemetry};
 use crate::mutation::{Mutation, Mutations};
@@ -196,6 +196,7 @@ impl Worker {
             clock: self.deps.clock.clone(),
             loader: Arc::new(Loader::default()),
             late_subscriber_wait: self.config.late_subscriber_wait,
+            late_subscriber_min_delay: self.config.late_subscriber_min_delay,
             finished: finished_tx,
             mutations: self.mutations,
             telemetry: self.telemetry.clone(),
@@ -420,7 +421,7 @@ impl Worker {
         background.stop.cancel();
         background.tasks.close();
         background.tasks.wait().await;
-        if let Err(err) = self.deps.transport.flush().await {
+        if let Err(err) = self.flush().await {
             warn!(cause = %err, "final flush failed");
         }
         self.deps.engine.shutdown(ENGINE_STOP_GRACE).await;
@@ -468,7 +469,23 @@ impl Worker {
             Err(err) => warn!(cause = %err, "deregistration not sent"),
         }
         // The controller should hear the goodbye before any late terminal messages.
-        let _ = self.deps.transport.flush().await;
+        if let Err(err) = self.flush().await {
+            debug!(cause = %err, "flush after the goodbye failed");
+        }
+    }
+
+    /// Pushes what was published to the server, if the link is up, within [`FLUSH_TIMEOUT`]:
+    /// async-nats holds a flush until a lost link is back, and an outage must not hold up a
+    /// drain or a stop.
+    async fn flush(&self) -> Result<(), TransportError> {
+        if !self.deps.transport.connection().borrow().connected {
+            return Err(TransportError::Disconnected);
+        }
+        tokio::time::timeout(FLUSH_TIMEOUT, self.deps.transport.flush())
+            .await
+            .unwrap_or(Err(TransportError::TimedOut {
+                millis: crate::clock::millis(FLUSH_TIMEOUT),
+            }))
     }
 }
 

@@ -2,8 +2,15 @@
 //! model if needed, generate, publish each token with a contiguous index, then exactly one
 //! `done` or one `error`, and report the outcome to the dispatcher.
 //!
-//! The request ends early when its [`Abort`] fires (cancel message, drain deadline) or its
-//! deadline passes; the engine's token stream is dropped then, which cancels the generation.
+//! The request ends early when its [`Abort`] fires (cancel message, drain deadline), its
+//! deadline passes, or its stream breaks because the link to the message server was lost (see
+//! `responder`); the engine's token stream is dropped then, which cancels the generation. A
+//! broken stream ends with `STREAM_INTERRUPTED` once the link is back, never with `done`. A
+//! terminal whose link is not back by the deadline has nobody left to tell: the request counts
+//! as undeliverable.
+
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -12,11 +19,11 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use tokio::sync::mpsc;
-use tokio::time::{Instant, timeout};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::responder::Responder;
+use super::responder::{Failure, Responder, Sent, Window};
 use crate::clock::{Clock, millis};
 use crate::engine::{Engine, EngineError, GenerateRequest, LoadedModel, TokenEvent};
 use crate::metrics::telemetry::Telemetry;
@@ -24,9 +31,6 @@ use crate::metrics::{Outcome, RequestRecord};
 use crate::mutation::{Mutation, Mutations};
 use crate::protocol::{DoneMessage, ErrorCode, ErrorMessage, TokenMessage};
 use crate::transport::{Transport, TransportError};
-
-/// Longest a terminal message may take to hand to the connection, beyond the listener wait.
-const TERMINAL_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Stops a request from outside, with the reason its terminal message will give.
 #[derive(Debug, Default)]
@@ -99,6 +103,8 @@ pub(crate) struct RequestContext {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) loader: Arc<Loader>,
     pub(crate) late_subscriber_wait: Duration,
+    /// Shortest time from a request's receipt to the first message of its stream.
+    pub(crate) late_subscriber_min_delay: Duration,
     /// Where finished requests are reported; the dispatcher reads it.
     pub(crate) finished: mpsc::Sender<Finished>,
     /// Planted bugs (always empty outside the simulation suite).
@@ -128,7 +134,9 @@ pub(crate) struct Finished {
 enum End {
     Done,
     Failed(ErrorCode, String),
-    /// The link failed; no terminal message can be sent.
+    /// The stream broke with the link: it ends `STREAM_INTERRUPTED` once the link is back.
+    Interrupted(String),
+    /// The stream is abandoned without a terminal (a planted bug only).
     Lost(String),
 }
 
@@ -136,11 +144,17 @@ enum End {
 pub(crate) async fn run(ctx: Arc<RequestContext>, job: Job) {
     let span = info_span!("request", request_id = %job.request_id, model = %job.generate.model_id);
     async move {
+        let window = Window {
+            not_before: job.received_at + ctx.late_subscriber_min_delay,
+            listener_wait: ctx.late_subscriber_wait,
+            deadline: job.deadline,
+        };
         let mut responder = Responder::new(
             ctx.transport.clone(),
             ctx.clock.clone(),
             &job.request_id,
-            ctx.late_subscriber_wait,
+            window,
+            ctx.mutations,
         );
         let mut progress = Progress::default();
         let end = tokio::select! {
@@ -217,8 +231,18 @@ async fn stream(
             TokenEvent::Token(text) if text.is_empty() => {}
             TokenEvent::Token(text) => {
                 let message = TokenMessage::new(&job.request_id, &text, progress.tokens);
-                if let Err(err) = responder.send(&message).await {
-                    return End::Lost(err.to_string());
+                if let Err(broken) = responder.token(&message).await {
+                    let timed_out = matches!(
+                        broken.cause,
+                        Failure::Transport(TransportError::TimedOut { .. })
+                    );
+                    if broken.first
+                        && timed_out
+                        && ctx.mutations.has(Mutation::AbandonOnFirstPublishTimeout)
+                    {
+                        return End::Lost(broken.to_string());
+                    }
+                    return End::Interrupted(broken.to_string());
                 }
                 let now = ctx.clock.now();
                 match progress.last_token {
@@ -252,16 +276,30 @@ async fn finish(
     end: End,
 ) -> Outcome {
     let latency = millis(ctx.clock.now().saturating_duration_since(job.received_at));
-    let limit = ctx.late_subscriber_wait + TERMINAL_SEND_TIMEOUT;
+    let interrupted_text = interrupted_text(progress.tokens);
+    let interrupted = ErrorMessage::new(
+        &job.request_id,
+        ErrorCode::StreamInterrupted,
+        &interrupted_text,
+    );
     let (sent, outcome) = match end {
-        End::Done => {
+        End::Done if responder.is_intact() => {
             let done = DoneMessage::new(&job.request_id, progress.tokens, latency);
-            let sent = timeout(limit, responder.send(&done)).await;
+            let sent = responder.terminal(&done, &interrupted).await;
             if ctx.mutations.has(Mutation::TokenAfterDone) {
                 let stray = TokenMessage::new(&job.request_id, "stray", progress.tokens);
-                let _ = responder.send(&stray).await;
+                responder.publish_stray(&stray).await;
             }
             (sent, Outcome::Success)
+        }
+        End::Done | End::Interrupted(_) => {
+            if let End::Interrupted(cause) = &end {
+                info!(%cause, tokens = progress.tokens, "stream interrupted by the link");
+            }
+            (
+                responder.terminal(&interrupted, &interrupted).await,
+                Outcome::Failed(ErrorCode::StreamInterrupted),
+            )
         }
         End::Failed(ErrorCode::Timeout, _)
             if ctx.mutations.has(Mutation::DropTerminalOnTimeout) =>
@@ -271,7 +309,7 @@ async fn finish(
         End::Failed(code, text) => {
             let error = ErrorMessage::new(&job.request_id, code, &text);
             (
-                timeout(limit, responder.send(&error)).await,
+                responder.terminal(&error, &error).await,
                 Outcome::Failed(code),
             )
         }
@@ -280,20 +318,26 @@ async fn finish(
             return Outcome::Undeliverable;
         }
     };
-    let sent = sent.unwrap_or(Err(TransportError::TimedOut {
-        millis: millis(limit),
-    }));
     match sent {
-        Ok(()) => {
-            // The terminal is the one message worth waiting for: push it to the server now.
-            if let Err(err) = responder.flush().await {
-                debug!(cause = %err, "flush after the terminal message failed");
-            }
-            outcome
+        Ok(Sent::AsIs) => outcome,
+        // Only a `done` is replaced, by `STREAM_INTERRUPTED`; an error is sent again as it is.
+        Ok(Sent::Retry) if outcome == Outcome::Success => {
+            Outcome::Failed(ErrorCode::StreamInterrupted)
         }
+        Ok(Sent::Retry) => outcome,
         Err(err) => {
             warn!(cause = %err, "terminal message could not be published");
             Outcome::Undeliverable
         }
     }
+}
+
+/// The text of `STREAM_INTERRUPTED`, for whoever reads it: the existing controller passes only
+/// the text on to its HTTP client.
+fn interrupted_text(tokens: u64) -> String {
+    format!(
+        "the response is incomplete: the worker lost its connection to the message server \
+         while it streamed the answer ({tokens} tokens sent), so some tokens may be missing; \
+         send the request again"
+    )
 }

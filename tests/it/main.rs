@@ -17,6 +17,7 @@ mod http;
 mod instance;
 mod logging;
 mod operator;
+mod outage;
 mod privilege;
 mod probe;
 mod service;

@@ -46,6 +46,19 @@ pub(crate) fn run(scenario: &Scenario, seed: u64, mutations: Mutations) -> Outco
     }
 }
 
+/// The test of the scenario `name`: the chaos scenario's lives with the sweep, the delivery
+/// scenarios' in `delivery`, the others' in `scenarios`.
+pub(crate) fn test_path(name: &str) -> String {
+    let module = if name == "chaos" {
+        "sweep"
+    } else if crate::delivery::ALL.iter().any(|(s, _)| s.name == name) {
+        "delivery"
+    } else {
+        "scenarios"
+    };
+    format!("{module}::{name}")
+}
+
 /// The command that replays `name` on `seed`.
 pub(crate) fn replay(filter: &str, seed: u64) -> String {
     format!(
@@ -56,13 +69,7 @@ pub(crate) fn replay(filter: &str, seed: u64) -> String {
 /// Runs the scenario on `SIM_SEED` or its pinned seed and fails with every violation.
 pub(crate) fn check_clean(scenario: &Scenario, pinned: u64) {
     let seed = seed_or(pinned);
-    // The chaos scenario's test lives with the sweep; the others in `scenarios`.
-    let module = if scenario.name == "chaos" {
-        "sweep"
-    } else {
-        "scenarios"
-    };
-    let filter = format!("{module}::{}", scenario.name);
+    let filter = test_path(scenario.name);
     eprintln!(
         "{}: seed {seed} (replay: {})",
         scenario.name,

@@ -11,6 +11,7 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod delivery;
 mod determinism;
 mod fuzz;
 mod harness;

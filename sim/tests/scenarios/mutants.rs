@@ -3,7 +3,7 @@
 
 use mlx_worker::mutation::{Mutation, Mutations};
 
-use crate::harness::{replay, run};
+use crate::harness::{replay, run, test_path};
 use crate::scenarios::named;
 
 /// The scenarios that exercise each planted bug.
@@ -15,6 +15,7 @@ fn scenarios_for(m: Mutation) -> &'static [&'static str] {
         Mutation::DrainWithoutWaiting => &["drain_with_running_and_queued"],
         Mutation::TokenAfterDone => &["late_subscriber", "duplicate_request_ids"],
         Mutation::IgnoreQueueBound => &["flood_past_queue_bound"],
+        Mutation::AbandonOnFirstPublishTimeout => &["long_broker_outage"],
     }
 }
 
@@ -31,7 +32,7 @@ fn every_planted_bug_breaks_an_invariant() {
                 clean.violations.is_empty(),
                 "{name} fails without any mutation on seed {seed}: {:?}\nreplay: {}",
                 clean.violations,
-                replay(&format!("scenarios::{name}"), *seed)
+                replay(&test_path(name), *seed)
             );
             let mutated = run(scenario, *seed, Mutations::NONE.with(m));
             let mut invariants: Vec<&str> = mutated
@@ -51,7 +52,7 @@ fn every_planted_bug_breaks_an_invariant() {
                 }
             }
             table.push(format!(
-                "{:<22} {:<36} seed {:<3} {}",
+                "{:<28} {:<36} seed {:<3} {}",
                 format!("{m:?}"),
                 name,
                 seed,
@@ -66,7 +67,7 @@ fn every_planted_bug_breaks_an_invariant() {
         }
     }
     eprintln!(
-        "mutant                 scenario                             seed    invariants broken"
+        "mutant                       scenario                             seed    invariants broken"
     );
     for line in &table {
         eprintln!("{line}");

@@ -464,6 +464,7 @@ pub(crate) const ALL: &[(Scenario, u64)] = &[
 /// The scenario called `name`.
 pub(crate) fn named(name: &str) -> &'static (Scenario, u64) {
     ALL.iter()
+        .chain(crate::delivery::ALL)
         .find(|(s, _)| s.name == name)
         .expect("scenario exists")
 }
