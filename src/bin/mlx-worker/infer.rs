@@ -3,11 +3,13 @@
 
 use std::io::Write;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use mlx_worker::clock::{Clock, SystemClock};
+use mlx_worker::client::{Arrival, Client, ClientError, ResponseStream, Target};
+use mlx_worker::clock::SystemClock;
 use mlx_worker::config::{Flags, WorkerConfig};
 use mlx_worker::identity;
 use mlx_worker::protocol::{InferenceRequest, StreamMessage};
@@ -58,6 +60,31 @@ pub(crate) async fn infer(args: InferArgs) -> ExitCode {
 }
 
 async fn infer_inner(config: &WorkerConfig, args: &InferArgs) -> anyhow::Result<ExitCode> {
+    let target = target(config, args)?;
+    let client = Client::new(Arc::new(connect(config).await?), Arc::new(SystemClock));
+    let request = InferenceRequest {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        model_id: args.model.clone(),
+        prompt: args.prompt.clone(),
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: None,
+        session_id: None,
+        stream: Some(true),
+        priority: None,
+        timeout_ms: None,
+    };
+    // The client subscribes to the response subject first, so no token can be missed.
+    let mut stream = client.send(&target, &request).await?;
+    let from = match &target {
+        Target::Worker(id) => format!("worker {id}"),
+        Target::Model(_) => target.subject()?,
+    };
+    print_stream(&mut stream, args, &from).await
+}
+
+/// Where the request goes: `--worker`, else the id kept in the state directory.
+fn target(config: &WorkerConfig, args: &InferArgs) -> anyhow::Result<Target> {
     let worker = match &args.worker {
         Some(w) => w.clone(),
         None => std::fs::read_to_string(config.node.state_dir.join(identity::WORKER_ID_FILE))
@@ -69,6 +96,11 @@ async fn infer_inner(config: &WorkerConfig, args: &InferArgs) -> anyhow::Result<
                 )
             })?,
     };
+    Ok(Target::Worker(worker))
+}
+
+/// A transport connected under `infer`'s own name, its link up.
+async fn connect(config: &WorkerConfig) -> anyhow::Result<NatsTransport> {
     let nats = config.nats.for_command("infer", &identity::hostname());
     let transport = NatsTransport::connect(&nats).await?;
     let mut connection = transport.connection();
@@ -78,79 +110,66 @@ async fn infer_inner(config: &WorkerConfig, args: &InferArgs) -> anyhow::Result<
     )
     .await
     .with_context(|| format!("cannot reach {}", config.nats.servers.join(",")))??;
-    let request_id = uuid::Uuid::new_v4().to_string();
-    let request = InferenceRequest {
-        request_id: request_id.clone(),
-        model_id: args.model.clone(),
-        prompt: args.prompt.clone(),
-        max_tokens: args.max_tokens,
-        temperature: args.temperature,
-        top_p: None,
-        session_id: None,
-        stream: Some(true),
-        priority: None,
-        timeout_ms: None,
-    };
-    // Subscribe first, so no token can be missed.
-    let mut responses = transport
-        .subscribe(format!("response.{request_id}"), None)
-        .await
-        .context("cannot subscribe to the response subject")?;
-    let clock = SystemClock;
-    let sent = clock.now();
-    transport
-        .publish(
-            format!("worker.{worker}.inference"),
-            mlx_worker::protocol::encode(&request)?.into(),
-        )
-        .await
-        .context("cannot send the request")?;
+    Ok(transport)
+}
+
+/// Prints `stream` to its terminal message (the text, or with `--json` every message as a
+/// line), then the timings on stderr; `from` names the sender in a timeout.
+async fn print_stream(
+    stream: &mut ResponseStream,
+    args: &InferArgs,
+    from: &str,
+) -> anyhow::Result<ExitCode> {
     let mut first_token = None;
     let mut out = std::io::stdout().lock();
-    let deadline = Duration::from_secs(args.timeout_s);
+    let patience = Duration::from_secs(args.timeout_s);
     loop {
-        let msg = tokio::time::timeout(deadline, responses.next())
-            .await
-            .with_context(|| format!("no answer from worker {worker} within {deadline:?}"))?
-            .context("the response subscription ended")?;
+        let Arrival {
+            message,
+            payload,
+            at,
+        } = match stream.next(patience).await {
+            Err(ClientError::TimedOut { .. }) => {
+                anyhow::bail!("no answer from {from} within {patience:?}")
+            }
+            other => other?,
+        };
         if args.json {
-            out.write_all(&msg.payload)?;
+            out.write_all(&payload)?;
             out.write_all(b"\n")?;
             out.flush()?;
         }
-        let message: StreamMessage = serde_json::from_slice(&msg.payload)
-            .context("the worker sent an unreadable message")?;
-        match message {
+        let (said, code) = match message {
             StreamMessage::Token { token, .. } => {
-                first_token.get_or_insert_with(|| clock.now().saturating_duration_since(sent));
+                first_token.get_or_insert_with(|| at.saturating_duration_since(stream.sent_at()));
                 if !args.json {
                     out.write_all(token.as_bytes())?;
                     out.flush()?;
                 }
+                continue;
             }
             StreamMessage::Done {
                 total_tokens,
                 latency_ms,
                 ..
-            } => {
-                let total = clock.now().saturating_duration_since(sent);
-                if !args.json {
-                    writeln!(out)?;
-                }
-                eprintln!(
+            } => (
+                format!(
                     "{total_tokens} tokens; first token after {} ms; {} ms in all (worker: {latency_ms} ms)",
                     first_token.map_or(0, |d| d.as_millis()),
-                    total.as_millis()
-                );
-                return Ok(ExitCode::SUCCESS);
-            }
+                    at.saturating_duration_since(stream.sent_at()).as_millis()
+                ),
+                ExitCode::SUCCESS,
+            ),
             StreamMessage::Error { error, code, .. } => {
-                if !args.json {
-                    writeln!(out)?;
-                }
-                eprintln!("error {code}: {error}");
-                return Ok(ExitCode::FAILURE);
+                (format!("error {code}: {error}"), ExitCode::FAILURE)
             }
+        };
+        if !args.json {
+            writeln!(out)?;
         }
+        // Nothing may follow the terminal: check what has already come.
+        stream.confirm_quiet(Duration::ZERO).await?;
+        eprintln!("{said}");
+        return Ok(code);
     }
 }
