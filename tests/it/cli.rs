@@ -134,6 +134,40 @@ async fn infer_prints_tokens_as_they_arrive() {
     worker.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infer_without_a_worker_id_sends_to_the_model_subject() {
+    let server = NatsServer::start().await;
+    let config = test_config(&server.url(), "");
+    let engine = Arc::new(SimEngine::new(SimEngineConfig::default()));
+    let worker = RunningWorker::start("w-model", &config, engine, vec![]).await;
+    // No `--worker`, and a state directory that holds no worker id.
+    let state = tempfile::tempdir().unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_mlx-worker"))
+        .args(["infer", "--nats-url", &server.url(), "--model", "sim/tiny"])
+        .args(["--prompt", "x", "--max-tokens", "3", "--json"])
+        .env("MLX_WORKER_STATE_DIR", state.path())
+        .kill_on_drop(true)
+        .output();
+    let out = within("infer to exit", out).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let types: Vec<&str> = lines.iter().filter_map(|l| l["type"].as_str()).collect();
+    assert_eq!(types, ["token", "token", "token", "done"], "{lines:?}");
+    // It says where the request went, and that any worker of the model may take it.
+    let said = stderr.lines().next().unwrap_or_default();
+    assert!(
+        said.contains(&mlx_worker::protocol::subject::model_inference("sim/tiny"))
+            && said.contains("any worker"),
+        "{stderr}"
+    );
+    worker.stop().await;
+}
+
 /// `mlx-worker <args>` as a child process, killed when dropped.
 fn command(args: &[&str], stderr: Stdio) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_mlx-worker"))

@@ -28,7 +28,8 @@ pub(crate) struct InferArgs {
     /// Prompt text.
     #[arg(long, short = 'p')]
     prompt: String,
-    /// Worker to send to (default: the id kept in the state directory).
+    /// Worker to send to (default: the id kept in the state directory; without one, the
+    /// model's subject, where any worker serving the model may take it).
     #[arg(long, short = 'w')]
     worker: Option<String>,
     /// Tokens to generate at most.
@@ -83,20 +84,32 @@ async fn infer_inner(config: &WorkerConfig, args: &InferArgs) -> anyhow::Result<
     print_stream(&mut stream, args, &from).await
 }
 
-/// Where the request goes: `--worker`, else the id kept in the state directory.
+/// Where the request goes: `--worker`, else the id kept in the state directory, else the
+/// model's subject (said on stderr).
 fn target(config: &WorkerConfig, args: &InferArgs) -> anyhow::Result<Target> {
-    let worker = match &args.worker {
-        Some(w) => w.clone(),
-        None => std::fs::read_to_string(config.node.state_dir.join(identity::WORKER_ID_FILE))
-            .map(|s| s.trim().to_owned())
-            .with_context(|| {
-                format!(
-                    "no --worker given and no worker id in {}",
-                    config.node.state_dir.display()
-                )
-            })?,
+    if let Some(worker) = &args.worker {
+        return Ok(Target::Worker(worker.clone()));
+    }
+    let path = config.node.state_dir.join(identity::WORKER_ID_FILE);
+    let kept = match std::fs::read_to_string(&path) {
+        Ok(id) => id.trim().to_owned(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot read the worker id in {}", path.display()));
+        }
     };
-    Ok(Target::Worker(worker))
+    if !kept.is_empty() {
+        return Ok(Target::Worker(kept));
+    }
+    let target = Target::Model(args.model.clone());
+    eprintln!(
+        "mlx-worker infer: no --worker given and no worker id in {}: sending to {}, where any worker serving {} may take it",
+        config.node.state_dir.display(),
+        target.subject()?,
+        args.model
+    );
+    Ok(target)
 }
 
 /// A transport connected under `infer`'s own name, its link up.
