@@ -10,7 +10,6 @@
 
 use std::borrow::Cow;
 
-use super::request::RequestError;
 use super::subject::check_token;
 use crate::limits::{ID_BYTES_MAX, JSON_DEPTH_MAX, REQUEST_ID_SCAN_BYTES_MAX};
 
@@ -20,15 +19,27 @@ const REQUEST_ID_KEY: &[u8] = br#""requestId""#;
 /// Bytes of JSON string escape for one byte of UTF-8, at most (`\u0041` is 6 bytes for `A`).
 const ESCAPE_BYTES_PER_BYTE_MAX: usize = 6;
 
+/// What the passes over the raw bytes refuse; the decoder turns it into its own error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum BodyError {
+    /// Nesting deeper than [`JSON_DEPTH_MAX`].
+    TooDeep,
+    /// Bytes that are not UTF-8, the first at `offset`.
+    InvalidUtf8 {
+        /// Offset of the first bad byte, from 0.
+        offset: usize,
+    },
+}
+
 /// Rejects input nesting deeper than [`JSON_DEPTH_MAX`] before the parser recurses into it.
-pub(super) fn check_depth(payload: &[u8]) -> Result<(), RequestError> {
+pub(super) fn check_depth(payload: &[u8]) -> Result<(), BodyError> {
     let mut depth = 0usize;
     for piece in Pieces::new(payload) {
         match piece {
             Piece::Open(_) => {
                 depth += 1;
                 if depth > JSON_DEPTH_MAX {
-                    return Err(RequestError::TooDeep);
+                    return Err(BodyError::TooDeep);
                 }
             }
             Piece::Close => depth = depth.saturating_sub(1),
@@ -40,10 +51,10 @@ pub(super) fn check_depth(payload: &[u8]) -> Result<(), RequestError> {
 
 /// Rejects a message that is not UTF-8 (as JSON on the wire must be), naming the offset of the
 /// first byte that is not.
-pub(super) fn check_utf8(payload: &[u8]) -> Result<(), RequestError> {
+pub(super) fn check_utf8(payload: &[u8]) -> Result<(), BodyError> {
     match std::str::from_utf8(payload) {
         Ok(_) => Ok(()),
-        Err(err) => Err(RequestError::InvalidUtf8 {
+        Err(err) => Err(BodyError::InvalidUtf8 {
             offset: err.valid_up_to(),
         }),
     }

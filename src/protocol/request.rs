@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
-use super::body::{check_depth, check_utf8, repair_surrogates, scan_request_id};
+use super::body::{BodyError, check_depth, check_utf8, repair_surrogates, scan_request_id};
 use super::subject::{TokenError, check_token};
 use super::{ErrorCode, Priority};
 use crate::limits::{
@@ -168,6 +168,15 @@ pub enum RequestError {
         /// The value given.
         value: String,
     },
+}
+
+impl From<BodyError> for RequestError {
+    fn from(e: BodyError) -> RequestError {
+        match e {
+            BodyError::TooDeep => RequestError::TooDeep,
+            BodyError::InvalidUtf8 { offset } => RequestError::InvalidUtf8 { offset },
+        }
+    }
 }
 
 impl RequestError {
