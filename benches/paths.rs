@@ -18,13 +18,12 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use mlx_worker::config::TierLimit;
 use mlx_worker::limits::{METRICS_WINDOW_REQUESTS, PROMPT_BYTES_MAX};
 use mlx_worker::metrics::{Collector, Outcome, RequestRecord};
+use mlx_worker::plan::{ModelTier, SchedulerLimits, TierLimit};
 use mlx_worker::protocol::Priority;
 use mlx_worker::protocol::request::{RequestLimits, decode_request};
-use mlx_worker::scheduler::{Admission, Scheduler, SchedulerLimits};
-use mlx_worker::tier::ModelTier;
+use mlx_worker::scheduler::{Admission, Scheduler};
 
 fn request_json(prompt: &str) -> Vec<u8> {
     serde_json::json!({

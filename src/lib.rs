@@ -11,9 +11,10 @@
 //!
 //! - [`limits`]: every hard bound, as documented constants.
 //! - [`protocol`]: the NATS wire messages, subjects, error codes and inbound validation.
-//! - [`tier`]: model size tiers, the unit of concurrency planning.
+//! - [`hardware`]: the `HardwareProbe` seam and host profiles.
+//! - [`plan`]: model size tiers, the per-tier concurrency table and the worker's plan for its
+//!   host (the scheduler's limits, each model's tier, the announced capabilities).
 //! - [`config`]: the layered configuration (YAML, then `MLX_WORKER_*` environment, then flags).
-//! - [`hardware`]: the `HardwareProbe` seam, host profiles and concurrency recommendations.
 //! - [`backoff`]: the capped, jittered delays of every retry loop.
 //! - [`clock`], [`transport`], [`engine`]: the other three seams and their production
 //!   implementations (system clock, NATS, the MLX runtime, whose model catalog is the scan of
@@ -40,8 +41,8 @@ pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod mutation;
+pub mod plan;
 pub mod protocol;
 pub mod scheduler;
-pub mod tier;
 pub mod transport;
 pub mod worker;

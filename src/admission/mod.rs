@@ -30,9 +30,9 @@ use tracing::{debug, info};
 
 use crate::clock::millis;
 use crate::mutation::{Mutation, Mutations};
+use crate::plan::{ModelTier, SchedulerLimits};
 use crate::protocol::{ErrorCode, Priority};
-use crate::scheduler::{self, Scheduler, SchedulerLimits};
-use crate::tier::ModelTier;
+use crate::scheduler::{self, Scheduler};
 
 /// Cancels remembered for requests that have not arrived yet.
 pub const LATCHED_CANCELS_MAX: usize = 1024;

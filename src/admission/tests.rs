@@ -11,7 +11,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::clock::{Clock, SystemClock};
-use crate::config::TierLimit;
+use crate::plan::TierLimit;
 use ModelTier::{Huge, Tiny};
 use Priority::{High, Low, Medium};
 

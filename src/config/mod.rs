@@ -33,8 +33,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::plan::{ModelTier, Settings, TierLimit};
 use crate::protocol::request::RequestLimits;
-use crate::tier::ModelTier;
 
 use raw::RawConfig;
 
@@ -202,15 +202,6 @@ pub struct NatsTls {
     pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
-/// Concurrency bounds of one model tier.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TierLimit {
-    /// Requests of this tier that may run at once.
-    pub max_concurrent: usize,
-    /// Requests of this tier that may wait.
-    pub queue_depth: usize,
-}
-
 /// Sampling defaults for requests that leave a field out.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GenerationDefaults {
@@ -263,6 +254,17 @@ pub struct NodeConfig {
     pub generation_defaults: GenerationDefaults,
     /// Share of failed requests in the recent window above which the worker reports degraded.
     pub degraded_error_ratio: f64,
+}
+
+impl NodeConfig {
+    /// What the plan takes of this configuration: the admission bounds and tier overrides.
+    pub fn plan_settings(&self) -> Settings {
+        Settings {
+            inflight_max: self.inflight_max,
+            queue_depth_max: self.queue_depth_max,
+            tier_limits: self.tier_limits.clone(),
+        }
+    }
 }
 
 /// The MLX engine and the models it serves.

@@ -5,7 +5,8 @@
 //! `model-*`, `*.safetensors` or `pytorch_model.bin`); model directories are not descended into.
 //! Its id is the last two components of its path (`<root>/org/name` → `org/name`), which is
 //! what clients send as `modelId`. Symbolic links are not followed, the walk is bounded in
-//! depth and entries, and a model's parameter count is estimated from its `config.json`.
+//! depth and entries, and a model's parameter count is estimated from its `config.json`
+//! (`plan::model_size::parameters_from_config`).
 //!
 //! It reads the file system only: loading a model is the engine's (`engine::mlx`), and the
 //! catalog's shapes ([`Catalog`], [`ModelEntry`]) belong to the engine seam.
@@ -21,6 +22,7 @@ use serde_json::Value;
 use tracing::warn;
 
 use crate::engine::{Catalog, ModelEntry};
+use crate::plan::model_size::parameters_from_config;
 
 /// Deepest directory level the scan descends to below the root.
 const SCAN_DEPTH_MAX: usize = 8;
@@ -164,27 +166,4 @@ pub fn parameter_count(config_path: &Path) -> Option<u64> {
     }
     let value: Value = serde_json::from_slice(&fs::read(config_path).ok()?).ok()?;
     parameters_from_config(&value)
-}
-
-/// Parameters from a Llama-style configuration: embeddings, attention, MLP and norms.
-pub fn parameters_from_config(config: &Value) -> Option<u64> {
-    let field = |name: &str| config.get(name).and_then(Value::as_u64);
-    let hidden = field("hidden_size")?;
-    let layers = field("num_hidden_layers")?;
-    let vocab = field("vocab_size")?;
-    let intermediate = field("intermediate_size").unwrap_or(4 * hidden);
-    let heads = field("num_attention_heads").unwrap_or(1).max(1);
-    let kv_heads = field("num_key_value_heads").unwrap_or(heads);
-    let head_dim = field("head_dim").unwrap_or(hidden / heads);
-    let tied = config
-        .get("tie_word_embeddings")
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    let attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2;
-    let mlp = 3 * hidden * intermediate;
-    let norms = 2 * hidden;
-    let embeddings = vocab * hidden * if tied { 1 } else { 2 };
-    layers
-        .checked_mul(attention + mlp + norms)?
-        .checked_add(embeddings + hidden)
 }

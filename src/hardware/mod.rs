@@ -1,5 +1,5 @@
-//! What the host is and how busy it is: the [`HardwareProbe`] seam, its domain types, and the
-//! concurrency recommendations derived from them.
+//! What the host is and how busy it is: the [`HardwareProbe`] seam and its domain types; the
+//! concurrency planned from them is `plan`'s.
 //!
 //! A probe answers two questions: the static [`HostProfile`] (asked once, at start, for the
 //! registration) and a live [`HostSample`] (asked on every heartbeat). Production probes run a
@@ -9,9 +9,6 @@
 //!
 //! - [`mac`], [`linux`]: the production probes and the parsers of their tools and files;
 //!   [`detect`] picks one. [`chip`] reads Apple chip names.
-//! - [`recommendation`]: per-tier concurrency and queue depth, supported tiers, overrides.
-//! - [`model_size`]: a model's tier from its parameter count, name or size on disk.
-//! - [`report`]: the JSON that `mlx-worker probe` prints.
 
 use std::sync::Arc;
 
@@ -22,12 +19,9 @@ mod command;
 pub mod linux;
 mod load;
 pub mod mac;
-pub mod model_size;
-pub mod recommendation;
-pub mod report;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use linux::LinuxProbe;
 pub use mac::MacProbe;

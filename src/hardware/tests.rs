@@ -45,8 +45,6 @@ fn parse_everything(text: &str) {
     let _ = linux::parse_os_release(text);
     let _ = linux::parse_kernel_release(text);
     let _ = linux::parse_nvidia_smi(text);
-    let _ = model_size::parameters_from_name(text);
-    let _ = model_size::weight_bits_from_name(text);
     let counts = HostCounts {
         cpu_cores: 1,
         memory_bytes: 1,

@@ -10,20 +10,8 @@ mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::config::TierLimit;
+use crate::plan::{ModelTier, SchedulerLimits};
 use crate::protocol::Priority;
-use crate::tier::ModelTier;
-
-/// The scheduler's bounds.
-#[derive(Clone, Debug, PartialEq)]
-pub struct SchedulerLimits {
-    /// Requests running at once, across tiers.
-    pub inflight_max: usize,
-    /// Requests waiting, across tiers.
-    pub queue_depth_max: usize,
-    /// Per-tier bounds; a tier missing here takes nothing.
-    pub tiers: BTreeMap<ModelTier, TierLimit>,
-}
 
 /// The scheduler's answer to a new request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use proptest::prelude::*;
 
 use super::*;
+use crate::plan::TierLimit;
 
 fn limits(inflight: usize, queue: usize, tiers: &[(ModelTier, usize, usize)]) -> SchedulerLimits {
     SchedulerLimits {

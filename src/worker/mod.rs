@@ -19,7 +19,6 @@
 mod dispatcher;
 mod figures;
 mod group;
-mod plan;
 mod presence;
 mod request;
 mod responder;
@@ -38,7 +37,6 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use dispatcher::DispatchReport;
 pub use figures::IntakeCounters;
-pub use plan::Plan;
 
 use crate::admission::{Admission, AdmissionLimits};
 use crate::clock::Clock;
@@ -51,6 +49,8 @@ use crate::limits::{FLUSH_TIMEOUT, INFLIGHT_REQUESTS_MAX};
 use crate::metrics::prometheus::MetricsView;
 use crate::metrics::telemetry::{self, Telemetry};
 use crate::mutation::{Mutation, Mutations};
+use crate::plan::Plan;
+use crate::plan::model_size::ModelFacts;
 use crate::protocol::{self, ModelSkills, WorkerDeregistration, subject};
 use crate::transport::ConnectionState;
 use crate::transport::{Subscription, Transport, TransportError};
@@ -224,7 +224,16 @@ impl Worker {
                 Default::default()
             }
         };
-        let plan = Plan::new(&profile, &self.config, &catalog);
+        let models: Vec<ModelFacts<'_>> = catalog
+            .models
+            .iter()
+            .map(|(id, entry)| ModelFacts {
+                parameter_count: entry.parameter_count,
+                name: id,
+                disk_bytes: Some(entry.size_bytes),
+            })
+            .collect();
+        let plan = Plan::new(&profile, &self.config.plan_settings(), &models);
         info!(
             models = catalog.models.len(),
             inflight_max = plan.scheduler.inflight_max,

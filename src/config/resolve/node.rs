@@ -17,7 +17,7 @@ use crate::config::{
     DEFAULT_HTTP_BIND_ADDRESS, DEFAULT_LATE_SUBSCRIBER_WAIT, DEFAULT_MAX_TOKENS, DEFAULT_PORT,
     DEFAULT_PRIORITY, DEFAULT_QUEUE_DEPTH, DEFAULT_REQUEST_TIMEOUT,
     DEFAULT_REREGISTER_EVERY_HEARTBEATS, DEFAULT_STATE_DIR, DEFAULT_TEMPERATURE, DEFAULT_TOP_P,
-    GenerationDefaults, NodeConfig, TierLimit,
+    GenerationDefaults, NodeConfig,
 };
 use crate::limits::{
     DRAIN_TIMEOUT_MAX, HEARTBEAT_INTERVAL_MIN, INFLIGHT_REQUESTS_MAX,
@@ -25,9 +25,9 @@ use crate::limits::{
     NATS_PAYLOAD_BYTES_MAX, PROMPT_BYTES_MAX, QUEUE_DEPTH_MAX, REQUEST_TIMEOUT_MAX, TAG_BYTES_MAX,
     TAGS_MAX,
 };
+use crate::plan::{ModelTier, TierLimit, UnknownTier};
 use crate::protocol::request::RequestLimits;
 use crate::protocol::subject::check_token;
-use crate::tier::ModelTier;
 
 pub(super) fn resolve_node(
     w: &RawWorker,
@@ -187,7 +187,7 @@ fn tier_limits(
     for (name, raw) in map {
         let tier: ModelTier = name
             .parse()
-            .map_err(|e: crate::tier::UnknownTier| invalid(key, e.to_string()))?;
+            .map_err(|e: UnknownTier| invalid(key, e.to_string()))?;
         let (Some(max_concurrent), queue_depth) = (raw.max_concurrent, raw.queue_depth) else {
             return Err(invalid(
                 &format!("{key}.{name}.maxConcurrent"),

@@ -5,9 +5,8 @@
 
 use std::collections::BTreeMap;
 
-use super::{ChipVariant, HostProfile};
-use crate::config::TierLimit;
-use crate::tier::ModelTier;
+use super::{ModelTier, TierLimit};
+use crate::hardware::{ChipVariant, HostProfile};
 
 /// How far a recommendation can be trusted, from GPU cores, generation and memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,8 +1,11 @@
-//! A model's size class ([`ModelTier`]) from whatever is known of it: its parameter count,
-//! else the size in its name (`Llama-3.2-3B-Instruct-4bit`), else its size on disk. Pure; the
-//! caller reads the model's config and directory.
+//! A model's size class ([`ModelTier`]) from whatever is known of it: its parameter count
+//! (which [`parameters_from_config`] estimates from a model's `config.json`), else the size in
+//! its name (`Llama-3.2-3B-Instruct-4bit`), else its size on disk. Pure; the caller reads the
+//! model's config and directory.
 
-use crate::tier::ModelTier;
+use serde_json::Value;
+
+use super::ModelTier;
 
 /// Bits per weight assumed for a model on disk whose name gives no precision: fp16 / bf16,
 /// the precision models are published in.
@@ -105,6 +108,30 @@ pub fn parameters_from_disk_size(disk_bytes: u64, weight_bits: u32) -> u64 {
     assert!(weight_bits > 0, "weight_bits is at least 1");
     let parameters = u128::from(disk_bytes) * 8 / u128::from(weight_bits);
     u64::try_from(parameters).unwrap_or(u64::MAX)
+}
+
+/// Parameters from a Llama-style configuration (a model's `config.json`): embeddings,
+/// attention, MLP and norms; `None` when its dimensions are not given.
+pub fn parameters_from_config(config: &Value) -> Option<u64> {
+    let field = |name: &str| config.get(name).and_then(Value::as_u64);
+    let hidden = field("hidden_size")?;
+    let layers = field("num_hidden_layers")?;
+    let vocab = field("vocab_size")?;
+    let intermediate = field("intermediate_size").unwrap_or(4 * hidden);
+    let heads = field("num_attention_heads").unwrap_or(1).max(1);
+    let kv_heads = field("num_key_value_heads").unwrap_or(heads);
+    let head_dim = field("head_dim").unwrap_or(hidden / heads);
+    let tied = config
+        .get("tie_word_embeddings")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let attention = hidden * heads * head_dim * 2 + hidden * kv_heads * head_dim * 2;
+    let mlp = 3 * hidden * intermediate;
+    let norms = 2 * hidden;
+    let embeddings = vocab * hidden * if tied { 1 } else { 2 };
+    layers
+        .checked_mul(attention + mlp + norms)?
+        .checked_add(embeddings + hidden)
 }
 
 #[cfg(test)]

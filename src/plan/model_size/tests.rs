@@ -1,6 +1,11 @@
-// Goal: a model's tier comes from its parameter count, else its name, else its size on disk,
-// and names are read as people write them (Hugging Face and MLX community ids, ollama tags).
-// Method: table-driven checks of the name and precision readers and of `model_tier`.
+// Goal: a model's tier comes from its parameter count, else its name, else its size on disk;
+// names are read as people write them (Hugging Face and MLX community ids, ollama tags), and no
+// name makes a reader panic; a Llama-style configuration gives its parameter count.
+// Method: table-driven checks of the name and precision readers and of `model_tier`; proptest
+// over arbitrary and name-like strings; a published model's dimensions.
+
+use proptest::prelude::*;
+use serde_json::json;
 
 use super::*;
 
@@ -106,4 +111,31 @@ fn has_no_tier_when_nothing_is_known() {
         disk_bytes: None,
     };
     assert_eq!(model_tier(&model), None);
+}
+
+#[test]
+fn parameter_counts_follow_the_llama_layout() {
+    // Llama-3.2-1B's published dimensions: about 1.24 billion parameters.
+    let llama_1b = json!({
+        "hidden_size": 2048, "num_hidden_layers": 16, "vocab_size": 128256,
+        "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "head_dim": 64, "tie_word_embeddings": true
+    });
+    let n = parameters_from_config(&llama_1b).unwrap();
+    assert!((1_200_000_000..1_300_000_000).contains(&n), "{n}");
+    assert_eq!(parameters_from_config(&json!({"hidden_size": 1})), None);
+}
+
+proptest! {
+    #[test]
+    fn the_name_readers_never_panic(text in any::<String>()) {
+        let _ = parameters_from_name(&text);
+        let _ = weight_bits_from_name(&text);
+    }
+
+    #[test]
+    fn the_name_readers_never_panic_on_name_like_text(text in r"[a-zA-Z0-9 .:_/x-]{0,40}") {
+        let _ = parameters_from_name(&text);
+        let _ = weight_bits_from_name(&text);
+    }
 }

@@ -6,11 +6,11 @@
 use std::collections::BTreeMap;
 
 use super::*;
-use crate::config::TierLimit;
+use crate::hardware::HostCounts;
 use crate::hardware::linux::{LinuxSources, linux_profile};
 use crate::hardware::mac::{MacSources, mac_profile};
 use crate::hardware::tests::fixture_if_present;
-use crate::hardware::{HostCounts, recommendation::Recommendation};
+use crate::plan::TierLimit;
 
 const COUNTS: HostCounts = HostCounts {
     cpu_cores: 1,

@@ -6,9 +6,9 @@
 
 use serde_json::{Value, json};
 
+use super::ModelTier;
 use super::recommendation::{Capabilities, Recommendation};
-use super::{HostProfile, HostSample, UNKNOWN};
-use crate::tier::ModelTier;
+use crate::hardware::{HostProfile, HostSample, UNKNOWN};
 
 /// Renders the `mlx-worker probe` report: `profile`, `sample`, `recommendation` (pass the one
 /// with the configuration's overrides applied; each tier says whether its limit was detected

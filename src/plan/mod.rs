@@ -1,0 +1,139 @@
+//! The worker's plan for this host: how much it runs and queues at once, each model's tier,
+//! and what the registration announces (hardware, capabilities), from the probe's profile, the
+//! configured limits and the models the engine serves. Pure.
+//!
+//! - [`tier`]: [`ModelTier`], the unit in which concurrency is planned.
+//! - [`model_size`]: a model's tier from its parameter count (estimated from its `config.json`
+//!   by [`model_size::parameters_from_config`]), name or size on disk.
+//! - [`recommendation`]: the per-tier concurrency table, its confidence, the tiers a host can
+//!   serve, and the configuration's overrides.
+//! - [`report`]: the JSON document `mlx-worker probe` prints.
+//! - here: [`TierLimit`], the scheduler's bounds ([`SchedulerLimits`]), what the plan takes
+//!   of the configuration ([`Settings`]) and the [`Plan`] itself.
+//!
+//! The plan takes plain values: the configuration, the scheduler and the engine's catalog
+//! depend on it, never the reverse. It reads the host's profile (`hardware`) and builds the
+//! registration's wire shapes (`protocol`), the conversion of domain types at the edge.
+
+pub mod model_size;
+pub mod recommendation;
+pub mod report;
+pub mod tier;
+
+use std::collections::{BTreeMap, HashMap};
+
+pub use tier::{ModelTier, UnknownTier};
+
+use crate::hardware::HostProfile;
+use crate::protocol::{HardwareProfile, WorkerCapabilities};
+use model_size::{ModelFacts, model_tier};
+use recommendation::{Capabilities, Recommendation};
+
+/// Concurrency bounds of one model tier.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TierLimit {
+    /// Requests of this tier that may run at once.
+    pub max_concurrent: usize,
+    /// Requests of this tier that may wait.
+    pub queue_depth: usize,
+}
+
+/// The scheduler's bounds.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SchedulerLimits {
+    /// Requests running at once, across tiers.
+    pub inflight_max: usize,
+    /// Requests waiting, across tiers.
+    pub queue_depth_max: usize,
+    /// Per-tier bounds; a tier missing here takes nothing.
+    pub tiers: BTreeMap<ModelTier, TierLimit>,
+}
+
+/// What the plan takes of the worker's configuration.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Settings {
+    /// Requests running at once (`maxConcurrent`); `None` takes the hardware recommendation.
+    pub inflight_max: Option<usize>,
+    /// Requests waiting at most.
+    pub queue_depth_max: usize,
+    /// Per-tier overrides of the hardware recommendation.
+    pub tier_limits: BTreeMap<ModelTier, TierLimit>,
+}
+
+/// What the worker will run, and how much at once.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    /// The scheduler's limits.
+    pub scheduler: SchedulerLimits,
+    /// Each served model's tier.
+    pub model_tiers: HashMap<String, ModelTier>,
+    /// What the registration announces.
+    pub capabilities: WorkerCapabilities,
+}
+
+impl Plan {
+    /// Plans for `profile`, with the configured `settings`, for the `models` the engine serves.
+    pub fn new(profile: &HostProfile, settings: &Settings, models: &[ModelFacts<'_>]) -> Plan {
+        let recommendation =
+            Recommendation::for_profile(profile).with_overrides(&settings.tier_limits);
+        let tiers: BTreeMap<ModelTier, TierLimit> = recommendation.tier_limits();
+        let model_tiers: HashMap<String, ModelTier> = models
+            .iter()
+            .map(|facts| {
+                // A model whose size nothing tells is planned as a mid-sized one.
+                let tier = model_tier(facts).unwrap_or(ModelTier::Medium);
+                (facts.name.to_owned(), tier)
+            })
+            .collect();
+        let capabilities = Capabilities::of(profile, &recommendation);
+        // By default the worker runs as many requests at once as the most permissive tier of
+        // the models it serves allows; each tier's own limit still applies.
+        let inflight_max = settings
+            .inflight_max
+            .or_else(|| {
+                model_tiers
+                    .values()
+                    .map(|t| recommendation.limit(*t).max_concurrent)
+                    .max()
+            })
+            .unwrap_or(capabilities.max_concurrent)
+            .max(1);
+        Plan {
+            scheduler: SchedulerLimits {
+                inflight_max,
+                queue_depth_max: settings.queue_depth_max,
+                tiers,
+            },
+            model_tiers,
+            capabilities: WorkerCapabilities {
+                max_concurrent: u32::try_from(inflight_max).unwrap_or(u32::MAX),
+                supported_model_tiers: capabilities
+                    .supported_tiers
+                    .iter()
+                    .map(|t| t.as_str().to_owned())
+                    .collect(),
+                available_memory_gb: capabilities.available_memory_gb,
+            },
+        }
+    }
+
+    /// The registration's `hardware`, taken at `detected_at` (Unix milliseconds).
+    pub fn hardware_wire(&self, profile: &HostProfile, detected_at: u64) -> HardwareProfile {
+        HardwareProfile {
+            chip_model: profile.chip_model.clone(),
+            chip_generation: profile.chip_generation,
+            variant: profile.variant.as_str().to_owned(),
+            gpu_cores: profile.gpu_cores,
+            cpu_cores: profile.cpu_cores,
+            performance_cores: profile.performance_cores,
+            efficiency_cores: profile.efficiency_cores,
+            unified_memory_gb: (profile.memory_bytes as f64 / f64::from(1u32 << 30)).round(),
+            metal_version: profile
+                .metal_version
+                .clone()
+                .unwrap_or_else(|| "Unknown".to_owned()),
+            os_version: profile.os_version.clone(),
+            detected_at,
+        }
+    }
+}
