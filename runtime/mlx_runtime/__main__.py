@@ -1,7 +1,8 @@
 """Process entry: `python -m mlx_runtime` with `runtime/` on PYTHONPATH.
 
-Exit codes: 0 after `shutdown` or end of input, 69 if MLX cannot be
-imported, 130 on SIGINT.
+Exit codes: 0 after `shutdown` or end of input, 64 for a setting out of
+range (MLX_RUNTIME_STREAMS_LIVE_MAX), 69 if MLX cannot be imported, 130 on
+SIGINT.
 """
 
 import argparse
@@ -9,6 +10,9 @@ import logging
 import os
 import sys
 
+from .limits import streams_live_max
+
+EXIT_USAGE = 64
 EXIT_UNAVAILABLE = 69
 EXIT_INTERRUPTED = 130
 READY_LINE = "MLX Runtime ready"
@@ -47,6 +51,11 @@ def main() -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        streams_max = streams_live_max(os.environ)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
+    try:
         # Also imports mlx_lm and transformers, which is most of the start-up time.
         import mlx.core as mx
 
@@ -56,7 +65,7 @@ def main() -> int:
         log.error("MLX is not importable (%s); install runtime/requirements.txt", exc)
         return EXIT_UNAVAILABLE
 
-    server = Server(Writer(protocol_out))
+    server = Server(Writer(protocol_out), streams_max)
     sys.stderr.write(READY_LINE + "\n")
     sys.stderr.flush()
     try:

@@ -4,6 +4,9 @@ Validation limits mirror the existing runtime's so
 both accept the same requests.
 """
 
+import re
+from collections.abc import Mapping
+
 # A request line longer than this (excluding the newline) is rejected with
 # -32600 and skipped without being buffered.
 RPC_LINE_BYTES_MAX = 1024 * 1024
@@ -22,9 +25,14 @@ TOP_P_DEFAULT = 1.0
 SEED_MAX = 2**32 - 1
 
 # Streams that are queued or generating. Beyond this, generate fails at once.
-STREAMS_LIVE_MAX = 64
-# Jobs (generations and loads) waiting for the compute thread.
-COMPUTE_JOBS_QUEUED_MAX = STREAMS_LIVE_MAX + 8
+# The environment variable named here sets another limit, from 1 to
+# STREAMS_LIVE_MAX_CEILING; `runtime/info` reports the one in force.
+STREAMS_LIVE_MAX_DEFAULT = 64
+STREAMS_LIVE_MAX_CEILING = 1024
+STREAMS_LIVE_MAX_ENV = "MLX_RUNTIME_STREAMS_LIVE_MAX"
+# Jobs (generations and loads) waiting for the compute thread, besides one per
+# live stream: loads must fit beside a full stream queue.
+COMPUTE_JOBS_BESIDE_STREAMS = 8
 MODELS_LOADED_MAX = 8
 
 # Tokens whose text the streaming detokenizer may hold back while it does not
@@ -42,5 +50,25 @@ SHUTDOWN_GRACE_SECONDS = 4.0
 # Used when a model's config names no context length (as the existing runtime does).
 CONTEXT_LENGTH_DEFAULT = 8192
 
-assert COMPUTE_JOBS_QUEUED_MAX > STREAMS_LIVE_MAX, "loads must fit beside a full stream queue"
+assert 1 <= STREAMS_LIVE_MAX_DEFAULT <= STREAMS_LIVE_MAX_CEILING
+assert COMPUTE_JOBS_BESIDE_STREAMS > 0, "loads must fit beside a full stream queue"
 assert PROMPT_CHARS_MAX <= RPC_LINE_BYTES_MAX
+
+
+def streams_live_max(environ: Mapping[str, str]) -> int:
+    """The live-stream limit `environ` sets, else the default.
+
+    Raises ValueError, with a message naming the variable, for a value that is
+    not a whole number from 1 to STREAMS_LIVE_MAX_CEILING.
+    """
+    text = environ.get(STREAMS_LIVE_MAX_ENV)
+    if text is None:
+        return STREAMS_LIVE_MAX_DEFAULT
+    digits = text.strip()
+    value = int(digits) if re.fullmatch(r"[0-9]{1,9}", digits) else None
+    if value is None or not 1 <= value <= STREAMS_LIVE_MAX_CEILING:
+        raise ValueError(
+            f"{STREAMS_LIVE_MAX_ENV} is {text!r}, must be a whole number "
+            f"from 1 to {STREAMS_LIVE_MAX_CEILING}"
+        )
+    return value

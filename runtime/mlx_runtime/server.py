@@ -83,13 +83,15 @@ def memory_usage() -> dict[str, int]:
 class Server:
     """Owns the registries and the compute thread; `serve` runs the read loop."""
 
-    def __init__(self, writer: Writer):
+    def __init__(self, writer: Writer, streams_live_max: int = limits.STREAMS_LIVE_MAX_DEFAULT):
         self._writer = writer
         self._models = ModelRegistry(limits.MODELS_LOADED_MAX)
-        self._streams = StreamRegistry(limits.STREAMS_LIVE_MAX)
+        self._streams_live_max = streams_live_max
+        self._streams = StreamRegistry(streams_live_max)
         self._events = StreamEvents(writer)
         # Runs while `serve` does: started when it begins, stopped when it ends.
-        self._compute = ComputeQueue(limits.COMPUTE_JOBS_QUEUED_MAX)
+        self._compute_jobs_max = streams_live_max + limits.COMPUTE_JOBS_BESIDE_STREAMS
+        self._compute = ComputeQueue(self._compute_jobs_max)
         self._methods: dict[str, Callable[[dict], Any]] = {
             "runtime/info": self._info,
             "runtime/state": self._state,
@@ -193,7 +195,7 @@ class Server:
     def _check_compute_room(self) -> None:
         if not self._compute.has_room():
             raise internal_error(
-                f"compute queue is full ({limits.COMPUTE_JOBS_QUEUED_MAX} jobs waiting)",
+                f"compute queue is full ({self._compute_jobs_max} jobs waiting)",
                 "QueueFull",
             )
 
@@ -212,7 +214,7 @@ class Server:
             "limits": {
                 "line_bytes_max": limits.RPC_LINE_BYTES_MAX,
                 "max_tokens_max": limits.MAX_TOKENS_MAX,
-                "streams_live_max": limits.STREAMS_LIVE_MAX,
+                "streams_live_max": self._streams_live_max,
                 "models_loaded_max": limits.MODELS_LOADED_MAX,
             },
         }

@@ -35,8 +35,8 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
-def start_runtime() -> RuntimeClient:
-    client = RuntimeClient(sys.executable)
+def start_runtime(env: dict[str, str] | None = None) -> RuntimeClient:
+    client = RuntimeClient(sys.executable, env)
     try:
         client.wait_ready()
     except BaseException:
@@ -64,11 +64,12 @@ def runtime(tiny_model_dir):
 
 @pytest.fixture
 def fresh_runtime():
-    """A runtime of the test's own, for tests that end the process."""
+    """A runtime of the test's own, for tests that end the process or set its
+    environment (`start(env={...})`)."""
     clients = []
 
-    def start() -> RuntimeClient:
-        client = start_runtime()
+    def start(env: dict[str, str] | None = None) -> RuntimeClient:
+        client = start_runtime(env)
         clients.append(client)
         return client
 

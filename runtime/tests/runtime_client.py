@@ -23,8 +23,9 @@ WAIT_SECONDS = 30.0
 
 
 class RuntimeClient:
-    def __init__(self, python: str):
-        env = dict(os.environ, PYTHONPATH=str(RUNTIME_DIR))
+    def __init__(self, python: str, env: dict[str, str] | None = None):
+        """Start the runtime with `env` added to this process's environment."""
+        env = dict(os.environ, **(env or {}), PYTHONPATH=str(RUNTIME_DIR))
         self.process = subprocess.Popen(
             [python, "-m", "mlx_runtime"],
             stdin=subprocess.PIPE,
