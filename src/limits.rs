@@ -53,6 +53,12 @@ pub const CONFIG_BYTES_MAX: usize = 1024 * 1024;
 /// Most requests one worker runs at once, whatever the configuration says.
 pub const INFLIGHT_REQUESTS_MAX: usize = 1024;
 
+/// Streams the MLX runtime holds live at once (generating or queued) when its `runtime/info`
+/// states no `limits.streams_live_max` (the existing runtime's does not): our runtime's default
+/// (`STREAMS_LIVE_MAX_DEFAULT` in `runtime/mlx_runtime/limits.py`), past which it refuses
+/// `generate`. The worker runs no more requests at once than the runtime's figure.
+pub const RUNTIME_STREAMS_LIVE_DEFAULT: usize = 64;
+
 /// Most requests one worker holds waiting for a slot.
 pub const QUEUE_DEPTH_MAX: usize = 10_000;
 
@@ -174,6 +180,8 @@ const _: () = assert!(RPC_REQUEST_BYTES_MAX <= RPC_LINE_BYTES_MAX);
 const _: () = assert!(ID_BYTES_MAX <= MODEL_ID_BYTES_MAX);
 const _: () = assert!(NATS_PAYLOAD_BYTES_MAX <= REQUEST_ID_SCAN_BYTES_MAX);
 const _: () = assert!(INFLIGHT_REQUESTS_MAX <= QUEUE_DEPTH_MAX);
+const _: () = assert!(0 < RUNTIME_STREAMS_LIVE_DEFAULT);
+const _: () = assert!(RUNTIME_STREAMS_LIVE_DEFAULT <= INFLIGHT_REQUESTS_MAX);
 const _: () = assert!(TAGS_MAX * TAG_BYTES_MAX <= REQUEST_FRAMING_BYTES);
 const _: () = assert!(HTTP_ACCEPT_BACKOFF_MIN.as_nanos() <= HTTP_ACCEPT_BACKOFF_MAX.as_nanos());
 const _: () = assert!(LISTENER_CHECK_DELAY_MIN.as_nanos() <= LISTENER_CHECK_DELAY_MAX.as_nanos());

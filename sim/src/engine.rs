@@ -1,5 +1,9 @@
-//! [`SimEngine`]: a scripted [`Engine`] with per-token latency, load latency and injectable
-//! faults (load failure, failure mid-stream, crash, hang).
+//! [`SimEngine`]: a scripted [`Engine`] with per-token latency, load latency, a capacity per
+//! model and injectable faults (load failure, failure mid-stream, crash, hang).
+//!
+//! Like the MLX runtime, it holds a bounded number of live generations of each model (its
+//! catalog says how many) and refuses a `generate` past that at once, with the error the MLX
+//! engine gives for the runtime's refusal; it counts the refusals and the most it held.
 //!
 //! Tokens are `tok0`, ` tok1`, … (deterministic, so tests can check order and content); a
 //! generation yields `max_tokens` of them unless a fault intervenes. Time is `tokio::time`, so
@@ -15,7 +19,7 @@ use mlx_worker::engine::{
     Catalog, Engine, EngineError, EngineHealth, FinishReason, GenerateRequest, LoadedModel,
     ModelEntry, TokenEvent, TokenStream,
 };
-use mlx_worker::limits::TOKEN_CHANNEL_CAPACITY;
+use mlx_worker::limits::{RUNTIME_STREAMS_LIVE_DEFAULT, TOKEN_CHANNEL_CAPACITY};
 use tokio::sync::{mpsc, watch};
 
 /// A fault the engine injects into the next generations.
@@ -46,6 +50,20 @@ pub struct SimEngineConfig {
     pub token_latency: Duration,
     /// Time a load takes.
     pub load_latency: Duration,
+    /// Live generations of a model (from `generate` to its last event) the engine holds at
+    /// once; a model not named here holds [`RUNTIME_STREAMS_LIVE_DEFAULT`], as the MLX runtime
+    /// does by default.
+    pub streams_max: BTreeMap<String, usize>,
+}
+
+impl SimEngineConfig {
+    /// Live generations of `model_id` the engine holds at once.
+    pub fn streams_max(&self, model_id: &str) -> usize {
+        self.streams_max
+            .get(model_id)
+            .copied()
+            .unwrap_or(RUNTIME_STREAMS_LIVE_DEFAULT)
+    }
 }
 
 impl Default for SimEngineConfig {
@@ -54,6 +72,7 @@ impl Default for SimEngineConfig {
             models: BTreeMap::from([("sim/tiny".to_owned(), 1_000_000)]),
             token_latency: Duration::ZERO,
             load_latency: Duration::ZERO,
+            streams_max: BTreeMap::new(),
         }
     }
 }
@@ -64,9 +83,13 @@ struct State {
     loads: u64,
     generations: u64,
     cancelled: u64,
+    refused: u64,
     shut_down: bool,
     /// Every live generation's sender, so a crash can end them all.
     live: Vec<mpsc::Sender<TokenEvent>>,
+    /// Live generations by model, and the most each model had at once.
+    live_by_model: BTreeMap<String, usize>,
+    live_peak: BTreeMap<String, usize>,
 }
 
 /// A scripted engine.
@@ -86,6 +109,22 @@ pub struct SimEngineStats {
     pub generations: u64,
     /// Generations whose receiver was dropped before the end.
     pub cancelled: u64,
+    /// Generations refused because their model had as many live as it holds.
+    pub refused: u64,
+}
+
+/// One live generation of a model; dropped when the generation has sent its last event.
+struct LiveStream {
+    engine: SimEngine,
+    model_id: String,
+}
+
+impl Drop for LiveStream {
+    fn drop(&mut self) {
+        if let Some(live) = self.engine.lock().live_by_model.get_mut(&self.model_id) {
+            *live = live.saturating_sub(1);
+        }
+    }
 }
 
 impl SimEngine {
@@ -99,8 +138,11 @@ impl SimEngine {
                 loads: 0,
                 generations: 0,
                 cancelled: 0,
+                refused: 0,
                 shut_down: false,
                 live: Vec::new(),
+                live_by_model: BTreeMap::new(),
+                live_peak: BTreeMap::new(),
             })),
             health: Arc::new(watch::Sender::new(EngineHealth::Up { loaded: Vec::new() })),
         }
@@ -118,7 +160,34 @@ impl SimEngine {
             loads: s.loads,
             generations: s.generations,
             cancelled: s.cancelled,
+            refused: s.refused,
         }
+    }
+
+    /// The most generations of `model_id` that were live at once so far.
+    pub fn live_peak(&self, model_id: &str) -> usize {
+        self.lock().live_peak.get(model_id).copied().unwrap_or(0)
+    }
+
+    /// Takes a place for a generation of `model_id`, or refuses as the MLX runtime does when
+    /// the model has as many live as it holds.
+    fn admit_stream(&self, model_id: &str) -> Result<LiveStream, EngineError> {
+        let max = self.config.streams_max(model_id);
+        let mut s = self.lock();
+        let live = s.live_by_model.get(model_id).copied().unwrap_or(0);
+        if live >= max {
+            s.refused += 1;
+            return Err(EngineError::Generation {
+                reason: format!("{live} streams are live, limit {max} (code -32099)"),
+            });
+        }
+        s.live_by_model.insert(model_id.to_owned(), live + 1);
+        let peak = s.live_peak.entry(model_id.to_owned()).or_default();
+        *peak = (*peak).max(live + 1);
+        Ok(LiveStream {
+            engine: self.clone(),
+            model_id: model_id.to_owned(),
+        })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -174,6 +243,7 @@ impl Engine for SimEngine {
                             path: PathBuf::from(id),
                             size_bytes: params * 2,
                             parameter_count: Some(params),
+                            streams_max: Some(self.config.streams_max(id)),
                         },
                     )
                 })
@@ -225,6 +295,7 @@ impl Engine for SimEngine {
                 reason: format!("model not loaded: {}", request.model_id),
             });
         }
+        let place = self.admit_stream(&request.model_id)?;
         let fault = self.take_fault(|f| *f != Fault::LoadFails);
         let (tx, rx) = mpsc::channel(TOKEN_CHANNEL_CAPACITY);
         {
@@ -236,6 +307,8 @@ impl Engine for SimEngine {
         let engine = self.clone();
         let latency = self.config.token_latency;
         tokio::spawn(async move {
+            // Held until this task ends: the generation is live until its last event.
+            let _place = place;
             for i in 0..request.max_tokens {
                 match &fault {
                     Some(Fault::FailAfter(n)) if *n == i => {
@@ -281,5 +354,67 @@ impl Engine for SimEngine {
 
     async fn shutdown(&self, _grace: Duration) {
         self.lock().shut_down = true;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(stream_id: &str, model_id: &str) -> GenerateRequest {
+        GenerateRequest {
+            stream_id: stream_id.to_owned(),
+            model_id: model_id.to_owned(),
+            prompt: "Hello".to_owned(),
+            max_tokens: 3,
+            temperature: 0.0,
+            top_p: 1.0,
+        }
+    }
+
+    async fn read_to_end(mut rx: TokenStream) -> TokenEvent {
+        loop {
+            match rx.recv().await {
+                Some(TokenEvent::Token(_)) => {}
+                Some(end) => return end,
+                None => panic!("the stream closed without an end event"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn generations_past_a_models_capacity_are_refused_until_one_ends() {
+        let engine = SimEngine::new(SimEngineConfig {
+            models: BTreeMap::from([("a".to_owned(), 1_000_000), ("b".to_owned(), 1_000_000)]),
+            streams_max: BTreeMap::from([("a".to_owned(), 2)]),
+            ..SimEngineConfig::default()
+        });
+        let catalog = engine.catalog().await.unwrap();
+        assert_eq!(catalog.models["a"].streams_max, Some(2));
+        assert_eq!(
+            catalog.models["b"].streams_max,
+            Some(RUNTIME_STREAMS_LIVE_DEFAULT)
+        );
+        engine.load("a").await.unwrap();
+        engine.load("b").await.unwrap();
+        let first = engine.generate(request("a1", "a")).await.unwrap();
+        let _second = engine.generate(request("a2", "a")).await.unwrap();
+        let refused = engine.generate(request("a3", "a")).await.unwrap_err();
+        assert_eq!(
+            refused,
+            EngineError::Generation {
+                reason: "2 streams are live, limit 2 (code -32099)".to_owned()
+            }
+        );
+        // Another model's capacity is its own.
+        let _other = engine.generate(request("b1", "b")).await.unwrap();
+        assert_eq!(
+            read_to_end(first).await,
+            TokenEvent::Finished(FinishReason::Length)
+        );
+        let _third = engine.generate(request("a3", "a")).await.unwrap();
+        assert_eq!(engine.stats().refused, 1);
+        assert_eq!(engine.live_peak("a"), 2);
+        assert_eq!(engine.live_peak("b"), 1);
     }
 }

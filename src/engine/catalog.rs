@@ -98,6 +98,7 @@ pub fn scan(root: &Path) -> Result<Catalog, ScanError> {
                 path: dir.clone(),
                 size_bytes: dir_size(&dir, &mut budget),
                 parameter_count: parameter_count(&dir.join("config.json")),
+                streams_max: None,
             };
             if let Some(previous) = catalog.models.insert(id.clone(), entry) {
                 warn!(model = %id, previous = %previous.path.display(), "two model directories share an id; the later one wins");

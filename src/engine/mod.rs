@@ -29,6 +29,11 @@ pub struct ModelEntry {
     pub size_bytes: u64,
     /// Parameters, when known from its configuration or weights.
     pub parameter_count: Option<u64>,
+    /// Generations of this model the engine runs at once, when it says: past it, `generate`
+    /// fails. Models may share the figure (the MLX runtime's bound is one for all its models);
+    /// the worker hands the engine no more than this of the model, nor more in all than the
+    /// largest figure of its models. `None` from a scan of the model directory alone.
+    pub streams_max: Option<usize>,
 }
 
 /// Every model the engine can serve, by the id clients send.

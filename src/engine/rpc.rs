@@ -104,6 +104,17 @@ fn lenient<'de, D: Deserializer<'de>, T: DeserializeOwned>(
     Ok(serde_json::from_value(Value::deserialize(field)?).ok())
 }
 
+/// A result field holding an object, read as [`decode_result`] reads a result: only when it is
+/// an object (serde would read a list by position), each of its fields leniently.
+fn object<'de, D: Deserializer<'de>, T: DeserializeOwned + Default>(
+    field: D,
+) -> Result<Option<T>, D::Error> {
+    Ok(match Value::deserialize(field)? {
+        value @ Value::Object(_) => Some(decode_result(value)),
+        _ => None,
+    })
+}
+
 /// A result field holding a list of strings: its string items, none when it is no list.
 fn strings<'de, D: Deserializer<'de>>(field: D) -> Result<Vec<String>, D::Error> {
     Ok(match Value::deserialize(field)? {
@@ -142,6 +153,9 @@ pub struct Info {
     /// What the runtime says it can do; `cancel` is the one the worker looks for.
     #[serde(default, deserialize_with = "strings")]
     pub capabilities: Vec<String>,
+    /// The runtime's bounds (ours states them; the existing runtime does not).
+    #[serde(default, deserialize_with = "object")]
+    pub limits: Option<InfoLimits>,
 }
 
 impl Info {
@@ -149,6 +163,20 @@ impl Info {
     pub fn can_cancel(&self) -> bool {
         self.capabilities.iter().any(|c| c == "cancel")
     }
+
+    /// The streams the runtime holds live at once, when it says.
+    pub fn streams_live_max(&self) -> Option<u64> {
+        self.limits.as_ref()?.streams_live_max
+    }
+}
+
+/// What the worker reads of `runtime/info`'s `limits`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct InfoLimits {
+    /// Streams live at once (generating or queued, across models), past which `generate` is
+    /// refused.
+    #[serde(default, deserialize_with = "lenient")]
+    pub streams_live_max: Option<u64>,
 }
 
 /// `runtime/state`.

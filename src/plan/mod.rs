@@ -1,6 +1,7 @@
 //! The worker's plan for this host: how much it runs and queues at once, each model's tier,
 //! and what the registration announces (hardware, capabilities), from the probe's profile, the
-//! configured limits and the models the engine serves. Pure.
+//! configured limits and the models the engine serves, with the streams the engine runs at
+//! once. Pure, but for the one log line that says which figure bounds the requests at once.
 //!
 //! - [`tier`]: [`ModelTier`], the unit in which concurrency is planned.
 //! - [`model_size`]: a model's tier from its parameter count (estimated from its `config.json`
@@ -9,7 +10,8 @@
 //!   serve, and the configuration's overrides.
 //! - [`report`]: the JSON document `mlx-worker probe` prints.
 //! - here: [`TierLimit`], the scheduler's bounds ([`SchedulerLimits`]), what the plan takes
-//!   of the configuration ([`Settings`]) and the [`Plan`] itself.
+//!   of the configuration ([`Settings`]) and of the engine ([`ServedModel`]), and the [`Plan`]
+//!   itself, with how it chose the requests it runs at once ([`InflightChoice`]).
 //!
 //! The plan takes plain values: the configuration, the scheduler and the engine's catalog
 //! depend on it, never the reverse. It reads the host's profile (`hardware`) and builds the
@@ -18,16 +20,20 @@
 pub mod model_size;
 pub mod recommendation;
 pub mod report;
+#[cfg(test)]
+mod tests;
 pub mod tier;
 
 use std::collections::{BTreeMap, HashMap};
+
+use tracing::info;
 
 pub use tier::{ModelTier, UnknownTier};
 
 use crate::hardware::HostProfile;
 use crate::protocol::{HardwareProfile, WorkerCapabilities};
 use model_size::{ModelFacts, model_tier};
-use recommendation::{Capabilities, Recommendation};
+use recommendation::{Capabilities, LimitSource, Recommendation};
 
 /// Concurrency bounds of one model tier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -60,6 +66,58 @@ pub struct Settings {
     pub tier_limits: BTreeMap<ModelTier, TierLimit>,
 }
 
+/// A model the engine serves, as the plan sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServedModel<'a> {
+    /// What is known of its size (its `name` is the model id).
+    pub facts: ModelFacts<'a>,
+    /// Generations of it the engine runs at once, when the engine says.
+    pub streams_max: Option<usize>,
+}
+
+/// How the plan chose the requests the worker runs at once: the smaller of the configured
+/// figure and the engine's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InflightChoice {
+    /// The configured figure: `maxConcurrent`, else the hardware table's for the most
+    /// permissive tier of the served models.
+    pub configured: usize,
+    /// Where `configured` came from: `Configured` for `maxConcurrent`, `Detected` for the
+    /// hardware table.
+    pub configured_source: LimitSource,
+    /// The engine's figure: the largest number of streams it runs at once of any served model
+    /// (models may share one bound, so the whole can take no more); `None` when it says none.
+    pub engine: Option<usize>,
+    /// What the worker runs at once: the smaller of the two, at least 1.
+    pub chosen: usize,
+}
+
+impl InflightChoice {
+    /// Whether the engine's figure is the one that bounds (the configured one is larger).
+    pub fn engine_bounds(&self) -> bool {
+        self.engine.is_some_and(|engine| engine < self.configured)
+    }
+
+    fn log(&self) {
+        let engine = self
+            .engine
+            .map_or_else(|| "unstated".to_owned(), |n| n.to_string());
+        let bound_by = if self.engine_bounds() {
+            "engine"
+        } else {
+            "configuration"
+        };
+        info!(
+            inflight_max = self.chosen,
+            engine = %engine,
+            configured = self.configured,
+            configured_source = self.configured_source.as_str(),
+            bound_by,
+            "requests at once: the smaller of the engine's figure and the configured one"
+        );
+    }
+}
+
 /// What the worker will run, and how much at once.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Plan {
@@ -67,37 +125,50 @@ pub struct Plan {
     pub scheduler: SchedulerLimits,
     /// Each served model's tier.
     pub model_tiers: HashMap<String, ModelTier>,
+    /// How `scheduler.inflight_max` was chosen.
+    pub inflight: InflightChoice,
     /// What the registration announces.
     pub capabilities: WorkerCapabilities,
 }
 
 impl Plan {
-    /// Plans for `profile`, with the configured `settings`, for the `models` the engine serves.
-    pub fn new(profile: &HostProfile, settings: &Settings, models: &[ModelFacts<'_>]) -> Plan {
+    /// Plans for `profile`, with the configured `settings`, for the `models` the engine serves,
+    /// and logs which figure bounds the requests run at once.
+    pub fn new(profile: &HostProfile, settings: &Settings, models: &[ServedModel<'_>]) -> Plan {
         let recommendation =
             Recommendation::for_profile(profile).with_overrides(&settings.tier_limits);
         let tiers: BTreeMap<ModelTier, TierLimit> = recommendation.tier_limits();
         let model_tiers: HashMap<String, ModelTier> = models
             .iter()
-            .map(|facts| {
+            .map(|model| {
                 // A model whose size nothing tells is planned as a mid-sized one.
-                let tier = model_tier(facts).unwrap_or(ModelTier::Medium);
-                (facts.name.to_owned(), tier)
+                let tier = model_tier(&model.facts).unwrap_or(ModelTier::Medium);
+                (model.facts.name.to_owned(), tier)
             })
             .collect();
         let capabilities = Capabilities::of(profile, &recommendation);
         // By default the worker runs as many requests at once as the most permissive tier of
         // the models it serves allows; each tier's own limit still applies.
-        let inflight_max = settings
-            .inflight_max
-            .or_else(|| {
+        let (configured, configured_source) = match settings.inflight_max {
+            Some(n) => (n, LimitSource::Configured),
+            None => (
                 model_tiers
                     .values()
                     .map(|t| recommendation.limit(*t).max_concurrent)
                     .max()
-            })
-            .unwrap_or(capabilities.max_concurrent)
-            .max(1);
+                    .unwrap_or(capabilities.max_concurrent),
+                LimitSource::Detected,
+            ),
+        };
+        let engine = models.iter().filter_map(|m| m.streams_max).max();
+        let inflight = InflightChoice {
+            configured,
+            configured_source,
+            engine,
+            chosen: engine.map_or(configured, |e| e.min(configured)).max(1),
+        };
+        inflight.log();
+        let inflight_max = inflight.chosen;
         Plan {
             scheduler: SchedulerLimits {
                 inflight_max,
@@ -105,6 +176,7 @@ impl Plan {
                 tiers,
             },
             model_tiers,
+            inflight,
             capabilities: WorkerCapabilities {
                 max_concurrent: u32::try_from(inflight_max).unwrap_or(u32::MAX),
                 supported_model_tiers: capabilities

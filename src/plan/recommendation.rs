@@ -47,12 +47,12 @@ impl Confidence {
     }
 }
 
-/// Where a tier's limit came from.
+/// Where a limit came from: a tier's, or the requests the worker runs at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LimitSource {
     /// The hardware table.
     Detected,
-    /// The configuration's `tier_limits`.
+    /// The configuration (`tier_limits`, `maxConcurrent`).
     Configured,
 }
 

@@ -49,8 +49,8 @@ use crate::limits::{FLUSH_TIMEOUT, INFLIGHT_REQUESTS_MAX};
 use crate::metrics::prometheus::MetricsView;
 use crate::metrics::telemetry::{self, Telemetry};
 use crate::mutation::{Mutation, Mutations};
-use crate::plan::Plan;
 use crate::plan::model_size::ModelFacts;
+use crate::plan::{Plan, ServedModel};
 use crate::protocol::{self, ModelSkills, WorkerDeregistration, subject};
 use crate::transport::ConnectionState;
 use crate::transport::{Subscription, Transport, TransportError};
@@ -224,13 +224,16 @@ impl Worker {
                 Default::default()
             }
         };
-        let models: Vec<ModelFacts<'_>> = catalog
+        let models: Vec<ServedModel<'_>> = catalog
             .models
             .iter()
-            .map(|(id, entry)| ModelFacts {
-                parameter_count: entry.parameter_count,
-                name: id,
-                disk_bytes: Some(entry.size_bytes),
+            .map(|(id, entry)| ServedModel {
+                facts: ModelFacts {
+                    parameter_count: entry.parameter_count,
+                    name: id,
+                    disk_bytes: Some(entry.size_bytes),
+                },
+                streams_max: entry.streams_max,
             })
             .collect();
         let plan = Plan::new(&profile, &self.config.plan_settings(), &models);

@@ -300,6 +300,16 @@ pub struct WorkerProcess {
 impl WorkerProcess {
     /// Starts `mlx-worker run <args> --port 0`.
     pub fn spawn(binary: &WorkerBinary, args: &[&str]) -> WorkerProcess {
+        WorkerProcess::spawn_with_env(binary, args, &[])
+    }
+
+    /// Starts `mlx-worker run <args> --port 0` with `envs` added to its environment (and so
+    /// to the MLX runtime's, which it inherits).
+    pub fn spawn_with_env(
+        binary: &WorkerBinary,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> WorkerProcess {
         let state = state_dir();
         let child = Command::new(&binary.path)
             .current_dir(&binary.repo_root)
@@ -307,6 +317,7 @@ impl WorkerProcess {
             .args(args)
             .args(["--port", "0"])
             .env("MLX_WORKER_STATE_DIR", state.path())
+            .envs(envs.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)

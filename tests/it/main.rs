@@ -7,6 +7,7 @@
 
 mod auth;
 mod bodies;
+mod capacity;
 mod cli;
 mod creds;
 mod engine;

@@ -1,7 +1,8 @@
 //! [`MlxEngine`]: the production [`Engine`], the MLX runtime in a supervised Python child,
 //! spoken to with newline-delimited JSON-RPC over its stdin and stdout.
 //!
-//! This face owns the catalog and turns the seam's operations into runtime calls: load, unload
+//! This face owns the catalog (the scan of the model directory, each model with the streams
+//! the runtime holds at once) and turns the seam's operations into runtime calls: load, unload
 //! and generate, and the engine errors their failures are. It neither runs the process nor
 //! reads its lines. Its parts, each with its tasks:
 //!
@@ -176,7 +177,7 @@ impl MlxEngine {
 impl Engine for MlxEngine {
     async fn catalog(&self) -> Result<Catalog, EngineError> {
         let root = self.runtime.config.model_dir.clone();
-        let catalog = tokio::task::spawn_blocking(move || catalog::scan(&root))
+        let mut catalog = tokio::task::spawn_blocking(move || catalog::scan(&root))
             .await
             .map_err(|e| EngineError::Unavailable {
                 reason: format!("model scan failed: {e}"),
@@ -184,6 +185,11 @@ impl Engine for MlxEngine {
             .map_err(|e| EngineError::Unavailable {
                 reason: e.to_string(),
             })?;
+        // The runtime's bound on live streams is one for all its models.
+        let streams_max = self.runtime.streams_max();
+        for entry in catalog.models.values_mut() {
+            entry.streams_max = Some(streams_max);
+        }
         *lock(&self.catalog) = Some(catalog.clone());
         Ok(catalog)
     }

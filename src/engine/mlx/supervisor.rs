@@ -10,8 +10,9 @@
 //! alone, which drains and then stops the child itself. Once the engine is stopping, a child
 //! that exits is not restarted: its run is over, not crashed.
 //!
-//! It owns the child process, the engine's health and the record of the models loaded in the
-//! live child. It makes no call beyond readiness and liveness: lines and their routing are the
+//! It owns the child process, the engine's health, the record of the models loaded in the live
+//! child and the number of streams the child holds at once (from its `runtime/info`). It makes
+//! no call beyond readiness and liveness: lines and their routing are the
 //! connection's (`conn`), the engine's calls the engine face's (`mlx`).
 
 #[cfg(test)]
@@ -19,6 +20,7 @@ mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,8 +34,9 @@ use super::conn::{CallError, Conn, lock};
 use super::stderr;
 use crate::clock::Clock;
 use crate::config::EngineConfig;
-use crate::engine::rpc::GetInfo;
+use crate::engine::rpc::{GetInfo, Info};
 use crate::engine::{EngineError, EngineHealth, LoadedModel};
+use crate::limits::{INFLIGHT_REQUESTS_MAX, RUNTIME_STREAMS_LIVE_DEFAULT};
 
 /// Period of the liveness ping.
 const PING_INTERVAL: Duration = Duration::from_secs(10);
@@ -58,6 +61,8 @@ pub(super) struct Runtime {
     /// Fired when the engine starts stopping (the worker's stop began, or `shutdown`); from
     /// then on a child that exits is not restarted.
     stopping: CancellationToken,
+    /// Streams the last ready child said it holds at once ([`streams_max`]).
+    streams_max: AtomicUsize,
 }
 
 impl Runtime {
@@ -70,12 +75,19 @@ impl Runtime {
             health: watch::Sender::new(EngineHealth::Starting),
             loaded: Mutex::new(BTreeMap::new()),
             stopping: CancellationToken::new(),
+            streams_max: AtomicUsize::new(RUNTIME_STREAMS_LIVE_DEFAULT),
         }
     }
 
     /// Marks the engine as stopping: a child that exits from now on is not restarted.
     pub(super) fn begin_stop(&self) {
         self.stopping.cancel();
+    }
+
+    /// Streams the runtime holds live at once, across its models (generating or queued), past
+    /// which it refuses `generate`: what the last ready child said, else the default.
+    pub(super) fn streams_max(&self) -> usize {
+        self.streams_max.load(Ordering::Relaxed)
     }
 
     /// The live child's connection, or why there is none.
@@ -269,14 +281,16 @@ async fn serve(
         ready_line,
         config.startup_timeout,
     );
-    tokio::select! {
-        outcome = readiness => {
-            if let Err(reason) = outcome {
-                return reason;
-            }
-        }
+    let info = tokio::select! {
+        outcome = readiness => match outcome {
+            Ok(info) => info,
+            Err(reason) => return reason,
+        },
         () = stop.cancelled() => return "stopped while starting".to_owned(),
-    }
+    };
+    runtime
+        .streams_max
+        .store(streams_max(&info), Ordering::Relaxed);
     info!(pid, "runtime ready");
     runtime.go_live(conn);
     if let Some(first) = first.take() {
@@ -321,13 +335,14 @@ fn spawn(config: &EngineConfig) -> std::io::Result<Child> {
         .spawn()
 }
 
-/// Waits for the readiness line, then for a `runtime/info` answer, within `limit` in all.
+/// Waits for the readiness line, then for a `runtime/info` answer, within `limit` in all;
+/// returns the answer.
 async fn ready(
     conn: &Conn,
     clock: &dyn Clock,
     ready_line: oneshot::Receiver<()>,
     limit: Duration,
-) -> Result<(), String> {
+) -> Result<Info, String> {
     let deadline = clock.now() + limit;
     if tokio::time::timeout_at(deadline, ready_line).await.is_err() {
         return Err(format!(
@@ -348,7 +363,21 @@ async fn ready(
         version = info.version.as_deref().unwrap_or("?"),
         mlx = info.mlx_version.as_deref().unwrap_or("?"),
         can_cancel = info.can_cancel(),
+        streams_max = streams_max(&info),
+        stated = info.streams_live_max().is_some(),
         "runtime info"
     );
-    Ok(())
+    Ok(info)
+}
+
+/// The streams a runtime whose `runtime/info` answer is `info` holds live at once: its own
+/// figure, within 1 and [`INFLIGHT_REQUESTS_MAX`], or [`RUNTIME_STREAMS_LIVE_DEFAULT`] when it
+/// states none (as the existing runtime does not).
+fn streams_max(info: &Info) -> usize {
+    info.streams_live_max()
+        .map_or(RUNTIME_STREAMS_LIVE_DEFAULT, |n| {
+            usize::try_from(n)
+                .unwrap_or(usize::MAX)
+                .clamp(1, INFLIGHT_REQUESTS_MAX)
+        })
 }

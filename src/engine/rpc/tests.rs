@@ -85,7 +85,9 @@ fn results_are_read_in_both_runtimes_shapes() {
     let ours: Info = decode_result(json!({
         "version": "0.1.0", "mlx_version": "0.32.4", "mlx_lm_version": "0.32.2",
         "protocol": "json-rpc-2.0", "capabilities": ["generate", "cancel"],
-        "mlx_supported": true, "memory": {"rss": 1, "vms": 2}
+        "mlx_supported": true, "memory": {"rss": 1, "vms": 2},
+        "limits": {"line_bytes_max": 1_048_576, "max_tokens_max": 4096,
+                   "streams_live_max": 64, "models_loaded_max": 8}
     }));
     assert_eq!(
         ours,
@@ -94,14 +96,19 @@ fn results_are_read_in_both_runtimes_shapes() {
             mlx_version: Some("0.32.4".into()),
             mlx_supported: Some(true),
             capabilities: vec!["generate".into(), "cancel".into()],
+            limits: Some(InfoLimits {
+                streams_live_max: Some(64)
+            }),
         }
     );
     assert!(ours.can_cancel());
+    assert_eq!(ours.streams_live_max(), Some(64));
     let existing: Info = decode_result(json!({
         "version": "0.1.0", "capabilities": [], "mlx_supported": false
     }));
     assert!(!existing.can_cancel());
     assert_eq!(existing.mlx_supported, Some(false));
+    assert_eq!(existing.streams_live_max(), None);
     let loaded: ModelLoaded = decode_result(json!({
         "model_id": MODEL, "state": "ready", "context_length": 8192,
         "parameter_count": 0, "dtype": "unknown", "is_vision_model": false
@@ -123,7 +130,7 @@ fn results_are_read_in_both_runtimes_shapes() {
 fn result_fields_of_another_type_read_as_absent_one_by_one() {
     let info: Info = decode_result(json!({
         "version": 1, "mlx_version": "0.32.4", "mlx_supported": "no",
-        "capabilities": ["cancel", 3, null]
+        "capabilities": ["cancel", 3, null], "limits": {"streams_live_max": -1}
     }));
     assert_eq!(
         info,
@@ -132,10 +139,12 @@ fn result_fields_of_another_type_read_as_absent_one_by_one() {
             mlx_version: Some("0.32.4".into()),
             mlx_supported: None,
             capabilities: vec!["cancel".into()],
+            limits: Some(InfoLimits::default()),
         }
     );
-    let info: Info = decode_result(json!({"capabilities": "cancel"}));
+    let info: Info = decode_result(json!({"capabilities": "cancel", "limits": [64]}));
     assert!(!info.can_cancel());
+    assert_eq!(info.limits, None);
     let loaded: ModelLoaded = decode_result(json!({
         "context_length": 8192.0, "parameter_count": -1
     }));

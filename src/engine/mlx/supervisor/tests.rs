@@ -1,9 +1,14 @@
 // Goal: the restart budget admits at most `restarts_max` restarts per sliding window, frees
-// room as the window passes, and spaces restarts by a delay that doubles up to its cap.
-// Method: the budget driven with instants built from one reading of the clock, no waiting.
+// room as the window passes, and spaces restarts by a delay that doubles up to its cap; the
+// streams a runtime holds at once are its stated figure, kept in range, else the default.
+// Method: the budget driven with instants built from one reading of the clock, no waiting;
+// `runtime/info` answers of both runtimes' shapes.
+
+use serde_json::json;
 
 use super::*;
 use crate::clock::SystemClock;
+use crate::engine::rpc::decode_result;
 
 fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
@@ -54,4 +59,31 @@ fn the_delay_doubles_up_to_its_cap() {
 fn a_zero_budget_admits_no_restart() {
     let mut budget = RestartBudget::new(secs(60), 0);
     assert_eq!(budget.admit(SystemClock.now()), None);
+}
+
+#[test]
+fn the_streams_a_runtime_holds_are_its_stated_figure_kept_in_range_else_the_default() {
+    let stated = |limits: serde_json::Value| {
+        streams_max(&decode_result::<Info>(json!({
+            "version": "0.1.0", "limits": limits
+        })))
+    };
+    assert_eq!(stated(json!({"streams_live_max": 8})), 8);
+    assert_eq!(stated(json!({"streams_live_max": 64})), 64);
+    assert_eq!(stated(json!({"streams_live_max": 0})), 1);
+    assert_eq!(
+        stated(json!({"streams_live_max": 1_000_000})),
+        INFLIGHT_REQUESTS_MAX
+    );
+    // No figure, or one of another type: the existing runtime's case.
+    assert_eq!(
+        stated(json!({"line_bytes_max": 1})),
+        RUNTIME_STREAMS_LIVE_DEFAULT
+    );
+    assert_eq!(
+        stated(json!({"streams_live_max": "64"})),
+        RUNTIME_STREAMS_LIVE_DEFAULT
+    );
+    let existing = decode_result::<Info>(json!({"version": "0.1.0", "capabilities": []}));
+    assert_eq!(streams_max(&existing), RUNTIME_STREAMS_LIVE_DEFAULT);
 }
