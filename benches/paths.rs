@@ -103,6 +103,9 @@ fn metrics(c: &mut Criterion) {
     );
 }
 
+/// The model of the benched requests.
+const MODEL: &str = "mlx-community/Llama-3.2-3B-Instruct-4bit";
+
 fn limits(queue_depth: usize) -> SchedulerLimits {
     SchedulerLimits {
         inflight_max: 8,
@@ -119,6 +122,7 @@ fn limits(queue_depth: usize) -> SchedulerLimits {
                 )
             })
             .collect::<BTreeMap<_, _>>(),
+        models: BTreeMap::new(),
     }
 }
 
@@ -129,9 +133,10 @@ fn admission(c: &mut Criterion) {
             let decision = idle.admit(
                 black_box("req-1".to_owned()),
                 ModelTier::Small,
+                MODEL,
                 Priority::Medium,
             );
-            let next = idle.finish(ModelTier::Small);
+            let next = idle.finish(ModelTier::Small, MODEL);
             (decision, next)
         })
     });
@@ -139,10 +144,10 @@ fn admission(c: &mut Criterion) {
     // Every slot running and the queue at its bound: the next request is refused.
     let mut full = Scheduler::new(limits(16));
     for i in 0..(8 + 16) {
-        let _ = full.admit(format!("req-{i}"), ModelTier::Small, Priority::Low);
+        let _ = full.admit(format!("req-{i}"), ModelTier::Small, MODEL, Priority::Low);
     }
     assert!(matches!(
-        full.admit("probe".to_owned(), ModelTier::Small, Priority::High),
+        full.admit("probe".to_owned(), ModelTier::Small, MODEL, Priority::High),
         Admission::Full { .. }
     ));
     c.bench_function("admission: refuse with the queue full", |b| {
@@ -150,6 +155,7 @@ fn admission(c: &mut Criterion) {
             full.admit(
                 black_box("req-x".to_owned()),
                 ModelTier::Small,
+                MODEL,
                 Priority::High,
             )
         })

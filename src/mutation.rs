@@ -22,11 +22,14 @@ pub enum Mutation {
     /// A stream's first message goes out without waiting for the link, and a stream whose first
     /// publish timed out is abandoned without a terminal (the loss a long broker outage caused).
     AbandonOnFirstPublishTimeout,
+    /// The engine's capacity per model is not enforced: a model's requests run up to their
+    /// tier's and the worker's limits, past what the engine runs.
+    IgnoreEngineCapacity,
 }
 
 impl Mutation {
     /// Every planted bug.
-    pub const ALL: [Mutation; 7] = [
+    pub const ALL: [Mutation; 8] = [
         Mutation::SkipReregistration,
         Mutation::DropTerminalOnTimeout,
         Mutation::ForgetLatchedCancel,
@@ -34,6 +37,7 @@ impl Mutation {
         Mutation::TokenAfterDone,
         Mutation::IgnoreQueueBound,
         Mutation::AbandonOnFirstPublishTimeout,
+        Mutation::IgnoreEngineCapacity,
     ];
 
     fn bit(self) -> u32 {

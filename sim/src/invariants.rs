@@ -22,6 +22,7 @@
 //! | `latched-cancel` | a request whose cancel arrived before it ends `CANCELLED` |
 //! | `broker-fifo` | while a client's link was never lost, the broker received exactly its publishes, in order |
 //! | `done-is-complete` | a `done` the controller receives with `totalTokens: n` follows its receipt of every token index below `n`: a stream that lost tokens on the way ends with an error, never with `done` |
+//! | `engine-capacity` | the engine refused no generation for want of capacity: the worker never handed it more of a model than it runs (the engine's own count, checked by `World::finish`) |
 //!
 //! The rules of one stream (`contiguous-tokens`, `stream-fields`) are the library client's
 //! own, `mlx_worker::client::StreamCheck`, applied to what the worker published.

@@ -499,7 +499,9 @@ impl World {
         &self.violations
     }
 
-    /// Checks every invariant on the whole trace; returns the violations found while running
+    /// Checks every invariant on the whole trace, and that no subscription dropped a message and
+    /// the engine refused no generation for want of capacity (`engine-capacity`: the worker
+    /// handed it no more of a model than it runs); returns the violations found while running
     /// (if any) or else the final check's.
     pub fn finish(&mut self) -> Vec<Violation> {
         if !self.violations.is_empty() {
@@ -513,6 +515,16 @@ impl World {
             found.push(Violation {
                 invariant: "no-slow-consumer-drop",
                 detail: format!("{drops} messages dropped by a full subscription buffer"),
+            });
+        }
+        let refused = self.engine.stats().refused;
+        if refused > 0 {
+            found.push(Violation {
+                invariant: "engine-capacity",
+                detail: format!(
+                    "the engine refused {refused} generations: it was handed more of a model \
+                     than it runs"
+                ),
             });
         }
         found

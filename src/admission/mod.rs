@@ -14,10 +14,9 @@
 //! nothing runs or waits beyond the limits; a cancel latched before its request arrives ends
 //! that request `CANCELLED`; waiting requests start by priority, oldest first within one.
 //!
-//! The scheduler counts running requests per tier. A limit on running requests per model (the
-//! engine's capacity) would be a count by model id beside those, raised in `start` and lowered
-//! in `finish` — the only two places a request changes between running and not — with a request
-//! of a full model waiting as one of a full tier does.
+//! The scheduler counts running requests per tier and per model: a model at its bound (the
+//! engine's capacity for it) holds its requests in the worker's own queue, as a full tier does,
+//! so the engine is never handed a stream it cannot run.
 
 #[cfg(test)]
 mod tests;
@@ -330,7 +329,7 @@ impl<T: Clone> Admission<T> {
             out.push(refuse(ErrorCode::Cancelled, text));
             return;
         }
-        let starts = match self.scheduler.admit(id.clone(), tier, priority) {
+        let starts = match self.scheduler.admit(id.clone(), tier, &model, priority) {
             scheduler::Admission::Start => true,
             scheduler::Admission::Queued => false,
             scheduler::Admission::Full { waiting, limit } => {
@@ -463,7 +462,7 @@ impl<T: Clone> Admission<T> {
         let Some(entry) = self.requests.remove(id) else {
             return;
         };
-        for next in self.scheduler.finish(entry.tier) {
+        for next in self.scheduler.finish(entry.tier, &entry.model) {
             self.start(&next, out);
         }
     }

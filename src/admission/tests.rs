@@ -1,6 +1,7 @@
 // Goal: admission keeps its promises whatever order events come in: every accepted request gets
-// exactly one end, nothing runs or waits beyond the limits, a cancel latched before its request
-// ends it, waiting requests start by priority then age, and refusals give the documented code.
+// exactly one end, nothing runs or waits beyond the limits (overall, per tier, and per model:
+// the engine's capacity), a cancel latched before its request ends it, waiting requests start
+// by priority then age, and refusals give the documented code.
 // Method: scripted event sequences on small limits for each rule and its text, plus a proptest
 // of random sequences (arrivals with colliding ids, cancels, finishes, time, drain, stop) checked
 // against a bookkeeping of what each action promised, ending every sequence with a stop.
@@ -26,9 +27,12 @@ const INFLIGHT_MAX: usize = 3;
 const QUEUE_MAX: usize = 5;
 /// Per tier: requests running at once, requests waiting.
 const TIERS: [(ModelTier, usize, usize); 2] = [(Huge, 1, 2), (Tiny, 2, 4)];
+/// Per model: requests running at once (the engine's capacity), where it binds before the tier.
+const MODEL_LIMITS: [(&str, usize); 1] = [("narrow", 1)];
 
-/// Admission serving `huge` and `tiny` within [`INFLIGHT_MAX`], [`QUEUE_MAX`] and [`TIERS`];
-/// payloads are plain numbers.
+/// Admission serving `huge`, `tiny` and `narrow` (a `<3B` model the engine runs one of at a
+/// time) within [`INFLIGHT_MAX`], [`QUEUE_MAX`], [`TIERS`] and [`MODEL_LIMITS`]; payloads are
+/// plain numbers.
 fn admission() -> Admission<u32> {
     let tiers = TIERS
         .into_iter()
@@ -47,10 +51,18 @@ fn admission() -> Admission<u32> {
             inflight_max: INFLIGHT_MAX,
             queue_depth_max: QUEUE_MAX,
             tiers,
+            models: MODEL_LIMITS
+                .into_iter()
+                .map(|(m, n)| (m.to_owned(), n))
+                .collect(),
         },
         request_timeout: REQUEST_TIMEOUT,
     };
-    let models = HashMap::from([("huge".to_owned(), Huge), ("tiny".to_owned(), Tiny)]);
+    let models = HashMap::from([
+        ("huge".to_owned(), Huge),
+        ("tiny".to_owned(), Tiny),
+        ("narrow".to_owned(), Tiny),
+    ]);
     Admission::new(limits, models, Mutations::NONE)
 }
 
@@ -185,6 +197,7 @@ fn an_unserved_model_is_refused_naming_what_is_served() {
                 inflight_max: 1,
                 queue_depth_max: 1,
                 tiers: BTreeMap::new(),
+                models: BTreeMap::new(),
             },
             request_timeout: REQUEST_TIMEOUT,
         },
@@ -307,6 +320,22 @@ fn a_finish_starts_the_waiting_requests_by_priority_then_age() {
 }
 
 #[test]
+fn a_model_at_its_engine_capacity_waits_until_one_of_its_own_ends() {
+    let t0 = SystemClock.now();
+    let mut a = admission();
+    check(&arrive(&mut a, t0, "n1", "narrow"), &["start n1"]);
+    // Its tier and the whole have room; the model has none.
+    check(&arrive(&mut a, t0, "n2", "narrow"), &[]);
+    check(&arrive(&mut a, t0, "t1", "tiny"), &["start t1"]);
+    assert_eq!((a.running(), a.queued()), (2, 1));
+    let finish = |a: &mut Admission<u32>, id: &str| a.handle(Event::Finished { id: id.to_owned() });
+    check(&finish(&mut a, "t1"), &[]);
+    check(&finish(&mut a, "n1"), &["start n2"]);
+    check(&finish(&mut a, "n2"), &[]);
+    assert!(a.is_idle());
+}
+
+#[test]
 fn the_drain_refuses_new_requests_except_those_the_groups_route_here() {
     let t0 = SystemClock.now();
     let mut a = admission();
@@ -370,7 +399,7 @@ fn the_stop_ends_waiting_requests_in_start_order_then_stops_running_ones_in_id_o
 // The random sequences.
 
 const IDS: u8 = 12;
-const MODELS: [&str; 3] = ["huge", "tiny", "other"];
+const MODELS: [&str; 4] = ["huge", "tiny", "narrow", "other"];
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -394,7 +423,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     let arrive = (
         0..IDS,
-        0u8..3,
+        0u8..4,
         0u8..3,
         any::<bool>(),
         proptest::option::of(1u64..3000),
@@ -422,6 +451,7 @@ fn op() -> impl Strategy<Value = Op> {
 /// What the test knows of one accepted request.
 #[derive(Clone, Debug)]
 struct Known {
+    model: &'static str,
     tier: ModelTier,
     /// Priority slot (0 highest), then arrival number: the lower, the sooner it should start.
     rank: (usize, u64),
@@ -432,9 +462,17 @@ struct Known {
 fn tier_of(model: &str) -> Option<ModelTier> {
     match model {
         "huge" => Some(Huge),
-        "tiny" => Some(Tiny),
+        "tiny" | "narrow" => Some(Tiny),
         _ => None,
     }
+}
+
+/// Requests of `model` that may run at once, when the engine's capacity bounds it.
+fn model_max(model: &str) -> Option<usize> {
+    MODEL_LIMITS
+        .iter()
+        .find(|(m, _)| *m == model)
+        .map(|(_, n)| *n)
 }
 
 fn tier_max(tier: ModelTier) -> usize {
@@ -479,15 +517,24 @@ impl Book {
             .count()
     }
 
+    fn running_model(&self, model: &str) -> usize {
+        self.accepted
+            .values()
+            .filter(|k| k.running && k.model == model)
+            .count()
+    }
+
     fn waiting(&self, tier: Option<ModelTier>) -> impl Iterator<Item = (&String, &Known)> {
         self.accepted
             .iter()
             .filter(move |(_, k)| !k.running && tier.is_none_or(|t| k.tier == t))
     }
 
-    /// Whether a request of `tier` could start now.
-    fn has_slot(&self, tier: ModelTier) -> bool {
-        self.running(None) < INFLIGHT_MAX && self.running(Some(tier)) < tier_max(tier)
+    /// Whether a request like `k` (its model, its tier) could start now.
+    fn has_slot(&self, k: &Known) -> bool {
+        self.running(None) < INFLIGHT_MAX
+            && self.running(Some(k.tier)) < tier_max(k.tier)
+            && model_max(k.model).is_none_or(|max| self.running_model(k.model) < max)
     }
 
     /// Takes the latched cancel for `id` at `now`, if one is still valid.
@@ -516,11 +563,11 @@ impl Book {
             (None, _) => return Err(format!("{id} started without being accepted")),
         };
         for (other, k) in self.waiting(None) {
-            if other != id && k.rank < known.rank && self.has_slot(k.tier) {
+            if other != id && k.rank < known.rank && self.has_slot(k) {
                 return Err(format!("{id} started before {other}, which outranks it"));
             }
         }
-        if !self.has_slot(known.tier) {
+        if !self.has_slot(&known) {
             return Err(format!("starting {id} runs past a limit"));
         }
         self.accepted.insert(
@@ -599,7 +646,7 @@ impl Book {
             [Action::Refuse(e)] if e.code == ErrorCode::QueueFull => {
                 let at_bound = self.waiting(None).count() == QUEUE_MAX
                     || self.waiting(Some(known.tier)).count() == tier_queue_max(known.tier);
-                if self.has_slot(known.tier) || !at_bound {
+                if self.has_slot(&known) || !at_bound {
                     return Err(format!("{id} refused as full with room to run or wait"));
                 }
             }
@@ -625,8 +672,14 @@ impl Book {
         if waiting > QUEUE_MAX || past_tier_bound {
             return Err(format!("{waiting} waiting, past a bound"));
         }
-        if let Some((id, _)) = self.waiting(None).find(|(_, k)| self.has_slot(k.tier)) {
+        if let Some((id, _)) = self.waiting(None).find(|(_, k)| self.has_slot(k)) {
             return Err(format!("{id} waits while a slot of its tier is free"));
+        }
+        for (model, max) in MODEL_LIMITS {
+            let running = self.running_model(model);
+            if running > max {
+                return Err(format!("{running} of {model} run, past its limit of {max}"));
+            }
         }
         if let Event::Tick { now } = event
             && let Some((id, _)) = self.waiting(None).find(|(_, k)| k.deadline <= *now)
@@ -679,6 +732,7 @@ fn step(op: Op, now: &mut Instant, book: &mut Book) -> Option<Step> {
                 book.arrivals += 1;
                 let deadline = now_at + timeout.map_or(REQUEST_TIMEOUT, |t| t.min(REQUEST_TIMEOUT));
                 let known = Known {
+                    model,
                     tier,
                     rank: (slot(priority), book.arrivals),
                     deadline,

@@ -53,6 +53,9 @@ pub struct SchedulerLimits {
     pub queue_depth_max: usize,
     /// Per-tier bounds; a tier missing here takes nothing.
     pub tiers: BTreeMap<ModelTier, TierLimit>,
+    /// Requests of one model that may run at once (the engine's capacity for it), by model id;
+    /// a model missing here is bounded by its tier and the whole alone.
+    pub models: BTreeMap<String, usize>,
 }
 
 /// What the plan takes of the worker's configuration.
@@ -169,11 +172,20 @@ impl Plan {
         };
         inflight.log();
         let inflight_max = inflight.chosen;
+        // The worker hands the engine no more streams of a model than it runs.
+        let model_limits: BTreeMap<String, usize> = models
+            .iter()
+            .filter_map(|m| {
+                let max = m.streams_max?.min(configured).max(1);
+                Some((m.facts.name.to_owned(), max))
+            })
+            .collect();
         Plan {
             scheduler: SchedulerLimits {
                 inflight_max,
                 queue_depth_max: settings.queue_depth_max,
                 tiers,
+                models: model_limits,
             },
             model_tiers,
             inflight,

@@ -1,6 +1,7 @@
 // Goal: the plan runs at once the smaller of the configured figure (`maxConcurrent`, else the
 // hardware table's) and the engine's (the most streams it runs at once of any served model),
-// announces that figure, and logs one line naming both and which one bounds.
+// announces that figure, and logs one line naming both and which one bounds; each model whose
+// engine figure is known runs at most that many (and at most the configured figure).
 // Method: plans of a hand-built host for hand-built model lists; the log line captured by a
 // subscriber for the duration of one `Plan::new`.
 
@@ -111,6 +112,22 @@ fn equal_figures_are_bound_by_the_configuration_and_zero_runs_one() {
     assert!(!plan.inflight.engine_bounds());
     let plan = Plan::new(&m1(), &settings(Some(64)), &[tiny("a", Some(0))]);
     assert_eq!(plan.scheduler.inflight_max, 1);
+}
+
+#[test]
+fn each_model_runs_at_most_the_engines_figure_for_it_and_the_configured_one() {
+    let models = [tiny("a", Some(8)), tiny("b", Some(300)), tiny("c", None)];
+    let plan = Plan::new(&m1(), &settings(Some(200)), &models);
+    assert_eq!(
+        plan.scheduler.models,
+        BTreeMap::from([("a".to_owned(), 8), ("b".to_owned(), 200)])
+    );
+    assert_eq!(plan.scheduler.inflight_max, 200);
+    let plan = Plan::new(&m1(), &settings(None), &models);
+    assert_eq!(
+        plan.scheduler.models,
+        BTreeMap::from([("a".to_owned(), 8), ("b".to_owned(), TABLE_TINY_ON_M1)])
+    );
 }
 
 #[test]

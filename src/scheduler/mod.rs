@@ -1,9 +1,12 @@
 //! Admission and ordering of accepted requests: a global in-flight limit, per-tier concurrency
-//! and queue bounds, and three priorities, FIFO within a priority.
+//! and queue bounds, a per-model concurrency bound (the engine's capacity), and three
+//! priorities, FIFO within a priority.
 //!
 //! Sans-IO: the scheduler holds request ids and counts, and answers decisions; the dispatcher
-//! starts and finishes the work. Invariant, checked after every operation in debug builds: no
-//! queued request could start (so a free slot is never left idle while work waits).
+//! starts and finishes the work. A tier's requests wait in one lane per model, so a model at
+//! its bound holds up its own requests only; the next request to start is the highest-priority,
+//! oldest one among the lanes that may start. Invariant, checked after every operation in debug
+//! builds: no queued request could start (so a free slot is never left idle while work waits).
 
 #[cfg(test)]
 mod tests;
@@ -29,16 +32,44 @@ pub enum Admission {
     },
 }
 
+/// One model's requests within its tier: how many run, and those waiting.
 #[derive(Debug, Default)]
-struct TierState {
+struct Lane {
     running: usize,
     /// One FIFO per priority, highest first; entries are (arrival number, request id).
     queues: [VecDeque<(u64, String)>; 3],
 }
 
-impl TierState {
+impl Lane {
     fn queued(&self) -> usize {
         self.queues.iter().map(VecDeque::len).sum()
+    }
+
+    fn is_idle(&self) -> bool {
+        self.running == 0 && self.queued() == 0
+    }
+}
+
+#[derive(Debug, Default)]
+struct TierState {
+    running: usize,
+    /// The lanes of the models with requests running or waiting; idle lanes are dropped.
+    lanes: BTreeMap<String, Lane>,
+}
+
+impl TierState {
+    fn queued(&self) -> usize {
+        self.lanes.values().map(Lane::queued).sum()
+    }
+
+    /// The lane of `model`, made when it has none (allocating its key only then).
+    fn lane(&mut self, model: &str) -> &mut Lane {
+        if !self.lanes.contains_key(model) {
+            self.lanes.insert(model.to_owned(), Lane::default());
+        }
+        self.lanes
+            .get_mut(model)
+            .expect("the lane was just made if it was missing")
     }
 }
 
@@ -95,18 +126,32 @@ impl Scheduler {
         self.queued
     }
 
-    fn can_start(&self, tier: ModelTier) -> bool {
+    /// Requests of `model` that may run at once.
+    fn model_max(&self, model: &str) -> usize {
+        self.limits.models.get(model).copied().unwrap_or(usize::MAX)
+    }
+
+    fn can_start(&self, tier: ModelTier, model: &str) -> bool {
         let (Some(limit), Some(state)) = (self.limits.tiers.get(&tier), self.tiers.get(&tier))
         else {
             return false;
         };
-        self.running < self.limits.inflight_max && state.running < limit.max_concurrent
+        let model_running = state.lanes.get(model).map_or(0, |lane| lane.running);
+        self.running < self.limits.inflight_max
+            && state.running < limit.max_concurrent
+            && model_running < self.model_max(model)
     }
 
-    /// Admits a new request of `tier`.
-    pub fn admit(&mut self, id: String, tier: ModelTier, priority: Priority) -> Admission {
-        let decision = if self.can_start(tier) {
-            self.start(tier);
+    /// Admits a new request of `model`, of `tier`.
+    pub fn admit(
+        &mut self,
+        id: String,
+        tier: ModelTier,
+        model: &str,
+        priority: Priority,
+    ) -> Admission {
+        let decision = if self.can_start(tier, model) {
+            self.start(tier, model);
             Admission::Start
         } else {
             let tier_limit = self.limits.tiers.get(&tier).map_or(0, |l| l.queue_depth);
@@ -125,7 +170,7 @@ impl Scheduler {
                 self.arrivals += 1;
                 let arrival = self.arrivals;
                 if let Some(state) = self.tiers.get_mut(&tier) {
-                    state.queues[priority_slot(priority)].push_back((arrival, id));
+                    state.lane(model).queues[priority_slot(priority)].push_back((arrival, id));
                     self.queued += 1;
                 }
                 Admission::Queued
@@ -135,85 +180,103 @@ impl Scheduler {
         decision
     }
 
-    fn start(&mut self, tier: ModelTier) {
+    fn start(&mut self, tier: ModelTier, model: &str) {
         if let Some(state) = self.tiers.get_mut(&tier) {
             state.running += 1;
+            state.lane(model).running += 1;
             self.running += 1;
         }
     }
 
-    /// A running request of `tier` finished; returns the waiting requests that start now,
-    /// highest priority first, oldest first within a priority.
-    pub fn finish(&mut self, tier: ModelTier) -> Vec<String> {
+    /// A running request of `model`, of `tier`, finished; returns the waiting requests that
+    /// start now, highest priority first, oldest first within a priority.
+    pub fn finish(&mut self, tier: ModelTier, model: &str) -> Vec<String> {
         let state = self.tiers.get_mut(&tier);
-        assert!(
-            state.as_ref().is_some_and(|s| s.running > 0),
-            "finish of a tier with nothing running"
-        );
-        if let Some(state) = state {
-            state.running -= 1;
-            self.running -= 1;
-        }
+        let lane = state.and_then(|s| {
+            let lane = s.lanes.get_mut(model).filter(|lane| lane.running > 0)?;
+            lane.running -= 1;
+            s.running -= 1;
+            Some(())
+        });
+        assert!(lane.is_some(), "finish of a model with nothing running");
+        self.running -= 1;
         let mut started = Vec::new();
-        while let Some((tier, slot)) = self.next_startable() {
-            if let Some((_, id)) = self
+        while let Some((tier, model, slot)) = self.next_startable() {
+            let next = self
                 .tiers
                 .get_mut(&tier)
-                .and_then(|s| s.queues[slot].pop_front())
-            {
+                .and_then(|s| s.lanes.get_mut(&model))
+                .and_then(|lane| lane.queues[slot].pop_front());
+            if let Some((_, id)) = next {
                 self.queued -= 1;
-                self.start(tier);
+                self.start(tier, &model);
                 started.push(id);
             }
         }
+        self.drop_idle_lanes();
         self.check();
         started
     }
 
-    /// The (tier, priority slot) whose head should start next, if any can.
-    fn next_startable(&self) -> Option<(ModelTier, usize)> {
+    /// The (tier, model, priority slot) whose head should start next, if any can.
+    fn next_startable(&self) -> Option<(ModelTier, String, usize)> {
         self.tiers
             .iter()
-            .filter(|(tier, _)| self.can_start(**tier))
             .flat_map(|(tier, state)| {
                 state
-                    .queues
+                    .lanes
                     .iter()
-                    .enumerate()
-                    .filter_map(move |(slot, q)| {
-                        q.front().map(|(arrival, _)| (slot, *arrival, *tier))
+                    .filter(|(model, _)| self.can_start(*tier, model))
+                    .flat_map(move |(model, lane)| {
+                        lane.queues.iter().enumerate().filter_map(move |(slot, q)| {
+                            q.front().map(|(arrival, _)| (slot, *arrival, *tier, model))
+                        })
                     })
             })
             .min()
-            .map(|(slot, _, tier)| (tier, slot))
+            .map(|(slot, _, tier, model)| (tier, model.clone(), slot))
     }
 
     /// Removes a waiting request (cancelled or timed out); false when it was not waiting.
     pub fn remove_queued(&mut self, id: &str) -> bool {
-        for state in self.tiers.values_mut() {
-            for queue in &mut state.queues {
-                if let Some(pos) = queue.iter().position(|(_, queued)| queued == id) {
-                    queue.remove(pos);
-                    self.queued -= 1;
-                    self.check();
-                    return true;
-                }
-            }
+        let removed = self.tiers.values_mut().any(|state| {
+            state.lanes.values_mut().any(|lane| {
+                lane.queues.iter_mut().any(|queue| {
+                    let found = queue.iter().position(|(_, queued)| queued == id);
+                    found.map(|pos| queue.remove(pos)).is_some()
+                })
+            })
+        });
+        if removed {
+            self.queued -= 1;
+            self.drop_idle_lanes();
+            self.check();
         }
-        false
+        removed
     }
 
     /// Removes every waiting request, in the order they would have started.
     pub fn take_queued(&mut self) -> Vec<String> {
         let mut all: Vec<(usize, u64, String)> = Vec::with_capacity(self.queued);
         for state in self.tiers.values_mut() {
-            for (slot, queue) in state.queues.iter_mut().enumerate() {
-                all.extend(queue.drain(..).map(|(arrival, id)| (slot, arrival, id)));
+            for lane in state.lanes.values_mut() {
+                for (slot, queue) in lane.queues.iter_mut().enumerate() {
+                    all.extend(queue.drain(..).map(|(arrival, id)| (slot, arrival, id)));
+                }
             }
         }
         self.queued = 0;
+        self.drop_idle_lanes();
         all.sort_unstable();
         all.into_iter().map(|(_, _, id)| id).collect()
+    }
+
+    /// Forgets the lanes of models with nothing running or waiting, so the lanes are bounded
+    /// by the requests in hand.
+    fn drop_idle_lanes(&mut self) {
+        for state in self.tiers.values_mut() {
+            state.lanes.retain(|_, lane| !lane.is_idle());
+        }
     }
 
     fn check(&self) {
@@ -225,8 +288,18 @@ impl Scheduler {
             self.running,
             self.tiers.values().map(|s| s.running).sum::<usize>()
         );
+        debug_assert!(
+            self.tiers
+                .values()
+                .all(|s| { s.running == s.lanes.values().map(|lane| lane.running).sum::<usize>() })
+        );
         debug_assert!(self.running <= self.limits.inflight_max);
         debug_assert!(self.queued <= self.limits.queue_depth_max);
+        debug_assert!(self.tiers.values().all(|s| {
+            s.lanes
+                .iter()
+                .all(|(model, lane)| lane.running <= self.model_max(model))
+        }));
         debug_assert!(
             self.next_startable().is_none(),
             "a waiting request could start"

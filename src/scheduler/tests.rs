@@ -1,7 +1,9 @@
-// Goal: the scheduler's admission decisions respect every bound and start waiting work in the
-// right order as soon as a slot frees.
+// Goal: the scheduler's admission decisions respect every bound (overall, per tier, per model)
+// and start waiting work in the right order as soon as a slot frees; a model at its bound holds
+// up its own requests only.
 // Method: scripted admit/finish sequences on small limits, plus a proptest of random sequences
-// against the bounds and the no-idle-slot invariant (checked inside the scheduler).
+// over two tiers and three models against the bounds and the no-idle-slot invariant (checked
+// inside the scheduler).
 
 use std::collections::BTreeMap;
 
@@ -26,66 +28,78 @@ fn limits(inflight: usize, queue: usize, tiers: &[(ModelTier, usize, usize)]) ->
                 )
             })
             .collect::<BTreeMap<_, _>>(),
+        models: BTreeMap::new(),
+    }
+}
+
+/// `limits` with per-model bounds on requests running at once.
+fn with_models(limits: SchedulerLimits, models: &[(&str, usize)]) -> SchedulerLimits {
+    SchedulerLimits {
+        models: models.iter().map(|&(m, n)| (m.to_owned(), n)).collect(),
+        ..limits
     }
 }
 
 use ModelTier::{Huge, Tiny};
 use Priority::{High, Low, Medium};
 
+/// The model of the requests of the tier tests, which bounds nothing.
+const MODEL: &str = "m";
+
 #[test]
 fn requests_start_until_the_tier_limit_then_wait_then_are_refused() {
     let mut s = Scheduler::new(limits(8, 10, &[(Huge, 1, 2), (Tiny, 4, 10)]));
-    assert_eq!(s.admit("a".into(), Huge, Medium), Admission::Start);
-    assert_eq!(s.admit("b".into(), Huge, Medium), Admission::Queued);
-    assert_eq!(s.admit("c".into(), Huge, Medium), Admission::Queued);
+    assert_eq!(s.admit("a".into(), Huge, MODEL, Medium), Admission::Start);
+    assert_eq!(s.admit("b".into(), Huge, MODEL, Medium), Admission::Queued);
+    assert_eq!(s.admit("c".into(), Huge, MODEL, Medium), Admission::Queued);
     assert_eq!(
-        s.admit("d".into(), Huge, Medium),
+        s.admit("d".into(), Huge, MODEL, Medium),
         Admission::Full {
             waiting: 2,
             limit: 2
         }
     );
     // Another tier is not blocked by the first.
-    assert_eq!(s.admit("t".into(), Tiny, Medium), Admission::Start);
+    assert_eq!(s.admit("t".into(), Tiny, MODEL, Medium), Admission::Start);
     assert_eq!((s.running(), s.queued()), (2, 2));
-    assert_eq!(s.finish(Huge), vec!["b".to_owned()]);
-    assert_eq!(s.finish(Huge), vec!["c".to_owned()]);
-    assert_eq!(s.finish(Huge), Vec::<String>::new());
+    assert_eq!(s.finish(Huge, MODEL), vec!["b".to_owned()]);
+    assert_eq!(s.finish(Huge, MODEL), vec!["c".to_owned()]);
+    assert_eq!(s.finish(Huge, MODEL), Vec::<String>::new());
 }
 
 #[test]
 fn the_global_limits_bind_across_tiers() {
     let mut s = Scheduler::new(limits(2, 1, &[(Huge, 2, 5), (Tiny, 2, 5)]));
-    assert_eq!(s.admit("a".into(), Huge, Medium), Admission::Start);
-    assert_eq!(s.admit("b".into(), Tiny, Medium), Admission::Start);
-    assert_eq!(s.admit("c".into(), Tiny, Medium), Admission::Queued);
+    assert_eq!(s.admit("a".into(), Huge, MODEL, Medium), Admission::Start);
+    assert_eq!(s.admit("b".into(), Tiny, MODEL, Medium), Admission::Start);
+    assert_eq!(s.admit("c".into(), Tiny, MODEL, Medium), Admission::Queued);
     assert_eq!(
-        s.admit("d".into(), Huge, High),
+        s.admit("d".into(), Huge, MODEL, High),
         Admission::Full {
             waiting: 1,
             limit: 1
         }
     );
     // A finish in one tier starts the waiting request of another.
-    assert_eq!(s.finish(Huge), vec!["c".to_owned()]);
+    assert_eq!(s.finish(Huge, MODEL), vec!["c".to_owned()]);
 }
 
 #[test]
 fn waiting_requests_start_by_priority_then_arrival() {
     let mut s = Scheduler::new(limits(1, 10, &[(Huge, 1, 10), (Tiny, 1, 10)]));
-    assert_eq!(s.admit("run".into(), Tiny, Medium), Admission::Start);
+    assert_eq!(s.admit("run".into(), Tiny, MODEL, Medium), Admission::Start);
     for (id, tier, p) in [
         ("low", Tiny, Low),
         ("m1", Huge, Medium),
         ("high", Tiny, High),
         ("m2", Tiny, Medium),
     ] {
-        assert_eq!(s.admit(id.into(), tier, p), Admission::Queued);
+        assert_eq!(s.admit(id.into(), tier, MODEL, p), Admission::Queued);
     }
     let mut order = Vec::new();
     let mut tier = Tiny;
     for _ in 0..4 {
-        let started = s.finish(tier);
+        let started = s.finish(tier, MODEL);
         assert_eq!(started.len(), 1);
         tier = if started[0] == "m1" { Huge } else { Tiny };
         order.extend(started);
@@ -96,23 +110,23 @@ fn waiting_requests_start_by_priority_then_arrival() {
 #[test]
 fn removed_and_drained_requests_leave_the_queue() {
     let mut s = Scheduler::new(limits(1, 10, &[(Tiny, 1, 10)]));
-    s.admit("run".into(), Tiny, Medium);
-    s.admit("a".into(), Tiny, Low);
-    s.admit("b".into(), Tiny, High);
-    s.admit("c".into(), Tiny, Medium);
+    s.admit("run".into(), Tiny, MODEL, Medium);
+    s.admit("a".into(), Tiny, MODEL, Low);
+    s.admit("b".into(), Tiny, MODEL, High);
+    s.admit("c".into(), Tiny, MODEL, Medium);
     assert!(s.remove_queued("c"));
     assert!(!s.remove_queued("c"));
     assert!(!s.remove_queued("run"));
     assert_eq!(s.take_queued(), ["b", "a"]);
     assert_eq!(s.queued(), 0);
-    assert_eq!(s.finish(Tiny), Vec::<String>::new());
+    assert_eq!(s.finish(Tiny, MODEL), Vec::<String>::new());
 }
 
 #[test]
 fn a_tier_without_limits_takes_nothing() {
     let mut s = Scheduler::new(limits(4, 4, &[(Tiny, 1, 1)]));
     assert_eq!(
-        s.admit("x".into(), Huge, Medium),
+        s.admit("x".into(), Huge, MODEL, Medium),
         Admission::Full {
             waiting: 0,
             limit: 0
@@ -120,52 +134,104 @@ fn a_tier_without_limits_takes_nothing() {
     );
 }
 
+#[test]
+fn a_model_at_its_bound_waits_while_another_model_of_its_tier_starts() {
+    let mut s = Scheduler::new(with_models(limits(8, 10, &[(Tiny, 4, 10)]), &[("a", 1)]));
+    assert_eq!(s.admit("a1".into(), Tiny, "a", Medium), Admission::Start);
+    assert_eq!(s.admit("a2".into(), Tiny, "a", Medium), Admission::Queued);
+    assert_eq!(s.admit("b1".into(), Tiny, "b", Medium), Admission::Start);
+    assert_eq!(s.admit("b2".into(), Tiny, "b", Medium), Admission::Start);
+    assert_eq!((s.running(), s.queued()), (3, 1));
+    // Another model's slot is no slot for "a".
+    assert_eq!(s.finish(Tiny, "b"), Vec::<String>::new());
+    assert_eq!(s.finish(Tiny, "a"), vec!["a2".to_owned()]);
+    assert_eq!(s.finish(Tiny, "a"), Vec::<String>::new());
+}
+
+#[test]
+fn the_next_to_start_is_the_best_ranked_of_the_models_that_may_start() {
+    let mut s = Scheduler::new(with_models(limits(2, 10, &[(Tiny, 2, 10)]), &[("a", 1)]));
+    assert_eq!(s.admit("a1".into(), Tiny, "a", Medium), Admission::Start);
+    assert_eq!(s.admit("b1".into(), Tiny, "b", Medium), Admission::Start);
+    assert_eq!(s.admit("a2".into(), Tiny, "a", High), Admission::Queued);
+    assert_eq!(s.admit("b2".into(), Tiny, "b", Low), Admission::Queued);
+    // "a" is at its bound, so the low-priority request of "b" takes the free slot.
+    assert_eq!(s.finish(Tiny, "b"), vec!["b2".to_owned()]);
+    assert_eq!(s.finish(Tiny, "a"), vec!["a2".to_owned()]);
+}
+
+#[test]
+fn a_model_at_its_bound_waits_within_the_queue_bounds() {
+    let mut s = Scheduler::new(with_models(limits(8, 10, &[(Tiny, 4, 1)]), &[("a", 1)]));
+    assert_eq!(s.admit("a1".into(), Tiny, "a", Medium), Admission::Start);
+    assert_eq!(s.admit("a2".into(), Tiny, "a", Medium), Admission::Queued);
+    assert_eq!(
+        s.admit("a3".into(), Tiny, "a", High),
+        Admission::Full {
+            waiting: 1,
+            limit: 1
+        }
+    );
+    assert!(s.remove_queued("a2"));
+    assert_eq!(s.finish(Tiny, "a"), Vec::<String>::new());
+    assert_eq!((s.running(), s.queued()), (0, 0));
+    assert!(s.tiers[&Tiny].lanes.is_empty(), "idle lanes are dropped");
+}
+
+/// The proptest's models and their tiers; "a" runs at most [`A_MAX`] at once.
+const MODELS: [(&str, ModelTier); 3] = [("h", Huge), ("a", Tiny), ("b", Tiny)];
+const A_MAX: usize = 1;
+
 #[derive(Clone, Debug)]
 enum Op {
-    Admit(bool, u8),
-    Finish(bool),
+    /// Admits a request of the model at this position of [`MODELS`], at this priority.
+    Admit(u8, u8),
+    /// Finishes a running request of the model at this position, if one runs.
+    Finish(u8),
     Remove(u8),
+}
+
+/// Requests of `model`, of `tier`, running in `s`.
+fn running_of(s: &Scheduler, tier: ModelTier, model: &str) -> usize {
+    s.tiers[&tier]
+        .lanes
+        .get(model)
+        .map_or(0, |lane| lane.running)
 }
 
 proptest! {
     #[test]
     fn random_sequences_never_break_a_bound(ops in proptest::collection::vec(
         prop_oneof![
-            (any::<bool>(), 0u8..3).prop_map(|(t, p)| Op::Admit(t, p)),
-            any::<bool>().prop_map(Op::Finish),
+            (0u8..3, 0u8..3).prop_map(|(m, p)| Op::Admit(m, p)),
+            (0u8..3).prop_map(Op::Finish),
             (0u8..50).prop_map(Op::Remove),
         ], 0..200)
     ) {
-        let mut s = Scheduler::new(limits(3, 5, &[(Huge, 1, 3), (Tiny, 2, 4)]));
-        let mut running: BTreeMap<ModelTier, usize> = BTreeMap::new();
+        let limits = limits(3, 5, &[(Huge, 1, 3), (Tiny, 2, 4)]);
+        let mut s = Scheduler::new(with_models(limits, &[("a", A_MAX)]));
         let mut next = 0u32;
         for op in ops {
             match op {
-                Op::Admit(huge, p) => {
-                    let tier = if huge { Huge } else { Tiny };
+                Op::Admit(m, p) => {
+                    let (model, tier) = MODELS[usize::from(m)];
                     let priority = [High, Medium, Low][usize::from(p)];
                     next += 1;
-                    if s.admit(next.to_string(), tier, priority) == Admission::Start {
-                        *running.entry(tier).or_default() += 1;
-                    }
+                    s.admit(next.to_string(), tier, model, priority);
                 }
-                Op::Finish(huge) => {
-                    let tier = if huge { Huge } else { Tiny };
-                    if running.get(&tier).copied().unwrap_or(0) > 0 {
-                        *running.entry(tier).or_default() -= 1;
+                Op::Finish(m) => {
+                    let (model, tier) = MODELS[usize::from(m)];
+                    if running_of(&s, tier, model) > 0 {
                         let (running_before, queued_before) = (s.running() - 1, s.queued());
-                        let started = s.finish(tier);
+                        // The model that finished may start its own or another's work; the
+                        // scheduler's own counts tell which.
+                        let started = s.finish(tier, model);
                         // Whatever starts leaves the queue and runs: the counts move by as
                         // many as `finish` names, and none of them twice.
                         prop_assert_eq!(s.running(), running_before + started.len());
                         prop_assert_eq!(s.queued(), queued_before - started.len());
                         let distinct: std::collections::HashSet<_> = started.iter().collect();
                         prop_assert_eq!(distinct.len(), started.len());
-                        // The tier that finished may start its own or another tier's work;
-                        // the scheduler's own counts tell which.
-                        running.clear();
-                        running.insert(Huge, s.tiers[&Huge].running);
-                        running.insert(Tiny, s.tiers[&Tiny].running);
                     }
                 }
                 Op::Remove(id) => {
@@ -176,6 +242,7 @@ proptest! {
             prop_assert!(s.queued() <= 5);
             prop_assert!(s.tiers[&Huge].running <= 1);
             prop_assert!(s.tiers[&Tiny].running <= 2);
+            prop_assert!(running_of(&s, Tiny, "a") <= A_MAX);
         }
     }
 }

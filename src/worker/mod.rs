@@ -255,6 +255,9 @@ impl Worker {
                 .values_mut()
                 .for_each(|t| t.queue_depth = usize::MAX);
         }
+        if self.mutations.has(Mutation::IgnoreEngineCapacity) {
+            limits.models.clear();
+        }
         let admission = Admission::new(
             AdmissionLimits {
                 scheduler: limits,

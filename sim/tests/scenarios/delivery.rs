@@ -135,6 +135,7 @@ pub(crate) const ALL: &[(Scenario, u64)] = &[
         Scenario {
             name: "long_broker_outage",
             yaml: "  maxConcurrent: 2\n  requestTimeoutMs: 30000\n",
+            engine: None,
             run: long_broker_outage_script,
         },
         12,
@@ -143,6 +144,7 @@ pub(crate) const ALL: &[(Scenario, u64)] = &[
         Scenario {
             name: "late_subscriber_behind_a_tap",
             yaml: "  lateSubscriberMinDelayMs: 150\n",
+            engine: None,
             run: late_subscriber_behind_a_tap_script,
         },
         13,

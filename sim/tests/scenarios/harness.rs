@@ -6,13 +6,15 @@ use mlx_worker::mutation::Mutations;
 use mlx_worker::protocol::StreamMessage;
 use mlx_worker_sim::invariants::received_stream;
 use mlx_worker_sim::world::seed_or;
-use mlx_worker_sim::{FaultKind, Violation, World, WorldConfig};
+use mlx_worker_sim::{FaultKind, SimEngineConfig, Violation, World, WorldConfig};
 
-/// A scenario: its name (also its test's name), the worker's extra YAML, and its script. The
-/// script returns scenario-specific expectations as violations of the `scenario` invariant.
+/// A scenario: its name (also its test's name), the worker's extra YAML, a change to the
+/// world's engine (`None`: the default one), and its script. The script returns
+/// scenario-specific expectations as violations of the `scenario` invariant.
 pub(crate) struct Scenario {
     pub(crate) name: &'static str,
     pub(crate) yaml: &'static str,
+    pub(crate) engine: Option<fn(&mut SimEngineConfig)>,
     pub(crate) run: fn(&mut World) -> Result<Vec<Violation>, String>,
 }
 
@@ -29,6 +31,9 @@ pub(crate) fn run(scenario: &Scenario, seed: u64, mutations: Mutations) -> Outco
     let mut config = WorldConfig::new(seed);
     config.worker_yaml = scenario.yaml.to_owned();
     config.mutations = mutations;
+    if let Some(engine) = scenario.engine {
+        engine(&mut config.engine);
+    }
     let mut world = World::new(config).expect("world builds");
     let mut violations = match (scenario.run)(&mut world) {
         Ok(v) => v,

@@ -16,6 +16,7 @@ fn scenarios_for(m: Mutation) -> &'static [&'static str] {
         Mutation::TokenAfterDone => &["late_subscriber", "duplicate_request_ids"],
         Mutation::IgnoreQueueBound => &["flood_past_queue_bound"],
         Mutation::AbandonOnFirstPublishTimeout => &["long_broker_outage"],
+        Mutation::IgnoreEngineCapacity => &["burst_past_engine_capacity"],
     }
 }
 

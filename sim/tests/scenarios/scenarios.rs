@@ -1,8 +1,8 @@
 //! The scenarios, each run on its pinned seed (or `SIM_SEED`) with every invariant checked.
 
 use mlx_worker_sim::invariants::check_flood;
-use mlx_worker_sim::world::{Command, request};
-use mlx_worker_sim::{EventKind, Fault, FaultKind, Skew, Violation, World};
+use mlx_worker_sim::world::{Command, MODEL, request};
+use mlx_worker_sim::{EventKind, Fault, FaultKind, SimEngineConfig, Skew, Violation, World};
 
 use crate::harness::{Scenario, check_clean, expect, ms, terminal, tokens};
 
@@ -369,12 +369,78 @@ fn slow_consumer_script(w: &mut World) -> Run {
     .collect())
 }
 
+/// A model the engine runs only [`NARROW_STREAMS`] of at once.
+const NARROW: &str = "sim/narrow";
+/// Generations of [`NARROW`] the engine holds at once; it refuses the next, as the MLX runtime
+/// does past its limit.
+const NARROW_STREAMS: usize = 3;
+
+/// The world's engine, also serving [`NARROW`].
+fn narrow_engine(engine: &mut SimEngineConfig) {
+    engine.models.insert(NARROW.to_owned(), 1_000_000);
+    engine.streams_max.insert(NARROW.to_owned(), NARROW_STREAMS);
+}
+
+/// Nine requests at once for a model the engine runs three of, on a worker allowed twelve at
+/// once (overall and for the tier), with two requests for the world's model beside them: the
+/// surplus waits in the worker's queue while the other model's requests start at once; every
+/// request ends `done` with all its tokens, the engine holds three of the narrow model at once
+/// and never more, and refuses nothing (`engine-capacity`).
+fn burst_past_engine_capacity_script(w: &mut World) -> Run {
+    ready(w)?;
+    let narrow: Vec<String> = (0..9).map(|i| format!("n{i}")).collect();
+    let wide = ["w0", "w1"];
+    for id in narrow.iter().map(String::as_str).chain(wide) {
+        w.subscribe_response(id);
+    }
+    w.run_for(ms(20))?;
+    for id in &narrow {
+        let mut body = request(id, 10);
+        body["modelId"] = serde_json::json!(NARROW);
+        w.send_json(&body);
+    }
+    for id in wide {
+        w.send_request(id, 10);
+    }
+    w.run_for(ms(2500))?;
+    let mut out: Vec<Violation> = narrow
+        .iter()
+        .map(String::as_str)
+        .chain(wide)
+        .filter_map(|id| {
+            expect(
+                terminal(w, id).as_deref() == Some("done") && tokens(w, id) == 10,
+                format!(
+                    "{id} ended {:?} after {} tokens",
+                    terminal(w, id),
+                    tokens(w, id)
+                ),
+            )
+        })
+        .collect();
+    let peak = w.engine.live_peak(NARROW);
+    out.extend(expect(
+        peak == NARROW_STREAMS,
+        format!("the engine held {peak} of {NARROW} at once, not its {NARROW_STREAMS}"),
+    ));
+    let beside = w.engine.live_peak(MODEL);
+    out.extend(expect(
+        beside == wide.len(),
+        format!(
+            "{beside} of {MODEL} ran at once beside the burst, not {}",
+            wide.len()
+        ),
+    ));
+    Ok(out)
+}
+
 /// Every scenario, with its pinned seed.
 pub(crate) const ALL: &[(Scenario, u64)] = &[
     (
         Scenario {
             name: "partition_during_streaming",
             yaml: "",
+            engine: None,
             run: partition_during_streaming_script,
         },
         1,
@@ -383,6 +449,7 @@ pub(crate) const ALL: &[(Scenario, u64)] = &[
         Scenario {
             name: "broker_crash_and_restart",
             yaml: "",
+            engine: None,
             run: broker_crash_and_restart_script,
         },
         2,
@@ -391,6 +458,7 @@ pub(crate) const ALL: &[(Scenario, u64)] = &[
         Scenario {
             name: "drain_with_running_and_queued",
             yaml: "  maxConcurrent: 1\n  drainTimeoutMs: 3000\n",
+            engine: None,
             run: drain_with_running_and_queued_script,
         },
         3,
@@ -399,6 +467,7 @@ pub(crate) const ALL: &[(Scenario, u64)] = &[
         Scenario {
             name: "engine_hang",
             yaml: "",
+            engine: None,
             run: engine_hang_script,
         },
         4,
@@ -407,6 +476,7 @@ pub(crate) const ALL: &[(Scenario, u64)] = &[
         Scenario {
             name: "engine_crash_mid_stream",
             yaml: "",
+            engine: None,
             run: engine_crash_mid_stream_script,
         },
         5,
@@ -415,6 +485,7 @@ pub(crate) const ALL: &[(Scenario, u64)] = &[
         Scenario {
             name: "late_subscriber",
             yaml: "",
+            engine: None,
             run: late_subscriber_script,
         },
         6,
@@ -423,6 +494,7 @@ pub(crate) const ALL: &[(Scenario, u64)] = &[
         Scenario {
             name: "duplicate_request_ids",
             yaml: "",
+            engine: None,
             run: duplicate_request_ids_script,
         },
         7,
@@ -431,6 +503,7 @@ pub(crate) const ALL: &[(Scenario, u64)] = &[
         Scenario {
             name: "flood_past_queue_bound",
             yaml: "  maxConcurrent: 1\n  requestQueue:\n    maxDepth: 2\n",
+            engine: None,
             run: flood_past_queue_bound_script,
         },
         8,
@@ -439,6 +512,7 @@ pub(crate) const ALL: &[(Scenario, u64)] = &[
         Scenario {
             name: "cancel_before_and_after_first_token",
             yaml: "",
+            engine: None,
             run: cancel_before_and_after_first_token_script,
         },
         9,
@@ -447,6 +521,7 @@ pub(crate) const ALL: &[(Scenario, u64)] = &[
         Scenario {
             name: "heartbeats_under_clock_skew",
             yaml: "",
+            engine: None,
             run: heartbeats_under_clock_skew_script,
         },
         10,
@@ -455,9 +530,19 @@ pub(crate) const ALL: &[(Scenario, u64)] = &[
         Scenario {
             name: "slow_consumer",
             yaml: "",
+            engine: None,
             run: slow_consumer_script,
         },
         11,
+    ),
+    (
+        Scenario {
+            name: "burst_past_engine_capacity",
+            yaml: "  maxConcurrent: 12\n  tierLimits:\n    \"<3B\":\n      maxConcurrent: 12\n      queueDepth: 20\n",
+            engine: Some(narrow_engine),
+            run: burst_past_engine_capacity_script,
+        },
+        14,
     ),
 ];
 
@@ -491,4 +576,5 @@ scenario_tests!(
     cancel_before_and_after_first_token,
     heartbeats_under_clock_skew,
     slow_consumer,
+    burst_past_engine_capacity,
 );

@@ -138,6 +138,7 @@ pub(crate) fn chaos_script(w: &mut World) -> Result<Vec<Violation>, String> {
 pub(crate) const CHAOS: Scenario = Scenario {
     name: "chaos",
     yaml: "  maxConcurrent: 2\n  requestQueue:\n    maxDepth: 3\n",
+    engine: None,
     run: chaos_script,
 };
 
