@@ -88,142 +88,166 @@ struct Exposition(MetricsView);
 impl Collector for Exposition {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let v = &self.0;
-        let e = &mut encoder;
-        let identity = [
-            ("worker_id", v.worker_id.as_str()),
-            ("version", v.version.as_str()),
-            ("lifecycle", v.lifecycle.as_str()),
-        ];
-        family(
-            e,
-            "info",
-            "Worker identity (always 1).",
-            [(identity, ConstGauge::new(1u32))],
-        )?;
-        single(
-            e,
-            "ready",
-            "1 when the worker takes work.",
-            ConstGauge::new(u32::from(v.ready)),
-        )?;
-        let mut by_label: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
-        for ((model, outcome), n) in &v.snapshot.by_model_outcome {
-            *by_label
-                .entry((model, outcome_label(*outcome)))
-                .or_default() += n;
-        }
-        family(
-            e,
-            "requests",
-            "Requests finished, by model and outcome.",
-            by_label.into_iter().map(|((model, outcome), n)| {
-                (
-                    [("model", model), ("outcome", outcome)],
-                    ConstCounter::new(n),
-                )
-            }),
-        )?;
-        family(
-            e,
-            "errors",
-            "Requests that ended with an error, by code.",
-            v.snapshot
-                .errors_by_code
-                .iter()
-                .map(|(code, n)| ([("code", code.as_str())], ConstCounter::new(*n))),
-        )?;
-        let counter = ConstCounter::new;
-        single(
-            e,
-            "undeliverable",
-            "Requests whose terminal message could not be delivered.",
-            counter(v.snapshot.undeliverable),
-        )?;
-        single(
-            e,
-            "tokens_generated",
-            "Tokens sent to clients.",
-            counter(v.snapshot.tokens_total),
-        )?;
-        let gauge = ConstGauge::new;
-        single(
-            e,
-            "requests_in_flight",
-            "Requests running now.",
-            gauge(v.running),
-        )?;
-        single(
-            e,
-            "queue_depth",
-            "Requests waiting for a slot.",
-            gauge(v.queued),
-        )?;
-        single(
-            e,
-            "queue_capacity",
-            "Requests that may wait.",
-            gauge(v.queue_capacity),
-        )?;
-        single(
-            e,
-            "inflight_capacity",
-            "Requests that may run at once.",
-            gauge(v.inflight_capacity),
-        )?;
-        family(
-            e,
-            "intake_rejected",
-            "Inbound messages that never became requests, by reason.",
-            [
-                ("unreadable", v.unreadable),
-                ("duplicate", v.duplicates),
-                ("bad_cancel", v.bad_cancels),
-            ]
-            .map(|(reason, n)| ([("reason", reason)], counter(n))),
-        )?;
-        single(
-            e,
-            "reconnects",
-            "Reconnects to the message server.",
-            counter(v.reconnects),
-        )?;
-        single(
-            e,
-            "heartbeats_sent",
-            "Heartbeats published.",
-            counter(v.heartbeats_sent),
-        )?;
-        single(
-            e,
-            "registrations_sent",
-            "Registrations published.",
-            counter(v.registrations_sent),
-        )?;
-        single(
-            e,
-            "engine_restarts",
-            "Times the engine restarted after a failure.",
-            counter(v.engine_restarts),
-        )?;
-        single(
-            e,
-            "request_duration_seconds",
-            "Receipt of a request to its terminal message.",
-            Histogram(&v.request_duration),
-        )?;
-        single(
-            e,
-            "time_to_first_token_seconds",
-            "Receipt of a request to its first token.",
-            Histogram(&v.time_to_first_token),
-        )?;
-        single(
-            e,
-            "inter_token_seconds",
-            "Time between two tokens of one stream.",
-            Histogram(&v.inter_token),
-        )
+        encode_outcomes(v, &mut encoder)?;
+        encode_load(v, &mut encoder)?;
+        encode_presence(v, &mut encoder)?;
+        encode_latencies(v, &mut encoder)
     }
+}
+
+/// Identity, readiness, and how requests ended.
+fn encode_outcomes(v: &MetricsView, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let identity = [
+        ("worker_id", v.worker_id.as_str()),
+        ("version", v.version.as_str()),
+        ("lifecycle", v.lifecycle.as_str()),
+    ];
+    family(
+        e,
+        "info",
+        "Worker identity (always 1).",
+        [(identity, ConstGauge::new(1u32))],
+    )?;
+    single(
+        e,
+        "ready",
+        "1 when the worker takes work.",
+        ConstGauge::new(u32::from(v.ready)),
+    )?;
+    let mut by_label: std::collections::BTreeMap<(&str, &str), u64> = Default::default();
+    for ((model, outcome), n) in &v.snapshot.by_model_outcome {
+        *by_label
+            .entry((model, outcome_label(*outcome)))
+            .or_default() += n;
+    }
+    family(
+        e,
+        "requests",
+        "Requests finished, by model and outcome.",
+        by_label.into_iter().map(|((model, outcome), n)| {
+            (
+                [("model", model), ("outcome", outcome)],
+                ConstCounter::new(n),
+            )
+        }),
+    )?;
+    family(
+        e,
+        "errors",
+        "Requests that ended with an error, by code.",
+        v.snapshot
+            .errors_by_code
+            .iter()
+            .map(|(code, n)| ([("code", code.as_str())], ConstCounter::new(*n))),
+    )?;
+    let counter = ConstCounter::new;
+    single(
+        e,
+        "undeliverable",
+        "Requests whose terminal message could not be delivered.",
+        counter(v.snapshot.undeliverable),
+    )?;
+    single(
+        e,
+        "tokens_generated",
+        "Tokens sent to clients.",
+        counter(v.snapshot.tokens_total),
+    )?;
+    Ok(())
+}
+
+/// What runs and waits now, and what intake turned away.
+fn encode_load(v: &MetricsView, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let counter = ConstCounter::new;
+    let gauge = ConstGauge::new;
+    single(
+        e,
+        "requests_in_flight",
+        "Requests running now.",
+        gauge(v.running),
+    )?;
+    single(
+        e,
+        "queue_depth",
+        "Requests waiting for a slot.",
+        gauge(v.queued),
+    )?;
+    single(
+        e,
+        "queue_capacity",
+        "Requests that may wait.",
+        gauge(v.queue_capacity),
+    )?;
+    single(
+        e,
+        "inflight_capacity",
+        "Requests that may run at once.",
+        gauge(v.inflight_capacity),
+    )?;
+    family(
+        e,
+        "intake_rejected",
+        "Inbound messages that never became requests, by reason.",
+        [
+            ("unreadable", v.unreadable),
+            ("duplicate", v.duplicates),
+            ("bad_cancel", v.bad_cancels),
+        ]
+        .map(|(reason, n)| ([("reason", reason)], counter(n))),
+    )?;
+    Ok(())
+}
+
+/// The link to the message server, announcements and engine restarts.
+fn encode_presence(v: &MetricsView, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let counter = ConstCounter::new;
+    single(
+        e,
+        "reconnects",
+        "Reconnects to the message server.",
+        counter(v.reconnects),
+    )?;
+    single(
+        e,
+        "heartbeats_sent",
+        "Heartbeats published.",
+        counter(v.heartbeats_sent),
+    )?;
+    single(
+        e,
+        "registrations_sent",
+        "Registrations published.",
+        counter(v.registrations_sent),
+    )?;
+    single(
+        e,
+        "engine_restarts",
+        "Times the engine restarted after a failure.",
+        counter(v.engine_restarts),
+    )?;
+    Ok(())
+}
+
+/// The latency histograms.
+fn encode_latencies(v: &MetricsView, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    single(
+        e,
+        "request_duration_seconds",
+        "Receipt of a request to its terminal message.",
+        Histogram(&v.request_duration),
+    )?;
+    single(
+        e,
+        "time_to_first_token_seconds",
+        "Receipt of a request to its first token.",
+        Histogram(&v.time_to_first_token),
+    )?;
+    single(
+        e,
+        "inter_token_seconds",
+        "Time between two tokens of one stream.",
+        Histogram(&v.inter_token),
+    )
 }
 
 /// One metric without labels.
