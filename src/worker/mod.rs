@@ -19,6 +19,8 @@
 mod dispatcher;
 mod figures;
 mod group;
+mod observer;
+mod phase;
 mod presence;
 mod request;
 mod responder;
@@ -37,27 +39,27 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use dispatcher::DispatchReport;
 pub use figures::IntakeCounters;
+pub use observer::Observer;
 
 use crate::admission::{Admission, AdmissionLimits};
 use crate::clock::Clock;
 use crate::config::NodeConfig;
-use crate::engine::{Catalog, Engine, EngineHealth};
+use crate::engine::{Catalog, Engine};
 use crate::hardware::{HardwareProbe, HostProfile};
 use crate::identity::Identity;
 use crate::lifecycle::{Lifecycle, LifecycleCell};
 use crate::limits::{FLUSH_TIMEOUT, INFLIGHT_REQUESTS_MAX};
-use crate::metrics::prometheus::MetricsView;
-use crate::metrics::telemetry::{self, Telemetry};
+use crate::metrics::telemetry::Telemetry;
 use crate::mutation::{Mutation, Mutations};
 use crate::plan::model_size::ModelFacts;
 use crate::plan::{Plan, ServedModel};
 use crate::protocol::{self, ModelSkills, WorkerDeregistration, subject};
-use crate::transport::ConnectionState;
 use crate::transport::{Subscription, Transport, TransportError};
 
 use dispatcher::Dispatcher;
 use figures::Figures;
 use group::ModelGroups;
+use phase::Phase;
 use presence::{Announcement, Presence};
 use request::{Finished, Loader, RequestContext};
 
@@ -524,52 +526,6 @@ struct Background {
     stop: CancellationToken,
 }
 
-/// Where the run loop is.
-#[derive(Clone, Copy, Debug)]
-enum Phase {
-    /// Taking requests.
-    Serving,
-    /// Refusing new requests on the worker's own subject while accepted ones finish.
-    Draining {
-        /// When what is left ends with `WORKER_SHUTDOWN`.
-        deadline: Instant,
-        /// When the model groups will have been quiet long enough to leave them.
-        group_quiet_at: Instant,
-    },
-}
-
-impl Phase {
-    fn is_draining(self) -> bool {
-        matches!(self, Phase::Draining { .. })
-    }
-
-    /// Whether a drain may end: nothing accepted is left and the model groups are quiet.
-    fn may_leave(self, idle: bool, no_groups: bool, now: Instant) -> bool {
-        match self {
-            Phase::Serving => false,
-            Phase::Draining { group_quiet_at, .. } => idle && (no_groups || now >= group_quiet_at),
-        }
-    }
-
-    /// The drain deadline and the end of the groups' quiet time, while draining.
-    fn timers(self) -> (Option<Instant>, Option<Instant>) {
-        match self {
-            Phase::Serving => (None, None),
-            Phase::Draining {
-                deadline,
-                group_quiet_at,
-            } => (Some(deadline), Some(group_quiet_at)),
-        }
-    }
-
-    /// A model group just routed a request here: while draining, the quiet time starts again.
-    fn group_active(&mut self, now: Instant) {
-        if let Phase::Draining { group_quiet_at, .. } = self {
-            *group_quiet_at = now + GROUP_QUIET;
-        }
-    }
-}
-
 /// Time request tasks get, after the drain deadline, to publish their terminal messages.
 const TERMINAL_GRACE: Duration = Duration::from_secs(5);
 /// Quiet time on the model groups before a draining worker leaves them.
@@ -607,64 +563,6 @@ async fn preload(
         match ctx.loader.ensure(&ctx.engine, &model).await {
             Ok(loaded) => info!(model = %loaded.model_id, "preloaded"),
             Err(err) => warn!(%model, cause = %err, "preload failed"),
-        }
-    }
-}
-
-/// A read-only view of a worker: whether it is alive and ready, and its metrics.
-#[derive(Clone)]
-pub struct Observer {
-    worker_id: String,
-    lifecycle: watch::Receiver<Lifecycle>,
-    engine_health: watch::Receiver<EngineHealth>,
-    connection: watch::Receiver<ConnectionState>,
-    telemetry: Arc<Telemetry>,
-    /// The dispatcher's figures, as last published.
-    figures: watch::Receiver<Figures>,
-}
-
-impl Observer {
-    /// Whether the process serves at all (`/healthz`): not stopped.
-    pub fn is_alive(&self) -> bool {
-        *self.lifecycle.borrow() != Lifecycle::Stopped
-    }
-
-    /// Whether the worker takes work (`/readyz`): registered, connected, engine up, not
-    /// draining.
-    pub fn is_ready(&self) -> bool {
-        *self.lifecycle.borrow() == Lifecycle::Ready
-            && self.connection.borrow().connected
-            && matches!(
-                *self.engine_health.borrow(),
-                EngineHealth::Up { .. } | EngineHealth::Starting
-            )
-    }
-
-    /// Everything `/metrics` shows, without waiting: the dispatcher's figures as last
-    /// published, the defaults while not running.
-    pub fn metrics(&self) -> MetricsView {
-        let dispatch = self.figures.borrow().clone();
-        let t = &self.telemetry;
-        MetricsView {
-            worker_id: self.worker_id.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            lifecycle: self.lifecycle.borrow().as_str().to_owned(),
-            ready: self.is_ready(),
-            snapshot: dispatch.snapshot,
-            running: dispatch.running,
-            queued: dispatch.queued,
-            queue_capacity: dispatch.queue_capacity,
-            inflight_capacity: dispatch.inflight_capacity,
-            unreadable: dispatch.intake.unreadable,
-            duplicates: dispatch.intake.duplicates,
-            bad_cancels: dispatch.intake.bad_cancels,
-            reconnects: self.connection.borrow().reconnects,
-            heartbeats_sent: telemetry::read(&t.heartbeats_sent),
-            registrations_sent: telemetry::read(&t.registrations_sent),
-            engine_restarts: telemetry::read(&t.engine_restarts),
-            request_duration: t.request_duration.read(),
-            time_to_first_token: t.time_to_first_token.read(),
-            inter_token: t.inter_token.read(),
         }
     }
 }
