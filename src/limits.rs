@@ -119,8 +119,37 @@ pub const TERMINAL_ATTEMPTS_MAX: u32 = 8;
 /// async-nats holds a flush until the link is back.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// First registration retry delay cap; it doubles per failed attempt up to
+/// [`REGISTER_BACKOFF_MAX`].
+pub const REGISTER_BACKOFF_MIN: Duration = Duration::from_millis(100);
+
 /// Upper bound of the registration retry backoff.
 pub const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How far back the fault ratio of the heartbeat's `degraded` status looks.
+pub const FAULT_WINDOW: Duration = Duration::from_secs(60);
+
+/// Requests the fault ratio needs within [`FAULT_WINDOW`] before it can make a worker degraded.
+pub const FAULT_MIN_SAMPLES: usize = 5;
+
+/// Time request tasks get, after the drain deadline, to publish their terminal messages.
+pub const TERMINAL_GRACE: Duration = Duration::from_secs(5);
+
+/// Quiet time on the model groups before a draining worker leaves them.
+pub const GROUP_QUIET: Duration = Duration::from_secs(1);
+
+/// Time the engine gets to exit cleanly at stop.
+pub const ENGINE_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Responder tasks for refused requests that may wait for a listener at once; past this, a
+/// refusal is published without waiting, so a flood cannot pile up tasks.
+pub const REFUSAL_TASKS_MAX: usize = 256;
+
+/// Cancels remembered for requests that have not arrived yet.
+pub const LATCHED_CANCELS_MAX: usize = 1024;
+
+/// How long a latched cancel waits for its request.
+pub const LATCHED_CANCEL_TTL: Duration = Duration::from_secs(60);
 
 /// Largest secret file (password, token, NKey seed) the configuration reads.
 pub const SECRET_FILE_BYTES_MAX: u64 = 64 * 1024;
@@ -188,3 +217,4 @@ const _: () = assert!(LISTENER_CHECK_DELAY_MIN.as_nanos() <= LISTENER_CHECK_DELA
 const _: () =
     assert!(LATE_SUBSCRIBER_MIN_DELAY_MAX.as_nanos() <= LATE_SUBSCRIBER_WAIT_MAX.as_nanos());
 const _: () = assert!(LISTENER_CHECK_TIMEOUT.as_nanos() <= TERMINAL_SEND_TIMEOUT.as_nanos());
+const _: () = assert!(REGISTER_BACKOFF_MIN.as_nanos() <= REGISTER_BACKOFF_MAX.as_nanos());

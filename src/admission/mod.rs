@@ -28,15 +28,11 @@ use tokio::time::Instant;
 use tracing::{debug, info};
 
 use crate::clock::millis;
+use crate::limits::{LATCHED_CANCEL_TTL, LATCHED_CANCELS_MAX};
 use crate::mutation::{Mutation, Mutations};
 use crate::plan::{ModelTier, SchedulerLimits};
 use crate::protocol::{ErrorCode, Priority};
 use crate::scheduler::{self, Scheduler};
-
-/// Cancels remembered for requests that have not arrived yet.
-pub const LATCHED_CANCELS_MAX: usize = 1024;
-/// How long a latched cancel waits for its request.
-pub const LATCHED_CANCEL_TTL: Duration = Duration::from_secs(60);
 
 /// The bounds admission works within.
 #[derive(Clone, Debug, PartialEq)]

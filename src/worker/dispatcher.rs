@@ -17,20 +17,17 @@ use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn};
 
-use super::figures::{FAULT_MIN_SAMPLES, FAULT_WINDOW, FaultAging, Figures, IntakeCounters};
+use super::figures::{FaultAging, Figures, IntakeCounters};
 use super::request::{self, Abort, Finished, Job, RequestContext};
 use super::responder::{Responder, Window};
 use crate::admission::{Action, Admission, Arrival, Ending, Event};
 use crate::config::GenerationDefaults;
 use crate::engine::GenerateRequest;
+use crate::limits::{FAULT_MIN_SAMPLES, FAULT_WINDOW, REFUSAL_TASKS_MAX};
 use crate::metrics::{Collector, Outcome, RequestRecord, Snapshot};
 use crate::protocol::request::{RequestLimits, ValidRequest, decode_cancel, decode_request};
 use crate::protocol::{self, ErrorCode, ErrorMessage};
 use crate::transport::InboundMessage;
-
-/// Responder tasks for refused requests that may wait for a listener at once; past this, a
-/// refusal is published without waiting, so a flood cannot pile up tasks.
-const REFUSAL_TASKS_MAX: usize = 256;
 
 /// What admission keeps of each accepted request for the dispatcher: what its task generates,
 /// and the abort that stops the task.

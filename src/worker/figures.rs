@@ -11,13 +11,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::limits::METRICS_WINDOW_REQUESTS;
+use crate::limits::{FAULT_WINDOW, METRICS_WINDOW_REQUESTS};
 use crate::metrics::Snapshot;
-
-/// How far back the fault ratio looks.
-pub(crate) const FAULT_WINDOW: Duration = Duration::from_secs(60);
-/// Requests the fault ratio needs within [`FAULT_WINDOW`] before it can make a worker degraded.
-pub(crate) const FAULT_MIN_SAMPLES: usize = 5;
 
 /// Counts of inbound messages that never became requests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -29,7 +29,6 @@ mod service;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -48,7 +47,9 @@ use crate::engine::{Catalog, Engine};
 use crate::hardware::{HardwareProbe, HostProfile};
 use crate::identity::Identity;
 use crate::lifecycle::{Lifecycle, LifecycleCell};
-use crate::limits::{FLUSH_TIMEOUT, INFLIGHT_REQUESTS_MAX};
+use crate::limits::{
+    ENGINE_STOP_GRACE, FLUSH_TIMEOUT, GROUP_QUIET, INFLIGHT_REQUESTS_MAX, TERMINAL_GRACE,
+};
 use crate::metrics::telemetry::Telemetry;
 use crate::mutation::{Mutation, Mutations};
 use crate::plan::model_size::ModelFacts;
@@ -525,13 +526,6 @@ struct Background {
     /// Tells them to stop, once the requests have ended.
     stop: CancellationToken,
 }
-
-/// Time request tasks get, after the drain deadline, to publish their terminal messages.
-const TERMINAL_GRACE: Duration = Duration::from_secs(5);
-/// Quiet time on the model groups before a draining worker leaves them.
-const GROUP_QUIET: Duration = Duration::from_secs(1);
-/// Time the engine gets to exit cleanly at stop.
-const ENGINE_STOP_GRACE: Duration = Duration::from_secs(5);
 
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {

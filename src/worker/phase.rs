@@ -2,7 +2,7 @@
 
 use tokio::time::Instant;
 
-use super::GROUP_QUIET;
+use crate::limits::GROUP_QUIET;
 
 /// Where the run loop is.
 #[derive(Clone, Copy, Debug)]

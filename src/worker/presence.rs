@@ -1,5 +1,5 @@
-//! The worker's presence in the cluster: waiting for the link, registering (with capped,
-//! jittered retries), the first heartbeat at once, then a heartbeat every interval, a
+//! The worker's presence in the cluster: waiting for the link, registering (retried with a
+//! [`Backoff`]), the first heartbeat at once, then a heartbeat every interval, a
 //! re-registration every N heartbeats and after every reconnect.
 //!
 //! Heartbeats are not sent while the link is down, and a missed tick is skipped, not replayed.
@@ -8,7 +8,6 @@
 //! the recent window); `offline` while not ready (starting, reconnecting, draining).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Serialize;
@@ -18,13 +17,14 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::figures::Figures;
+use crate::backoff::{self, Backoff};
 use crate::clock::Clock;
 use crate::config::NodeConfig;
 use crate::engine::EngineHealth;
 use crate::hardware::HardwareProbe;
 use crate::identity::Identity;
 use crate::lifecycle::{Lifecycle, LifecycleCell};
-use crate::limits::REGISTER_BACKOFF_MAX;
+use crate::limits::{REGISTER_BACKOFF_MAX, REGISTER_BACKOFF_MIN};
 use crate::metrics::telemetry::{Telemetry, bump};
 use crate::mutation::{Mutation, Mutations};
 use crate::protocol::{
@@ -32,9 +32,6 @@ use crate::protocol::{
     WorkerRegistration, WorkerStatus, subject,
 };
 use crate::transport::{ConnectionState, Transport};
-
-/// First registration retry delay; it doubles up to [`REGISTER_BACKOFF_MAX`].
-const REGISTER_BACKOFF_MIN: Duration = Duration::from_millis(100);
 
 /// What the registration says about the worker, fixed at start.
 #[derive(Clone, Debug)]
@@ -106,29 +103,32 @@ impl Presence {
         stop: &CancellationToken,
         connection: &mut watch::Receiver<ConnectionState>,
     ) -> bool {
-        let mut delay = REGISTER_BACKOFF_MIN;
-        let mut attempt = 0u32;
+        let mut backoff = Backoff::new(
+            REGISTER_BACKOFF_MIN,
+            REGISTER_BACKOFF_MAX,
+            backoff::seed(&self.announcement.identity.worker_id),
+        );
         loop {
-            attempt += 1;
-            match self.publish(subject::REGISTER, &self.registration()).await {
+            let err = match self.publish(subject::REGISTER, &self.registration()).await {
                 Ok(()) => {
                     bump(&self.telemetry.registrations_sent);
                     info!(worker_id = %self.announcement.identity.worker_id, "registered");
                     return true;
                 }
-                Err(err) => {
-                    warn!(cause = %err, retry_ms = delay.as_millis() as u64, "registration failed")
-                }
-            }
-            let jittered = delay.mul_f64(jitter(&self.announcement.identity.worker_id, attempt));
+                Err(err) => err,
+            };
+            // Without an attempt limit there is always a next delay.
+            let Some(delay) = backoff.next_delay() else {
+                return false;
+            };
+            warn!(cause = %err, retry_ms = delay.as_millis() as u64, "registration failed");
             tokio::select! {
                 () = stop.cancelled() => return false,
-                () = tokio::time::sleep(jittered) => {}
+                () = tokio::time::sleep(delay) => {}
             }
             if !connection.borrow_and_update().connected {
                 return false;
             }
-            delay = (delay * 2).min(REGISTER_BACKOFF_MAX);
         }
     }
 
@@ -290,40 +290,4 @@ fn round2(x: f64) -> f64 {
 
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
-}
-
-/// The share of a retry delay to wait, in [0.5, 1]: spread over workers (whose ids differ) so
-/// that a fleet does not retry in step, yet a function of the id and the attempt alone, so a
-/// seeded simulation replays it exactly.
-fn jitter(worker_id: &str, attempt: u32) -> f64 {
-    use std::hash::{Hash as _, Hasher as _};
-    let mut hasher = std::hash::DefaultHasher::new();
-    (worker_id, attempt).hash(&mut hasher);
-    // The top 53 bits make a uniform fraction in [0, 1).
-    let unit = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64;
-    0.5 + unit / 2.0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::jitter;
-
-    #[test]
-    fn retry_jitter_is_a_fixed_function_of_id_and_attempt_spread_over_workers() {
-        for attempt in 1..50 {
-            let j = jitter("w-1", attempt);
-            assert!((0.5..=1.0).contains(&j), "{j}");
-            assert_eq!(
-                j,
-                jitter("w-1", attempt),
-                "the same inputs give the same share"
-            );
-        }
-        // A fleet's first retries are spread, not in step.
-        let firsts: Vec<f64> = (0..20).map(|i| jitter(&format!("w-{i}"), 1)).collect();
-        let (lo, hi) = firsts
-            .iter()
-            .fold((1.0f64, 0.5f64), |(lo, hi), &j| (lo.min(j), hi.max(j)));
-        assert!(hi - lo > 0.25, "{firsts:?}");
-    }
 }
