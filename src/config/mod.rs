@@ -46,8 +46,11 @@ pub use setting::Setting;
 
 /// Default heartbeat interval (the existing controller's).
 pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_millis(5000);
-/// Default number of heartbeats between two periodic re-registrations.
-pub const DEFAULT_REREGISTER_EVERY_HEARTBEATS: u32 = 12;
+/// Default number of heartbeats between two periodic re-registrations: every heartbeat. The
+/// controller drops heartbeats from workers it does not know, so a restarted controller routes
+/// to a worker only once it hears its registration; re-registering with every heartbeat bounds
+/// that by one heartbeat interval, for one more small message per interval.
+pub const DEFAULT_REREGISTER_EVERY_HEARTBEATS: u32 = 1;
 /// Default deadline of one request, from receipt to its terminal message.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default time a drain waits for running and queued requests.

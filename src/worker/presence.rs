@@ -1,11 +1,18 @@
 //! The worker's presence in the cluster: waiting for the link, registering (retried with a
-//! [`Backoff`]), the first heartbeat at once, then a heartbeat every interval, a
-//! re-registration every N heartbeats and after every reconnect.
+//! [`Backoff`]), the first heartbeat at once, then a heartbeat every interval, each preceded by
+//! a registration every `reregisterEveryHeartbeats` heartbeats (by default every one), and a
+//! registration after every reconnect.
+//!
+//! A controller drops heartbeats from ids it does not know, so after it restarts only a
+//! registration makes a worker routable again: registering with every heartbeat bounds the
+//! time a restarted controller goes without a worker by one heartbeat interval.
 //!
 //! Heartbeats are not sent while the link is down, and a missed tick is skipped, not replayed.
 //! The heartbeat's `status` is `online` only when the worker is ready and healthy; `degraded`
 //! only for a recoverable cause that clears by itself (engine restarting, a burst of faults in
-//! the recent window); `offline` while not ready (starting, reconnecting, draining).
+//! the recent window); `offline` while not ready (starting, reconnecting, draining). A
+//! registration carries the status the worker would report once ready, so re-registering never
+//! makes a degraded worker look `online` to the controller.
 
 use std::sync::Arc;
 
@@ -31,7 +38,7 @@ use crate::protocol::{
     self, HardwareProfile, ModelSkills, WorkerCapabilities, WorkerHeartbeat, WorkerMetrics,
     WorkerRegistration, WorkerStatus, subject,
 };
-use crate::transport::{ConnectionState, Transport};
+use crate::transport::{ConnectionState, Transport, TransportError};
 
 /// What the registration says about the worker, fixed at start.
 #[derive(Clone, Debug)]
@@ -109,9 +116,8 @@ impl Presence {
             backoff::seed(&self.announcement.identity.worker_id),
         );
         loop {
-            let err = match self.publish(subject::REGISTER, &self.registration()).await {
+            let err = match self.register().await {
                 Ok(()) => {
-                    bump(&self.telemetry.registrations_sent);
                     info!(worker_id = %self.announcement.identity.worker_id, "registered");
                     return true;
                 }
@@ -150,7 +156,7 @@ impl Presence {
                     beats = beats.wrapping_add(1);
                     if beats.is_multiple_of(self.config.reregister_every)
                         && self.lifecycle.get() == Lifecycle::Ready
-                        && let Err(err) = self.publish(subject::REGISTER, &self.registration()).await
+                        && let Err(err) = self.register().await
                     {
                         warn!(cause = %err, "periodic re-registration failed");
                     }
@@ -192,7 +198,22 @@ impl Presence {
         }
     }
 
+    /// Publishes the registration, and counts it once published.
+    async fn register(&self) -> Result<(), TransportError> {
+        self.publish(subject::REGISTER, &self.registration())
+            .await?;
+        bump(&self.telemetry.registrations_sent);
+        Ok(())
+    }
+
     fn registration(&self) -> WorkerRegistration {
+        let fault_ratio = self.figures.borrow().fault_ratio;
+        let status = status(
+            Lifecycle::Ready,
+            &self.engine_health.borrow(),
+            fault_ratio,
+            self.config.degraded_error_ratio,
+        );
         let a = &self.announcement;
         WorkerRegistration {
             worker_id: a.identity.worker_id.clone(),
@@ -204,7 +225,7 @@ impl Presence {
             capabilities: a.capabilities.clone(),
             tags: self.config.tags.clone(),
             priority: self.config.priority,
-            status: WorkerStatus::Online,
+            status,
             timestamp: self.clock.unix_millis(),
         }
     }
@@ -256,11 +277,10 @@ impl Presence {
         &self,
         subject: &str,
         message: &T,
-    ) -> Result<(), crate::transport::TransportError> {
-        let payload =
-            protocol::encode(message).map_err(|e| crate::transport::TransportError::Refused {
-                reason: format!("cannot encode {subject}: {e}"),
-            })?;
+    ) -> Result<(), TransportError> {
+        let payload = protocol::encode(message).map_err(|e| TransportError::Refused {
+            reason: format!("cannot encode {subject}: {e}"),
+        })?;
         self.transport
             .publish(subject.to_owned(), Bytes::from(payload))
             .await

@@ -19,6 +19,7 @@ mod instance;
 mod logging;
 mod operator;
 mod outage;
+mod presence;
 mod privilege;
 mod probe;
 mod service;

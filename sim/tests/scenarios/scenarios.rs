@@ -434,6 +434,50 @@ fn burst_past_engine_capacity_script(w: &mut World) -> Run {
     Ok(out)
 }
 
+/// The controller restarts and knows no worker; it drops heartbeats from unknown ids, so only a
+/// `worker.register` makes the worker routable again. A controller that subscribes at any
+/// moment must hear one within a heartbeat interval (plus the network's latency both ways):
+/// from the moment it subscribes, and between any two it receives after that.
+fn restarted_controller_hears_a_registration_within_an_interval_script(w: &mut World) -> Run {
+    ready(w)?;
+    let interval = w.node.heartbeat_interval;
+    // Well into the periodic phase, between two of the heartbeats.
+    w.run_for(interval * 13 + interval / 4)?;
+    let subscribed_at = w.elapsed();
+    w.command(Command::Subscribe("worker.register".to_owned()));
+    w.run_for(interval * 10)?;
+    let heard: Vec<std::time::Duration> = w
+        .trace
+        .events()
+        .iter()
+        .filter(|e| {
+            e.node == "controller"
+                && matches!(&e.kind, EventKind::Received { subject, .. } if subject == "worker.register")
+        })
+        .map(|e| e.at)
+        .collect();
+    // Each way a message takes at most the world's latency bound (12 ms), plus a tick.
+    let bound = interval + ms(2 * 13);
+    let first = heard.first().map(|at| *at - subscribed_at);
+    let longest_gap = heard.windows(2).map(|p| p[1] - p[0]).max();
+    Ok([
+        expect(
+            first.is_some_and(|d| d <= bound),
+            format!("first registration {first:?} after subscribing, bound {bound:?}"),
+        ),
+        expect(
+            heard.len() >= 9 && longest_gap.is_some_and(|d| d <= bound),
+            format!(
+                "{} registrations in 10 intervals, longest gap {longest_gap:?}, bound {bound:?}",
+                heard.len()
+            ),
+        ),
+    ]
+    .into_iter()
+    .flatten()
+    .collect())
+}
+
 /// Every scenario, with its pinned seed.
 pub(crate) const ALL: &[(Scenario, u64)] = &[
     (
@@ -544,6 +588,15 @@ pub(crate) const ALL: &[(Scenario, u64)] = &[
         },
         14,
     ),
+    (
+        Scenario {
+            name: "restarted_controller_hears_a_registration_within_an_interval",
+            yaml: "",
+            engine: None,
+            run: restarted_controller_hears_a_registration_within_an_interval_script,
+        },
+        15,
+    ),
 ];
 
 /// The scenario called `name`.
@@ -577,4 +630,5 @@ scenario_tests!(
     heartbeats_under_clock_skew,
     slow_consumer,
     burst_past_engine_capacity,
+    restarted_controller_hears_a_registration_within_an_interval,
 );
