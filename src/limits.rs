@@ -126,6 +126,15 @@ pub const REGISTER_BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Upper bound of the registration retry backoff.
 pub const REGISTER_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
+/// Presence messages (registrations, heartbeats) the worker remembers having published, to
+/// tell them from another process's when NATS echoes them back. Each comes back within a
+/// round trip, and the worker publishes a few per heartbeat interval at most.
+pub const OWN_ANNOUNCEMENTS_REMEMBERED: usize = 64;
+
+/// Shortest time between two warnings that another process announces this worker's id; the
+/// conflicts in between are counted, and the next warning says how many there were.
+pub const ID_CONFLICT_WARN_INTERVAL: Duration = Duration::from_secs(60);
+
 /// How far back the fault ratio of the heartbeat's `degraded` status looks.
 pub const FAULT_WINDOW: Duration = Duration::from_secs(60);
 

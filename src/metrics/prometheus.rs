@@ -53,6 +53,8 @@ pub struct MetricsView {
     pub heartbeats_sent: u64,
     /// Registrations published.
     pub registrations_sent: u64,
+    /// Registrations and heartbeats for this worker's id published by another process.
+    pub id_conflicts: u64,
     /// Engine restarts.
     pub engine_restarts: u64,
     /// Receipt to terminal.
@@ -218,6 +220,12 @@ fn encode_presence(v: &MetricsView, e: &mut DescriptorEncoder) -> Result<(), std
         "registrations_sent",
         "Registrations published.",
         counter(v.registrations_sent),
+    )?;
+    single(
+        e,
+        "id_conflicts",
+        "Registrations and heartbeats for this worker's id that another process published.",
+        counter(v.id_conflicts),
     )?;
     single(
         e,

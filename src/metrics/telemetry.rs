@@ -86,8 +86,10 @@ pub struct Telemetry {
     pub inter_token: Histogram,
     /// Heartbeats published.
     pub heartbeats_sent: AtomicU64,
-    /// Registrations published.
+    /// Registrations published: the first after each (re)connection and the periodic ones.
     pub registrations_sent: AtomicU64,
+    /// Registrations and heartbeats for this worker's id that another process published.
+    pub id_conflicts: AtomicU64,
     /// Times the engine went from up to restarting.
     pub engine_restarts: AtomicU64,
 }
@@ -100,6 +102,7 @@ impl Default for Telemetry {
             inter_token: Histogram::new(&INTER_TOKEN_BUCKETS),
             heartbeats_sent: AtomicU64::new(0),
             registrations_sent: AtomicU64::new(0),
+            id_conflicts: AtomicU64::new(0),
             engine_restarts: AtomicU64::new(0),
         }
     }

@@ -8,8 +8,8 @@
 //!   state, carries out its decisions, and publishes the figures (see `dispatcher`, `figures`);
 //! - one **request task** per running request, plus short responder tasks for refusals, tracked
 //!   so a drain waits for them (see `request`);
-//! - the **presence** task: registration, heartbeats, re-registration after reconnects (see
-//!   `presence`);
+//! - the **presence** task: registration, heartbeats, re-registration after reconnects, and the
+//!   watch for another process announcing the same id (see `presence`);
 //! - the **service** task: `$SRV` discovery answers, with the figures (see `service`);
 //! - a **preload** task loading the configured models in the background.
 //!
@@ -302,6 +302,7 @@ impl Worker {
             figures: self.figures.subscribe(),
             telemetry: self.telemetry.clone(),
             mutations: self.mutations,
+            own: Arc::default(),
         };
         background.tasks.spawn(
             presence

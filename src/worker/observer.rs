@@ -63,6 +63,7 @@ impl Observer {
             reconnects: self.connection.borrow().reconnects,
             heartbeats_sent: telemetry::read(&t.heartbeats_sent),
             registrations_sent: telemetry::read(&t.registrations_sent),
+            id_conflicts: telemetry::read(&t.id_conflicts),
             engine_restarts: telemetry::read(&t.engine_restarts),
             request_duration: t.request_duration.read(),
             time_to_first_token: t.time_to_first_token.read(),

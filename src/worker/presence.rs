@@ -1,7 +1,8 @@
 //! The worker's presence in the cluster: waiting for the link, registering (retried with a
 //! [`Backoff`]), the first heartbeat at once, then a heartbeat every interval, each preceded by
 //! a registration every `reregisterEveryHeartbeats` heartbeats (by default every one), and a
-//! registration after every reconnect.
+//! registration after every reconnect. Beside that, a watch on the presence subjects for
+//! another process announcing the same worker id.
 //!
 //! A controller drops heartbeats from ids it does not know, so after it restarts only a
 //! registration makes a worker routable again: registering with every heartbeat bounds the
@@ -13,13 +14,27 @@
 //! the recent window); `offline` while not ready (starting, reconnecting, draining). A
 //! registration carries the status the worker would report once ready, so re-registering never
 //! makes a degraded worker look `online` to the controller.
+//!
+//! Two processes with one id split its traffic and its cancels. NATS echoes what a connection
+//! publishes to that connection's own subscriptions, so the worker remembers a fingerprint of
+//! each presence message it publishes ([`OwnAnnouncements`]); a registration or heartbeat for
+//! its id that it does not recognise came from another process, and is counted
+//! (`mlx_worker_id_conflicts_total`, `$SRV.STATS`) and logged at most once per
+//! [`ID_CONFLICT_WARN_INTERVAL`]. Nothing is added to the wire for this: the controller's
+//! schemas know no instance field, and presence messages carry no headers.
 
-use std::sync::Arc;
+use std::borrow::Cow;
+use std::collections::VecDeque;
+use std::hash::{Hash as _, Hasher as _};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use bytes::Bytes;
-use serde::Serialize;
+use futures::StreamExt as _;
+use futures::stream::SelectAll;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tokio::time::MissedTickBehavior;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -31,14 +46,17 @@ use crate::engine::EngineHealth;
 use crate::hardware::HardwareProbe;
 use crate::identity::Identity;
 use crate::lifecycle::{Lifecycle, LifecycleCell};
-use crate::limits::{REGISTER_BACKOFF_MAX, REGISTER_BACKOFF_MIN};
+use crate::limits::{
+    ID_CONFLICT_WARN_INTERVAL, OWN_ANNOUNCEMENTS_REMEMBERED, REGISTER_BACKOFF_MAX,
+    REGISTER_BACKOFF_MIN,
+};
 use crate::metrics::telemetry::{Telemetry, bump};
 use crate::mutation::{Mutation, Mutations};
 use crate::protocol::{
     self, HardwareProfile, ModelSkills, WorkerCapabilities, WorkerHeartbeat, WorkerMetrics,
     WorkerRegistration, WorkerStatus, subject,
 };
-use crate::transport::{ConnectionState, Transport, TransportError};
+use crate::transport::{ConnectionState, InboundMessage, Subscription, Transport, TransportError};
 
 /// What the registration says about the worker, fixed at start.
 #[derive(Clone, Debug)]
@@ -64,11 +82,26 @@ pub(crate) struct Presence {
     pub(crate) telemetry: Arc<Telemetry>,
     /// Planted bugs (always empty outside the simulation suite).
     pub(crate) mutations: Mutations,
+    /// The presence messages this run published lately.
+    pub(crate) own: Arc<OwnAnnouncements>,
 }
 
 impl Presence {
-    /// Runs until `stop` fires.
-    pub(crate) async fn run(mut self, stop: CancellationToken) {
+    /// Announces the worker and watches for another process with its id, until `stop` fires.
+    pub(crate) async fn run(self, stop: CancellationToken) {
+        let watch = ConflictWatch {
+            worker_id: self.announcement.identity.worker_id.clone(),
+            transport: self.transport.clone(),
+            clock: self.clock.clone(),
+            own: self.own.clone(),
+            telemetry: self.telemetry.clone(),
+            warnings: WarnLimiter::new(ID_CONFLICT_WARN_INTERVAL),
+        };
+        tokio::join!(watch.run(stop.clone()), self.announce(stop));
+    }
+
+    /// Registers and heartbeats until `stop` fires.
+    async fn announce(mut self, stop: CancellationToken) {
         let mut connection = self.transport.connection();
         loop {
             // Waiting for the link.
@@ -273,6 +306,7 @@ impl Presence {
         }
     }
 
+    /// Publishes a presence message, noted first so that its echo is recognised.
     async fn publish<T: Serialize>(
         &self,
         subject: &str,
@@ -281,6 +315,7 @@ impl Presence {
         let payload = protocol::encode(message).map_err(|e| TransportError::Refused {
             reason: format!("cannot encode {subject}: {e}"),
         })?;
+        self.own.note(subject, &payload);
         self.transport
             .publish(subject.to_owned(), Bytes::from(payload))
             .await
@@ -310,4 +345,217 @@ fn round2(x: f64) -> f64 {
 
 fn count(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+/// Fingerprints of the presence messages a run published lately, oldest first, at most
+/// [`OWN_ANNOUNCEMENTS_REMEMBERED`]: what NATS echoes back is recognised by its subject and
+/// bytes.
+#[derive(Debug, Default)]
+pub(crate) struct OwnAnnouncements {
+    recent: Mutex<VecDeque<u64>>,
+}
+
+impl OwnAnnouncements {
+    /// Notes a message about to be published.
+    fn note(&self, subject: &str, payload: &[u8]) {
+        let mut recent = self.lock();
+        if recent.len() == OWN_ANNOUNCEMENTS_REMEMBERED {
+            recent.pop_front();
+        }
+        recent.push_back(fingerprint(subject, payload));
+    }
+
+    /// Whether a message that came back is one this run published; each is recognised once.
+    fn recognise(&self, subject: &str, payload: &[u8]) -> bool {
+        let print = fingerprint(subject, payload);
+        let mut recent = self.lock();
+        match recent.iter().position(|p| *p == print) {
+            Some(at) => {
+                recent.remove(at);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VecDeque<u64>> {
+        // The fingerprints stay valid whatever a panicking holder did.
+        self.recent.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+fn fingerprint(subject: &str, payload: &[u8]) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    (subject, payload).hash(&mut hasher);
+    hasher.finish()
+}
+
+/// What the watch reads of a registration or heartbeat; everything else is skipped, so any
+/// worker's messages are read, whatever else they carry.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Announced<'a> {
+    #[serde(borrow)]
+    worker_id: Cow<'a, str>,
+    #[serde(borrow)]
+    hostname: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    ip: Option<Cow<'a, str>>,
+}
+
+/// Watches `worker.register` and `worker.heartbeat` for this worker's id in messages this run
+/// did not publish.
+struct ConflictWatch {
+    worker_id: String,
+    transport: Arc<dyn Transport>,
+    clock: Arc<dyn Clock>,
+    own: Arc<OwnAnnouncements>,
+    telemetry: Arc<Telemetry>,
+    warnings: WarnLimiter,
+}
+
+impl ConflictWatch {
+    /// Watches until `stop` fires or the subscriptions end.
+    async fn run(mut self, stop: CancellationToken) {
+        let mut subs: SelectAll<Subscription> = SelectAll::new();
+        for subject in [subject::REGISTER, subject::HEARTBEAT] {
+            match self.transport.subscribe(subject.to_owned(), None).await {
+                Ok(sub) => subs.push(sub),
+                Err(err) => warn!(%subject, cause = %err, "cannot watch for a duplicate worker id"),
+            }
+        }
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                msg = subs.next() => match msg {
+                    Some(msg) => self.check(&msg),
+                    None => return,
+                },
+            }
+        }
+    }
+
+    /// Counts, and warns of, a message for this worker's id that another process published.
+    fn check(&mut self, msg: &InboundMessage) {
+        let Ok(announced) = serde_json::from_slice::<Announced<'_>>(&msg.payload) else {
+            return;
+        };
+        if announced.worker_id != self.worker_id || self.own.recognise(&msg.subject, &msg.payload) {
+            return;
+        }
+        bump(&self.telemetry.id_conflicts);
+        if let Some(seen) = self.warnings.occurred(self.clock.now()) {
+            warn!(
+                worker_id = %self.worker_id,
+                subject = %msg.subject,
+                hostname = announced.hostname.as_deref().unwrap_or("?"),
+                ip = announced.ip.as_deref().unwrap_or("?"),
+                seen,
+                "another process announces this worker id; the two split its requests: give \
+                 each worker its own worker.workerId (or stateDir)"
+            );
+        }
+    }
+}
+
+/// When to warn of something that may recur often: at once the first time, then at most once
+/// per interval, telling how often it occurred since the last warning.
+#[derive(Debug)]
+struct WarnLimiter {
+    interval: Duration,
+    last: Option<Instant>,
+    unreported: u64,
+}
+
+impl WarnLimiter {
+    fn new(interval: Duration) -> WarnLimiter {
+        WarnLimiter {
+            interval,
+            last: None,
+            unreported: 0,
+        }
+    }
+
+    /// It occurred at `now`: `Some(occurrences since the last warning, this one included)`
+    /// when a warning is due.
+    fn occurred(&mut self, now: Instant) -> Option<u64> {
+        self.unreported = self.unreported.saturating_add(1);
+        if self.last.is_some_and(|at| now < at + self.interval) {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unreported))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    // Goal: the watch's parts tell our own messages from another's with bounded memory, warn
+    // at a bounded rate without losing count, and read any worker's id.
+    // Method: the pure parts, fed directly.
+
+    use super::*;
+    use crate::clock::SystemClock;
+
+    #[test]
+    fn own_messages_are_recognised_once_and_only_the_latest_are_remembered() {
+        let own = OwnAnnouncements::default();
+        own.note(subject::HEARTBEAT, b"beat-1");
+        own.note(subject::REGISTER, b"reg-1");
+        assert!(
+            !own.recognise(subject::HEARTBEAT, b"reg-1"),
+            "same bytes, other subject"
+        );
+        assert!(
+            !own.recognise(subject::HEARTBEAT, b"beat-2"),
+            "never published"
+        );
+        assert!(own.recognise(subject::REGISTER, b"reg-1"));
+        assert!(
+            !own.recognise(subject::REGISTER, b"reg-1"),
+            "recognised once"
+        );
+        assert!(own.recognise(subject::HEARTBEAT, b"beat-1"));
+
+        for i in 0..=OWN_ANNOUNCEMENTS_REMEMBERED {
+            own.note(subject::HEARTBEAT, format!("b{i}").as_bytes());
+        }
+        assert_eq!(own.lock().len(), OWN_ANNOUNCEMENTS_REMEMBERED);
+        assert!(
+            !own.recognise(subject::HEARTBEAT, b"b0"),
+            "the oldest is forgotten"
+        );
+        assert!(own.recognise(subject::HEARTBEAT, b"b1"));
+    }
+
+    #[test]
+    fn warnings_come_at_most_once_per_interval_and_count_what_came_between() {
+        let t0 = SystemClock.now();
+        let interval = Duration::from_secs(60);
+        let mut limiter = WarnLimiter::new(interval);
+        assert_eq!(limiter.occurred(t0), Some(1), "the first warns at once");
+        assert_eq!(limiter.occurred(t0 + Duration::from_secs(1)), None);
+        assert_eq!(limiter.occurred(t0 + interval / 2), None);
+        assert_eq!(limiter.occurred(t0 + interval), Some(3));
+        assert_eq!(limiter.occurred(t0 + interval * 3), Some(1));
+    }
+
+    #[test]
+    fn the_watch_reads_the_id_of_any_workers_message() {
+        let registration: Announced<'_> = serde_json::from_str(
+            r#"{"workerId":"w-1","hostname":"h","ip":"192.0.2.1","skills":{"availableModels":[]},"status":"online"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                registration.worker_id.as_ref(),
+                registration.hostname.as_deref()
+            ),
+            ("w-1", Some("h"))
+        );
+        let heartbeat: Announced<'_> =
+            serde_json::from_str(r#"{"workerId":"w\u002d2","status":"online","metrics":{}}"#)
+                .unwrap();
+        assert_eq!((heartbeat.worker_id.as_ref(), heartbeat.ip), ("w-2", None));
+    }
 }

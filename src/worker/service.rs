@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::figures::Figures;
-use crate::metrics::telemetry::Telemetry;
+use crate::metrics::telemetry::{self, Telemetry};
 use crate::protocol::service::{
     EndpointInfo, EndpointStats, InfoResponse, PingResponse, SERVICE_NAME, ServiceHeader,
     StatsResponse, rfc3339, subjects,
@@ -127,6 +127,7 @@ impl Service {
                     "inflightCapacity": view.inflight_capacity,
                     "tokensGenerated": snapshot.tokens_total,
                     "tokensPerSecond": snapshot.tokens_per_second,
+                    "idConflicts": telemetry::read(&self.telemetry.id_conflicts),
                     "errorsByCode": snapshot
                         .errors_by_code
                         .iter()

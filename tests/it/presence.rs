@@ -1,25 +1,38 @@
 // Goal: the worker's presence tells the truth about itself: `/metrics` counts every registration
-// it publishes, and a registration never calls `online` a worker whose heartbeat says
-// `degraded`.
+// it publishes; a registration never calls `online` a worker whose heartbeat says `degraded`;
+// another process announcing the same worker id is noticed — counted on `/metrics` and in
+// `$SRV.STATS`, and logged once per quiet period — while the worker's own heartbeats and
+// registrations, which NATS echoes back to it, never count, also under the shipped
+// least-privilege account.
 // Method: a worker (simulated engine) over the production transport on a real nats-server; a
-// controller-side client listens to the presence subjects. Counters are read once the run is
-// over and everything it published has reached the client.
+// controller-side client listens to the presence subjects and plays the second process. The
+// worker's warnings are captured on the test's thread (a current-thread runtime, so every task
+// of the worker logs there). Counters are read in a bounded poll, since a counter moving is no
+// event one could await.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use mlx_worker::clock::{Clock, SystemClock};
 use mlx_worker::config::WorkerConfig;
 use mlx_worker::metrics::prometheus::render;
+use mlx_worker::protocol::service::StatsResponse;
 use mlx_worker::transport::nats::NatsTransport;
 use mlx_worker::transport::{Subscription, Transport};
 use mlx_worker::worker::Observer;
 use mlx_worker_sim::{Fault, SimEngine, SimEngineConfig, SimProbe};
 use serde_json::{Value, json};
+use tracing_subscriber::layer::SubscriberExt;
 
 use testkit::*;
 
+use crate::privilege::{
+    least_privilege_controller, least_privilege_server, least_privilege_worker_config,
+};
+
 const REGISTRATIONS: &str = "mlx_worker_registrations_sent_total";
+const CONFLICTS: &str = "mlx_worker_id_conflicts_total";
 
 /// Starts worker `id` with `config` and `engine` over `transport`, and waits until it is ready.
 async fn start(
@@ -46,6 +59,17 @@ fn metric(worker: &Observer, name: &str) -> f64 {
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("{name} is not on /metrics:\n{text}"))
+}
+
+/// Waits until the sample `name` reads `value`, and fails if it went past it.
+async fn metric_reaches(worker: &Observer, name: &str, value: f64) {
+    within(&format!("{name} to reach {value}"), async {
+        while metric(worker, name) < value {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(metric(worker, name), value, "{name} went past {value}");
 }
 
 /// The next message on `sub` as (subject, JSON body).
@@ -197,5 +221,143 @@ async fn a_registration_while_the_engine_restarts_says_degraded_as_the_heartbeat
         before_the_last.iter().all(|s| s == "degraded"),
         "registrations while the engine restarted: {registrations:?}"
     );
+    worker.stop().await;
+}
+
+/// The warnings logged on this thread, each as its fields.
+#[derive(Clone, Default)]
+struct Warnings(Arc<Mutex<Vec<String>>>);
+
+impl Warnings {
+    /// Those that mention `text`.
+    fn mentioning(&self, text: &str) -> Vec<String> {
+        let all = self.0.lock().unwrap();
+        all.iter().filter(|w| w.contains(text)).cloned().collect()
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if *event.metadata().level() != tracing::Level::WARN {
+            return;
+        }
+        let mut line = String::new();
+        event.record(
+            &mut |field: &tracing::field::Field, value: &dyn std::fmt::Debug| {
+                line.push_str(&format!(" {}={value:?}", field.name()));
+            },
+        );
+        self.0.lock().unwrap().push(line);
+    }
+}
+
+/// What a second process with the id `id` sends: a heartbeat and a registration from another
+/// host.
+fn twin(id: &str) -> (Value, Value) {
+    let now = SystemClock.unix_millis();
+    let heartbeat = json!({
+        "workerId": id,
+        "status": "online",
+        "metrics": {
+            "cpuUsagePercent": 3.0, "memoryUsedGB": 1.0, "gpuUtilizationPercent": 0.0,
+            "activeRequests": 0, "totalRequestsHandled": 17, "avgLatencyMs": 0.0,
+            "modelsLoaded": []
+        },
+        "timestamp": now,
+    });
+    let registration = json!({
+        "workerId": id, "hostname": "other-host", "ip": "192.0.2.7", "port": 8080,
+        "skills": {"availableModels": [], "modelPaths": {}, "totalModelSize": 0, "lastScanned": now},
+        "status": "online", "timestamp": now,
+    });
+    (heartbeat, registration)
+}
+
+/// Publishes `body` on `subject` from the controller's connection, and waits until the server
+/// has routed it.
+async fn announce(controller: &Controller, subject: &str, body: &Value) {
+    controller
+        .transport
+        .publish(subject.to_owned(), Bytes::from(body.to_string()))
+        .await
+        .unwrap();
+    controller.sync().await;
+}
+
+#[tokio::test]
+async fn another_process_announcing_our_id_is_counted_and_logged_and_our_own_are_not() {
+    let warnings = Warnings::default();
+    let _logs =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(warnings.clone()));
+    let Cluster {
+        _server,
+        controller,
+        mut sub,
+        worker,
+        ..
+    } = Cluster::start("w-twin", "", SimEngine::new(SimEngineConfig::default())).await;
+    let (heartbeat, registration) = twin("w-twin");
+    let twins = [heartbeat.clone(), registration.clone()];
+
+    // The worker's own announcements come back to it a few times first.
+    wait_for(&mut sub, "worker.heartbeat", "w-twin", 3, &twins).await;
+    wait_for(&mut sub, "worker.register", "w-twin", 1, &twins).await;
+    assert_eq!(
+        metric(&worker.observer, CONFLICTS),
+        0.0,
+        "our own announcements"
+    );
+
+    // Another process heartbeats with our id: counted, and a warning names the id.
+    announce(&controller, "worker.heartbeat", &heartbeat).await;
+    metric_reaches(&worker.observer, CONFLICTS, 1.0).await;
+    let warned = warnings.mentioning("w-twin");
+    assert_eq!(warned.len(), 1, "{warned:?}");
+
+    // It registers too: counted, and not logged again so soon.
+    announce(&controller, "worker.register", &registration).await;
+    metric_reaches(&worker.observer, CONFLICTS, 2.0).await;
+
+    // More of the worker's own, then the other process once more: of all that came back to
+    // the worker, only the other's three messages counted.
+    wait_for(&mut sub, "worker.heartbeat", "w-twin", 2, &twins).await;
+    wait_for(&mut sub, "worker.register", "w-twin", 1, &twins).await;
+    announce(&controller, "worker.heartbeat", &heartbeat).await;
+    metric_reaches(&worker.observer, CONFLICTS, 3.0).await;
+    assert_eq!(warnings.mentioning("w-twin").len(), 1, "rate-limited");
+
+    // `$SRV.STATS` tells it too.
+    let answer = within(
+        "$SRV.STATS",
+        controller
+            .nats
+            .request("$SRV.STATS.mlx-worker.w-twin", Bytes::new()),
+    )
+    .await
+    .unwrap();
+    let stats: StatsResponse = serde_json::from_slice(&answer.payload).unwrap();
+    let data = &stats.endpoints[0].data;
+    assert_eq!(data["idConflicts"], 3, "{data:?}");
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn the_least_privilege_account_lets_the_worker_watch_for_its_id() {
+    let (server, _account) = least_privilege_server().await;
+    let controller = least_privilege_controller(&server).await;
+    let mut sub = controller.subscribe("worker.*").await;
+    let config = least_privilege_worker_config(&server);
+    let transport = Arc::new(NatsTransport::connect(&config.nats).await.unwrap());
+    let worker = start(
+        "w-priv-twin",
+        &config,
+        SimEngine::new(SimEngineConfig::default()),
+        transport,
+    )
+    .await;
+    let (heartbeat, _) = twin("w-priv-twin");
+    wait_for(&mut sub, "worker.heartbeat", "w-priv-twin", 2, &[]).await;
+    announce(&controller, "worker.heartbeat", &heartbeat).await;
+    metric_reaches(&worker.observer, CONFLICTS, 1.0).await;
     worker.stop().await;
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use async_nats::service::PingResponse;
 use bytes::Bytes;
-use mlx_worker::config::{NatsAuth, Secret};
+use mlx_worker::config::{NatsAuth, Secret, WorkerConfig};
 use mlx_worker::transport::nats::NatsTransport;
 use mlx_worker_sim::{SimEngine, SimEngineConfig, SimProbe};
 use serde_json::json;
@@ -38,29 +38,40 @@ pub(crate) async fn least_privilege_server() -> (NatsServer, tempfile::TempDir) 
     (server, dir)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_runs_under_the_least_privilege_account_and_nothing_more() {
-    let (server, _account) = least_privilege_server().await;
-
-    let mut controller_config = test_config(&server.url(), "").nats;
-    controller_config.auth = NatsAuth::UserPassword {
+/// The controller's side, with the `controller` credentials of [`least_privilege_server`].
+pub(crate) async fn least_privilege_controller(server: &NatsServer) -> Controller {
+    let mut config = test_config(&server.url(), "").nats;
+    config.auth = NatsAuth::UserPassword {
         user: "controller".into(),
         password: Secret::new("controller-pw"),
     };
-    let controller = Controller::connect_with(
-        &controller_config,
+    Controller::connect_with(
+        &config,
         async_nats::ConnectOptions::with_user_and_password(
             "controller".into(),
             "controller-pw".into(),
         ),
     )
-    .await;
-    let mut registrations = controller.subscribe("worker.register").await;
+    .await
+}
+
+/// A worker's test configuration with the `worker` credentials of [`least_privilege_server`].
+pub(crate) fn least_privilege_worker_config(server: &NatsServer) -> WorkerConfig {
     let mut config = test_config(&server.url(), "");
     config.nats.auth = NatsAuth::UserPassword {
         user: "worker".into(),
         password: Secret::new("worker-pw"),
     };
+    config
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_runs_under_the_least_privilege_account_and_nothing_more() {
+    let (server, _account) = least_privilege_server().await;
+
+    let controller = least_privilege_controller(&server).await;
+    let mut registrations = controller.subscribe("worker.register").await;
+    let config = least_privilege_worker_config(&server);
     let transport = Arc::new(NatsTransport::connect(&config.nats).await.unwrap());
     let mut worker = RunningWorker::start_with(
         "w-priv",
