@@ -12,6 +12,7 @@ use mlx_worker::client::{Client, Target};
 use mlx_worker::clock::SystemClock;
 use mlx_worker::config;
 use mlx_worker::engine::{Engine, GenerateRequest, TokenEvent};
+use mlx_worker::limits::INFLIGHT_REQUESTS_MAX;
 use mlx_worker::protocol::{InferenceRequest, StreamMessage, TokenMessage, encode};
 use mlx_worker::transport::Transport;
 use mlx_worker::transport::nats::NatsTransport;
@@ -134,9 +135,13 @@ pub(crate) async fn start_worker(
     RunningWorker::start(id, &worker_config(url, late_wait_ms), engine, preload).await
 }
 
+/// A simulated engine for [`SIM_MODEL`] that holds as many streams at once as a worker may run
+/// (`INFLIGHT_REQUESTS_MAX`), so the rows measure the relay at their stream counts rather than
+/// the runtime's default capacity.
 pub(crate) fn sim_engine(token_latency: Duration) -> Arc<dyn Engine> {
     Arc::new(SimEngine::new(SimEngineConfig {
         token_latency,
+        streams_max: [(SIM_MODEL.to_owned(), INFLIGHT_REQUESTS_MAX)].into(),
         ..SimEngineConfig::default()
     }))
 }
