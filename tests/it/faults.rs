@@ -307,19 +307,7 @@ async fn a_sigterm_to_the_process_group_drains_in_flight_requests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_a_second_after_the_first_forces_the_exit() {
     let server = NatsServer::start().await;
-    let (mut worker, client) = registered(
-        &server.url(),
-        "forced",
-        &[
-            "--model-dir",
-            "models",
-            "--preload",
-            TINY,
-            "--heartbeat-interval-ms",
-            "200",
-        ],
-    )
-    .await;
+    let (mut worker, client) = registered(&server.url(), "forced", &SERVING_TINY).await;
     client
         .heartbeat_where("forced", |hb| {
             hb.metrics.models_loaded.contains(&TINY.to_owned())
