@@ -1,7 +1,8 @@
 """Process entry: `python -m mlx_runtime` with `runtime/` on PYTHONPATH.
 
 Exit codes: 0 after `shutdown` or end of input, 64 for a setting out of
-range (MLX_RUNTIME_STREAMS_LIVE_MAX), 69 if MLX cannot be imported, 130 on
+range (MLX_RUNTIME_STREAMS_LIVE_MAX,
+MLX_RUNTIME_BATCH_SIZE, MLX_RUNTIME_PREFILL_STEP_SIZE), 69 if MLX cannot be imported, 130 on
 SIGINT.
 """
 
@@ -10,7 +11,7 @@ import logging
 import os
 import sys
 
-from .limits import streams_live_max
+from .limits import settings as read_settings
 
 EXIT_USAGE = 64
 EXIT_UNAVAILABLE = 69
@@ -51,7 +52,7 @@ def main() -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        streams_max = streams_live_max(os.environ)
+        settings = read_settings(os.environ)
     except ValueError as exc:
         log.error("%s", exc)
         return EXIT_USAGE
@@ -65,7 +66,7 @@ def main() -> int:
         log.error("MLX is not importable (%s); install runtime/requirements.txt", exc)
         return EXIT_UNAVAILABLE
 
-    server = Server(Writer(protocol_out), streams_max)
+    server = Server(Writer(protocol_out), settings)
     sys.stderr.write(READY_LINE + "\n")
     sys.stderr.flush()
     try:

@@ -6,6 +6,7 @@ both accept the same requests.
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 # A request line longer than this (excluding the newline) is rejected with
 # -32600 and skipped without being buffered.
@@ -55,20 +56,72 @@ assert COMPUTE_JOBS_BESIDE_STREAMS > 0, "loads must fit beside a full stream que
 assert PROMPT_CHARS_MAX <= RPC_LINE_BYTES_MAX
 
 
+# Streams of one model decoded together in one step (a `load_model` may ask for
+# another figure, 1 to the live-stream limit; 1 is the sequential path), and
+# the prompt tokens prefilled per step: a long prompt is prefilled in chunks
+# of this size between decode steps, so running streams wait at most one
+# chunk for their next token. The environment variables named here set the
+# defaults.
+BATCH_SIZE_DEFAULT = 8
+BATCH_SIZE_ENV = "MLX_RUNTIME_BATCH_SIZE"
+PREFILL_STEP_SIZE_DEFAULT = 512
+PREFILL_STEP_SIZE_MIN = 16
+PREFILL_STEP_SIZE_MAX = 8192
+PREFILL_STEP_SIZE_ENV = "MLX_RUNTIME_PREFILL_STEP_SIZE"
+# Prompts of one model prefilled together in one step, at most (fewer when the
+# batch is smaller).
+PREFILL_BATCH_MAX = 8
+
+assert PREFILL_STEP_SIZE_MIN <= PREFILL_STEP_SIZE_DEFAULT <= PREFILL_STEP_SIZE_MAX
+assert BATCH_SIZE_DEFAULT <= STREAMS_LIVE_MAX_DEFAULT
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the environment sets: the live-stream limit and the batching defaults."""
+
+    streams_live_max: int = STREAMS_LIVE_MAX_DEFAULT
+    batch_size: int = BATCH_SIZE_DEFAULT
+    prefill_step_size: int = PREFILL_STEP_SIZE_DEFAULT
+
+
+def _whole_number(environ: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    text = environ.get(name)
+    if text is None:
+        return default
+    digits = text.strip()
+    value = int(digits) if re.fullmatch(r"[0-9]{1,9}", digits) else None
+    if value is None or not low <= value <= high:
+        raise ValueError(f"{name} is {text!r}, must be a whole number from {low} to {high}")
+    return value
+
+
 def streams_live_max(environ: Mapping[str, str]) -> int:
     """The live-stream limit `environ` sets, else the default.
 
     Raises ValueError, with a message naming the variable, for a value that is
     not a whole number from 1 to STREAMS_LIVE_MAX_CEILING.
     """
-    text = environ.get(STREAMS_LIVE_MAX_ENV)
-    if text is None:
-        return STREAMS_LIVE_MAX_DEFAULT
-    digits = text.strip()
-    value = int(digits) if re.fullmatch(r"[0-9]{1,9}", digits) else None
-    if value is None or not 1 <= value <= STREAMS_LIVE_MAX_CEILING:
-        raise ValueError(
-            f"{STREAMS_LIVE_MAX_ENV} is {text!r}, must be a whole number "
-            f"from 1 to {STREAMS_LIVE_MAX_CEILING}"
-        )
-    return value
+    return _whole_number(
+        environ, STREAMS_LIVE_MAX_ENV, STREAMS_LIVE_MAX_DEFAULT, 1, STREAMS_LIVE_MAX_CEILING
+    )
+
+
+def settings(environ: Mapping[str, str]) -> Settings:
+    """Every setting `environ` makes; ValueError (naming the variable) for one out of range.
+
+    The default batch size is bounded by the live-stream limit: without
+    MLX_RUNTIME_BATCH_SIZE it is the smaller of the two.
+    """
+    streams = streams_live_max(environ)
+    batch = _whole_number(
+        environ, BATCH_SIZE_ENV, min(BATCH_SIZE_DEFAULT, streams), 1, streams
+    )
+    prefill = _whole_number(
+        environ,
+        PREFILL_STEP_SIZE_ENV,
+        PREFILL_STEP_SIZE_DEFAULT,
+        PREFILL_STEP_SIZE_MIN,
+        PREFILL_STEP_SIZE_MAX,
+    )
+    return Settings(streams_live_max=streams, batch_size=batch, prefill_step_size=prefill)

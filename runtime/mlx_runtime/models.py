@@ -4,6 +4,11 @@ Models are loaded on the compute thread (`LoadJob`); lookups and unloads
 happen on the read loop. A stream holds its own reference to the model it
 was admitted with, so unloading never pulls a model out from under a
 running or queued generation: the memory is freed when the last one ends.
+
+Each model is loaded with a batch size: the streams of it decoded together
+in one step. A model whose cache cannot be merged across streams (mlx-lm
+gives such cache types no `merge`) gets batch size 1, the sequential path,
+whatever was asked.
 """
 
 import logging
@@ -18,6 +23,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 from mlx.utils import tree_flatten
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import get_total_parameters
 
@@ -36,6 +42,14 @@ class LoadedModel:
     tokenizer: TokenizerWrapper
     # The `load_model` result, returned again for repeated loads.
     info: dict[str, Any]
+    # Streams decoded together in one step; 1 is the sequential path.
+    batch_size: int = 1
+    # Prompt tokens prefilled per step.
+    prefill_step_size: int = limits.PREFILL_STEP_SIZE_DEFAULT
+
+    @property
+    def batched(self) -> bool:
+        return self.batch_size > 1
 
 
 def load_error(model_id: str, reason: str) -> RpcError:
@@ -106,11 +120,15 @@ class ModelRegistry:
         with self._lock:
             return list(self._models)
 
+    def all(self) -> list[LoadedModel]:
+        with self._lock:
+            return list(self._models.values())
+
     def unload(self, model_id: str) -> bool:
         with self._lock:
             return self._models.pop(model_id, None) is not None
 
-    def load(self, model_id: str, path: Path) -> LoadedModel:
+    def load(self, model_id: str, path: Path, batching: "Batching") -> LoadedModel:
         """Load from `path` (compute thread only). A loaded id is returned as is."""
         existing = self.find(model_id)
         if existing is not None:
@@ -124,6 +142,10 @@ class ModelRegistry:
         except Exception as exc:
             log.exception("loading %s from %s failed", model_id, path)
             raise load_error(model_id, str(exc) or type(exc).__name__) from None
+        batch_size = batching.batch_size
+        if batch_size > 1 and not cache_batchable(model):
+            log.info("%s: its cache cannot be batched; generating one stream at a time", model_id)
+            batch_size = 1
         info = {
             "model_id": model_id,
             "state": "ready",
@@ -132,12 +154,34 @@ class ModelRegistry:
             "dtype": _dtype_name(model, config),
             "is_vision_model": False,
             "cached_path": str(path),
+            "batch_size": batch_size,
+            "batched": batch_size > 1,
         }
-        loaded = LoadedModel(model_id=model_id, model=model, tokenizer=tokenizer, info=info)
+        loaded = LoadedModel(
+            model_id=model_id,
+            model=model,
+            tokenizer=tokenizer,
+            info=info,
+            batch_size=batch_size,
+            prefill_step_size=batching.prefill_step_size,
+        )
         with self._lock:
             self._models[model_id] = loaded
         log.info("loaded %s from %s (%d parameters)", model_id, path, info["parameter_count"])
         return loaded
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a model is to be generated: its batch size and prefill chunk."""
+
+    batch_size: int
+    prefill_step_size: int
+
+
+def cache_batchable(model: nn.Module) -> bool:
+    """Whether every layer's cache of `model` can be merged across streams."""
+    return all(hasattr(layer, "merge") for layer in make_prompt_cache(model))
 
 
 @dataclass
@@ -147,11 +191,14 @@ class LoadJob:
     registry: ModelRegistry
     model_id: str
     path: Path
+    batching: Batching
     future: Future
 
     def run(self) -> None:
         try:
-            self.future.set_result(self.registry.load(self.model_id, self.path).info)
+            self.future.set_result(
+                self.registry.load(self.model_id, self.path, self.batching).info
+            )
         except RpcError as exc:
             self.future.set_exception(exc)
         except Exception as exc:

@@ -21,7 +21,8 @@ import mlx.core as mx
 import mlx_lm
 
 from . import __version__, limits, validation
-from .compute import ComputeQueue
+from .batching import Steppers
+from .compute import ComputeQueue, Insert, Remove
 from .jsonrpc import (
     GENERATION_ERROR,
     INVALID_REQUEST,
@@ -39,13 +40,17 @@ from .jsonrpc import (
     read_lines,
     request_id_of,
 )
-from .models import LoadJob, ModelRegistry, model_directory
-from .streams import GenerationJob, Stream, StreamEvents, StreamRegistry, encode_prompt
+from .models import Batching, LoadJob, ModelRegistry, model_directory
+from .streams import Stream, StreamEvents, StreamRegistry, encode_prompt
 
 log = logging.getLogger(__name__)
 
 # "cancel": the `cancel` method exists. "compact_chunks": chunks carry no
-# cumulative_text. Clients detect both here.
+# cumulative_text. "batching": a model's streams decode together, and
+# `load_model` takes `batch_size` and `prefill_step_size`. "step_chunks":
+# `generate` takes `step_chunks`, which sends the stream's tokens in
+# `stream.step` lines, one per step for all such streams. Clients detect
+# these here.
 CAPABILITIES = [
     "generate",
     "stream",
@@ -54,6 +59,8 @@ CAPABILITIES = [
     "unload_model",
     "cancel",
     "compact_chunks",
+    "batching",
+    "step_chunks",
 ]
 
 
@@ -83,15 +90,18 @@ def memory_usage() -> dict[str, int]:
 class Server:
     """Owns the registries and the compute thread; `serve` runs the read loop."""
 
-    def __init__(self, writer: Writer, streams_live_max: int = limits.STREAMS_LIVE_MAX_DEFAULT):
+    def __init__(self, writer: Writer, settings: limits.Settings = limits.Settings()):
         self._writer = writer
+        self._settings = settings
         self._models = ModelRegistry(limits.MODELS_LOADED_MAX)
-        self._streams_live_max = streams_live_max
-        self._streams = StreamRegistry(streams_live_max)
+        self._streams_live_max = settings.streams_live_max
+        self._streams = StreamRegistry(settings.streams_live_max)
         self._events = StreamEvents(writer)
         # Runs while `serve` does: started when it begins, stopped when it ends.
-        self._compute_jobs_max = streams_live_max + limits.COMPUTE_JOBS_BESIDE_STREAMS
-        self._compute = ComputeQueue(self._compute_jobs_max)
+        self._compute_jobs_max = settings.streams_live_max + limits.COMPUTE_JOBS_BESIDE_STREAMS
+        self._compute = ComputeQueue(
+            self._compute_jobs_max, Steppers(self._streams, self._events), self._streams
+        )
         self._methods: dict[str, Callable[[dict], Any]] = {
             "runtime/info": self._info,
             "runtime/state": self._state,
@@ -216,15 +226,36 @@ class Server:
                 "max_tokens_max": limits.MAX_TOKENS_MAX,
                 "streams_live_max": self._streams_live_max,
                 "models_loaded_max": limits.MODELS_LOADED_MAX,
+                "batch_size_default": self._settings.batch_size,
+                "prefill_step_size_default": self._settings.prefill_step_size,
             },
+            "models": [
+                {
+                    "model_id": model.model_id,
+                    "batch_size": model.batch_size,
+                    "batched": model.batched,
+                }
+                for model in self._models.all()
+            ],
         }
 
     def _state(self, _params: dict) -> dict:
+        counts = self._compute.steppers.counts()
+        loaded = []
+        for model in self._models.all():
+            entry = counts.get(model.model_id)
+            loaded.append(
+                {
+                    "model_id": model.model_id,
+                    "state": "ready",
+                    "type": "text",
+                    "batch_size": model.batch_size,
+                    "running": entry.running if entry else 0,
+                    "queued": entry.queued if entry else 0,
+                }
+            )
         return {
-            "loaded_models": [
-                {"model_id": model_id, "state": "ready", "type": "text"}
-                for model_id in self._models.ids()
-            ],
+            "loaded_models": loaded,
             "active_streams": len(self._streams),
             # The runtime never restarts itself; its supervisor counts restarts.
             "restart_count": 0,
@@ -233,13 +264,25 @@ class Server:
     def _load_model(self, params: dict) -> Any:
         model_id = validation.model_id(params)
         local_path = validation.local_path(params)
+        batching = Batching(
+            batch_size=validation.integer(
+                params, "batch_size", self._settings.batch_size, 1, self._streams_live_max
+            ),
+            prefill_step_size=validation.integer(
+                params,
+                "prefill_step_size",
+                self._settings.prefill_step_size,
+                limits.PREFILL_STEP_SIZE_MIN,
+                limits.PREFILL_STEP_SIZE_MAX,
+            ),
+        )
         loaded = self._models.find(model_id)
         if loaded is not None:
             return loaded.info
         path = model_directory(model_id, local_path)
         self._check_compute_room()
         future: Future = Future()
-        self._compute.submit(LoadJob(self._models, model_id, path, future))
+        self._compute.submit(LoadJob(self._models, model_id, path, batching, future))
         return future
 
     def _unload_model(self, params: dict) -> dict:
@@ -260,6 +303,7 @@ class Server:
         temperature = validation.temperature(params)
         top_p = validation.top_p(params)
         seed = validation.integer(params, "seed", None, 0, limits.SEED_MAX)
+        step_chunks = validation.boolean(params, "step_chunks", False)
         stream_id = stream_id or str(uuid.uuid4())
         model = self._models.get(model_id)
         # Refuse before encoding, which can take a while for a long prompt.
@@ -281,11 +325,12 @@ class Server:
             temperature=temperature,
             top_p=top_p,
             seed=seed,
+            step_chunks=step_chunks,
         )
         self._streams.admit(stream)
-        job = GenerationJob(stream, self._streams, self._events)
         return Accepted(
-            {"stream_id": stream_id, "started_at": time.time()}, lambda: self._compute.submit(job)
+            {"stream_id": stream_id, "started_at": time.time()},
+            lambda: self._compute.submit(Insert(stream)),
         )
 
     def _tokenize(self, params: dict) -> dict:
@@ -304,9 +349,11 @@ class Server:
 
     def _cancel(self, params: dict) -> dict:
         stream_id = validation.identifier(params, "stream_id", limits.STREAM_ID_CHARS_MAX)
-        was_live, queued = self._streams.cancel(stream_id)
+        was_live, queued, running = self._streams.cancel(stream_id)
         if queued is not None:
             self._events.cancelled(stream_id)
+        if running is not None:
+            self._compute.submit(Remove(running))
         if was_live:
             log.info("stream %s cancelled", stream_id)
         return {"cancelled": was_live}

@@ -1,18 +1,19 @@
-"""Generation streams: admission, cancellation, the generation loop, notifications.
+"""Generation streams: admission, cancellation, notifications.
 
-A stream is admitted on the read loop (`StreamRegistry.admit`), queued on
-the compute thread as a `GenerationJob`, and retired when it ends. Every
-admitted stream ends with exactly one `stream.event` whose `is_final` is
-true, and nothing for that stream follows it:
+A stream is admitted on the read loop (`StreamRegistry.admit`), handed to
+the compute thread (an insert command, see `compute`), generated there by
+its model's stepper (`batching`), and retired when it ends. Every admitted
+stream ends with exactly one `stream.event` whose `is_final` is true, and
+nothing for that stream follows it:
 
 - completed: `stream.chunk`* -> `stream.stats` -> `stream.event` completed
 - failed:    `stream.chunk`* -> `stream.event` error (no stats)
 - cancelled: `stream.chunk`* -> `stream.event` cancelled (no stats)
 
 Exactly-once is kept by the registry lock: whoever removes a stream from the
-registry sends its terminal event (`cancel` for a stream still queued, the
-compute thread otherwise), and `cancel` answers true only for a stream that
-will end with "cancelled".
+registry sends its terminal event (`cancel` for a stream not yet handed to
+its stepper, the compute thread otherwise), and `cancel` answers true only
+for a stream that will end with "cancelled".
 """
 
 import logging
@@ -20,11 +21,6 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import mlx.core as mx
-from mlx_lm.generate import generate_step, generation_stream, wired_limit
-from mlx_lm.sample_utils import make_sampler
-
-from .detokenize import TokenTexts
 from .jsonrpc import Writer, internal_error, invalid_params
 from .models import LoadedModel
 
@@ -42,7 +38,11 @@ class Stream:
     temperature: float
     top_p: float
     seed: int | None
-    # Set by `cancel` (or shutdown); the generation loop checks it between tokens.
+    # Whether its tokens go in `stream.step` lines rather than `stream.chunk` ones.
+    step_chunks: bool = False
+    # When `generate` admitted it (time.perf_counter()).
+    admitted_at: float = field(default_factory=time.perf_counter)
+    # Set by `cancel` (or shutdown); the compute thread then removes it.
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     running: bool = False
 
@@ -85,21 +85,25 @@ class StreamRegistry:
             stream.running = True
             return True
 
-    def cancel(self, stream_id: str) -> tuple[bool, Stream | None]:
-        """Request cancellation. Returns (was live, the stream if it was still queued).
+    def cancel(self, stream_id: str) -> tuple[bool, Stream | None, Stream | None]:
+        """Request cancellation.
 
-        A queued stream is removed at once and the caller sends its terminal
-        event; a running one is flagged and ends at its next token.
+        Returns (was live, the stream if it was still queued, the stream if it
+        is running and this is the first cancel asking). A queued stream is
+        removed at once and the caller sends its terminal event; a running one
+        is flagged, and the caller has the compute thread remove it (once:
+        repeated cancels ask nothing more).
         """
         with self._lock:
             stream = self._streams.get(stream_id)
             if stream is None:
-                return False, None
+                return False, None, None
+            first = not stream.cancel_requested.is_set()
             stream.cancel_requested.set()
             if stream.running:
-                return True, None
+                return True, None, stream if first else None
             del self._streams[stream_id]
-            return True, stream
+            return True, stream, None
 
     def cancel_all(self) -> list[Stream]:
         """Cancel every live stream; returns the queued ones, now removed."""
@@ -133,6 +137,10 @@ class StreamEvents:
             {"stream_id": stream_id, "token": text, "token_id": token_id, "is_final": False},
         )
 
+    def step(self, chunks: list[dict]) -> None:
+        """`stream.step`: the tokens of every opted-in stream of one step, in one line."""
+        self._writer.notify("stream.step", {"chunks": chunks})
+
     def stats(self, stream_id: str, stats: "Completion") -> None:
         """`stream.stats`, sent only for a stream that completed."""
         self._writer.notify(
@@ -143,6 +151,9 @@ class StreamEvents:
                 "tokens_per_second": stats.tokens_per_second,
                 "time_to_first_token": stats.time_to_first_token,
                 "total_time": stats.total_time,
+                "prompt_tokens": stats.prompt_tokens,
+                "prompt_time": stats.prompt_time,
+                "queue_time": stats.queue_time,
             },
         )
 
@@ -180,106 +191,11 @@ class Completion:
     time_to_first_token: float
     total_time: float
     finish_reason: str
-
-
-class Cancelled(Exception):
-    """The stream's cancel flag was seen between tokens."""
-
-
-@dataclass
-class GenerationJob:
-    """Runs one admitted stream on the compute thread and sends its notifications."""
-
-    stream: Stream
-    registry: StreamRegistry
-    events: StreamEvents
-
-    def run(self) -> None:
-        stream = self.stream
-        if not self.registry.start(stream):
-            return  # Cancelled while queued; `cancel` sent the terminal event.
-        completion: Completion | None = None
-        failure: str | None = None
-        try:
-            completion = self._generate()
-        except Cancelled:
-            pass
-        except Exception as exc:
-            log.exception("stream %s failed", stream.stream_id)
-            failure = str(exc) or type(exc).__name__
-        if self.registry.retire(stream):
-            self.events.cancelled(stream.stream_id)
-        elif failure is not None:
-            self.events.error(stream.stream_id, failure)
-        else:
-            assert completion is not None
-            self.events.stats(stream.stream_id, completion)
-            self.events.completed(stream.stream_id, completion.finish_reason)
-
-    def abandon(self) -> None:
-        # Shutdown cancels every queued stream (and sends its event) before
-        # abandoning jobs, so there is nothing left to report.
-        assert self.stream.cancel_requested.is_set()
-
-    def _generate(self) -> Completion:
-        stream = self.stream
-        model = stream.model
-        tokenizer = model.tokenizer
-        eos_ids = tokenizer.eos_token_ids
-        # One chunk per token; chunks whose text is not final yet wait in here.
-        texts = TokenTexts(lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
-        if stream.seed is not None:
-            mx.random.seed(stream.seed)
-        sampler = make_sampler(stream.temperature, stream.top_p)
-        started = time.perf_counter()
-        first_token_at = last_token_at = None
-        tokens_generated = 0
-        finish_reason = "length"
-        with wired_limit(model.model, [generation_stream]):
-            steps = generate_step(
-                mx.array(stream.prompt_ids),
-                model.model,
-                max_tokens=stream.max_tokens,
-                sampler=sampler,
-            )
-            for token_id, _logprobs in steps:
-                now = time.perf_counter()
-                if first_token_at is None:
-                    first_token_at = now
-                if stream.cancel_requested.is_set():
-                    raise Cancelled()
-                if token_id in eos_ids:
-                    finish_reason = "stop"
-                    break
-                tokens_generated += 1
-                last_token_at = now
-                self._send(texts.add(token_id))
-        self._send(texts.finish())
-        finished = time.perf_counter()
-        return Completion(
-            tokens_generated=tokens_generated,
-            tokens_per_second=_decode_rate(
-                tokens_generated, first_token_at, last_token_at, started, finished
-            ),
-            time_to_first_token=(first_token_at or finished) - started,
-            total_time=finished - started,
-            finish_reason=finish_reason,
-        )
-
-    def _send(self, ready: list[tuple[int, str]]) -> None:
-        for token_id, text in ready:
-            self.events.chunk(self.stream.stream_id, token_id, text)
-
-
-def _decode_rate(
-    tokens: int, first: float | None, last: float | None, started: float, finished: float
-) -> float:
-    """Tokens per second after the first token; for one token, over the whole stream."""
-    if tokens >= 2 and last > first:
-        return (tokens - 1) / (last - first)
-    if tokens == 1:
-        return 1 / max(finished - started, 1e-9)
-    return 0.0
+    prompt_tokens: int
+    # Seconds from the stream being taken into prefill to its first token.
+    prompt_time: float
+    # Seconds from `generate` admitting it to it being taken into prefill.
+    queue_time: float
 
 
 def encode_prompt(model: LoadedModel, prompt: str) -> list[int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from runtime_client import RuntimeClient
-from tiny_model import MODEL_ID, build_tiny_model
+from tiny_model import MODEL_ID, SERIAL_MODEL_ID, build_tiny_model
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -47,7 +47,8 @@ def start_runtime(env: dict[str, str] | None = None) -> RuntimeClient:
 
 @pytest.fixture(scope="session")
 def runtime(tiny_model_dir):
-    """A runtime serving the tiny model as MODEL_ID, shared by the session.
+    """A runtime serving the tiny model as MODEL_ID (batched, the default batch
+    size) and as SERIAL_MODEL_ID (batch size 1), shared by the session.
 
     Tests using it must leave it serving and let their streams end.
     """
@@ -55,6 +56,10 @@ def runtime(tiny_model_dir):
     probe = client.request("runtime/info", request_id="readiness-probe")
     assert "result" in probe, probe
     client.call("load_model", {"model_id": MODEL_ID, "local_path": str(tiny_model_dir)})
+    client.call(
+        "load_model",
+        {"model_id": SERIAL_MODEL_ID, "local_path": str(tiny_model_dir), "batch_size": 1},
+    )
     yield client
     client.call("shutdown")
     assert client.wait_exit() == 0

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from mlx_runtime.limits import DETOKENIZE_TOKENS_HELD_MAX
 from runtime_client import chunks, text_of, token_ids
-from tiny_model import MODEL_ID
+from tiny_model import MODEL_ID, SERIAL_MODEL_ID
 
 INVALID_PARAMS = -32602
 MODEL_NOT_LOADED = -32005
@@ -26,6 +26,9 @@ LONG = 4096
 
 CHUNK_KEYS = {"stream_id", "token", "token_id", "is_final"}
 STATS_KEYS = {
+    "prompt_tokens",
+    "prompt_time",
+    "queue_time",
     "stream_id",
     "tokens_generated",
     "tokens_per_second",
@@ -34,13 +37,13 @@ STATS_KEYS = {
 }
 
 
-def greedy(prompt: str, max_tokens: int) -> dict:
-    return {"model_id": MODEL_ID, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+def greedy(prompt: str, max_tokens: int, model_id: str = MODEL_ID) -> dict:
+    return {"model_id": model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
 
 
-def long_stream(seed: int = 7) -> dict:
+def long_stream(seed: int = 7, model_id: str = MODEL_ID) -> dict:
     return {
-        "model_id": MODEL_ID,
+        "model_id": model_id,
         "prompt": "A long story",
         "max_tokens": LONG,
         "temperature": 1.0,
@@ -230,12 +233,12 @@ def test_cancel_of_a_queued_stream_ends_it_without_chunks(runtime):
     assert runtime.wait_terminal("busy")[-1]["params"]["event"] == "cancelled"
 
 
-def test_two_concurrent_generations_both_complete_one_after_the_other(runtime):
+def test_on_the_sequential_path_two_generations_complete_one_after_the_other(runtime):
     runtime.send(
         {
             "jsonrpc": "2.0",
             "method": "generate",
-            "params": {"stream_id": "first", **greedy("One", 20)},
+            "params": {"stream_id": "first", **greedy("One", 20, SERIAL_MODEL_ID)},
             "id": "g1",
         }
     )
@@ -243,7 +246,7 @@ def test_two_concurrent_generations_both_complete_one_after_the_other(runtime):
         {
             "jsonrpc": "2.0",
             "method": "generate",
-            "params": {"stream_id": "second", **greedy("Two", 20)},
+            "params": {"stream_id": "second", **greedy("Two", 20, SERIAL_MODEL_ID)},
             "id": "g2",
         }
     )
@@ -327,11 +330,14 @@ def test_generate_with_an_unloaded_model_is_model_not_loaded(runtime):
 
 
 def test_live_streams_are_capped(runtime):
+    # On the sequential path, so the short streams stay queued behind the long one.
     stream_ids = [f"cap-{n}" for n in range(STREAMS_LIVE_MAX)]
-    runtime.call("generate", {"stream_id": stream_ids[0], **long_stream()})
+    runtime.call("generate", {"stream_id": stream_ids[0], **long_stream(model_id=SERIAL_MODEL_ID)})
     for stream_id in stream_ids[1:]:
-        runtime.call("generate", {"stream_id": stream_id, **greedy("queued", 2)})
-    error = runtime.error("generate", {"stream_id": "one-too-many", **greedy("queued", 2)})
+        runtime.call("generate", {"stream_id": stream_id, **greedy("queued", 2, SERIAL_MODEL_ID)})
+    error = runtime.error(
+        "generate", {"stream_id": "one-too-many", **greedy("queued", 2, SERIAL_MODEL_ID)}
+    )
     assert error["code"] == INTERNAL_ERROR
     assert error["data"] == {"type": "StreamLimit"}
     for stream_id in reversed(stream_ids):

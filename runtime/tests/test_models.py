@@ -27,6 +27,8 @@ def test_load_model_reports_metadata_from_the_weights(runtime, tiny_model_dir):
         "dtype": "float32",
         "is_vision_model": False,
         "cached_path": str(tiny_model_dir.resolve()),
+        "batch_size": 8,
+        "batched": True,
     }
 
 

@@ -35,7 +35,14 @@ def test_info_reports_versions_and_capabilities(runtime):
 
 def test_state_lists_loaded_models_and_live_streams(runtime):
     state = runtime.call("runtime/state")
-    assert {"model_id": MODEL_ID, "state": "ready", "type": "text"} in state["loaded_models"]
+    assert {
+        "model_id": MODEL_ID,
+        "state": "ready",
+        "type": "text",
+        "batch_size": 8,
+        "running": 0,
+        "queued": 0,
+    } in state["loaded_models"]
     assert state["active_streams"] == 0
     assert state["restart_count"] == 0
 

@@ -1,0 +1,489 @@
+"""The compute thread's generation: one stepper per loaded model.
+
+A batched model has one `mlx_lm.generate.BatchGenerator`, made and used
+only on the compute thread: every running stream of the model advances one
+token per `next()` call, and a prompt joins between steps, prefilled in
+chunks of the model's prefill step size so running streams wait at most one
+chunk for their next token. A model loaded with batch size 1 (or whose cache
+cannot be batched) has a sequential stepper instead: one stream at a time,
+one token per step, the rest waiting in arrival order.
+
+Only these parts of `BatchGenerator` are used: `insert`, `next`, `remove`
+and `close`.
+
+Sampling: streams with the same temperature and top-p share one sampler
+object, so a batch samples in one call; a seeded stream has its own sampler
+with its own random key, split once per token, so its tokens do not depend
+on which other streams share its batch (the promise: the same seed, prompt,
+parameters and model give the same tokens alone or in any batch, as far as
+the model's logits for a row do not depend on the batch's shape; the tests
+check it on the test model). A seeded stream makes its batch sample row by
+row, which costs throughput while it runs.
+
+Every stream handed to a stepper ends with exactly one final event: a
+stream removed (cancelled) while waiting, prefilling or decoding; one whose
+step raised (every stream of that generator ends with `error`, once, and
+the generator is rebuilt; other models' streams go on); one that completed.
+"""
+
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, generate_step, generation_stream, wired_limit
+from mlx_lm.sample_utils import apply_top_p, make_sampler
+
+from . import limits
+from .detokenize import TokenTexts
+from .models import LoadedModel
+from .streams import Completion, Stream, StreamEvents, StreamRegistry
+
+log = logging.getLogger(__name__)
+
+Sampler = Callable[[mx.array], mx.array]
+
+
+class SeededSampler:
+    """Samples with a random key of its own, split for every token."""
+
+    def __init__(self, seed: int, temperature: float, top_p: float):
+        self._key = mx.random.key(seed)
+        self._temperature = temperature
+        self._top_p = top_p
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        self._key, key = mx.random.split(self._key)
+        if 0 < self._top_p < 1.0:
+            logprobs = apply_top_p(logprobs, self._top_p)
+        return mx.random.categorical(logprobs * (1 / self._temperature), key=key)
+
+
+class Samplers:
+    """One sampler per distinct (temperature, top_p), shared by the streams asking for it."""
+
+    def __init__(self) -> None:
+        self._shared: dict[tuple[float, float], Sampler] = {}
+
+    def for_stream(self, stream: Stream) -> Sampler:
+        if stream.seed is not None and stream.temperature > 0:
+            return SeededSampler(stream.seed, stream.temperature, stream.top_p)
+        key = (stream.temperature, stream.top_p)
+        sampler = self._shared.get(key)
+        if sampler is None:
+            # Bounded by the distinct parameters of live streams: cleared when idle.
+            sampler = self._shared[key] = make_sampler(stream.temperature, stream.top_p)
+        return sampler
+
+    def clear(self) -> None:
+        self._shared.clear()
+
+
+@dataclass
+class Run:
+    """A stream's progress on the compute thread."""
+
+    stream: Stream
+    texts: TokenTexts
+    # time.perf_counter() readings.
+    started: float
+    prefill_started: float | None = None
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    tokens_generated: int = 0
+
+    @classmethod
+    def of(cls, stream: Stream) -> "Run":
+        tokenizer = stream.model.tokenizer
+        texts = TokenTexts(lambda ids: tokenizer.decode(ids, skip_special_tokens=False))
+        return cls(stream=stream, texts=texts, started=time.perf_counter())
+
+    def prefilling(self, at: float) -> None:
+        if self.prefill_started is None:
+            self.prefill_started = at
+
+    def token(self, token_id: int, now: float) -> list[tuple[int, str]]:
+        """Counts a generated (non-EOS) token; the chunks it makes ready."""
+        self.tokens_generated += 1
+        self.last_token_at = now
+        return self.texts.add(token_id)
+
+    def completion(self, finish_reason: str) -> Completion:
+        finished = time.perf_counter()
+        first = self.first_token_at or finished
+        prefill_started = self.prefill_started or self.started
+        return Completion(
+            tokens_generated=self.tokens_generated,
+            tokens_per_second=_decode_rate(
+                self.tokens_generated, self.first_token_at, self.last_token_at,
+                self.started, finished,
+            ),
+            time_to_first_token=first - self.started,
+            total_time=finished - self.started,
+            finish_reason=finish_reason,
+            prompt_tokens=len(self.stream.prompt_ids),
+            prompt_time=max(first - prefill_started, 0.0),
+            queue_time=max(prefill_started - self.stream.admitted_at, 0.0),
+        )
+
+
+def _decode_rate(
+    tokens: int, first: float | None, last: float | None, started: float, finished: float
+) -> float:
+    """Tokens per second after the first token; for one token, over the whole stream."""
+    if tokens >= 2 and first is not None and last is not None and last > first:
+        return (tokens - 1) / (last - first)
+    if tokens == 1:
+        return 1 / max(finished - started, 1e-9)
+    return 0.0
+
+
+class Output:
+    """What one round of steps sends: `stream.step` lines, then the streams' ends.
+
+    Tokens of streams that asked for step chunks are gathered into one line
+    per step; other streams get a `stream.chunk` line per token at once. A
+    stream's end is sent after the line carrying its last tokens.
+    """
+
+    def __init__(self, registry: StreamRegistry, events: StreamEvents):
+        self._registry = registry
+        self._events = events
+        self._entries: list[dict] = []
+        self._ends: list[tuple[Stream, Completion | str | None]] = []
+
+    def tokens(self, stream: Stream, ready: list[tuple[int, str]]) -> None:
+        if stream.step_chunks:
+            sid = stream.stream_id
+            self._entries.extend(
+                {"stream_id": sid, "token": text, "token_id": token_id} for token_id, text in ready
+            )
+        else:
+            for token_id, text in ready:
+                self._events.chunk(stream.stream_id, token_id, text)
+
+    def end(self, run: Run, outcome: Completion | str | None) -> None:
+        """Ends `run`'s stream: completed (a Completion), failed (a message) or cancelled."""
+        if isinstance(outcome, Completion):
+            self.tokens(run.stream, run.texts.finish())
+        self._ends.append((run.stream, outcome))
+
+    def flush(self) -> None:
+        """Sends the step's line, then every end; call once per step."""
+        if self._entries:
+            self._events.step(self._entries)
+            self._entries = []
+        ends, self._ends = self._ends, []
+        for stream, outcome in ends:
+            sid = stream.stream_id
+            if self._registry.retire(stream) or outcome is None:
+                self._events.cancelled(sid)
+            elif isinstance(outcome, str):
+                self._events.error(sid, outcome)
+            else:
+                self._events.stats(sid, outcome)
+                self._events.completed(sid, outcome.finish_reason)
+
+
+class Stepper(Protocol):
+    """Generates the streams of one loaded model, a step at a time."""
+
+    model: LoadedModel
+
+    def __len__(self) -> int:
+        """Streams handed to it and not ended."""
+
+    def waiting(self) -> int:
+        """Of those, the ones not yet taken into prefill or decoding."""
+
+    def insert(self, stream: Stream, out: Output) -> None: ...
+
+    def remove(self, stream: Stream, out: Output) -> None: ...
+
+    def step(self, out: Output) -> None:
+        """Advances every running stream by one token (call only when it has streams)."""
+
+    def end_all(self, out: Output, reason: str | None) -> None:
+        """Ends every stream: with error `reason`, or cancelled for None."""
+
+
+def _failure(exc: Exception) -> str:
+    return str(exc) or type(exc).__name__
+
+
+class BatchedStepper:
+    """A model's `BatchGenerator`: its streams decode together, one token each per step."""
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+        self._generator: BatchGenerator | None = None
+        self._runs: dict[int, Run] = {}
+        self._uids: dict[str, int] = {}
+        self._samplers = Samplers()
+        self._stop_tokens = [[token] for token in sorted(model.tokenizer.eos_token_ids)]
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    def waiting(self) -> int:
+        # A snapshot: `runtime/state` asks from the read loop.
+        return sum(1 for run in list(self._runs.values()) if run.prefill_started is None)
+
+    def _make_generator(self) -> BatchGenerator:
+        batch = self.model.batch_size
+        return BatchGenerator(
+            self.model.model,
+            stop_tokens=self._stop_tokens,
+            completion_batch_size=batch,
+            prefill_batch_size=min(batch, limits.PREFILL_BATCH_MAX),
+            prefill_step_size=self.model.prefill_step_size,
+        )
+
+    def insert(self, stream: Stream, out: Output) -> None:
+        run = Run.of(stream)
+        try:
+            if self._generator is None:
+                self._generator = self._make_generator()
+            (uid,) = self._generator.insert(
+                [stream.prompt_ids],
+                max_tokens=[stream.max_tokens],
+                samplers=[self._samplers.for_stream(stream)],
+            )
+        except Exception as exc:
+            log.exception("stream %s could not join its batch", stream.stream_id)
+            out.end(run, _failure(exc))
+            return
+        self._runs[uid] = run
+        self._uids[stream.stream_id] = uid
+
+    def remove(self, stream: Stream, out: Output) -> None:
+        uid = self._uids.pop(stream.stream_id, None)
+        if uid is None:
+            return  # It ended already.
+        run = self._runs.pop(uid)
+        if self._generator is not None:
+            self._generator.remove([uid])
+        out.end(run, None)
+        self._idle_check()
+
+    def step(self, out: Output) -> None:
+        assert self._generator is not None and self._runs
+        started = time.perf_counter()
+        try:
+            prompt_responses, generation_responses = self._generator.next()
+        except Exception as exc:
+            log.exception("a step of %s failed; ending its %d streams", self.model.model_id, len(self))
+            self.end_all(out, _failure(exc))
+            return
+        now = time.perf_counter()
+        for response in prompt_responses:
+            run = self._runs.get(response.uid)
+            if run is not None:
+                run.prefilling(started)
+        for response in generation_responses:
+            self._deliver(response, now, out)
+        self._idle_check()
+
+    def _deliver(self, response, now: float, out: Output) -> None:
+        run = self._runs.get(response.uid)
+        if run is None:
+            return
+        if run.first_token_at is None:
+            run.first_token_at = now
+        if response.finish_reason != "stop":
+            out.tokens(run.stream, run.token(response.token, now))
+        if response.finish_reason is not None:
+            del self._runs[response.uid]
+            del self._uids[run.stream.stream_id]
+            out.end(run, run.completion(response.finish_reason))
+
+    def end_all(self, out: Output, reason: str | None) -> None:
+        runs = list(self._runs.values())
+        self._runs.clear()
+        self._uids.clear()
+        for run in runs:
+            out.end(run, reason)
+        self._close()
+
+    def _idle_check(self) -> None:
+        """An idle generator is dropped, so its caches and samplers go with it."""
+        if not self._runs:
+            self._close()
+
+    def _close(self) -> None:
+        generator, self._generator = self._generator, None
+        self._samplers.clear()
+        if generator is not None:
+            try:
+                generator.close()
+            except Exception:
+                log.exception("closing the generator of %s failed", self.model.model_id)
+
+
+@dataclass
+class _Active:
+    run: Run
+    steps: object  # generate_step's iterator
+    limit: contextlib.ExitStack
+
+
+class SequentialStepper:
+    """One stream of a model at a time, one token per step; the rest wait in order."""
+
+    def __init__(self, model: LoadedModel):
+        self.model = model
+        self._waiting: deque[Run] = deque()
+        self._active: _Active | None = None
+        self._eos = model.tokenizer.eos_token_ids
+
+    def __len__(self) -> int:
+        return len(self._waiting) + (self._active is not None)
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def insert(self, stream: Stream, out: Output) -> None:
+        self._waiting.append(Run.of(stream))
+
+    def remove(self, stream: Stream, out: Output) -> None:
+        if self._active is not None and self._active.run.stream is stream:
+            self._finish(out, None)
+            return
+        for run in self._waiting:
+            if run.stream is stream:
+                self._waiting.remove(run)
+                out.end(run, None)
+                return
+
+    def _start(self) -> _Active:
+        run = self._waiting.popleft()
+        stream = run.stream
+        run.prefilling(time.perf_counter())
+        if stream.seed is not None:
+            mx.random.seed(stream.seed)
+        limit = contextlib.ExitStack()
+        limit.enter_context(wired_limit(self.model.model, [generation_stream]))
+        steps = generate_step(
+            mx.array(stream.prompt_ids),
+            self.model.model,
+            max_tokens=stream.max_tokens,
+            sampler=make_sampler(stream.temperature, stream.top_p),
+            prefill_step_size=self.model.prefill_step_size,
+        )
+        return _Active(run=run, steps=steps, limit=limit)
+
+    def step(self, out: Output) -> None:
+        if self._active is None:
+            self._active = self._start()
+        active = self._active
+        try:
+            token_id, _logprobs = next(active.steps)
+        except StopIteration:
+            self._finish(out, active.run.completion("length"))
+            return
+        except Exception as exc:
+            log.exception("stream %s failed", active.run.stream.stream_id)
+            self._finish(out, _failure(exc))
+            return
+        run = active.run
+        now = time.perf_counter()
+        if run.first_token_at is None:
+            run.first_token_at = now
+        if token_id in self._eos:
+            self._finish(out, run.completion("stop"))
+            return
+        out.tokens(run.stream, run.token(token_id, now))
+        if run.tokens_generated >= run.stream.max_tokens:
+            self._finish(out, run.completion("length"))
+
+    def _finish(self, out: Output, outcome: Completion | str | None) -> None:
+        active, self._active = self._active, None
+        assert active is not None
+        try:
+            active.limit.close()
+        finally:
+            out.end(active.run, outcome)
+
+    def end_all(self, out: Output, reason: str | None) -> None:
+        if self._active is not None:
+            self._finish(out, reason)
+        while self._waiting:
+            out.end(self._waiting.popleft(), reason)
+
+
+def stepper_for(model: LoadedModel) -> Stepper:
+    return BatchedStepper(model) if model.batched else SequentialStepper(model)
+
+
+@dataclass
+class ModelCounts:
+    """Streams of one model on the compute thread, for `runtime/state`."""
+
+    batch_size: int
+    running: int = 0
+    queued: int = 0
+
+
+@dataclass
+class Steppers:
+    """Every model's stepper; the compute loop steps them in turn."""
+
+    registry: StreamRegistry
+    events: StreamEvents
+    # Keyed by the LoadedModel's identity: a model reloaded under the same id
+    # gets a stepper of its own while the old one's streams finish.
+    _steppers: dict[int, Stepper] = field(default_factory=dict)
+
+    def busy(self) -> bool:
+        return any(len(stepper) for stepper in self._steppers.values())
+
+    def output(self) -> Output:
+        return Output(self.registry, self.events)
+
+    def insert(self, stream: Stream) -> None:
+        key = id(stream.model)
+        stepper = self._steppers.get(key)
+        if stepper is None:
+            stepper = self._steppers[key] = stepper_for(stream.model)
+        out = self.output()
+        stepper.insert(stream, out)
+        out.flush()
+
+    def remove(self, stream: Stream) -> None:
+        stepper = self._steppers.get(id(stream.model))
+        if stepper is not None:
+            out = self.output()
+            stepper.remove(stream, out)
+            out.flush()
+
+    def step_all(self) -> None:
+        """One step of every model with streams, each flushed before the next model steps."""
+        for key, stepper in list(self._steppers.items()):
+            if len(stepper):
+                out = self.output()
+                stepper.step(out)
+                out.flush()
+            if not len(stepper):
+                del self._steppers[key]
+
+    def end_all(self, reason: str | None) -> None:
+        for stepper in self._steppers.values():
+            out = self.output()
+            stepper.end_all(out, reason)
+            out.flush()
+        self._steppers.clear()
+
+    def counts(self) -> dict[str, ModelCounts]:
+        """Running and queued streams by model id (read from any thread; approximate)."""
+        counts: dict[str, ModelCounts] = {}
+        for stepper in list(self._steppers.values()):
+            entry = counts.setdefault(
+                stepper.model.model_id, ModelCounts(batch_size=stepper.model.batch_size)
+            )
+            waiting = stepper.waiting()
+            entry.queued += waiting
+            entry.running += len(stepper) - waiting
+        return counts
