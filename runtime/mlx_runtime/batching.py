@@ -199,6 +199,9 @@ class Stepper(Protocol):
     def waiting(self) -> int:
         """Of those, the ones not yet taken into prefill or decoding."""
 
+    def prefilling(self) -> int:
+        """Of those, the ones taken into prefill that have no token yet."""
+
     def insert(self, stream: Stream, out: Output) -> None: ...
 
     def remove(self, stream: Stream, out: Output) -> None: ...
@@ -231,6 +234,13 @@ class BatchedStepper:
     def waiting(self) -> int:
         # A snapshot: `runtime/state` asks from the read loop.
         return sum(1 for run in list(self._runs.values()) if run.prefill_started is None)
+
+    def prefilling(self) -> int:
+        return sum(
+            1
+            for run in list(self._runs.values())
+            if run.prefill_started is not None and run.first_token_at is None
+        )
 
     def _make_generator(self) -> BatchGenerator:
         batch = self.model.batch_size
@@ -275,7 +285,9 @@ class BatchedStepper:
         try:
             prompt_responses, generation_responses = self._generator.next()
         except Exception as exc:
-            log.exception("a step of %s failed; ending its %d streams", self.model.model_id, len(self))
+            log.exception(
+                "a step of %s failed; ending its %d streams", self.model.model_id, len(self)
+            )
             self.end_all(out, _failure(exc))
             return
         now = time.perf_counter()
@@ -344,6 +356,10 @@ class SequentialStepper:
 
     def waiting(self) -> int:
         return len(self._waiting)
+
+    def prefilling(self) -> int:
+        active = self._active
+        return int(active is not None and active.run.first_token_at is None)
 
     def insert(self, stream: Stream, out: Output) -> None:
         self._waiting.append(Run.of(stream))
@@ -423,7 +439,9 @@ class ModelCounts:
     """Streams of one model on the compute thread, for `runtime/state`."""
 
     batch_size: int
+    # Prefilling or decoding; of those, `prefilling` have no token yet.
     running: int = 0
+    prefilling: int = 0
     queued: int = 0
 
 
@@ -485,5 +503,6 @@ class Steppers:
             )
             waiting = stepper.waiting()
             entry.queued += waiting
+            entry.prefilling += stepper.prefilling()
             entry.running += len(stepper) - waiting
         return counts

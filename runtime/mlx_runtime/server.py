@@ -251,6 +251,7 @@ class Server:
                     "type": "text",
                     "batch_size": model.batch_size,
                     "running": entry.running if entry else 0,
+                    "prefilling": entry.prefilling if entry else 0,
                     "queued": entry.queued if entry else 0,
                 }
             )

@@ -152,10 +152,12 @@ class RuntimeClient:
     # Streams
 
     def notifications(self, stream_id: str) -> list[dict]:
+        """The stream's notifications in order; its entries of `stream.step` lines are
+        given as `stream.chunk` notifications (marked `"step": True`)."""
         with self._changed:
             return [
                 message
-                for message in self.messages
+                for message in _per_stream(self.messages)
                 if message.get("method", "").startswith("stream.")
                 and message["params"].get("stream_id") == stream_id
             ]
@@ -179,7 +181,7 @@ class RuntimeClient:
             return (
                 sum(
                     1
-                    for message in self.messages
+                    for message in _per_stream(self.messages)
                     if message.get("method") == "stream.chunk"
                     and message["params"]["stream_id"] == stream_id
                 )
@@ -221,6 +223,17 @@ class RuntimeClient:
             pass  # Unflushed input to a process that is gone.
         self.process.stdout.close()
         self.process.stderr.close()
+
+
+def _per_stream(messages: list[dict]):
+    """`messages` with each `stream.step` line split into one chunk per entry."""
+    for message in messages:
+        if message.get("method") == "stream.step":
+            for entry in message["params"]["chunks"]:
+                params = {**entry, "is_final": False}
+                yield {"jsonrpc": "2.0", "method": "stream.chunk", "params": params, "step": True}
+        else:
+            yield message
 
 
 def chunks(notifications: list[dict]) -> list[dict[str, Any]]:

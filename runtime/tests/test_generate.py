@@ -219,8 +219,9 @@ def test_cancel_of_an_unknown_stream_is_false(runtime):
 
 
 def test_cancel_of_a_queued_stream_ends_it_without_chunks(runtime):
-    runtime.call("generate", {"stream_id": "busy", **long_stream()})
-    runtime.call("generate", {"stream_id": "waiting", **greedy("queued", 5)})
+    # On the sequential path, so "waiting" stays queued behind "busy".
+    runtime.call("generate", {"stream_id": "busy", **long_stream(model_id=SERIAL_MODEL_ID)})
+    runtime.call("generate", {"stream_id": "waiting", **greedy("queued", 5, SERIAL_MODEL_ID)})
     assert runtime.call("cancel", {"stream_id": "waiting"}) == {"cancelled": True}
     assert runtime.wait_terminal("waiting") == [
         {

@@ -41,6 +41,7 @@ def test_state_lists_loaded_models_and_live_streams(runtime):
         "type": "text",
         "batch_size": 8,
         "running": 0,
+        "prefilling": 0,
         "queued": 0,
     } in state["loaded_models"]
     assert state["active_streams"] == 0

@@ -1,0 +1,181 @@
+"""The compute thread's steppers, driven in this process: failure isolation and the
+sequential fallback, which need a fault or a model the subprocess tests cannot make.
+
+Method: load the tiny model in-process, admit streams to a real registry, hand
+them to `Steppers` and step until idle, recording every notification. A step
+failure is injected by replacing one generator's `next` with one that raises.
+"""
+
+import mlx.nn as nn
+import mlx_lm
+import pytest
+
+from mlx_runtime import limits
+from mlx_runtime.batching import BatchedStepper, SequentialStepper, Steppers, stepper_for
+from mlx_runtime.models import LoadedModel, cache_batchable
+from mlx_runtime.streams import Stream, StreamEvents, StreamRegistry, encode_prompt
+
+
+class Recorder:
+    """A Writer stand-in keeping every notification."""
+
+    def __init__(self):
+        self.sent: list[tuple[str, dict]] = []
+
+    def notify(self, method: str, params: dict) -> None:
+        self.sent.append((method, params))
+
+    def finals(self, stream_id: str) -> list[dict]:
+        return [
+            params
+            for method, params in self.sent
+            if method == "stream.event" and params["stream_id"] == stream_id
+        ]
+
+    def tokens(self, stream_id: str) -> int:
+        count = 0
+        for method, params in self.sent:
+            if method == "stream.chunk" and params["stream_id"] == stream_id:
+                count += 1
+            elif method == "stream.step":
+                count += sum(1 for e in params["chunks"] if e["stream_id"] == stream_id)
+        return count
+
+
+@pytest.fixture(scope="module")
+def weights(tiny_model_dir):
+    return mlx_lm.load(str(tiny_model_dir))
+
+
+def loaded(weights, model_id: str, batch_size: int) -> LoadedModel:
+    model, tokenizer = weights
+    return LoadedModel(
+        model_id=model_id, model=model, tokenizer=tokenizer, info={}, batch_size=batch_size
+    )
+
+
+class World:
+    def __init__(self):
+        self.recorder = Recorder()
+        self.registry = StreamRegistry(limits.STREAMS_LIVE_MAX_DEFAULT)
+        self.steppers = Steppers(self.registry, StreamEvents(self.recorder))
+
+    def start(self, model: LoadedModel, stream_id: str, max_tokens: int) -> Stream:
+        stream = Stream(
+            stream_id=stream_id,
+            model=model,
+            prompt_ids=encode_prompt(model, f"Prompt of {stream_id}"),
+            max_tokens=max_tokens,
+            temperature=0.0,
+            top_p=1.0,
+            seed=None,
+        )
+        self.registry.admit(stream)
+        assert self.registry.start(stream)
+        self.steppers.insert(stream)
+        return stream
+
+    def run(self, steps_max: int = 10_000) -> None:
+        for _ in range(steps_max):
+            if not self.steppers.busy():
+                return
+            self.steppers.step_all()
+        raise AssertionError("still busy")
+
+
+def test_a_step_that_raises_ends_each_stream_of_its_generator_once(weights):
+    world = World()
+    broken = loaded(weights, "broken", 4)
+    healthy = loaded(weights, "healthy", 4)
+    doomed = [world.start(broken, f"doomed-{n}", 50) for n in range(3)]
+    spared = [world.start(healthy, f"spared-{n}", 20) for n in range(2)]
+    world.steppers.step_all()
+    world.steppers.step_all()
+    stepper = world.steppers._steppers[id(broken)]
+    assert isinstance(stepper, BatchedStepper)
+
+    def fail():
+        raise RuntimeError("simulated step failure")
+
+    stepper._generator.next = fail
+    world.run()
+    for stream in doomed:
+        assert world.recorder.finals(stream.stream_id) == [
+            {
+                "stream_id": stream.stream_id,
+                "event": "error",
+                "error": "simulated step failure",
+                "is_final": True,
+            }
+        ]
+    for stream in spared:
+        finals = world.recorder.finals(stream.stream_id)
+        assert [f["event"] for f in finals] == ["completed"]
+        assert world.recorder.tokens(stream.stream_id) == 20
+    assert len(world.registry) == 0
+
+    # The broken model's next stream gets a new generator and completes.
+    again = world.start(broken, "after-failure", 10)
+    world.run()
+    assert [f["event"] for f in world.recorder.finals(again.stream_id)] == ["completed"]
+    assert world.recorder.tokens(again.stream_id) == 10
+
+
+def test_a_cancel_during_a_failing_step_still_ends_the_stream_once(weights):
+    world = World()
+    model = loaded(weights, "cancel-fail", 4)
+    stream = world.start(model, "cancel-then-fail", 50)
+    world.steppers.step_all()
+    stepper = world.steppers._steppers[id(model)]
+
+    def fail():
+        raise RuntimeError("boom")
+
+    stepper._generator.next = fail
+    was_live, queued, running = world.registry.cancel(stream.stream_id)
+    assert was_live and queued is None and running is stream
+    world.run()
+    world.steppers.remove(stream)  # The removal arrives after the failure: a no-op.
+    assert [f["event"] for f in world.recorder.finals(stream.stream_id)] == ["cancelled"]
+
+
+def test_streams_of_two_models_advance_in_turns(weights):
+    world = World()
+    first = loaded(weights, "first", 4)
+    second = loaded(weights, "second", 4)
+    world.start(first, "turn-a", 15)
+    world.start(second, "turn-b", 15)
+    for _ in range(8):
+        world.steppers.step_all()
+    a, b = world.recorder.tokens("turn-a"), world.recorder.tokens("turn-b")
+    assert a > 0 and b > 0 and abs(a - b) <= 1, (a, b)
+    world.run()
+
+
+class _Unbatchable:
+    """A cache layer without `merge`, like the cache types mlx-lm cannot batch."""
+
+
+class _Model(nn.Module):
+    def make_cache(self):
+        return [_Unbatchable()]
+
+
+class _Mergeable:
+    def merge(self, caches):
+        return self
+
+
+class _MergeableModel(nn.Module):
+    def make_cache(self):
+        return [_Mergeable(), _Mergeable()]
+
+
+def test_a_model_whose_cache_cannot_merge_is_not_batchable():
+    assert not cache_batchable(_Model())
+    assert cache_batchable(_MergeableModel())
+
+
+def test_batch_size_one_takes_the_sequential_path(weights):
+    assert isinstance(stepper_for(loaded(weights, "serial", 1)), SequentialStepper)
+    assert isinstance(stepper_for(loaded(weights, "batched", 2)), BatchedStepper)
