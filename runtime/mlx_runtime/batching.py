@@ -270,9 +270,10 @@ class BatchedStepper:
         self._uids[stream.stream_id] = uid
 
     def remove(self, stream: Stream, out: Output) -> None:
-        uid = self._uids.pop(stream.stream_id, None)
-        if uid is None:
-            return  # It ended already.
+        uid = self._uids.get(stream.stream_id)
+        if uid is None or self._runs[uid].stream is not stream:
+            return  # It ended already (its id may be another stream's now).
+        del self._uids[stream.stream_id]
         run = self._runs.pop(uid)
         if self._generator is not None:
             self._generator.remove([uid])
