@@ -183,6 +183,24 @@ pub struct LoadedModel {
     pub parameter_count: Option<u64>,
 }
 
+/// What the engine has done with one model, since it started (counters only grow; a runtime
+/// restart does not reset them).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ModelFigures {
+    /// The effective batch size of the loaded model (0: not loaded).
+    pub batch_size: usize,
+    /// Prompt tokens of completed streams.
+    pub prompt_tokens: u64,
+    /// Sum of their `prompt_time` (prefill), seconds.
+    pub prompt_seconds: f64,
+    /// Tokens of completed streams.
+    pub generated_tokens: u64,
+    /// Sum of their `total_time - prompt_time`, seconds.
+    pub decode_seconds: f64,
+    /// Streams completed.
+    pub streams_completed: u64,
+}
+
 /// Runs models.
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {
@@ -200,6 +218,11 @@ pub trait Engine: Send + Sync + 'static {
 
     /// The engine's health, updated as it changes.
     fn health(&self) -> watch::Receiver<EngineHealth>;
+
+    /// What the engine has done with each model, by model id; none by default.
+    fn model_figures(&self) -> BTreeMap<String, ModelFigures> {
+        BTreeMap::new()
+    }
 
     /// Stops the engine: in-flight generations end, then the engine gets `grace` to exit
     /// cleanly before it is killed. Idempotent.
