@@ -21,7 +21,7 @@
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -32,7 +32,7 @@ use crate::limits::{LATCHED_CANCEL_TTL, LATCHED_CANCELS_MAX};
 use crate::mutation::{Mutation, Mutations};
 use crate::plan::{ModelTier, SchedulerLimits};
 use crate::protocol::{ErrorCode, Priority};
-use crate::scheduler::{self, Scheduler};
+use crate::scheduler::{self, ModelCount, Scheduler};
 
 /// The bounds admission works within.
 #[derive(Clone, Debug, PartialEq)]
@@ -282,6 +282,11 @@ impl<T: Clone> Admission<T> {
     /// Requests waiting.
     pub fn queued(&self) -> usize {
         self.scheduler.queued()
+    }
+
+    /// Requests running and waiting, by model, for the models with any.
+    pub fn by_model(&self) -> BTreeMap<String, ModelCount> {
+        self.scheduler.by_model()
     }
 
     /// The scheduler's bounds.

@@ -32,6 +32,15 @@ pub enum Admission {
     },
 }
 
+/// Requests of one model in hand: running, and waiting in the worker's queue.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ModelCount {
+    /// Started: handed to a request task, which loads the model and generates.
+    pub running: usize,
+    /// Waiting for a slot.
+    pub queued: usize,
+}
+
 /// One model's requests within its tier: how many run, and those waiting.
 #[derive(Debug, Default)]
 struct Lane {
@@ -124,6 +133,18 @@ impl Scheduler {
     /// Requests waiting.
     pub fn queued(&self) -> usize {
         self.queued
+    }
+
+    /// The requests in hand of every model that has some, by model id: at most one entry per
+    /// request running or waiting, since idle lanes are dropped.
+    pub fn by_model(&self) -> BTreeMap<String, ModelCount> {
+        let mut counts: BTreeMap<String, ModelCount> = BTreeMap::new();
+        for (model, lane) in self.tiers.values().flat_map(|state| &state.lanes) {
+            let count = counts.entry(model.clone()).or_default();
+            count.running += lane.running;
+            count.queued += lane.queued();
+        }
+        counts
     }
 
     /// Requests of `model` that may run at once.

@@ -178,6 +178,28 @@ fn a_model_at_its_bound_waits_within_the_queue_bounds() {
     assert!(s.tiers[&Tiny].lanes.is_empty(), "idle lanes are dropped");
 }
 
+#[test]
+fn the_requests_in_hand_are_counted_by_model() {
+    let mut s = Scheduler::new(with_models(limits(8, 10, &[(Tiny, 4, 10)]), &[("a", 2)]));
+    assert_eq!(s.by_model(), BTreeMap::new(), "nothing in hand, no entry");
+    for id in ["a1", "a2", "a3", "a4", "a5"] {
+        s.admit(id.into(), Tiny, "a", Medium);
+    }
+    s.admit("b1".into(), Tiny, "b", Medium);
+    let count = |running, queued| ModelCount { running, queued };
+    assert_eq!(
+        s.by_model(),
+        BTreeMap::from([("a".to_owned(), count(2, 3)), ("b".to_owned(), count(1, 0))])
+    );
+    assert_eq!(s.finish(Tiny, "a"), vec!["a3".to_owned()]);
+    assert_eq!(s.finish(Tiny, "b"), Vec::<String>::new());
+    assert_eq!(
+        s.by_model(),
+        BTreeMap::from([("a".to_owned(), count(2, 2))]),
+        "a model with nothing in hand has no entry"
+    );
+}
+
 /// The proptest's models and their tiers; "a" runs at most [`A_MAX`] at once.
 const MODELS: [(&str, ModelTier); 3] = [("h", Huge), ("a", Tiny), ("b", Tiny)];
 const A_MAX: usize = 1;
@@ -212,6 +234,7 @@ proptest! {
         let mut s = Scheduler::new(with_models(limits, &[("a", A_MAX)]));
         let mut next = 0u32;
         for op in ops {
+            let (totals_before, by_model_before) = ((s.running(), s.queued()), s.by_model());
             match op {
                 Op::Admit(m, p) => {
                     let (model, tier) = MODELS[usize::from(m)];
@@ -243,6 +266,15 @@ proptest! {
             prop_assert!(s.tiers[&Huge].running <= 1);
             prop_assert!(s.tiers[&Tiny].running <= 2);
             prop_assert!(running_of(&s, Tiny, "a") <= A_MAX);
+            // The counts by model add up to the totals, and change only with them (what the
+            // dispatcher's figures rely on to publish them only when the totals change).
+            let by_model = s.by_model();
+            let sum = by_model.values().fold((0, 0), |(r, q), c| (r + c.running, q + c.queued));
+            prop_assert_eq!(sum, (s.running(), s.queued()));
+            prop_assert!(by_model.values().all(|c| c.running + c.queued > 0));
+            if by_model != by_model_before {
+                prop_assert_ne!((s.running(), s.queued()), totals_before);
+            }
         }
     }
 }
