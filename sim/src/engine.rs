@@ -6,7 +6,8 @@
 //! engine gives for the runtime's refusal; it counts the refusals and the most it held.
 //!
 //! Tokens are `tok0`, ` tok1`, … (deterministic, so tests can check order and content); a
-//! generation yields `max_tokens` of them unless a fault intervenes. Time is `tokio::time`, so
+//! generation yields `max_tokens` of them unless a fault intervenes. Its figures of each model
+//! are scripted too: a completed generation counts its prompt's words as prompt tokens. Time is `tokio::time`, so
 //! paused runtimes and turmoil drive it.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -85,6 +86,8 @@ struct State {
     cancelled: u64,
     refused: u64,
     shut_down: bool,
+    /// The counters of [`Engine::model_figures`], by model.
+    completed: BTreeMap<String, mlx_worker::engine::ModelFigures>,
     /// Every live generation's sender, so a crash can end them all.
     live: Vec<mpsc::Sender<TokenEvent>>,
     /// Live generations by model, and the most each model had at once.
@@ -140,6 +143,7 @@ impl SimEngine {
                 cancelled: 0,
                 refused: 0,
                 shut_down: false,
+                completed: BTreeMap::new(),
                 live: Vec::new(),
                 live_by_model: BTreeMap::new(),
                 live_peak: BTreeMap::new(),
@@ -188,6 +192,21 @@ impl SimEngine {
             engine: self.clone(),
             model_id: model_id.to_owned(),
         })
+    }
+
+    /// Counts a completed generation in the model's figures, as scripted: the prompt's
+    /// whitespace-separated words are its tokens, its prefill is the first token's latency and
+    /// its decode the latency of the others.
+    fn count_completed(&self, request: &GenerateRequest) {
+        let latency = self.config.token_latency.as_secs_f64();
+        let generated = u64::from(request.max_tokens);
+        let mut s = self.lock();
+        let figures = s.completed.entry(request.model_id.clone()).or_default();
+        figures.prompt_tokens += request.prompt.split_whitespace().count() as u64;
+        figures.prompt_seconds += latency;
+        figures.generated_tokens += generated;
+        figures.decode_seconds += latency * generated.saturating_sub(1) as f64;
+        figures.streams_completed += 1;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -342,6 +361,10 @@ impl Engine for SimEngine {
                     engine.lock().cancelled += 1;
                     return;
                 }
+                if i + 1 == request.max_tokens {
+                    // The last token is out: the generation completes.
+                    engine.count_completed(&request);
+                }
             }
             let _ = tx.send(TokenEvent::Finished(FinishReason::Length)).await;
         });
@@ -350,6 +373,17 @@ impl Engine for SimEngine {
 
     fn health(&self) -> watch::Receiver<EngineHealth> {
         self.health.subscribe()
+    }
+
+    /// Every model loaded or with a completed generation; a loaded model's batch size is its
+    /// capacity.
+    fn model_figures(&self) -> BTreeMap<String, mlx_worker::engine::ModelFigures> {
+        let s = self.lock();
+        let mut figures = s.completed.clone();
+        for model in &s.loaded {
+            figures.entry(model.clone()).or_default().batch_size = self.config.streams_max(model);
+        }
+        figures
     }
 
     async fn shutdown(&self, _grace: Duration) {
@@ -380,6 +414,43 @@ mod tests {
                 None => panic!("the stream closed without an end event"),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn figures_count_completed_generations_and_the_batch_of_loaded_models() {
+        let engine = SimEngine::new(SimEngineConfig {
+            token_latency: Duration::from_millis(1),
+            streams_max: BTreeMap::from([("sim/tiny".to_owned(), 4)]),
+            ..SimEngineConfig::default()
+        });
+        assert_eq!(engine.model_figures(), BTreeMap::new());
+        engine.load("sim/tiny").await.unwrap();
+        let mut hello = request("a", "sim/tiny");
+        hello.prompt = "Hello there world".to_owned();
+        read_to_end(engine.generate(hello).await.unwrap()).await;
+        engine.inject(Fault::FailAfter(1));
+        read_to_end(engine.generate(request("b", "sim/tiny")).await.unwrap()).await;
+        let figures = engine.model_figures();
+        let tiny = &figures["sim/tiny"];
+        assert_eq!(
+            (
+                tiny.batch_size,
+                tiny.prompt_tokens,
+                tiny.generated_tokens,
+                tiny.streams_completed
+            ),
+            (4, 3, 3, 1),
+            "the failed generation does not count"
+        );
+        assert!((tiny.prompt_seconds - 0.001).abs() < 1e-9);
+        assert!((tiny.decode_seconds - 0.002).abs() < 1e-9);
+        engine.unload("sim/tiny").await.unwrap();
+        assert_eq!(
+            engine.model_figures()["sim/tiny"].batch_size,
+            0,
+            "not loaded"
+        );
+        assert_eq!(engine.model_figures()["sim/tiny"].streams_completed, 1);
     }
 
     #[tokio::test]
