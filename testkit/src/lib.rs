@@ -10,6 +10,7 @@
 //! - [`controller`]: the controller's side ([`Controller`]): the library's client for requests
 //!   and their streams, plus what tests assert about a stream.
 //! - [`runtime`]: the real MLX runtime's configuration, for tests and benches that need it.
+//! - [`schema`]: the existing controller's schema of a heartbeat, as a check.
 //!
 //! Nothing here skips: a missing nats-server or runtime fails with a message saying how to
 //! install it. Helpers panic with a message when something they need does not happen: they
@@ -18,6 +19,7 @@
 pub mod controller;
 pub mod nats;
 pub mod runtime;
+pub mod schema;
 pub mod worker;
 
 use std::time::Duration;
