@@ -1,10 +1,12 @@
 //! The metrics collector: lifetime counters plus a rolling window of the most recent finished
 //! requests, from which the heartbeat and the Prometheus export read latency percentiles, time
-//! to first token, throughput and per-model figures.
+//! to first token, throughput and per-model figures; [`models`] holds the batching figures of
+//! each model, and the rates taken from them.
 //!
 //! Pure bookkeeping: callers pass in the time (`Instant`s from the `Clock`); nothing here reads
 //! a clock, does I/O or knows the wire format.
 
+pub mod models;
 pub mod prometheus;
 pub mod telemetry;
 #[cfg(test)]

@@ -11,6 +11,9 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
+use std::collections::BTreeMap;
+
+use super::models::ModelLoad;
 use super::telemetry::HistogramReading;
 use super::{Outcome, Snapshot};
 
@@ -63,6 +66,8 @@ pub struct MetricsView {
     pub time_to_first_token: HistogramReading,
     /// Between consecutive tokens.
     pub inter_token: HistogramReading,
+    /// Batching figures by model id.
+    pub models: BTreeMap<String, ModelLoad>,
 }
 
 fn outcome_label(outcome: Outcome) -> &'static str {
@@ -93,7 +98,8 @@ impl Collector for Exposition {
         encode_outcomes(v, &mut encoder)?;
         encode_load(v, &mut encoder)?;
         encode_presence(v, &mut encoder)?;
-        encode_latencies(v, &mut encoder)
+        encode_latencies(v, &mut encoder)?;
+        encode_models(v, &mut encoder)
     }
 }
 
@@ -258,6 +264,79 @@ fn encode_latencies(v: &MetricsView, e: &mut DescriptorEncoder) -> Result<(), st
     )
 }
 
+/// The batching figures of each model: gauges of what runs and waits now, and the engine's
+/// counters, from which a scraper takes rates (`rate(…_total[1m])`).
+fn encode_models(v: &MetricsView, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    let gauge = ConstGauge::new;
+    let counter = ConstCounter::new;
+    family(
+        e,
+        "model_requests_running",
+        "Requests of the model the worker started (handed to the engine).",
+        by_model(v, |m| gauge(m.running)),
+    )?;
+    family(
+        e,
+        "model_requests_queued",
+        "Requests of the model waiting in the worker's queue.",
+        by_model(v, |m| gauge(m.queued)),
+    )?;
+    family(
+        e,
+        "model_batch_size",
+        "Streams of the model the engine decodes together (0: not loaded).",
+        by_model(v, |m| gauge(m.engine.batch_size)),
+    )?;
+    family(
+        e,
+        "model_batch_occupancy",
+        "Share of the model's batch its running requests fill, 0 to 1 (0: not loaded).",
+        by_model(v, |m| ConstGauge::new(m.occupancy())),
+    )?;
+    family(
+        e,
+        "model_prompt_tokens",
+        "Prompt tokens of the model's completed streams; its rate() is the prompt tokens/s.",
+        by_model(v, |m| counter(m.engine.prompt_tokens)),
+    )?;
+    family(
+        e,
+        "model_prompt_seconds",
+        "Prefill time of the model's completed streams; its rate() over the rate() of \
+         mlx_worker_model_streams_completed_total is the mean prefill time.",
+        by_model(v, |m| ConstCounter::new(m.engine.prompt_seconds)),
+    )?;
+    family(
+        e,
+        "model_generated_tokens",
+        "Tokens the model's completed streams generated; its rate() is the generation tokens/s.",
+        by_model(v, |m| counter(m.engine.generated_tokens)),
+    )?;
+    family(
+        e,
+        "model_decode_seconds",
+        "Decode time (total less prefill) of the model's completed streams; the rate() of \
+         mlx_worker_model_generated_tokens_total over its rate() is a stream's decode tokens/s.",
+        by_model(v, |m| ConstCounter::new(m.engine.decode_seconds)),
+    )?;
+    family(
+        e,
+        "model_streams_completed",
+        "Streams of the model the engine completed.",
+        by_model(v, |m| counter(m.engine.streams_completed)),
+    )
+}
+
+/// One sample per model, labelled with its id.
+fn by_model<'a, M>(
+    v: &'a MetricsView,
+    sample: impl Fn(&ModelLoad) -> M + 'a,
+) -> impl Iterator<Item = ([(&'static str, &'a str); 1], M)> + 'a {
+    v.models
+        .iter()
+        .map(move |(model, load)| ([("model", model.as_str())], sample(load)))
+}
+
 /// One metric without labels.
 fn single(
     encoder: &mut DescriptorEncoder,
@@ -344,6 +423,21 @@ mod tests {
             queue_capacity: 100,
             inflight_capacity: 8,
             request_duration: h.read(),
+            models: BTreeMap::from([(
+                "org/m\"x".to_owned(),
+                ModelLoad {
+                    running: 3,
+                    queued: 2,
+                    engine: crate::engine::ModelFigures {
+                        batch_size: 4,
+                        prompt_tokens: 120,
+                        prompt_seconds: 0.75,
+                        generated_tokens: 40,
+                        decode_seconds: 2.5,
+                        streams_completed: 5,
+                    },
+                },
+            )]),
             ..MetricsView::default()
         };
         insta::assert_snapshot!(render(&view));

@@ -147,6 +147,35 @@ pub struct WorkerMetrics {
     pub inflight_capacity: u32,
     /// Tokens generated per second over the recent window (extension).
     pub tokens_per_second: f64,
+    /// Batching figures of each model loaded or with requests in hand (extension; the existing
+    /// controller keeps the `metrics` object as sent and reads none of it). Absent from other
+    /// workers' heartbeats, so it reads as empty when missing.
+    #[serde(default)]
+    pub models: Vec<ModelMetrics>,
+}
+
+/// One model's batching figures in a heartbeat (and in `$SRV.STATS`): what runs and waits now,
+/// and rates over the interval since the previous heartbeat, from the streams of the model that
+/// completed in it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelMetrics {
+    /// The model id.
+    pub model_id: String,
+    /// Streams of the model the engine decodes together (0: not loaded).
+    pub batch_size: u32,
+    /// Requests of the model running (handed to the engine).
+    pub running: u32,
+    /// Requests of the model waiting in the worker's queue.
+    pub queued: u32,
+    /// Share of the batch the running requests fill, 0 to 1.
+    pub batch_occupancy: f64,
+    /// Prompt tokens per second over the interval.
+    pub prompt_tokens_per_second: f64,
+    /// Generated tokens per second over the interval.
+    pub generation_tokens_per_second: f64,
+    /// Mean prefill time of the streams completed in the interval, milliseconds.
+    pub avg_prefill_ms: f64,
 }
 
 /// `worker.heartbeat`.

@@ -69,6 +69,16 @@ fn heartbeat() -> WorkerHeartbeat {
             queue_capacity: 100,
             inflight_capacity: 8,
             tokens_per_second: 41.5,
+            models: vec![ModelMetrics {
+                model_id: "mlx-community/Llama-3.2-3B-Instruct-4bit".to_owned(),
+                batch_size: 8,
+                running: 2,
+                queued: 1,
+                batch_occupancy: 0.25,
+                prompt_tokens_per_second: 120.5,
+                generation_tokens_per_second: 41.5,
+                avg_prefill_ms: 35.25,
+            }],
         },
         timestamp: 1_795_724_487_676,
     }

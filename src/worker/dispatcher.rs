@@ -329,6 +329,8 @@ impl Dispatcher {
     }
 
     /// Publishes the figures if anything they show changed since they were last published.
+    /// The requests by model change only with the totals (an event starts, queues or ends
+    /// requests, and a start from the queue lowers the queued total), so the totals tell.
     pub(crate) fn publish(&mut self) {
         let now = Published {
             recorded: self.recorded,
@@ -349,6 +351,7 @@ impl Dispatcher {
             inflight_capacity: limits.inflight_max,
             intake: now.intake,
             fault_ratio: self.fault_ratio(),
+            models: self.admission.by_model(),
         });
     }
 

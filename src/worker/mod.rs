@@ -50,6 +50,7 @@ use crate::lifecycle::{Lifecycle, LifecycleCell};
 use crate::limits::{
     ENGINE_STOP_GRACE, FLUSH_TIMEOUT, GROUP_QUIET, INFLIGHT_REQUESTS_MAX, TERMINAL_GRACE,
 };
+use crate::metrics::models::RateMeter;
 use crate::metrics::telemetry::Telemetry;
 use crate::mutation::{Mutation, Mutations};
 use crate::plan::model_size::ModelFacts;
@@ -144,6 +145,7 @@ impl Worker {
             connection: self.deps.transport.connection(),
             telemetry: self.telemetry.clone(),
             figures: self.figures.subscribe(),
+            engine: self.deps.engine.clone(),
         }
     }
 
@@ -291,6 +293,7 @@ impl Worker {
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
         };
+        let (rates, rates_seen) = watch::channel(BTreeMap::new());
         let presence = Presence {
             config: self.config.clone(),
             announcement: self.announcement(profile, catalog, plan),
@@ -303,6 +306,9 @@ impl Worker {
             telemetry: self.telemetry.clone(),
             mutations: self.mutations,
             own: Arc::default(),
+            engine: deps.engine.clone(),
+            meter: RateMeter::default(),
+            rates,
         };
         background.tasks.spawn(
             presence
@@ -315,6 +321,8 @@ impl Worker {
             figures: self.figures.subscribe(),
             telemetry: self.telemetry.clone(),
             started_ms: deps.clock.unix_millis(),
+            engine: deps.engine.clone(),
+            rates: rates_seen,
         };
         background.tasks.spawn(
             service

@@ -1,13 +1,14 @@
 //! [`Observer`]: a read-only view of a worker for health checks and metrics, valid across runs.
 //! It reads the lifecycle, the engine's health, the connection and the dispatcher's figures
-//! from their `watch` channels and never waits on a running task.
+//! from their `watch` channels, and the engine's figures of each model from the engine, and
+//! never waits on a running task.
 
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
 use super::figures::Figures;
-use crate::engine::EngineHealth;
+use crate::engine::{Engine, EngineHealth};
 use crate::lifecycle::Lifecycle;
 use crate::metrics::prometheus::MetricsView;
 use crate::metrics::telemetry::{self, Telemetry};
@@ -23,6 +24,8 @@ pub struct Observer {
     pub(super) telemetry: Arc<Telemetry>,
     /// The dispatcher's figures, as last published.
     pub(super) figures: watch::Receiver<Figures>,
+    /// The engine, for its figures of each model.
+    pub(super) engine: Arc<dyn Engine>,
 }
 
 impl Observer {
@@ -43,9 +46,10 @@ impl Observer {
     }
 
     /// Everything `/metrics` shows, without waiting: the dispatcher's figures as last
-    /// published, the defaults while not running.
+    /// published (the defaults while not running), and the engine's figures of each model.
     pub fn metrics(&self) -> MetricsView {
         let dispatch = self.figures.borrow().clone();
+        let models = dispatch.model_loads(&self.engine.model_figures());
         let t = &self.telemetry;
         MetricsView {
             worker_id: self.worker_id.clone(),
@@ -68,6 +72,7 @@ impl Observer {
             request_duration: t.request_duration.read(),
             time_to_first_token: t.time_to_first_token.read(),
             inter_token: t.inter_token.read(),
+            models,
         }
     }
 }

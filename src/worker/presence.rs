@@ -15,6 +15,13 @@
 //! registration carries the status the worker would report once ready, so re-registering never
 //! makes a degraded worker look `online` to the controller.
 //!
+//! Each heartbeat carries, inside `metrics` (the object the existing controller keeps as sent
+//! and whose unknown fields its schema lets through), the batching figures of every model in
+//! play under `models`: batch size, requests running and waiting, batch occupancy, and the
+//! prompt and generation tokens per second and mean prefill time over the interval since the
+//! previous heartbeat ([`RateMeter`]), from the streams that completed in it. `$SRV.STATS`
+//! shows the rates of the last heartbeat.
+//!
 //! Two processes with one id split its traffic and its cancels. NATS echoes what a connection
 //! publishes to that connection's own subscriptions, so the worker remembers a fingerprint of
 //! each presence message it publishes ([`OwnAnnouncements`]); a registration or heartbeat for
@@ -24,7 +31,7 @@
 //! schemas know no instance field, and presence messages carry no headers.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::hash::{Hash as _, Hasher as _};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -38,11 +45,11 @@ use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::figures::Figures;
+use super::figures::{Figures, count, model_metrics, round2};
 use crate::backoff::{self, Backoff};
 use crate::clock::Clock;
 use crate::config::NodeConfig;
-use crate::engine::EngineHealth;
+use crate::engine::{Engine, EngineHealth};
 use crate::hardware::HardwareProbe;
 use crate::identity::Identity;
 use crate::lifecycle::{Lifecycle, LifecycleCell};
@@ -50,6 +57,7 @@ use crate::limits::{
     ID_CONFLICT_WARN_INTERVAL, OWN_ANNOUNCEMENTS_REMEMBERED, REGISTER_BACKOFF_MAX,
     REGISTER_BACKOFF_MIN,
 };
+use crate::metrics::models::{ModelRates, RateMeter};
 use crate::metrics::telemetry::{Telemetry, bump};
 use crate::mutation::{Mutation, Mutations};
 use crate::protocol::{
@@ -84,6 +92,12 @@ pub(crate) struct Presence {
     pub(crate) mutations: Mutations,
     /// The presence messages this run published lately.
     pub(crate) own: Arc<OwnAnnouncements>,
+    /// The engine, for its figures of each model.
+    pub(crate) engine: Arc<dyn Engine>,
+    /// Takes the rates of each model at every heartbeat.
+    pub(crate) meter: RateMeter,
+    /// Where the rates of the last heartbeat are published, for `$SRV.STATS`.
+    pub(crate) rates: watch::Sender<BTreeMap<String, ModelRates>>,
 }
 
 impl Presence {
@@ -216,7 +230,7 @@ impl Presence {
     }
 
     /// While draining: heartbeats (with status `offline`) but no registration.
-    async fn heartbeats_only(&self, stop: CancellationToken) {
+    async fn heartbeats_only(&mut self, stop: CancellationToken) {
         let mut ticker = tokio::time::interval(self.config.heartbeat_interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
         loop {
@@ -263,8 +277,15 @@ impl Presence {
         }
     }
 
-    async fn heartbeat(&self) {
+    /// Publishes a heartbeat. Its batching rates are those over the time since the previous
+    /// heartbeat (zero in a run's first, which only sets the baseline), and are published for
+    /// `$SRV.STATS` too.
+    async fn heartbeat(&mut self) {
         let figures = self.figures.borrow().clone();
+        let engine = self.engine.model_figures();
+        let rates = self.meter.sample(self.clock.now(), &engine);
+        let models = model_metrics(&figures.model_loads(&engine), &rates);
+        self.rates.send_replace(rates);
         let sample = self.hardware.sample().await;
         let health = self.engine_health.borrow().clone();
         let models_loaded = match &health {
@@ -297,6 +318,7 @@ impl Presence {
                 queue_capacity: count(figures.queue_capacity),
                 inflight_capacity: count(figures.inflight_capacity),
                 tokens_per_second: round2(figures.snapshot.tokens_per_second),
+                models,
             },
             timestamp: self.clock.unix_millis(),
         };
@@ -337,14 +359,6 @@ pub(crate) fn status(
         _ if fault_ratio > degraded_ratio => WorkerStatus::Degraded,
         _ => WorkerStatus::Online,
     }
-}
-
-fn round2(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
-fn count(n: usize) -> u32 {
-    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 /// Fingerprints of the presence messages a run published lately, oldest first, at most

@@ -1,6 +1,7 @@
 //! Answers the NATS services protocol (`$SRV.PING`, `$SRV.INFO`, `$SRV.STATS`) for this worker,
 //! so `nats micro ls/info/stats` list and inspect workers, with the load figures in the stats'
-//! `data`.
+//! `data`: among them `models`, each model's batching figures as the heartbeat carries them
+//! (what runs and waits now, the engine's batch size, and the rates of the last heartbeat).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -14,7 +15,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::figures::Figures;
+use super::figures::{Figures, model_metrics};
+use crate::engine::Engine;
+use crate::metrics::models::ModelRates;
 use crate::metrics::telemetry::{self, Telemetry};
 use crate::protocol::service::{
     EndpointInfo, EndpointStats, InfoResponse, PingResponse, SERVICE_NAME, ServiceHeader,
@@ -32,6 +35,10 @@ pub(crate) struct Service {
     pub(crate) telemetry: Arc<Telemetry>,
     /// When the run started, Unix milliseconds.
     pub(crate) started_ms: u64,
+    /// The engine, for its figures of each model.
+    pub(crate) engine: Arc<dyn Engine>,
+    /// The rates of each model at the last heartbeat.
+    pub(crate) rates: watch::Receiver<BTreeMap<String, ModelRates>>,
 }
 
 impl Service {
@@ -106,6 +113,8 @@ impl Service {
         let durations = self.telemetry.request_duration.read();
         let processing_ns = (durations.sum * 1e9) as u64;
         let snapshot = &view.snapshot;
+        let loads = view.model_loads(&self.engine.model_figures());
+        let models = model_metrics(&loads, &self.rates.borrow());
         let endpoint = self.endpoint();
         StatsResponse {
             header: self.header("stats_response"),
@@ -133,6 +142,7 @@ impl Service {
                         .iter()
                         .map(|(code, n)| (code.as_str().to_owned(), json!(n)))
                         .collect::<serde_json::Map<_, _>>(),
+                    "models": models,
                 }),
             }],
         }

@@ -45,7 +45,7 @@ pub(crate) async fn get_from(
 /// Parses `/metrics` with a Prometheus text-format parser, and checks that it understood
 /// every line: each is a help line, a type line of a known kind, or a sample whose value parses;
 /// the only untyped samples are the `_sum` and `_count` of a histogram.
-fn parse_prometheus(text: &str) -> Scrape {
+pub(crate) fn parse_prometheus(text: &str) -> Scrape {
     for line in text.lines() {
         match LineInfo::parse(line) {
             LineInfo::Doc { .. } => {}
@@ -85,7 +85,7 @@ fn parse_prometheus(text: &str) -> Scrape {
 }
 
 /// The value of the sample `name` with exactly `labels`, if the scrape has it.
-fn sample(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn sample(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let found = scrape.samples.iter().find(|s| {
         s.metric == name
             && s.labels.len() == labels.len()

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod auth;
+mod batching;
 mod bodies;
 mod capacity;
 mod cli;
