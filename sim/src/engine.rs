@@ -17,10 +17,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mlx_worker::engine::{
     Catalog, Engine, EngineError, EngineHealth, FinishReason, GenerateRequest, LoadedModel,
-    ModelEntry, TokenEvent, TokenStream,
+    ModelEntry, TokenEvent, TokenSender, TokenStream, token_channel,
 };
 use mlx_worker::limits::{RUNTIME_STREAMS_LIVE_DEFAULT, TOKEN_CHANNEL_CAPACITY};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 /// A fault the engine injects into the next generations.
 #[derive(Clone, Debug, PartialEq)]
@@ -86,7 +86,7 @@ struct State {
     refused: u64,
     shut_down: bool,
     /// Every live generation's sender, so a crash can end them all.
-    live: Vec<mpsc::Sender<TokenEvent>>,
+    live: Vec<TokenSender>,
     /// Live generations by model, and the most each model had at once.
     live_by_model: BTreeMap<String, usize>,
     live_peak: BTreeMap<String, usize>,
@@ -216,7 +216,7 @@ impl SimEngine {
         };
         self.health.send_replace(EngineHealth::Restarting);
         for tx in live {
-            let _ = tx.try_send(TokenEvent::Failed(EngineError::Crashed {
+            tx.end(TokenEvent::Failed(EngineError::Crashed {
                 reason: "simulated crash".to_owned(),
             }));
         }
@@ -297,7 +297,7 @@ impl Engine for SimEngine {
         }
         let place = self.admit_stream(&request.model_id)?;
         let fault = self.take_fault(|f| *f != Fault::LoadFails);
-        let (tx, rx) = mpsc::channel(TOKEN_CHANNEL_CAPACITY);
+        let (tx, rx) = token_channel(TOKEN_CHANNEL_CAPACITY);
         {
             let mut s = self.lock();
             s.generations += 1;
@@ -312,11 +312,9 @@ impl Engine for SimEngine {
             for i in 0..request.max_tokens {
                 match &fault {
                     Some(Fault::FailAfter(n)) if *n == i => {
-                        let _ = tx
-                            .send(TokenEvent::Failed(EngineError::Generation {
-                                reason: "simulated failure".to_owned(),
-                            }))
-                            .await;
+                        tx.end(TokenEvent::Failed(EngineError::Generation {
+                            reason: "simulated failure".to_owned(),
+                        }));
                         return;
                     }
                     Some(Fault::CrashAfter { tokens, restart }) if *tokens == i => {
@@ -338,12 +336,12 @@ impl Engine for SimEngine {
                 } else {
                     format!(" tok{i}")
                 };
-                if tx.send(TokenEvent::Token(text)).await.is_err() {
+                if tx.send(text).await.is_err() {
                     engine.lock().cancelled += 1;
                     return;
                 }
             }
-            let _ = tx.send(TokenEvent::Finished(FinishReason::Length)).await;
+            tx.end(TokenEvent::Finished(FinishReason::Length));
         });
         Ok(rx)
     }
@@ -375,7 +373,7 @@ mod tests {
     async fn read_to_end(mut rx: TokenStream) -> TokenEvent {
         loop {
             match rx.recv().await {
-                Some(TokenEvent::Token(_)) => {}
+                Some(TokenEvent::Tokens(_)) => {}
                 Some(end) => return end,
                 None => panic!("the stream closed without an end event"),
             }

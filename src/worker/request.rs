@@ -227,36 +227,37 @@ async fn stream(
     };
     while let Some(event) = tokens.recv().await {
         match event {
-            // An empty piece (half of a multi-byte character) is not a token for the client.
-            TokenEvent::Token(text) if text.is_empty() => {}
-            TokenEvent::Token(text) => {
-                let message = TokenMessage::new(&job.request_id, &text, progress.tokens);
-                if let Err(broken) = responder.token(&message).await {
-                    let timed_out = matches!(
-                        broken.cause,
-                        Failure::Transport(TransportError::TimedOut { .. })
-                    );
-                    if broken.first
-                        && timed_out
-                        && ctx.mutations.has(Mutation::AbandonOnFirstPublishTimeout)
-                    {
-                        return End::Lost(broken.to_string());
+            TokenEvent::Tokens(texts) => {
+                // An empty piece (half of a multi-byte character) is not a token for the client.
+                for text in texts.iter().filter(|t| !t.is_empty()) {
+                    let message = TokenMessage::new(&job.request_id, text, progress.tokens);
+                    if let Err(broken) = responder.token(&message).await {
+                        let timed_out = matches!(
+                            broken.cause,
+                            Failure::Transport(TransportError::TimedOut { .. })
+                        );
+                        if broken.first
+                            && timed_out
+                            && ctx.mutations.has(Mutation::AbandonOnFirstPublishTimeout)
+                        {
+                            return End::Lost(broken.to_string());
+                        }
+                        return End::Interrupted(broken.to_string());
                     }
-                    return End::Interrupted(broken.to_string());
-                }
-                let now = ctx.clock.now();
-                match progress.last_token {
-                    None => {
-                        progress.first_token_at =
-                            Some(now.saturating_duration_since(job.received_at));
+                    let now = ctx.clock.now();
+                    match progress.last_token {
+                        None => {
+                            progress.first_token_at =
+                                Some(now.saturating_duration_since(job.received_at));
+                        }
+                        Some(last) => ctx
+                            .telemetry
+                            .inter_token
+                            .observe(now.saturating_duration_since(last)),
                     }
-                    Some(last) => ctx
-                        .telemetry
-                        .inter_token
-                        .observe(now.saturating_duration_since(last)),
+                    progress.last_token = Some(now);
+                    progress.tokens += 1;
                 }
-                progress.last_token = Some(now);
-                progress.tokens += 1;
             }
             TokenEvent::Finished(_) => return End::Done,
             TokenEvent::Failed(err) => return End::Failed(err.code(), err.to_string()),
