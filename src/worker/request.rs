@@ -1,6 +1,7 @@
 //! One accepted request, from the start of its work to its single terminal message: load the
-//! model if needed, generate, publish each token with a contiguous index, then exactly one
-//! `done` or one `error`, and report the outcome to the dispatcher.
+//! model if needed, generate, publish each token with a contiguous index (the tokens of one
+//! engine event in one hand-off to the transport), then exactly one `done` or one `error`, and
+//! report the outcome to the dispatcher.
 //!
 //! The request ends early when its [`Abort`] fires (cancel message, drain deadline), its
 //! deadline passes, or its stream breaks because the link to the message server was lost (see
@@ -212,6 +213,30 @@ struct Progress {
     last_token: Option<Instant>,
 }
 
+impl Progress {
+    /// Counts `sent` tokens that just went out together, for the request received at
+    /// `received_at`: the first of the stream is its time to first token, each after it
+    /// one gap between tokens (none, between tokens that went out together).
+    fn count(&mut self, ctx: &RequestContext, received_at: Instant, sent: usize) {
+        if sent == 0 {
+            return;
+        }
+        let now = ctx.clock.now();
+        match self.last_token {
+            None => self.first_token_at = Some(now.saturating_duration_since(received_at)),
+            Some(last) => ctx
+                .telemetry
+                .inter_token
+                .observe(now.saturating_duration_since(last)),
+        }
+        for _ in 1..sent {
+            ctx.telemetry.inter_token.observe(Duration::ZERO);
+        }
+        self.last_token = Some(now);
+        self.tokens += sent as u64;
+    }
+}
+
 async fn stream(
     ctx: &RequestContext,
     job: &Job,
@@ -229,34 +254,13 @@ async fn stream(
         match event {
             TokenEvent::Tokens(texts) => {
                 // An empty piece (half of a multi-byte character) is not a token for the client.
-                for text in texts.iter().filter(|t| !t.is_empty()) {
-                    let message = TokenMessage::new(&job.request_id, text, progress.tokens);
-                    if let Err(broken) = responder.token(&message).await {
-                        let timed_out = matches!(
-                            broken.cause,
-                            Failure::Transport(TransportError::TimedOut { .. })
-                        );
-                        if broken.first
-                            && timed_out
-                            && ctx.mutations.has(Mutation::AbandonOnFirstPublishTimeout)
-                        {
-                            return End::Lost(broken.to_string());
-                        }
-                        return End::Interrupted(broken.to_string());
-                    }
-                    let now = ctx.clock.now();
-                    match progress.last_token {
-                        None => {
-                            progress.first_token_at =
-                                Some(now.saturating_duration_since(job.received_at));
-                        }
-                        Some(last) => ctx
-                            .telemetry
-                            .inter_token
-                            .observe(now.saturating_duration_since(last)),
-                    }
-                    progress.last_token = Some(now);
-                    progress.tokens += 1;
+                let texts: Vec<&str> = texts
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|t| !t.is_empty())
+                    .collect();
+                if let Err(end) = publish_tokens(ctx, job, responder, progress, &texts).await {
+                    return end;
                 }
             }
             TokenEvent::Finished(_) => return End::Done,
@@ -267,6 +271,46 @@ async fn stream(
         ErrorCode::EngineCrashed,
         "the engine ended the stream without finishing it".to_owned(),
     )
+}
+
+/// Publishes `texts` as the stream's next tokens, with contiguous indices, and counts them. The
+/// stream's first token goes alone, so that its time is the time to the first token; the
+/// others of one event go in one hand-off.
+async fn publish_tokens(
+    ctx: &RequestContext,
+    job: &Job,
+    responder: &mut Responder,
+    progress: &mut Progress,
+    texts: &[&str],
+) -> Result<(), End> {
+    let alone = usize::from(progress.tokens == 0).min(texts.len());
+    let (first, rest) = texts.split_at(alone);
+    for part in [first, rest] {
+        if part.is_empty() {
+            continue;
+        }
+        let messages: Vec<TokenMessage<'_>> = (progress.tokens..)
+            .zip(part)
+            .map(|(index, text)| TokenMessage::new(&job.request_id, text, index))
+            .collect();
+        let published = responder.tokens(&messages).await;
+        let sent = published.as_ref().map_or_else(|b| b.sent, |()| part.len());
+        progress.count(ctx, job.received_at, sent);
+        if let Err(broken) = published {
+            let timed_out = matches!(
+                broken.cause,
+                Failure::Transport(TransportError::TimedOut { .. })
+            );
+            if broken.first
+                && timed_out
+                && ctx.mutations.has(Mutation::AbandonOnFirstPublishTimeout)
+            {
+                return Err(End::Lost(broken.to_string()));
+            }
+            return Err(End::Interrupted(broken.to_string()));
+        }
+    }
+    Ok(())
 }
 
 async fn finish(
