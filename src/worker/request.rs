@@ -289,9 +289,14 @@ async fn publish_tokens(
         if part.is_empty() {
             continue;
         }
-        let messages: Vec<TokenMessage<'_>> = (progress.tokens..)
+        let from = progress.tokens;
+        let one_index = ctx.mutations.has(Mutation::OneIndexPerEvent);
+        let messages: Vec<TokenMessage<'_>> = (from..)
             .zip(part)
-            .map(|(index, text)| TokenMessage::new(&job.request_id, text, index))
+            .map(|(index, text)| {
+                let index = if one_index { from } else { index };
+                TokenMessage::new(&job.request_id, text, index)
+            })
             .collect();
         let published = responder.tokens(&messages).await;
         let sent = published.as_ref().map_or_else(|b| b.sent, |()| part.len());
