@@ -75,6 +75,10 @@ pub const TOKEN_CHANNEL_CAPACITY: usize = 64;
 /// once the consumer has room; past it the engine waits, so memory per stream stays bounded.
 pub const TOKENS_HELD_MAX: usize = 256;
 
+/// Most tokens of one stream the worker hands to the transport in one call: those ready at
+/// once, when its publishing has fallen behind the engine.
+pub const TOKENS_PUBLISHED_TOGETHER_MAX: usize = 512;
+
 /// Messages a subscription buffers before the client drops them as a slow consumer. A burst
 /// of requests must fit (each gets an answer, if only `QUEUE_FULL`); the memory this can take
 /// is bounded by the server's own limit on what it holds for a slow client (64 MiB by default).
@@ -227,6 +231,7 @@ const _: () = assert!(RUNTIME_STREAMS_LIVE_DEFAULT <= INFLIGHT_REQUESTS_MAX);
 const _: () = assert!(TAGS_MAX * TAG_BYTES_MAX <= REQUEST_FRAMING_BYTES);
 const _: () = assert!(0 < TOKEN_CHANNEL_CAPACITY && 0 < TOKENS_HELD_MAX);
 const _: () = assert!(TOKENS_HELD_MAX <= MAX_TOKENS_MAX as usize);
+const _: () = assert!(0 < TOKENS_PUBLISHED_TOGETHER_MAX);
 const _: () = assert!(HTTP_ACCEPT_BACKOFF_MIN.as_nanos() <= HTTP_ACCEPT_BACKOFF_MAX.as_nanos());
 const _: () = assert!(LISTENER_CHECK_DELAY_MIN.as_nanos() <= LISTENER_CHECK_DELAY_MAX.as_nanos());
 const _: () =

@@ -25,8 +25,8 @@ pub enum Mutation {
     /// The engine's capacity per model is not enforced: a model's requests run up to their
     /// tier's and the worker's limits, past what the engine runs.
     IgnoreEngineCapacity,
-    /// The tokens of one engine event all carry the index of the event's first token.
-    OneIndexPerEvent,
+    /// The tokens handed to the transport together all carry the index of the first of them.
+    OneIndexPerBatch,
 }
 
 impl Mutation {
@@ -40,7 +40,7 @@ impl Mutation {
         Mutation::IgnoreQueueBound,
         Mutation::AbandonOnFirstPublishTimeout,
         Mutation::IgnoreEngineCapacity,
-        Mutation::OneIndexPerEvent,
+        Mutation::OneIndexPerBatch,
     ];
 
     fn bit(self) -> u32 {

@@ -1,7 +1,7 @@
 //! One accepted request, from the start of its work to its single terminal message: load the
-//! model if needed, generate, publish each token with a contiguous index (the tokens of one
-//! engine event in one hand-off to the transport), then exactly one `done` or one `error`, and
-//! report the outcome to the dispatcher.
+//! model if needed, generate, publish each token with a contiguous index (the tokens ready
+//! together, in one event or several, in one hand-off to the transport), then exactly one
+//! `done` or one `error`, and report the outcome to the dispatcher.
 //!
 //! The request ends early when its [`Abort`] fires (cancel message, drain deadline), its
 //! deadline passes, or its stream breaks because the link to the message server was lost (see
@@ -27,6 +27,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::responder::{Failure, Responder, Sent, Window};
 use crate::clock::{Clock, millis};
 use crate::engine::{Engine, EngineError, GenerateRequest, LoadedModel, TokenEvent};
+use crate::limits::TOKENS_PUBLISHED_TOGETHER_MAX;
 use crate::metrics::telemetry::Telemetry;
 use crate::metrics::{Outcome, RequestRecord};
 use crate::mutation::{Mutation, Mutations};
@@ -250,9 +251,29 @@ async fn stream(
         Ok(stream) => stream,
         Err(err) => return End::Failed(err.code(), err.to_string()),
     };
-    while let Some(event) = tokens.recv().await {
+    // An event taken from the stream while gathering tokens, not yet handled.
+    let mut next: Option<TokenEvent> = None;
+    loop {
+        let event = match next.take() {
+            Some(event) => event,
+            None => match tokens.recv().await {
+                Some(event) => event,
+                None => break,
+            },
+        };
         match event {
-            TokenEvent::Tokens(texts) => {
+            TokenEvent::Tokens(mut texts) => {
+                // What else is ready goes out with these, in one hand-off.
+                while texts.len() < TOKENS_PUBLISHED_TOGETHER_MAX {
+                    match tokens.try_recv() {
+                        Ok(TokenEvent::Tokens(more)) => texts.extend(more),
+                        Ok(end) => {
+                            next = Some(end);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
                 // An empty piece (half of a multi-byte character) is not a token for the client.
                 let texts: Vec<&str> = texts
                     .iter()
@@ -275,7 +296,7 @@ async fn stream(
 
 /// Publishes `texts` as the stream's next tokens, with contiguous indices, and counts them. The
 /// stream's first token goes alone, so that its time is the time to the first token; the
-/// others of one event go in one hand-off.
+/// others go in one hand-off.
 async fn publish_tokens(
     ctx: &RequestContext,
     job: &Job,
@@ -290,7 +311,7 @@ async fn publish_tokens(
             continue;
         }
         let from = progress.tokens;
-        let one_index = ctx.mutations.has(Mutation::OneIndexPerEvent);
+        let one_index = ctx.mutations.has(Mutation::OneIndexPerBatch);
         let messages: Vec<TokenMessage<'_>> = (from..)
             .zip(part)
             .map(|(index, text)| {
