@@ -88,8 +88,11 @@ impl TokenSender {
     pub async fn send_all(&self, tokens: Vec<String>) -> Result<(), StreamClosed> {
         let mut tokens = Some(tokens);
         loop {
-            // Registered before the check, so that a take between the check and the wait
-            // still wakes this sender.
+            if self.hand_over(&mut tokens)? {
+                return Ok(());
+            }
+            // At the bound: registered, then checked again, so that a take between the check
+            // and the wait still wakes this sender.
             let room = self.shared.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
