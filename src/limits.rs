@@ -67,9 +67,17 @@ pub const TAGS_MAX: usize = 32;
 /// Longest tag, in bytes.
 pub const TAG_BYTES_MAX: usize = 64;
 
-/// Capacity of the channel that carries one generation's tokens from the engine to the
-/// publisher; a full channel makes the engine wait, so memory per stream stays bounded.
+/// Capacity, in events, of the channel that carries one generation's tokens from the engine to
+/// the publisher; once it is full the engine holds tokens back ([`TOKENS_HELD_MAX`]).
 pub const TOKEN_CHANNEL_CAPACITY: usize = 64;
+
+/// Tokens an engine holds back for one generation whose channel is full, to hand over together
+/// once the consumer has room; past it the engine waits, so memory per stream stays bounded.
+pub const TOKENS_HELD_MAX: usize = 256;
+
+/// Most tokens of one stream the worker hands to the transport in one call: those ready at
+/// once, when its publishing has fallen behind the engine.
+pub const TOKENS_PUBLISHED_TOGETHER_MAX: usize = 512;
 
 /// Messages a subscription buffers before the client drops them as a slow consumer. A burst
 /// of requests must fit (each gets an answer, if only `QUEUE_FULL`); the memory this can take
@@ -221,6 +229,9 @@ const _: () = assert!(INFLIGHT_REQUESTS_MAX <= QUEUE_DEPTH_MAX);
 const _: () = assert!(0 < RUNTIME_STREAMS_LIVE_DEFAULT);
 const _: () = assert!(RUNTIME_STREAMS_LIVE_DEFAULT <= INFLIGHT_REQUESTS_MAX);
 const _: () = assert!(TAGS_MAX * TAG_BYTES_MAX <= REQUEST_FRAMING_BYTES);
+const _: () = assert!(0 < TOKEN_CHANNEL_CAPACITY && 0 < TOKENS_HELD_MAX);
+const _: () = assert!(TOKENS_HELD_MAX <= MAX_TOKENS_MAX as usize);
+const _: () = assert!(0 < TOKENS_PUBLISHED_TOGETHER_MAX);
 const _: () = assert!(HTTP_ACCEPT_BACKOFF_MIN.as_nanos() <= HTTP_ACCEPT_BACKOFF_MAX.as_nanos());
 const _: () = assert!(LISTENER_CHECK_DELAY_MIN.as_nanos() <= LISTENER_CHECK_DELAY_MAX.as_nanos());
 const _: () =

@@ -25,11 +25,13 @@ pub enum Mutation {
     /// The engine's capacity per model is not enforced: a model's requests run up to their
     /// tier's and the worker's limits, past what the engine runs.
     IgnoreEngineCapacity,
+    /// The tokens handed to the transport together all carry the index of the first of them.
+    OneIndexPerBatch,
 }
 
 impl Mutation {
     /// Every planted bug.
-    pub const ALL: [Mutation; 8] = [
+    pub const ALL: [Mutation; 9] = [
         Mutation::SkipReregistration,
         Mutation::DropTerminalOnTimeout,
         Mutation::ForgetLatchedCancel,
@@ -38,6 +40,7 @@ impl Mutation {
         Mutation::IgnoreQueueBound,
         Mutation::AbandonOnFirstPublishTimeout,
         Mutation::IgnoreEngineCapacity,
+        Mutation::OneIndexPerBatch,
     ];
 
     fn bit(self) -> u32 {

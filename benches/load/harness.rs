@@ -217,7 +217,7 @@ pub(crate) async fn engine_tokens(
             let mut n = 0;
             while let Some(event) = rx.recv().await {
                 match event {
-                    TokenEvent::Token(_) => n += 1,
+                    TokenEvent::Tokens(texts) => n += texts.len(),
                     TokenEvent::Finished(_) => return n,
                     TokenEvent::Failed(err) => panic!("{err}"),
                 }
@@ -325,8 +325,10 @@ pub(crate) async fn engine_stream(
     while let Some(event) = rx.recv().await {
         match event {
             // As the worker does, an empty piece (half a character) is not a token.
-            TokenEvent::Token(text) if text.is_empty() => {}
-            TokenEvent::Token(_) => arrivals.push(Instant::now()),
+            TokenEvent::Tokens(texts) => {
+                let now = Instant::now();
+                arrivals.extend(texts.iter().filter(|t| !t.is_empty()).map(|_| now));
+            }
             TokenEvent::Finished(_) => return (arrivals.len(), gaps(&arrivals)),
             TokenEvent::Failed(err) => panic!("{err}"),
         }

@@ -34,7 +34,7 @@ use std::time::Duration;
 use mlx_worker::limits::MAX_TOKENS_MAX;
 use testkit::NatsServer;
 
-use crate::harness::{SIM_MODEL, repo, sim_engine, start_worker, worker_tokens};
+use crate::harness::{SIM_MODEL, raw_tokens, repo, sim_engine, start_worker, worker_tokens};
 use crate::measurement::{
     Report, check_overhead_percentiles, end_to_end, median, memory_per_stream, paced_rows,
     request_overhead, zero_latency_rows,
@@ -78,24 +78,39 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse::<usize>().ok())
     {
+        // `--floor`: the raw floor's rounds too, alternating with the worker's, for the ratio
+        // (left out under a profiler, whose samples should be the worker's).
+        let floor = args.iter().any(|a| a == "--floor");
         let row = rt.block_on(async {
             let worker =
                 start_worker(&url, "bench", 2000, sim_engine(Duration::ZERO), vec![]).await;
             let tokens = (65_536 / streams).clamp(16, MAX_TOKENS_MAX as usize) as u32;
-            let mut times = Vec::new();
+            let n = streams * tokens as usize;
+            let (mut times, mut raw) = (Vec::new(), Vec::new());
             for r in 0..20 {
                 let tag = format!("prof{r}");
                 times.push(worker_tokens(&url, "bench", SIM_MODEL, streams, tokens, &tag).await);
+                if floor {
+                    raw.push(raw_tokens(&url, n).await);
+                }
             }
             worker.stop().await;
-            (streams * tokens as usize, median(times))
+            (n, median(times), (!raw.is_empty()).then(|| median(raw)))
         });
+        let per_token = |d: Duration| d.as_secs_f64() * 1e6 / row.0 as f64;
         eprintln!(
             "{streams} streams: {} tokens in {:?} (median of 20), {:.2} µs/token",
             row.0,
             row.1,
-            row.1.as_secs_f64() * 1e6 / row.0 as f64
+            per_token(row.1)
         );
+        if let Some(raw) = row.2 {
+            eprintln!(
+                "raw floor: {:.2} µs/token (median of 20); worker/raw {:.2}",
+                per_token(raw),
+                row.1.as_secs_f64() / raw.as_secs_f64()
+            );
+        }
         return;
     }
     // A hung bench is a failed bench.

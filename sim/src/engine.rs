@@ -5,6 +5,10 @@
 //! catalog says how many) and refuses a `generate` past that at once, with the error the MLX
 //! engine gives for the runtime's refusal; it counts the refusals and the most it held.
 //!
+//! A model runs its generations each on its own, a token every `token_latency`, or, when the
+//! configuration gives it a [`Batching`], in batches as the MLX runtime's batch generator does
+//! ([`batch`]): one step every `step_latency` yields one token of every running generation.
+//!
 //! Tokens are `tok0`, ` tok1`, … (deterministic, so tests can check order and content); a
 //! generation yields `max_tokens` of them unless a fault intervenes. Its figures of each model
 //! are scripted too: a completed generation counts its prompt's words as prompt tokens. Time is `tokio::time`, so
@@ -18,10 +22,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use mlx_worker::engine::{
     Catalog, Engine, EngineError, EngineHealth, FinishReason, GenerateRequest, LoadedModel,
-    ModelEntry, TokenEvent, TokenStream,
+    ModelEntry, TokenEvent, TokenSender, TokenStream, token_channel,
 };
 use mlx_worker::limits::{RUNTIME_STREAMS_LIVE_DEFAULT, TOKEN_CHANNEL_CAPACITY};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
+
+pub mod batch;
+
+pub use self::batch::Batching;
+use self::batch::{Batch, BatchStream};
 
 /// A fault the engine injects into the next generations.
 #[derive(Clone, Debug, PartialEq)]
@@ -53,8 +62,14 @@ pub struct SimEngineConfig {
     pub load_latency: Duration,
     /// Live generations of a model (from `generate` to its last event) the engine holds at
     /// once; a model not named here holds [`RUNTIME_STREAMS_LIVE_DEFAULT`], as the MLX runtime
-    /// does by default.
+    /// does by default. A batched model's count includes the generations waiting for room in
+    /// its batch.
     pub streams_max: BTreeMap<String, usize>,
+    /// Models run in batches, by id, with their batch's capacity and step time; the others run
+    /// each generation on its own, a token every `token_latency`.
+    pub batches: BTreeMap<String, Batching>,
+    /// Events each generation's token channel holds before the engine holds tokens back.
+    pub token_channel_capacity: usize,
 }
 
 impl SimEngineConfig {
@@ -74,6 +89,8 @@ impl Default for SimEngineConfig {
             token_latency: Duration::ZERO,
             load_latency: Duration::ZERO,
             streams_max: BTreeMap::new(),
+            batches: BTreeMap::new(),
+            token_channel_capacity: TOKEN_CHANNEL_CAPACITY,
         }
     }
 }
@@ -89,10 +106,12 @@ struct State {
     /// The counters of [`Engine::model_figures`], by model.
     completed: BTreeMap<String, mlx_worker::engine::ModelFigures>,
     /// Every live generation's sender, so a crash can end them all.
-    live: Vec<mpsc::Sender<TokenEvent>>,
+    live: Vec<TokenSender>,
     /// Live generations by model, and the most each model had at once.
     live_by_model: BTreeMap<String, usize>,
     live_peak: BTreeMap<String, usize>,
+    /// The batched models' waiting generations and figures.
+    batches: BTreeMap<String, Batch>,
 }
 
 /// A scripted engine.
@@ -147,6 +166,7 @@ impl SimEngine {
                 live: Vec::new(),
                 live_by_model: BTreeMap::new(),
                 live_peak: BTreeMap::new(),
+                batches: BTreeMap::new(),
             })),
             health: Arc::new(watch::Sender::new(EngineHealth::Up { loaded: Vec::new() })),
         }
@@ -171,6 +191,23 @@ impl SimEngine {
     /// The most generations of `model_id` that were live at once so far.
     pub fn live_peak(&self, model_id: &str) -> usize {
         self.lock().live_peak.get(model_id).copied().unwrap_or(0)
+    }
+
+    /// The most generations of the batched model `model_id` that one step ran so far.
+    pub fn batch_peak(&self, model_id: &str) -> usize {
+        self.lock()
+            .batches
+            .get(model_id)
+            .map_or(0, |b| b.running_peak)
+    }
+
+    /// The most generations of the batched model `model_id` that waited at once for room in
+    /// its batch so far.
+    pub fn queued_peak(&self, model_id: &str) -> usize {
+        self.lock()
+            .batches
+            .get(model_id)
+            .map_or(0, |b| b.queued_peak)
     }
 
     /// Takes a place for a generation of `model_id`, or refuses as the MLX runtime does when
@@ -235,7 +272,7 @@ impl SimEngine {
         };
         self.health.send_replace(EngineHealth::Restarting);
         for tx in live {
-            let _ = tx.try_send(TokenEvent::Failed(EngineError::Crashed {
+            tx.end(TokenEvent::Failed(EngineError::Crashed {
                 reason: "simulated crash".to_owned(),
             }));
         }
@@ -314,14 +351,24 @@ impl Engine for SimEngine {
                 reason: format!("model not loaded: {}", request.model_id),
             });
         }
+        let batching = self.config.batches.get(&request.model_id).cloned();
+        if batching.is_some() {
+            // Generations abandoned while they waited give their places back first.
+            batch::purge(self, &request.model_id);
+        }
         let place = self.admit_stream(&request.model_id)?;
         let fault = self.take_fault(|f| *f != Fault::LoadFails);
-        let (tx, rx) = mpsc::channel(TOKEN_CHANNEL_CAPACITY);
+        let (tx, rx) = token_channel(self.config.token_channel_capacity);
         {
             let mut s = self.lock();
             s.generations += 1;
             s.live.retain(|t| !t.is_closed());
             s.live.push(tx.clone());
+        }
+        if let Some(batching) = batching {
+            let stream = BatchStream::new(tx, request.max_tokens, fault, place);
+            batch::enqueue(self, &request.model_id, batching, stream);
+            return Ok(rx);
         }
         let engine = self.clone();
         let latency = self.config.token_latency;
@@ -331,11 +378,9 @@ impl Engine for SimEngine {
             for i in 0..request.max_tokens {
                 match &fault {
                     Some(Fault::FailAfter(n)) if *n == i => {
-                        let _ = tx
-                            .send(TokenEvent::Failed(EngineError::Generation {
-                                reason: "simulated failure".to_owned(),
-                            }))
-                            .await;
+                        tx.end(TokenEvent::Failed(EngineError::Generation {
+                            reason: "simulated failure".to_owned(),
+                        }));
                         return;
                     }
                     Some(Fault::CrashAfter { tokens, restart }) if *tokens == i => {
@@ -352,12 +397,7 @@ impl Engine for SimEngine {
                 if !latency.is_zero() {
                     tokio::time::sleep(latency).await;
                 }
-                let text = if i == 0 {
-                    "tok0".to_owned()
-                } else {
-                    format!(" tok{i}")
-                };
-                if tx.send(TokenEvent::Token(text)).await.is_err() {
+                if tx.send(token_text(i)).await.is_err() {
                     engine.lock().cancelled += 1;
                     return;
                 }
@@ -366,7 +406,7 @@ impl Engine for SimEngine {
                     engine.count_completed(&request);
                 }
             }
-            let _ = tx.send(TokenEvent::Finished(FinishReason::Length)).await;
+            tx.end(TokenEvent::Finished(FinishReason::Length));
         });
         Ok(rx)
     }
@@ -391,6 +431,15 @@ impl Engine for SimEngine {
     }
 }
 
+/// The text of a generation's token `i`: `tok0`, ` tok1`, …
+fn token_text(i: u32) -> String {
+    if i == 0 {
+        "tok0".to_owned()
+    } else {
+        format!(" tok{i}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -409,7 +458,7 @@ mod tests {
     async fn read_to_end(mut rx: TokenStream) -> TokenEvent {
         loop {
             match rx.recv().await {
-                Some(TokenEvent::Token(_)) => {}
+                Some(TokenEvent::Tokens(_)) => {}
                 Some(end) => return end,
                 None => panic!("the stream closed without an end event"),
             }
@@ -487,5 +536,116 @@ mod tests {
         assert_eq!(engine.stats().refused, 1);
         assert_eq!(engine.live_peak("a"), 2);
         assert_eq!(engine.live_peak("b"), 1);
+    }
+
+    /// An engine whose model `b` runs in batches of `capacity`, a step every 10 ms, and holds
+    /// `streams_max` live generations.
+    fn batched(capacity: usize, streams_max: usize) -> SimEngine {
+        SimEngine::new(SimEngineConfig {
+            models: BTreeMap::from([("b".to_owned(), 1_000_000)]),
+            streams_max: BTreeMap::from([("b".to_owned(), streams_max)]),
+            batches: BTreeMap::from([(
+                "b".to_owned(),
+                Batching {
+                    capacity,
+                    step_latency: Duration::from_millis(10),
+                },
+            )]),
+            ..SimEngineConfig::default()
+        })
+    }
+
+    /// When each token of `rx` arrived after `start`, and its texts, up to its end.
+    async fn arrivals(mut rx: TokenStream, start: tokio::time::Instant) -> Vec<(Duration, String)> {
+        let mut seen = Vec::new();
+        loop {
+            match rx.recv().await {
+                Some(TokenEvent::Tokens(texts)) => {
+                    seen.extend(texts.into_iter().map(|t| (start.elapsed(), t)));
+                }
+                Some(TokenEvent::Finished(FinishReason::Length)) => return seen,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_steps_every_running_generation_together_and_the_rest_wait_in_order() {
+        let engine = batched(2, 8);
+        engine.load("b").await.unwrap();
+        #[allow(clippy::disallowed_methods)] // Paused virtual time, the engine's own clock.
+        let start = tokio::time::Instant::now();
+        let mut streams = Vec::new();
+        for id in ["b1", "b2", "b3"] {
+            streams.push(engine.generate(request(id, "b")).await.unwrap());
+        }
+        let seen =
+            futures::future::join_all(streams.into_iter().map(|rx| arrivals(rx, start))).await;
+        let ms = Duration::from_millis;
+        let texts = || ["tok0", " tok1", " tok2"].map(str::to_owned);
+        let at = |times: [u64; 3]| -> Vec<(Duration, String)> {
+            times.into_iter().map(ms).zip(texts()).collect()
+        };
+        // One token of each running generation per step; the third takes the first place free.
+        assert_eq!(seen[0], at([10, 20, 30]));
+        assert_eq!(seen[1], at([10, 20, 30]));
+        assert_eq!(seen[2], at([40, 50, 60]));
+        assert_eq!(engine.batch_peak("b"), 2);
+        assert_eq!(engine.queued_peak("b"), 1);
+        assert_eq!(engine.stats().refused, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_generations_count_as_live_until_their_consumer_drops_them() {
+        let engine = batched(1, 2);
+        engine.load("b").await.unwrap();
+        let running = engine.generate(request("b1", "b")).await.unwrap();
+        let waiting = engine.generate(request("b2", "b")).await.unwrap();
+        let refused = engine.generate(request("b3", "b")).await.unwrap_err();
+        assert_eq!(
+            refused,
+            EngineError::Generation {
+                reason: "2 streams are live, limit 2 (code -32099)".to_owned()
+            }
+        );
+        drop(waiting);
+        let next = engine.generate(request("b4", "b")).await.unwrap();
+        #[allow(clippy::disallowed_methods)] // Paused virtual time, the engine's own clock.
+        let start = tokio::time::Instant::now();
+        assert_eq!(arrivals(running, start).await.len(), 3);
+        assert_eq!(arrivals(next, start).await.len(), 3);
+        assert_eq!(engine.stats().refused, 1);
+        assert_eq!(engine.stats().cancelled, 1);
+        assert_eq!(engine.live_peak("b"), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn faults_apply_to_batched_generations_at_their_token() {
+        let engine = batched(4, 8);
+        engine.load("b").await.unwrap();
+        engine.inject(Fault::FailAfter(1));
+        let failing = engine.generate(request("b1", "b")).await.unwrap();
+        let beside = engine.generate(request("b2", "b")).await.unwrap();
+        assert_eq!(
+            read_to_end(failing).await,
+            TokenEvent::Failed(EngineError::Generation {
+                reason: "simulated failure".to_owned()
+            })
+        );
+        assert_eq!(
+            read_to_end(beside).await,
+            TokenEvent::Finished(FinishReason::Length)
+        );
+        engine.inject(Fault::CrashAfter {
+            tokens: 1,
+            restart: Duration::from_millis(50),
+        });
+        let crashing = engine.generate(request("b3", "b")).await.unwrap();
+        let other = engine.generate(request("b4", "b")).await.unwrap();
+        let crashed = TokenEvent::Failed(EngineError::Crashed {
+            reason: "simulated crash".to_owned(),
+        });
+        assert_eq!(read_to_end(crashing).await, crashed);
+        assert_eq!(read_to_end(other).await, crashed);
     }
 }

@@ -22,7 +22,7 @@ pub mod world;
 
 pub use broker::{Broker, BrokerConfig};
 pub use clock::{SimClock, Skew};
-pub use engine::{Fault, SimEngine, SimEngineConfig, SimEngineStats};
+pub use engine::{Batching, Fault, SimEngine, SimEngineConfig, SimEngineStats};
 pub use invariants::{Limits, Violation};
 pub use probe::SimProbe;
 pub use trace::{Event, EventKind, FaultKind, Trace};

@@ -1,8 +1,9 @@
 //! The inference engine, behind the [`Engine`] seam: which models it can serve, loading them,
 //! and generating tokens.
 //!
-//! A generation's tokens arrive on a bounded channel ([`TokenStream`]); a full channel makes the
-//! engine wait, and dropping the receiver cancels the generation. The production engine is the
+//! A generation's tokens arrive on a bounded channel ([`stream`]: the engine's [`TokenSender`],
+//! the worker's [`TokenStream`]); a consumer that falls behind gets several tokens per event,
+//! past a bound the engine waits, and dropping the receiver cancels the generation. The production engine is the
 //! MLX runtime, a supervised Python child spoken to over JSON-RPC ([`mlx`], [`rpc`]), serving
 //! the models a scan of the model directory finds ([`catalog`]); the `sim` crate has a scripted
 //! one. This module owns the shapes, not the worker's use of them.
@@ -12,13 +13,16 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use crate::protocol::ErrorCode;
 
 pub mod catalog;
 pub mod mlx;
 pub mod rpc;
+pub mod stream;
+
+pub use stream::{StreamClosed, TokenSender, TokenStream, token_channel};
 
 /// One model the engine can serve.
 #[derive(Clone, Debug, PartialEq)]
@@ -79,16 +83,15 @@ pub enum FinishReason {
 /// One event of a generation, in order: tokens, then exactly one `Finished` or `Failed`.
 #[derive(Clone, Debug, PartialEq)]
 pub enum TokenEvent {
-    /// A token's text (possibly empty, when a multi-byte character is split across tokens).
-    Token(String),
+    /// The next tokens' texts, in order; never empty. One token each while the consumer keeps
+    /// up, several once it has fallen behind ([`stream`]). A text may be empty, when a
+    /// multi-byte character is split across tokens.
+    Tokens(Vec<String>),
     /// The end.
     Finished(FinishReason),
     /// The generation failed.
     Failed(EngineError),
 }
-
-/// The receiving end of a generation. Dropping it cancels the generation.
-pub type TokenStream = mpsc::Receiver<TokenEvent>;
 
 /// How the engine is doing.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,10 +1,10 @@
 //! The message bus, behind the [`Transport`] seam: core publish/subscribe with subjects, as
 //! NATS provides it.
 //!
-//! The worker needs five things of a bus: publish, publish only if somebody listens (the
-//! existing controller subscribes to a response subject *after* sending the request, so the
-//! first message of a stream must wait for it), subscribe (optionally in a queue group), flush,
-//! and news of the connection. [`nats::NatsTransport`] is the production implementation; the
+//! The worker needs five things of a bus: publish (one message, or several in one call),
+//! publish only if somebody listens (the existing controller subscribes to a response subject
+//! *after* sending the request, so the first message of a stream must wait for it), subscribe
+//! (optionally in a queue group), flush, and news of the connection. [`nats::NatsTransport`] is the production implementation; the
 //! `sim` crate has a simulated broker. Payload bytes are opaque here: encoding is `protocol`'s.
 
 pub mod embedded;
@@ -108,12 +108,35 @@ pub enum TransportError {
     Closed,
 }
 
+/// Why [`Transport::publish_all`] stopped: the error, and how many of the messages had been
+/// handed to the connection before it.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{error} ({sent} messages sent before it)")]
+pub struct PartialPublish {
+    /// Messages handed over before the error, from the first on.
+    pub sent: usize,
+    /// What stopped the rest.
+    pub error: TransportError,
+}
+
 /// A message bus with subjects.
 #[async_trait]
 pub trait Transport: Send + Sync + 'static {
     /// Publishes `payload` on `subject`. Returns once the message is handed to the connection
     /// (not once the server has it); order per transport is preserved.
     async fn publish(&self, subject: String, payload: Bytes) -> Result<(), TransportError>;
+
+    /// Publishes each of `payloads` on `subject`, in order, as [`Transport::publish`] would one
+    /// by one, in one call: a transport that can hands them over together. Stops at the first
+    /// error; the messages before it were handed over.
+    async fn publish_all(&self, subject: &str, payloads: Vec<Bytes>) -> Result<(), PartialPublish> {
+        for (sent, payload) in payloads.into_iter().enumerate() {
+            self.publish(subject.to_owned(), payload)
+                .await
+                .map_err(|error| PartialPublish { sent, error })?;
+        }
+        Ok(())
+    }
 
     /// Publishes `payload` on `subject` only if at least one subscriber listens there.
     /// Returns `Ok(true)` when the message was delivered, `Ok(false)` when nobody listened and

@@ -31,7 +31,9 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use super::{ConnectionState, InboundMessage, Subscription, Transport, TransportError};
+use super::{
+    ConnectionState, InboundMessage, PartialPublish, Subscription, Transport, TransportError,
+};
 use crate::backoff::Backoff;
 use crate::config::{NatsAuth, NatsConfig};
 use crate::limits::{
@@ -464,6 +466,20 @@ impl Transport for NatsTransport {
             .publish(subject, payload)
             .await
             .map_err(publish_error)
+    }
+
+    async fn publish_all(&self, subject: &str, payloads: Vec<Bytes>) -> Result<(), PartialPublish> {
+        // One subject for all of them: each message shares its bytes.
+        let subject = async_nats::Subject::from(subject);
+        for (sent, payload) in payloads.into_iter().enumerate() {
+            let partial = |error| PartialPublish { sent, error };
+            self.check_size(payload.len()).map_err(partial)?;
+            self.client
+                .publish(subject.clone(), payload)
+                .await
+                .map_err(|e| partial(publish_error(e)))?;
+        }
+        Ok(())
     }
 
     async fn publish_if_listened(

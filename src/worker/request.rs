@@ -1,5 +1,6 @@
 //! One accepted request, from the start of its work to its single terminal message: load the
-//! model if needed, generate, publish each token with a contiguous index, then exactly one
+//! model if needed, generate, publish each token with a contiguous index (the tokens ready
+//! together, in one event or several, in one hand-off to the transport), then exactly one
 //! `done` or one `error`, and report the outcome to the dispatcher.
 //!
 //! The request ends early when its [`Abort`] fires (cancel message, drain deadline), its
@@ -26,6 +27,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::responder::{Failure, Responder, Sent, Window};
 use crate::clock::{Clock, millis};
 use crate::engine::{Engine, EngineError, GenerateRequest, LoadedModel, TokenEvent};
+use crate::limits::TOKENS_PUBLISHED_TOGETHER_MAX;
 use crate::metrics::telemetry::Telemetry;
 use crate::metrics::{Outcome, RequestRecord};
 use crate::mutation::{Mutation, Mutations};
@@ -212,6 +214,30 @@ struct Progress {
     last_token: Option<Instant>,
 }
 
+impl Progress {
+    /// Counts `sent` tokens that just went out together, for the request received at
+    /// `received_at`: the first of the stream is its time to first token, each after it
+    /// one gap between tokens (none, between tokens that went out together).
+    fn count(&mut self, ctx: &RequestContext, received_at: Instant, sent: usize) {
+        if sent == 0 {
+            return;
+        }
+        let now = ctx.clock.now();
+        match self.last_token {
+            None => self.first_token_at = Some(now.saturating_duration_since(received_at)),
+            Some(last) => ctx
+                .telemetry
+                .inter_token
+                .observe(now.saturating_duration_since(last)),
+        }
+        for _ in 1..sent {
+            ctx.telemetry.inter_token.observe(Duration::ZERO);
+        }
+        self.last_token = Some(now);
+        self.tokens += sent as u64;
+    }
+}
+
 async fn stream(
     ctx: &RequestContext,
     job: &Job,
@@ -225,38 +251,38 @@ async fn stream(
         Ok(stream) => stream,
         Err(err) => return End::Failed(err.code(), err.to_string()),
     };
-    while let Some(event) = tokens.recv().await {
+    // An event taken from the stream while gathering tokens, not yet handled.
+    let mut next: Option<TokenEvent> = None;
+    loop {
+        let event = match next.take() {
+            Some(event) => event,
+            None => match tokens.recv().await {
+                Some(event) => event,
+                None => break,
+            },
+        };
         match event {
-            // An empty piece (half of a multi-byte character) is not a token for the client.
-            TokenEvent::Token(text) if text.is_empty() => {}
-            TokenEvent::Token(text) => {
-                let message = TokenMessage::new(&job.request_id, &text, progress.tokens);
-                if let Err(broken) = responder.token(&message).await {
-                    let timed_out = matches!(
-                        broken.cause,
-                        Failure::Transport(TransportError::TimedOut { .. })
-                    );
-                    if broken.first
-                        && timed_out
-                        && ctx.mutations.has(Mutation::AbandonOnFirstPublishTimeout)
-                    {
-                        return End::Lost(broken.to_string());
+            TokenEvent::Tokens(mut texts) => {
+                // What else is ready goes out with these, in one hand-off.
+                while texts.len() < TOKENS_PUBLISHED_TOGETHER_MAX {
+                    match tokens.try_recv() {
+                        Ok(TokenEvent::Tokens(more)) => texts.extend(more),
+                        Ok(end) => {
+                            next = Some(end);
+                            break;
+                        }
+                        Err(_) => break,
                     }
-                    return End::Interrupted(broken.to_string());
                 }
-                let now = ctx.clock.now();
-                match progress.last_token {
-                    None => {
-                        progress.first_token_at =
-                            Some(now.saturating_duration_since(job.received_at));
-                    }
-                    Some(last) => ctx
-                        .telemetry
-                        .inter_token
-                        .observe(now.saturating_duration_since(last)),
+                // An empty piece (half of a multi-byte character) is not a token for the client.
+                let texts: Vec<&str> = texts
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|t| !t.is_empty())
+                    .collect();
+                if let Err(end) = publish_tokens(ctx, job, responder, progress, &texts).await {
+                    return end;
                 }
-                progress.last_token = Some(now);
-                progress.tokens += 1;
             }
             TokenEvent::Finished(_) => return End::Done,
             TokenEvent::Failed(err) => return End::Failed(err.code(), err.to_string()),
@@ -266,6 +292,51 @@ async fn stream(
         ErrorCode::EngineCrashed,
         "the engine ended the stream without finishing it".to_owned(),
     )
+}
+
+/// Publishes `texts` as the stream's next tokens, with contiguous indices, and counts them. The
+/// stream's first token goes alone, so that its time is the time to the first token; the
+/// others go in one hand-off.
+async fn publish_tokens(
+    ctx: &RequestContext,
+    job: &Job,
+    responder: &mut Responder,
+    progress: &mut Progress,
+    texts: &[&str],
+) -> Result<(), End> {
+    let alone = usize::from(progress.tokens == 0).min(texts.len());
+    let (first, rest) = texts.split_at(alone);
+    for part in [first, rest] {
+        if part.is_empty() {
+            continue;
+        }
+        let from = progress.tokens;
+        let one_index = ctx.mutations.has(Mutation::OneIndexPerBatch);
+        let messages: Vec<TokenMessage<'_>> = (from..)
+            .zip(part)
+            .map(|(index, text)| {
+                let index = if one_index { from } else { index };
+                TokenMessage::new(&job.request_id, text, index)
+            })
+            .collect();
+        let published = responder.tokens(&messages).await;
+        let sent = published.as_ref().map_or_else(|b| b.sent, |()| part.len());
+        progress.count(ctx, job.received_at, sent);
+        if let Err(broken) = published {
+            let timed_out = matches!(
+                broken.cause,
+                Failure::Transport(TransportError::TimedOut { .. })
+            );
+            if broken.first
+                && timed_out
+                && ctx.mutations.has(Mutation::AbandonOnFirstPublishTimeout)
+            {
+                return Err(End::Lost(broken.to_string()));
+            }
+            return Err(End::Interrupted(broken.to_string()));
+        }
+    }
+    Ok(())
 }
 
 async fn finish(

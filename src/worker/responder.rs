@@ -18,7 +18,9 @@
 //!   follows, and it ends with `STREAM_INTERRUPTED` once the link is back. Messages due while
 //!   the link is down wait for it, until the request's deadline, instead of piling up in the
 //!   client library (async-nats queues them without an error until its command channel is
-//!   full, then blocks; a flush waits for the link).
+//!   full, then blocks; a flush waits for the link). Tokens that come together are handed to
+//!   the connection in one call, the link checked before it: a loss during the call breaks the
+//!   stream at the next one, and its end is the same `STREAM_INTERRUPTED`.
 //! - **An unconfirmed end.** The terminal goes through the listener check too: the check's
 //!   answer comes only after the server has handled everything the connection sent before it,
 //!   so a check that succeeds confirms the whole stream, even over a link that died silently.
@@ -102,6 +104,8 @@ pub(crate) struct Broken {
     pub(crate) first: bool,
     /// What stopped it.
     pub(crate) cause: Failure,
+    /// Tokens of the same call that went out before it.
+    pub(crate) sent: usize,
 }
 
 /// Which form of a terminal went out.
@@ -161,36 +165,53 @@ impl Responder {
         }
     }
 
-    /// Publishes the next token; the first waits for the delay, the link and a listener (see
-    /// the module). An error means the stream cannot continue: only its terminal may follow.
-    pub(crate) async fn token(&mut self, message: &TokenMessage<'_>) -> Result<(), Broken> {
-        let first = self.state == State::Fresh;
-        let broken = |cause: Failure| Broken { first, cause };
-        let payload = encode(message).map_err(broken)?;
-        match self.state {
-            State::Fresh => match self.deliver(&payload).await {
-                Ok(link) => {
-                    self.state = State::Open { link };
-                    Ok(())
-                }
+    /// Publishes the next tokens, in order: the stream's first message alone, once the delay,
+    /// the link and a listener allow (see the module), and the others in one hand-off to the
+    /// transport while the link is the stream's. An error means the stream cannot continue:
+    /// only its terminal may follow; [`Broken::sent`] says how many of `messages` went out
+    /// before it.
+    pub(crate) async fn tokens(&mut self, messages: &[TokenMessage<'_>]) -> Result<(), Broken> {
+        let fresh = self.state == State::Fresh;
+        let broken = |cause: Failure, sent: usize| Broken {
+            first: fresh && sent == 0,
+            cause,
+            sent,
+        };
+        let mut payloads = messages
+            .iter()
+            .map(encode)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|cause| broken(cause, 0))?;
+        let mut sent = 0;
+        if fresh && !payloads.is_empty() {
+            let first = payloads.remove(0);
+            match self.deliver(&first).await {
+                Ok(link) => self.state = State::Open { link },
                 Err(cause) => {
                     self.state = State::Broken;
-                    Err(broken(cause))
+                    return Err(broken(cause, 0));
                 }
-            },
-            State::Open { link } if self.link_is(link) => {
-                let sent = self.transport.publish(self.subject.clone(), payload).await;
-                sent.map_err(|e| {
-                    self.state = State::Broken;
-                    broken(Failure::Transport(e))
-                })
             }
+            sent = 1;
+        }
+        if payloads.is_empty() {
+            return Ok(());
+        }
+        match self.state {
+            State::Open { link } if self.link_is(link) => self
+                .transport
+                .publish_all(&self.subject, payloads)
+                .await
+                .map_err(|partial| {
+                    self.state = State::Broken;
+                    broken(Failure::Transport(partial.error), sent + partial.sent)
+                }),
             State::Open { .. } => {
                 self.saw_loss = true;
                 self.state = State::Broken;
-                Err(broken(Failure::LinkLost))
+                Err(broken(Failure::LinkLost, sent))
             }
-            State::Broken | State::Ended => Err(broken(Failure::LinkLost)),
+            State::Fresh | State::Broken | State::Ended => Err(broken(Failure::LinkLost, sent)),
         }
     }
 

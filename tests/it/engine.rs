@@ -48,7 +48,7 @@ async fn drain(mut rx: mlx_worker::engine::TokenStream) -> (Vec<String>, TokenEv
     within("the generation's end", async {
         while let Some(event) = rx.recv().await {
             match event {
-                TokenEvent::Token(t) => tokens.push(t),
+                TokenEvent::Tokens(t) => tokens.extend(t),
                 end => return (tokens, end),
             }
         }
@@ -92,7 +92,7 @@ async fn the_real_runtime_loads_streams_the_model_text_and_unloads() {
     );
 
     let (tokens, end) = drain(engine.generate(generate("g-1", 12)).await.unwrap()).await;
-    assert_eq!(tokens.len(), 12, "one event per generated token");
+    assert_eq!(tokens.len(), 12, "one text per generated token");
     assert_eq!(end, TokenEvent::Finished(FinishReason::Length));
     assert_eq!(tokens.concat(), reference_text("Hello world", 12));
 
@@ -123,7 +123,7 @@ async fn a_dropped_generation_is_cancelled_in_the_runtime() {
     for _ in 0..3 {
         assert!(matches!(
             within("a token", rx.recv()).await,
-            Some(TokenEvent::Token(_))
+            Some(TokenEvent::Tokens(_))
         ));
     }
     drop(rx);

@@ -17,6 +17,7 @@ fn scenarios_for(m: Mutation) -> &'static [&'static str] {
         Mutation::IgnoreQueueBound => &["flood_past_queue_bound"],
         Mutation::AbandonOnFirstPublishTimeout => &["long_broker_outage"],
         Mutation::IgnoreEngineCapacity => &["burst_past_engine_capacity"],
+        Mutation::OneIndexPerBatch => &["batched_engine_narrower_than_the_worker"],
     }
 }
 

@@ -2,7 +2,9 @@
 
 use mlx_worker_sim::invariants::check_flood;
 use mlx_worker_sim::world::{Command, MODEL, request};
-use mlx_worker_sim::{EventKind, Fault, FaultKind, SimEngineConfig, Skew, Violation, World};
+use mlx_worker_sim::{
+    Batching, EventKind, Fault, FaultKind, SimEngineConfig, Skew, Violation, World,
+};
 
 use crate::harness::{Scenario, check_clean, expect, ms, terminal, tokens};
 
@@ -434,6 +436,87 @@ fn burst_past_engine_capacity_script(w: &mut World) -> Run {
     Ok(out)
 }
 
+/// A model the engine runs in batches of [`BATCH_CAPACITY`].
+const BATCHED: &str = "sim/batched";
+/// Generations of [`BATCHED`] one step runs; the worker may hand the engine more (it runs
+/// eight at once), which wait inside the engine.
+const BATCH_CAPACITY: usize = 3;
+
+/// The world's engine, also serving [`BATCHED`] in batches, a step every 10 ms, with token
+/// channels of two events, so that a stream whose consumer waits gets its tokens together.
+fn batched_engine(engine: &mut SimEngineConfig) {
+    engine.models.insert(BATCHED.to_owned(), 1_000_000);
+    engine.batches.insert(
+        BATCHED.to_owned(),
+        Batching {
+            capacity: BATCH_CAPACITY,
+            step_latency: ms(10),
+        },
+    );
+    engine.token_channel_capacity = 2;
+}
+
+/// Eight requests at once for a batched model that runs three per step, on a worker that runs
+/// eight: five wait inside the engine in arrival order; the controller subscribes 200 ms late,
+/// so the first streams' first tokens wait for their listener while the batch steps on and
+/// their next tokens reach the worker together. One waiting request is cancelled, and one
+/// more, sent once the worker is full, fails mid-stream: every request ends with its one
+/// terminal, the others `done` with all their tokens, the batch runs three at once and
+/// the engine refuses nothing (`engine-capacity`).
+fn batched_engine_narrower_than_the_worker_script(w: &mut World) -> Run {
+    ready(w)?;
+    let ids: Vec<String> = (0..8).map(|i| format!("q{i}")).collect();
+    w.fault(FaultKind::LateSubscriber);
+    for id in &ids {
+        let mut body = request(id, 12);
+        body["modelId"] = serde_json::json!(BATCHED);
+        w.send_json(&body);
+    }
+    w.run_for(ms(200))?;
+    for id in ids.iter().map(String::as_str).chain(["qf"]) {
+        w.subscribe_response(id);
+    }
+    w.send_cancel("q7");
+    w.engine_fault(Fault::FailAfter(3));
+    let mut failing = request("qf", 12);
+    failing["modelId"] = serde_json::json!(BATCHED);
+    w.send_json(&failing);
+    w.run_for(ms(2500))?;
+    let mut out: Vec<Violation> = ids[..7]
+        .iter()
+        .filter_map(|id| {
+            expect(
+                terminal(w, id).as_deref() == Some("done") && tokens(w, id) == 12,
+                format!(
+                    "{id} ended {:?} after {} tokens",
+                    terminal(w, id),
+                    tokens(w, id)
+                ),
+            )
+        })
+        .collect();
+    out.extend(expect(
+        terminal(w, "q7").as_deref() == Some("CANCELLED"),
+        format!("q7 ended {:?}", terminal(w, "q7")),
+    ));
+    out.extend(expect(
+        terminal(w, "qf").as_deref() == Some("ENGINE_ERROR") && tokens(w, "qf") == 3,
+        format!(
+            "qf ended {:?} after {} tokens",
+            terminal(w, "qf"),
+            tokens(w, "qf")
+        ),
+    ));
+    let (running, queued) = (w.engine.batch_peak(BATCHED), w.engine.queued_peak(BATCHED));
+    out.extend(expect(
+        running == BATCH_CAPACITY && queued > 0,
+        format!(
+            "the batch ran {running} at once (capacity {BATCH_CAPACITY}), {queued} waited in the engine"
+        ),
+    ));
+    Ok(out)
+}
+
 /// The controller restarts and knows no worker; it drops heartbeats from unknown ids, so only a
 /// `worker.register` makes the worker routable again. A controller that subscribes at any
 /// moment must hear one within a heartbeat interval (plus the network's latency both ways):
@@ -590,6 +673,15 @@ pub(crate) const ALL: &[(Scenario, u64)] = &[
     ),
     (
         Scenario {
+            name: "batched_engine_narrower_than_the_worker",
+            yaml: "  maxConcurrent: 8\n  tierLimits:\n    \"<3B\":\n      maxConcurrent: 8\n      queueDepth: 20\n",
+            engine: Some(batched_engine),
+            run: batched_engine_narrower_than_the_worker_script,
+        },
+        16,
+    ),
+    (
+        Scenario {
             name: "restarted_controller_hears_a_registration_within_an_interval",
             yaml: "",
             engine: None,
@@ -630,5 +722,6 @@ scenario_tests!(
     heartbeats_under_clock_skew,
     slow_consumer,
     burst_past_engine_capacity,
+    batched_engine_narrower_than_the_worker,
     restarted_controller_hears_a_registration_within_an_interval,
 );

@@ -1,6 +1,6 @@
 //! The JSON-RPC multiplexer over one running child's pipes: it numbers the calls and hands each
 //! response to the call waiting for it, routes stream notifications to their generations by
-//! `stream_id` (waiting on a full token channel, which is the back-pressure), fails everything
+//! `stream_id` (waiting on a stream far behind, which is the back-pressure), fails everything
 //! in flight when the child is gone, and sends `cancel` when a generation's consumer goes away.
 //!
 //! It owns the lines on the child's stdin and stdout and the routing tables, not the child:
@@ -24,7 +24,7 @@ use tokio::time::timeout;
 use tracing::{debug, warn};
 
 use crate::engine::rpc::{self, Call, Cancel, Inbound, Line, RpcError, StreamEnd};
-use crate::engine::{EngineError, FinishReason, TokenEvent};
+use crate::engine::{EngineError, FinishReason, TokenEvent, TokenSender};
 
 /// Lines queued for the child's stdin.
 const STDIN_QUEUE: usize = 256;
@@ -72,7 +72,7 @@ pub(super) struct Conn {
     /// Calls waiting for their response, by id.
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<Value, RpcError>>>>,
     /// Live streams, by stream id; the reader sends their events.
-    streams: Mutex<HashMap<String, mpsc::Sender<TokenEvent>>>,
+    streams: Mutex<HashMap<String, TokenSender>>,
     /// The next call id, also the number of the next stream id.
     next_id: AtomicU64,
     /// Whether the runtime has a `cancel` method (ours does; the existing one does not).
@@ -132,7 +132,7 @@ impl Conn {
 
     /// Routes the events of stream `stream_id` to `tx` from now on. Register a stream before
     /// the call that starts it: notifications may follow its answer at once.
-    pub(super) fn open_stream(&self, stream_id: &str, tx: mpsc::Sender<TokenEvent>) {
+    pub(super) fn open_stream(&self, stream_id: &str, tx: TokenSender) {
         lock(&self.streams).insert(stream_id.to_owned(), tx);
     }
 
@@ -146,7 +146,7 @@ impl Conn {
         lock(&self.pending).clear();
         let streams: Vec<_> = lock(&self.streams).drain().collect();
         for (_, tx) in streams {
-            let _ = tx.try_send(TokenEvent::Failed(EngineError::Crashed {
+            tx.end(TokenEvent::Failed(EngineError::Crashed {
                 reason: reason.to_owned(),
             }));
         }
@@ -182,7 +182,7 @@ impl Conn {
 /// Sends `cancel` for a stream whose receiver was dropped before its end.
 pub(super) async fn watch_cancel(
     conn: Arc<Conn>,
-    tx: mpsc::Sender<TokenEvent>,
+    tx: TokenSender,
     stream_id: String,
     limit: Duration,
 ) {
@@ -263,8 +263,8 @@ async fn route(conn: &Conn, inbound: Inbound) {
             let tx = lock(&conn.streams).get(&stream_id).cloned();
             let Some(tx) = tx else { return };
             for token in tokens {
-                // Waiting here is the back-pressure: a full stream slows the reader.
-                if tx.send(TokenEvent::Token(token.text)).await.is_err() {
+                // Waiting here is the back-pressure: a stream far behind slows the reader.
+                if tx.send(token.text).await.is_err() {
                     break;
                 }
             }
@@ -272,7 +272,7 @@ async fn route(conn: &Conn, inbound: Inbound) {
         Inbound::End { stream_id, end } => {
             let tx = lock(&conn.streams).remove(&stream_id);
             let Some(tx) = tx else { return };
-            let _ = tx.send(end_event(end)).await;
+            tx.end(end_event(end));
         }
         Inbound::Stats { .. } | Inbound::Other { .. } => {}
     }

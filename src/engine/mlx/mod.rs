@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +46,7 @@ use self::supervisor::{Runtime, supervise};
 use super::rpc::{self, Generate, GetState, LoadModel, Shutdown, UnloadModel};
 use super::{
     Catalog, Engine, EngineError, EngineHealth, GenerateRequest, LoadedModel, TokenStream, catalog,
+    token_channel,
 };
 use crate::clock::Clock;
 use crate::config::EngineConfig;
@@ -241,7 +242,7 @@ impl Engine for MlxEngine {
 
     async fn generate(&self, request: GenerateRequest) -> Result<TokenStream, EngineError> {
         let conn = self.runtime.conn()?;
-        let (tx, rx) = mpsc::channel(TOKEN_CHANNEL_CAPACITY);
+        let (tx, rx) = token_channel(TOKEN_CHANNEL_CAPACITY);
         let stream_id = conn.new_stream_id();
         // Registered before the call: notifications may follow the answer at once.
         conn.open_stream(&stream_id, tx.clone());

@@ -9,6 +9,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, DuplexStream, Lines};
 
 use super::*;
 use crate::engine::rpc::{GetInfo, GetState, LoadModel, State};
+use crate::engine::token_channel;
 
 const PIPE_BYTES: usize = 64 * 1024;
 const LIMIT: Duration = Duration::from_secs(30);
@@ -126,9 +127,9 @@ async fn a_call_without_an_answer_times_out_and_is_forgotten() {
 async fn chunks_of_both_forms_reach_their_stream_in_order_until_its_end() {
     let (conn, _pipes, mut runtime) = connect();
     let stream_id = conn.new_stream_id();
-    let (tx, mut rx) = mpsc::channel(16);
+    let (tx, mut rx) = token_channel(16);
     conn.open_stream(&stream_id, tx);
-    let (other_tx, mut other_rx) = mpsc::channel(16);
+    let (other_tx, mut other_rx) = token_channel(16);
     conn.open_stream("s-other", other_tx);
     runtime
         .send(notification(
@@ -170,9 +171,9 @@ async fn chunks_of_both_forms_reach_their_stream_in_order_until_its_end() {
     assert_eq!(
         events,
         [
-            TokenEvent::Token("a".into()),
-            TokenEvent::Token("b".into()),
-            TokenEvent::Token("c".into()),
+            TokenEvent::Tokens(vec!["a".into()]),
+            TokenEvent::Tokens(vec!["b".into()]),
+            TokenEvent::Tokens(vec!["c".into()]),
             TokenEvent::Finished(FinishReason::Stop),
         ]
     );
@@ -220,7 +221,7 @@ fn each_stream_end_is_its_last_event() {
 #[tokio::test]
 async fn a_gone_child_fails_calls_and_streams_in_flight() {
     let (conn, _pipes, mut runtime) = connect();
-    let (tx, mut rx) = mpsc::channel(16);
+    let (tx, mut rx) = token_channel(16);
     conn.open_stream("s-1", tx);
     let call = spawn_call(
         &conn,
@@ -249,7 +250,7 @@ async fn a_gone_child_fails_calls_and_streams_in_flight() {
 async fn a_dropped_receiver_is_cancelled_in_a_runtime_that_can_cancel() {
     let (conn, _pipes, mut runtime) = connect();
     conn.set_can_cancel(true);
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, rx) = token_channel(16);
     conn.open_stream("s-1", tx.clone());
     let watcher = tokio::spawn(watch_cancel(conn.clone(), tx, "s-1".into(), LIMIT));
     drop(rx);
@@ -266,7 +267,7 @@ async fn a_dropped_receiver_is_cancelled_in_a_runtime_that_can_cancel() {
 #[tokio::test]
 async fn a_runtime_without_cancel_is_sent_none() {
     let (conn, _pipes, mut runtime) = connect();
-    let (tx, rx) = mpsc::channel(16);
+    let (tx, rx) = token_channel(16);
     conn.open_stream("s-1", tx.clone());
     drop(rx);
     watch_cancel(conn.clone(), tx, "s-1".into(), LIMIT).await;
