@@ -274,7 +274,7 @@ async fn route(conn: &Conn, inbound: Inbound) {
             let Some(tx) = tx else { return };
             let _ = tx.send(end_event(end)).await;
         }
-        Inbound::Stats { .. } | Inbound::Other { .. } => {}
+        Inbound::Step { .. } | Inbound::Stats { .. } | Inbound::Other { .. } => {}
     }
 }
 

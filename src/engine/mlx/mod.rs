@@ -202,8 +202,10 @@ impl Engine for MlxEngine {
         let conn = self.runtime.conn()?;
         let local_path = path.display().to_string();
         let params = LoadModel {
+            batch_size: None,
             local_path: &local_path,
             model_id,
+            prefill_step_size: None,
         };
         let result = conn
             .call(&params, self.runtime.config.load_timeout)
@@ -249,6 +251,7 @@ impl Engine for MlxEngine {
             max_tokens: request.max_tokens,
             model_id: &request.model_id,
             prompt: &request.prompt,
+            step_chunks: false,
             stream_id: &stream_id,
             streaming: true,
             temperature: request.temperature,

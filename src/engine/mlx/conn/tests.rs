@@ -225,8 +225,10 @@ async fn a_gone_child_fails_calls_and_streams_in_flight() {
     let call = spawn_call(
         &conn,
         LoadModel {
+            batch_size: Some(4),
             local_path: "/models/org/m",
             model_id: "org/m",
+            prefill_step_size: None,
         },
         LIMIT,
     );
