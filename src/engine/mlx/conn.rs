@@ -1,7 +1,8 @@
 //! The JSON-RPC multiplexer over one running child's pipes: it numbers the calls and hands each
 //! response to the call waiting for it, routes stream notifications to their generations by
-//! `stream_id` (waiting on a full token channel, which is the back-pressure), fails everything
-//! in flight when the child is gone, and sends `cancel` when a generation's consumer goes away.
+//! `stream_id` (a `stream.step` line entry by entry, to each stream its own in line order),
+//! waiting on a full token channel, which is the back-pressure, fails everything in flight when
+//! the child is gone, and sends `cancel` when a generation's consumer goes away.
 //!
 //! It owns the lines on the child's stdin and stdout and the routing tables, not the child:
 //! starting it, readiness, liveness and restarts are the supervisor's (`supervisor`), and which
@@ -23,7 +24,7 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tracing::{debug, warn};
 
-use crate::engine::rpc::{self, Call, Cancel, Inbound, Line, RpcError, StreamEnd};
+use crate::engine::rpc::{self, Call, Cancel, ChunkToken, Inbound, Line, RpcError, StreamEnd};
 use crate::engine::{EngineError, FinishReason, TokenEvent};
 
 /// Lines queued for the child's stdin.
@@ -75,8 +76,18 @@ pub(super) struct Conn {
     streams: Mutex<HashMap<String, mpsc::Sender<TokenEvent>>>,
     /// The next call id, also the number of the next stream id.
     next_id: AtomicU64,
-    /// Whether the runtime has a `cancel` method (ours does; the existing one does not).
-    can_cancel: Mutex<bool>,
+    /// What the runtime can do, from its `runtime/info`.
+    features: Mutex<Features>,
+}
+
+/// What the runtime on the other end of a connection can do, from its `runtime/info`
+/// capabilities; nothing until it has said.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Features {
+    /// It has a `cancel` method (ours does; the existing one does not).
+    pub(super) cancel: bool,
+    /// Its `generate` takes `step_chunks` (ours does; the existing one does not).
+    pub(super) step_chunks: bool,
 }
 
 /// The tasks that move one child's lines; whoever runs the child ends them with it.
@@ -113,15 +124,20 @@ impl Conn {
             pending: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            can_cancel: Mutex::new(false),
+            features: Mutex::new(Features::default()),
         });
         let reader = tokio::spawn(read_stdout(stdout, conn.clone()));
         (conn, Pipes { writer, reader })
     }
 
-    /// Records whether the runtime said it has a `cancel` method.
-    pub(super) fn set_can_cancel(&self, can_cancel: bool) {
-        *lock(&self.can_cancel) = can_cancel;
+    /// Records what the runtime said it can do.
+    pub(super) fn set_features(&self, features: Features) {
+        *lock(&self.features) = features;
+    }
+
+    /// What the runtime said it can do.
+    pub(super) fn features(&self) -> Features {
+        *lock(&self.features)
     }
 
     /// A stream id unique on this connection. The runtime's stream ids have a narrower charset
@@ -188,7 +204,7 @@ pub(super) async fn watch_cancel(
 ) {
     tx.closed().await;
     let live = conn.close_stream(&stream_id);
-    if !live || !*lock(&conn.can_cancel) {
+    if !live || !conn.features().cancel {
         return;
     }
     debug!(stream_id, "generation cancelled by its consumer");
@@ -259,14 +275,10 @@ async fn route(conn: &Conn, inbound: Inbound) {
         Inbound::Response { id: None, outcome } => {
             warn!(?outcome, "runtime answered a request it could not read");
         }
-        Inbound::Chunk { stream_id, tokens } => {
-            let tx = lock(&conn.streams).get(&stream_id).cloned();
-            let Some(tx) = tx else { return };
-            for token in tokens {
-                // Waiting here is the back-pressure: a full stream slows the reader.
-                if tx.send(TokenEvent::Token(token.text)).await.is_err() {
-                    break;
-                }
+        Inbound::Chunk { stream_id, tokens } => deliver(conn, &stream_id, tokens).await,
+        Inbound::Step { chunks } => {
+            for (stream_id, tokens) in by_stream(chunks) {
+                deliver(conn, &stream_id, tokens).await;
             }
         }
         Inbound::End { stream_id, end } => {
@@ -274,8 +286,43 @@ async fn route(conn: &Conn, inbound: Inbound) {
             let Some(tx) = tx else { return };
             let _ = tx.send(end_event(end)).await;
         }
-        Inbound::Step { .. } | Inbound::Stats { .. } | Inbound::Other { .. } => {}
+        Inbound::Stats { .. } | Inbound::Other { .. } => {}
     }
+}
+
+/// Hands the tokens of one line to stream `stream_id`, if it is live.
+async fn deliver(conn: &Conn, stream_id: &str, tokens: Vec<ChunkToken>) {
+    let tx = lock(&conn.streams).get(stream_id).cloned();
+    if let Some(tx) = tx {
+        send_tokens(&tx, tokens).await;
+    }
+}
+
+/// Sends one line's tokens of a stream, in order. Waiting here is the back-pressure: a full
+/// stream slows the reader.
+async fn send_tokens(tx: &mpsc::Sender<TokenEvent>, tokens: Vec<ChunkToken>) {
+    for token in tokens {
+        if tx.send(TokenEvent::Token(token.text)).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// The entries of a `stream.step` line by stream, in the order the streams first appear, each
+/// stream's tokens in line order.
+fn by_stream(chunks: Vec<rpc::StepChunk>) -> Vec<(String, Vec<ChunkToken>)> {
+    let mut groups: Vec<(String, Vec<ChunkToken>)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for chunk in chunks {
+        match index.get(&chunk.stream_id) {
+            Some(&at) => groups[at].1.push(chunk.token),
+            None => {
+                index.insert(chunk.stream_id.clone(), groups.len());
+                groups.push((chunk.stream_id, vec![chunk.token]));
+            }
+        }
+    }
+    groups
 }
 
 /// The last event of a stream that ended with `end`.

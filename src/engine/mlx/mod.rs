@@ -251,7 +251,7 @@ impl Engine for MlxEngine {
             max_tokens: request.max_tokens,
             model_id: &request.model_id,
             prompt: &request.prompt,
-            step_chunks: false,
+            step_chunks: conn.features().step_chunks,
             stream_id: &stream_id,
             streaming: true,
             temperature: request.temperature,

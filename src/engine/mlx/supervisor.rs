@@ -30,7 +30,7 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::conn::{CallError, Conn, lock};
+use super::conn::{CallError, Conn, Features, lock};
 use super::stderr;
 use crate::clock::Clock;
 use crate::config::EngineConfig;
@@ -358,11 +358,15 @@ async fn ready(
     if info.mlx_supported == Some(false) {
         return Err("the runtime reports that MLX is not supported on this host".to_owned());
     }
-    conn.set_can_cancel(info.can_cancel());
+    conn.set_features(Features {
+        cancel: info.can_cancel(),
+        step_chunks: info.can_step_chunks(),
+    });
     info!(
         version = info.version.as_deref().unwrap_or("?"),
         mlx = info.mlx_version.as_deref().unwrap_or("?"),
         can_cancel = info.can_cancel(),
+        step_chunks = info.can_step_chunks(),
         streams_max = streams_max(&info),
         stated = info.streams_live_max().is_some(),
         "runtime info"

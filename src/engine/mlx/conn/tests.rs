@@ -1,6 +1,7 @@
 // Goal: the multiplexer hands each answer to the call that asked, routes stream notifications
-// of both chunk forms to their generation in order, ends a stream with its last event, fails
-// everything in flight when the child is gone, and sends `cancel` only to a runtime that has it.
+// of both chunk forms and of step lines to their generation in order, waits on a full stream
+// whichever form its tokens came in, ends a stream with its last event, fails everything in
+// flight when the child is gone, and sends `cancel` only to a runtime that has it.
 // Method: a connection over in-memory pipes, with the test playing the runtime: it reads the
 // request lines the connection writes and writes the lines a runtime would.
 
@@ -182,6 +183,100 @@ async fn chunks_of_both_forms_reach_their_stream_in_order_until_its_end() {
     assert!(conn.close_stream("s-other"));
 }
 
+/// Reads `rx` to its end.
+async fn events(mut rx: mpsc::Receiver<TokenEvent>) -> Vec<TokenEvent> {
+    let mut events = Vec::new();
+    while let Some(event) = rx.recv().await {
+        events.push(event);
+    }
+    events
+}
+
+fn tokens(texts: &[&str]) -> Vec<TokenEvent> {
+    texts
+        .iter()
+        .map(|t| TokenEvent::Token((*t).into()))
+        .collect()
+}
+
+#[tokio::test]
+async fn step_entries_reach_their_streams_in_line_order_beside_chunks() {
+    let (conn, _pipes, mut runtime) = connect();
+    let (a_tx, a_rx) = mpsc::channel(16);
+    conn.open_stream("s-a", a_tx);
+    let (b_tx, b_rx) = mpsc::channel(16);
+    conn.open_stream("s-b", b_tx);
+    let entry = |stream_id: &str, token: &str| json!({"stream_id": stream_id, "token": token, "token_id": 1});
+    runtime
+        .send(notification(
+            "stream.step",
+            json!({"chunks": [entry("s-a", "a1"), entry("s-b", "b1"), entry("s-lost", "x"),
+                              entry("s-a", ""), entry("s-b", "b2"), entry("s-a", "a2")]}),
+        ))
+        .await;
+    // A malformed step routes none of its entries, and the next line is read.
+    runtime
+        .send(notification(
+            "stream.step",
+            json!({"chunks": [entry("s-a", "never"), {"stream_id": "s-b"}]}),
+        ))
+        .await;
+    runtime
+        .send(notification(
+            "stream.chunk",
+            json!({"stream_id": "s-b", "token": "b3", "token_id": 2}),
+        ))
+        .await;
+    runtime
+        .send(notification(
+            "stream.step",
+            json!({"chunks": [entry("s-a", "a3")]}),
+        ))
+        .await;
+    for stream_id in ["s-a", "s-b"] {
+        runtime
+            .send(notification(
+                "stream.event",
+                json!({"stream_id": stream_id, "event": "completed", "finish_reason": "length"}),
+            ))
+            .await;
+    }
+    let finished = TokenEvent::Finished(FinishReason::Length);
+    let (a, b) = tokio::join!(events(a_rx), events(b_rx));
+    assert_eq!(
+        a,
+        [tokens(&["a1", "", "a2", "a3"]), vec![finished.clone()]].concat()
+    );
+    assert_eq!(b, [tokens(&["b1", "b2", "b3"]), vec![finished]].concat());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_full_stream_holds_up_the_rest_of_its_step_as_it_holds_up_chunks() {
+    let (conn, _pipes, mut runtime) = connect();
+    let (a_tx, mut a_rx) = mpsc::channel(1);
+    conn.open_stream("s-a", a_tx);
+    let (b_tx, mut b_rx) = mpsc::channel(16);
+    conn.open_stream("s-b", b_tx);
+    let entry = |stream_id: &str, token: &str| json!({"stream_id": stream_id, "token": token, "token_id": 1});
+    runtime
+        .send(notification(
+            "stream.step",
+            json!({"chunks": [entry("s-a", "a1"), entry("s-a", "a2"), entry("s-a", "a3"),
+                              entry("s-b", "b1")]}),
+        ))
+        .await;
+    assert_eq!(a_rx.recv().await, Some(TokenEvent::Token("a1".into())));
+    // "a2" takes the one place "a1" left; "a3" waits for it, and so does the reader: "b1"
+    // stays behind until "a2" is taken.
+    assert!(
+        timeout(Duration::from_secs(1), b_rx.recv()).await.is_err(),
+        "b1 passed a full stream"
+    );
+    assert_eq!(a_rx.recv().await, Some(TokenEvent::Token("a2".into())));
+    assert_eq!(b_rx.recv().await, Some(TokenEvent::Token("b1".into())));
+    assert_eq!(a_rx.recv().await, Some(TokenEvent::Token("a3".into())));
+}
+
 #[test]
 fn each_stream_end_is_its_last_event() {
     let completed = |reason: &str| StreamEnd::Completed {
@@ -250,7 +345,10 @@ async fn a_gone_child_fails_calls_and_streams_in_flight() {
 #[tokio::test]
 async fn a_dropped_receiver_is_cancelled_in_a_runtime_that_can_cancel() {
     let (conn, _pipes, mut runtime) = connect();
-    conn.set_can_cancel(true);
+    conn.set_features(Features {
+        cancel: true,
+        step_chunks: false,
+    });
     let (tx, rx) = mpsc::channel(16);
     conn.open_stream("s-1", tx.clone());
     let watcher = tokio::spawn(watch_cancel(conn.clone(), tx, "s-1".into(), LIMIT));
