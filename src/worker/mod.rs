@@ -53,7 +53,6 @@ use crate::limits::{
 use crate::metrics::models::RateMeter;
 use crate::metrics::telemetry::Telemetry;
 use crate::mutation::{Mutation, Mutations};
-use crate::plan::model_size::ModelFacts;
 use crate::plan::{Plan, ServedModel};
 use crate::protocol::{self, ModelSkills, WorkerDeregistration, subject};
 use crate::transport::{Subscription, Transport, TransportError};
@@ -233,11 +232,7 @@ impl Worker {
             .models
             .iter()
             .map(|(id, entry)| ServedModel {
-                facts: ModelFacts {
-                    parameter_count: entry.parameter_count,
-                    name: id,
-                    disk_bytes: Some(entry.size_bytes),
-                },
+                facts: entry.facts(id),
                 streams_max: entry.streams_max,
             })
             .collect();

@@ -1,8 +1,9 @@
 //! The JSON-RPC multiplexer over one running child's pipes: it numbers the calls and hands each
 //! response to the call waiting for it, routes stream notifications to their generations by
 //! `stream_id` (a `stream.step` line entry by entry, to each stream its own in line order),
-//! waiting on a full token channel, which is the back-pressure, fails everything in flight when
-//! the child is gone, and sends `cancel` when a generation's consumer goes away.
+//! waiting on a full token channel, which is the back-pressure, records each completed stream's
+//! stats in its model's figures, fails everything in flight when the child is gone, and sends
+//! `cancel` when a generation's consumer goes away.
 //!
 //! It owns the lines on the child's stdin and stdout and the routing tables, not the child:
 //! starting it, readiness, liveness and restarts are the supervisor's (`supervisor`), and which
@@ -24,6 +25,7 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tracing::{debug, warn};
 
+use super::figures::FigureBook;
 use crate::engine::rpc::{self, Call, Cancel, ChunkToken, Inbound, Line, RpcError, StreamEnd};
 use crate::engine::{EngineError, FinishReason, TokenEvent};
 
@@ -73,11 +75,21 @@ pub(super) struct Conn {
     /// Calls waiting for their response, by id.
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<Value, RpcError>>>>,
     /// Live streams, by stream id; the reader sends their events.
-    streams: Mutex<HashMap<String, mpsc::Sender<TokenEvent>>>,
+    streams: Mutex<HashMap<String, Route>>,
+    /// Where completed streams' stats go, by model; outlives the connection.
+    figures: Arc<FigureBook>,
     /// The next call id, also the number of the next stream id.
     next_id: AtomicU64,
     /// What the runtime can do, from its `runtime/info`.
     features: Mutex<Features>,
+}
+
+/// Where a live stream's notifications go.
+struct Route {
+    /// Its generation's events.
+    tx: mpsc::Sender<TokenEvent>,
+    /// Its model, whose figures its stats add to.
+    model_id: String,
 }
 
 /// What the runtime on the other end of a connection can do, from its `runtime/info`
@@ -111,8 +123,9 @@ impl Pipes {
 }
 
 impl Conn {
-    /// Starts the writer on a child's `stdin` and the reader on its `stdout`.
-    pub(super) fn start<W, R>(stdin: W, stdout: R) -> (Arc<Conn>, Pipes)
+    /// Starts the writer on a child's `stdin` and the reader on its `stdout`; completed streams'
+    /// stats go to `figures`.
+    pub(super) fn start<W, R>(stdin: W, stdout: R, figures: Arc<FigureBook>) -> (Arc<Conn>, Pipes)
     where
         W: AsyncWrite + Unpin + Send + 'static,
         R: AsyncRead + Unpin + Send + 'static,
@@ -123,6 +136,7 @@ impl Conn {
             stdin: lines_tx,
             pending: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
+            figures,
             next_id: AtomicU64::new(1),
             features: Mutex::new(Features::default()),
         });
@@ -146,10 +160,20 @@ impl Conn {
         format!("s-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Routes the events of stream `stream_id` to `tx` from now on. Register a stream before
-    /// the call that starts it: notifications may follow its answer at once.
-    pub(super) fn open_stream(&self, stream_id: &str, tx: mpsc::Sender<TokenEvent>) {
-        lock(&self.streams).insert(stream_id.to_owned(), tx);
+    /// Routes the events of stream `stream_id`, of model `model_id`, to `tx` from now on.
+    /// Register a stream before the call that starts it: notifications may follow its answer
+    /// at once.
+    pub(super) fn open_stream(
+        &self,
+        stream_id: &str,
+        model_id: &str,
+        tx: mpsc::Sender<TokenEvent>,
+    ) {
+        let route = Route {
+            tx,
+            model_id: model_id.to_owned(),
+        };
+        lock(&self.streams).insert(stream_id.to_owned(), route);
     }
 
     /// Stops routing stream `stream_id`; whether it was still live.
@@ -161,7 +185,7 @@ impl Conn {
     pub(super) fn fail_all(&self, reason: &str) {
         lock(&self.pending).clear();
         let streams: Vec<_> = lock(&self.streams).drain().collect();
-        for (_, tx) in streams {
+        for (_, Route { tx, .. }) in streams {
             let _ = tx.try_send(TokenEvent::Failed(EngineError::Crashed {
                 reason: reason.to_owned(),
             }));
@@ -281,18 +305,30 @@ async fn route(conn: &Conn, inbound: Inbound) {
                 deliver(conn, &stream_id, tokens).await;
             }
         }
+        Inbound::Stats { stream_id, stats } => {
+            let model = lock(&conn.streams)
+                .get(&stream_id)
+                .map(|route| route.model_id.clone());
+            if let Some(model) = model {
+                conn.figures.completed(&model, &stats);
+            }
+        }
         Inbound::End { stream_id, end } => {
-            let tx = lock(&conn.streams).remove(&stream_id);
-            let Some(tx) = tx else { return };
+            let route = lock(&conn.streams).remove(&stream_id);
+            let Some(Route { tx, .. }) = route else {
+                return;
+            };
             let _ = tx.send(end_event(end)).await;
         }
-        Inbound::Stats { .. } | Inbound::Other { .. } => {}
+        Inbound::Other { .. } => {}
     }
 }
 
 /// Hands the tokens of one line to stream `stream_id`, if it is live.
 async fn deliver(conn: &Conn, stream_id: &str, tokens: Vec<ChunkToken>) {
-    let tx = lock(&conn.streams).get(stream_id).cloned();
+    let tx = lock(&conn.streams)
+        .get(stream_id)
+        .map(|route| route.tx.clone());
     if let Some(tx) = tx {
         send_tokens(&tx, tokens).await;
     }

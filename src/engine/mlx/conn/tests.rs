@@ -1,7 +1,8 @@
 // Goal: the multiplexer hands each answer to the call that asked, routes stream notifications
 // of both chunk forms and of step lines to their generation in order, waits on a full stream
-// whichever form its tokens came in, ends a stream with its last event, fails everything in
-// flight when the child is gone, and sends `cancel` only to a runtime that has it.
+// whichever form its tokens came in, adds a stream's stats to its model's figures, ends a
+// stream with its last event, fails everything in flight when the child is gone, and sends
+// `cancel` only to a runtime that has it.
 // Method: a connection over in-memory pipes, with the test playing the runtime: it reads the
 // request lines the connection writes and writes the lines a runtime would.
 
@@ -39,7 +40,7 @@ impl FakeRuntime {
 fn connect() -> (Arc<Conn>, Pipes, FakeRuntime) {
     let (stdin, runtime_stdin) = tokio::io::duplex(PIPE_BYTES);
     let (runtime_stdout, stdout) = tokio::io::duplex(PIPE_BYTES);
-    let (conn, pipes) = Conn::start(stdin, stdout);
+    let (conn, pipes) = Conn::start(stdin, stdout, Arc::default());
     let runtime = FakeRuntime {
         stdin: BufReader::new(runtime_stdin).lines(),
         stdout: runtime_stdout,
@@ -128,9 +129,9 @@ async fn chunks_of_both_forms_reach_their_stream_in_order_until_its_end() {
     let (conn, _pipes, mut runtime) = connect();
     let stream_id = conn.new_stream_id();
     let (tx, mut rx) = mpsc::channel(16);
-    conn.open_stream(&stream_id, tx);
+    conn.open_stream(&stream_id, "org/m", tx);
     let (other_tx, mut other_rx) = mpsc::channel(16);
-    conn.open_stream("s-other", other_tx);
+    conn.open_stream("s-other", "org/m", other_tx);
     runtime
         .send(notification(
             "stream.chunk",
@@ -203,9 +204,9 @@ fn tokens(texts: &[&str]) -> Vec<TokenEvent> {
 async fn step_entries_reach_their_streams_in_line_order_beside_chunks() {
     let (conn, _pipes, mut runtime) = connect();
     let (a_tx, a_rx) = mpsc::channel(16);
-    conn.open_stream("s-a", a_tx);
+    conn.open_stream("s-a", "org/m", a_tx);
     let (b_tx, b_rx) = mpsc::channel(16);
-    conn.open_stream("s-b", b_tx);
+    conn.open_stream("s-b", "org/m", b_tx);
     let entry = |stream_id: &str, token: &str| json!({"stream_id": stream_id, "token": token, "token_id": 1});
     runtime
         .send(notification(
@@ -254,9 +255,9 @@ async fn step_entries_reach_their_streams_in_line_order_beside_chunks() {
 async fn a_full_stream_holds_up_the_rest_of_its_step_as_it_holds_up_chunks() {
     let (conn, _pipes, mut runtime) = connect();
     let (a_tx, mut a_rx) = mpsc::channel(1);
-    conn.open_stream("s-a", a_tx);
+    conn.open_stream("s-a", "org/m", a_tx);
     let (b_tx, mut b_rx) = mpsc::channel(16);
-    conn.open_stream("s-b", b_tx);
+    conn.open_stream("s-b", "org/m", b_tx);
     let entry = |stream_id: &str, token: &str| json!({"stream_id": stream_id, "token": token, "token_id": 1});
     runtime
         .send(notification(
@@ -275,6 +276,48 @@ async fn a_full_stream_holds_up_the_rest_of_its_step_as_it_holds_up_chunks() {
     assert_eq!(a_rx.recv().await, Some(TokenEvent::Token("a2".into())));
     assert_eq!(b_rx.recv().await, Some(TokenEvent::Token("b1".into())));
     assert_eq!(a_rx.recv().await, Some(TokenEvent::Token("a3".into())));
+}
+
+#[tokio::test]
+async fn a_streams_stats_count_for_its_model() {
+    let (conn, _pipes, mut runtime) = connect();
+    let (a_tx, a_rx) = mpsc::channel(16);
+    conn.open_stream("s-a", "org/a", a_tx);
+    let (b_tx, b_rx) = mpsc::channel(16);
+    conn.open_stream("s-b", "org/b", b_tx);
+    let stats = |stream_id: &str, tokens: u64| {
+        notification(
+            "stream.stats",
+            json!({"stream_id": stream_id, "prompt_tokens": 3, "prompt_time": 0.5,
+                   "queue_time": 0.0, "tokens_generated": tokens, "time_to_first_token": 0.5,
+                   "total_time": 1.5}),
+        )
+    };
+    for line in [stats("s-a", 4), stats("s-b", 6), stats("s-unknown", 100)] {
+        runtime.send(line).await;
+    }
+    for stream_id in ["s-a", "s-b"] {
+        runtime
+            .send(notification(
+                "stream.event",
+                json!({"stream_id": stream_id, "event": "completed", "finish_reason": "stop"}),
+            ))
+            .await;
+    }
+    let _ = tokio::join!(events(a_rx), events(b_rx));
+    let figures = conn.figures.snapshot();
+    let counted = |model: &str| {
+        let f = &figures[model];
+        (
+            f.streams_completed,
+            f.prompt_tokens,
+            f.generated_tokens,
+            f.decode_seconds,
+        )
+    };
+    assert_eq!(figures.len(), 2, "{figures:?}");
+    assert_eq!(counted("org/a"), (1, 3, 4, 1.0));
+    assert_eq!(counted("org/b"), (1, 3, 6, 1.0));
 }
 
 #[test]
@@ -316,7 +359,7 @@ fn each_stream_end_is_its_last_event() {
 async fn a_gone_child_fails_calls_and_streams_in_flight() {
     let (conn, _pipes, mut runtime) = connect();
     let (tx, mut rx) = mpsc::channel(16);
-    conn.open_stream("s-1", tx);
+    conn.open_stream("s-1", "org/m", tx);
     let call = spawn_call(
         &conn,
         LoadModel {
@@ -350,7 +393,7 @@ async fn a_dropped_receiver_is_cancelled_in_a_runtime_that_can_cancel() {
         step_chunks: false,
     });
     let (tx, rx) = mpsc::channel(16);
-    conn.open_stream("s-1", tx.clone());
+    conn.open_stream("s-1", "org/m", tx.clone());
     let watcher = tokio::spawn(watch_cancel(conn.clone(), tx, "s-1".into(), LIMIT));
     drop(rx);
     let cancel = runtime.request().await;
@@ -367,7 +410,7 @@ async fn a_dropped_receiver_is_cancelled_in_a_runtime_that_can_cancel() {
 async fn a_runtime_without_cancel_is_sent_none() {
     let (conn, _pipes, mut runtime) = connect();
     let (tx, rx) = mpsc::channel(16);
-    conn.open_stream("s-1", tx.clone());
+    conn.open_stream("s-1", "org/m", tx.clone());
     drop(rx);
     watch_cancel(conn.clone(), tx, "s-1".into(), LIMIT).await;
     assert!(!conn.close_stream("s-1"));
