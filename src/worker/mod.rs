@@ -206,12 +206,13 @@ impl Worker {
             telemetry: self.telemetry.clone(),
         });
         let mut dispatcher = self.dispatcher(&plan, ctx.clone());
-        let background = self.start_background(&profile, &catalog, &plan, ctx);
+        let background = self.start_background(&profile, &catalog, &plan, ctx.clone());
         let mut intake = Intake {
             inference,
             cancel,
             groups: ModelGroups::new(catalog.models.keys()),
             finished,
+            capacities: ctx.loader.capacities(),
         };
         intake.groups.join(&self.deps.transport).await;
         self.serve(&mut dispatcher, &mut intake, shutdown).await;
@@ -394,6 +395,10 @@ impl Worker {
                 },
                 Some(msg) = intake.cancel.next() => dispatcher.on_cancel(msg),
                 Some(finished) = intake.finished.recv() => dispatcher.on_finished(finished),
+                Ok(()) = intake.capacities.changed() => {
+                    let capacities = intake.capacities.borrow_and_update().clone();
+                    dispatcher.on_capacities(&capacities);
+                }
                 () = sleep_until_opt(queued_deadline) => dispatcher.expire_queued(),
                 () = sleep_until_opt(fault_aging) => dispatcher.age_faults(),
                 () = sleep_until_opt(group_quiet_at.filter(|_| idle)) => {}
@@ -432,6 +437,7 @@ impl Worker {
             cancel,
             mut groups,
             mut finished,
+            ..
         } = intake;
         groups.leave();
         dispatcher.abort_all();
@@ -521,6 +527,8 @@ struct Intake {
     groups: ModelGroups,
     /// Ends reported by the request tasks.
     finished: mpsc::Receiver<Finished>,
+    /// What the engine's loads said of each model's capacity (the loader sends it).
+    capacities: watch::Receiver<BTreeMap<String, usize>>,
 }
 
 /// The presence, service discovery and preload tasks of one run.
