@@ -205,14 +205,16 @@ impl Worker {
             mutations: self.mutations,
             telemetry: self.telemetry.clone(),
         });
+        // Before anything can load a model, so the dispatcher hears of every load.
+        let capacities = ctx.loader.capacities();
         let mut dispatcher = self.dispatcher(&plan, ctx.clone());
-        let background = self.start_background(&profile, &catalog, &plan, ctx.clone());
+        let background = self.start_background(&profile, &catalog, &plan, ctx);
         let mut intake = Intake {
             inference,
             cancel,
             groups: ModelGroups::new(catalog.models.keys()),
             finished,
-            capacities: ctx.loader.capacities(),
+            capacities,
         };
         intake.groups.join(&self.deps.transport).await;
         self.serve(&mut dispatcher, &mut intake, shutdown).await;
