@@ -103,7 +103,7 @@ async fn the_real_runtime_loads_streams_the_model_text_and_unloads() {
     assert_eq!(end, TokenEvent::Finished(FinishReason::Length));
     assert_eq!(tokens.concat(), reference_text("Hello world", 12));
 
-    // Two at once both complete (the runtime runs them one after the other).
+    // Two at once both complete (the runtime decodes them together).
     let a = engine.generate(generate("g-a", 8)).await.unwrap();
     let b = engine.generate(generate("g-b", 8)).await.unwrap();
     let ((ta, ea), (tb, eb)) = tokio::join!(drain(a), drain(b));
