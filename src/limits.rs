@@ -59,6 +59,17 @@ pub const INFLIGHT_REQUESTS_MAX: usize = 1024;
 /// `generate`. The worker runs no more requests at once than the runtime's figure.
 pub const RUNTIME_STREAMS_LIVE_DEFAULT: usize = 64;
 
+/// Streams of one model the MLX runtime decodes together when a load names no batch size: our
+/// runtime's default (`BATCH_SIZE_DEFAULT` in `runtime/mlx_runtime/limits.py`).
+pub const RUNTIME_BATCH_SIZE_DEFAULT: usize = 8;
+
+/// Streams of one model the runtime may be asked to decode together (`runtime.batchSize`).
+pub const BATCH_SIZE_MAX: usize = 1024;
+/// Fewest prompt tokens of one prefill step (`runtime.prefillStepSize`), as the runtime takes.
+pub const PREFILL_STEP_SIZE_MIN: usize = 16;
+/// Most prompt tokens of one prefill step, as the runtime takes.
+pub const PREFILL_STEP_SIZE_MAX: usize = 8192;
+
 /// Most requests one worker holds waiting for a slot.
 pub const QUEUE_DEPTH_MAX: usize = 10_000;
 
@@ -224,6 +235,9 @@ const _: () = assert!(PROMPT_BYTES_MAX + REQUEST_FRAMING_BYTES <= NATS_PAYLOAD_B
 const _: () = assert!(PROMPT_BYTES_MAX + REQUEST_FRAMING_BYTES <= RPC_REQUEST_BYTES_MAX);
 const _: () = assert!(RPC_REQUEST_BYTES_MAX <= RPC_LINE_BYTES_MAX);
 const _: () = assert!(ID_BYTES_MAX <= MODEL_ID_BYTES_MAX);
+const _: () = assert!(BATCH_SIZE_MAX <= INFLIGHT_REQUESTS_MAX);
+const _: () = assert!(RUNTIME_BATCH_SIZE_DEFAULT <= RUNTIME_STREAMS_LIVE_DEFAULT);
+const _: () = assert!(PREFILL_STEP_SIZE_MIN <= PREFILL_STEP_SIZE_MAX);
 const _: () = assert!(NATS_PAYLOAD_BYTES_MAX <= REQUEST_ID_SCAN_BYTES_MAX);
 const _: () = assert!(INFLIGHT_REQUESTS_MAX <= QUEUE_DEPTH_MAX);
 const _: () = assert!(0 < RUNTIME_STREAMS_LIVE_DEFAULT);

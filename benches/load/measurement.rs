@@ -10,6 +10,7 @@ use mlx_worker::engine::Engine;
 use mlx_worker::engine::mlx::MlxEngine;
 use mlx_worker::limits::MAX_TOKENS_MAX;
 use mlx_worker::metrics::Percentiles;
+use mlx_worker::plan::recommendation::BatchSizes;
 use serde_json::json;
 
 use crate::harness::{
@@ -254,7 +255,7 @@ pub(crate) async fn end_to_end(url: &str, quick: bool) -> Result<EndToEnd, Strin
         .map_err(|missing| format!("not measured: {missing}"))?;
     // One runtime process serves both paths, so the only difference is the worker and NATS.
     let served: Arc<dyn Engine> = Arc::new(
-        MlxEngine::start(engine_config, Arc::new(SystemClock))
+        MlxEngine::start(engine_config, BatchSizes::default(), Arc::new(SystemClock))
             .await
             .map_err(|e| e.to_string())?,
     );

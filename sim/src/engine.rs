@@ -2,7 +2,8 @@
 //! model and injectable faults (load failure, failure mid-stream, crash, hang).
 //!
 //! Like the MLX runtime, it holds a bounded number of live generations of each model (its
-//! catalog says how many) and refuses a `generate` past that at once, with the error the MLX
+//! catalog says how many, and a load may answer fewer, as the runtime does for a model whose
+//! cache cannot be batched) and refuses a `generate` past that at once, with the error the MLX
 //! engine gives for the runtime's refusal; it counts the refusals and the most it held.
 //!
 //! A model runs its generations each on its own, a token every `token_latency`, or, when the
@@ -70,6 +71,11 @@ pub struct SimEngineConfig {
     pub batches: BTreeMap<String, Batching>,
     /// Events each generation's token channel holds before the engine holds tokens back.
     pub token_channel_capacity: usize,
+    /// Live generations of a model its load answers the engine holds, when fewer than its
+    /// catalog's figure (as the MLX runtime answers a batch of 1 for a model whose cache cannot
+    /// be batched); from the load on, the engine holds no more than this. The runtime would
+    /// queue the surplus; refusing it makes a worker that hands it more visible.
+    pub loaded_streams_max: BTreeMap<String, usize>,
 }
 
 impl SimEngineConfig {
@@ -91,6 +97,7 @@ impl Default for SimEngineConfig {
             streams_max: BTreeMap::new(),
             batches: BTreeMap::new(),
             token_channel_capacity: TOKEN_CHANNEL_CAPACITY,
+            loaded_streams_max: BTreeMap::new(),
         }
     }
 }
@@ -210,10 +217,20 @@ impl SimEngine {
             .map_or(0, |b| b.queued_peak)
     }
 
+    /// Live generations of `model_id` the engine holds once loaded: its catalog's figure, or
+    /// fewer when its load answers fewer.
+    fn capacity(&self, model_id: &str) -> usize {
+        let planned = self.config.streams_max(model_id);
+        self.config
+            .loaded_streams_max
+            .get(model_id)
+            .map_or(planned, |&loaded| loaded.min(planned))
+    }
+
     /// Takes a place for a generation of `model_id`, or refuses as the MLX runtime does when
     /// the model has as many live as it holds.
     fn admit_stream(&self, model_id: &str) -> Result<LiveStream, EngineError> {
-        let max = self.config.streams_max(model_id);
+        let max = self.capacity(model_id);
         let mut s = self.lock();
         let live = s.live_by_model.get(model_id).copied().unwrap_or(0);
         if live >= max {
@@ -336,6 +353,7 @@ impl Engine for SimEngine {
             model_id: model_id.to_owned(),
             context_length: 2048,
             parameter_count: Some(params),
+            streams_max: self.config.loaded_streams_max.get(model_id).copied(),
         })
     }
 
@@ -421,7 +439,7 @@ impl Engine for SimEngine {
         let s = self.lock();
         let mut figures = s.completed.clone();
         for model in &s.loaded {
-            figures.entry(model.clone()).or_default().batch_size = self.config.streams_max(model);
+            figures.entry(model.clone()).or_default().batch_size = self.capacity(model);
         }
         figures
     }

@@ -2,8 +2,8 @@
 //! run end — as a pure state machine.
 //!
 //! Sans-IO. [`Event`]s go in: a request arrived (with its decoded fields and the time), one
-//! arrived that failed validation, a cancel, a running request finished, time passed, the drain
-//! started, everything is to end. [`Action`]s come out: start this one, refuse that one, end a
+//! arrived that failed validation, a cancel, a running request finished, time passed, the
+//! engine runs fewer of a model at once than planned, the drain started, everything is to end. [`Action`]s come out: start this one, refuse that one, end a
 //! waiting one, stop a running one, answer a duplicate. [`Admission`] owns all request state —
 //! the table of accepted requests with the caller's payload, the waiting requests' deadlines,
 //! cancels that arrived before their request, and the [`Scheduler`] — and takes its limits as
@@ -97,6 +97,14 @@ pub enum Event<T> {
     Tick {
         /// The time.
         now: Instant,
+    },
+    /// The engine runs at most `streams_max` requests of `model` at once (a load said so):
+    /// the model's running limit falls to it when it is lower. Requests already running go on.
+    ModelCapacity {
+        /// The model.
+        model: String,
+        /// Its requests the engine runs at once.
+        streams_max: usize,
     },
     /// The drain started: only requests routed by the model groups are taken from now on.
     DrainStarted,
@@ -253,6 +261,9 @@ impl<T: Clone> Admission<T> {
             Event::Cancel { id, now } => self.cancel(id, now, &mut out),
             Event::Finished { id } => self.finish(&id, &mut out),
             Event::Tick { now } => self.expire(now, &mut out),
+            Event::ModelCapacity { model, streams_max } => {
+                self.lower_model_limit(&model, streams_max);
+            }
             Event::DrainStarted => self.draining = true,
             Event::AbortAll => self.abort_all(&mut out),
         }
@@ -297,6 +308,16 @@ impl<T: Clone> Admission<T> {
     /// The earliest deadline of a waiting request: when an [`Event::Tick`] is due.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.deadlines.first().map(|(at, _)| *at)
+    }
+
+    fn lower_model_limit(&mut self, model: &str, streams_max: usize) {
+        if self.scheduler.lower_model_limit(model, streams_max) {
+            info!(
+                model,
+                streams_max,
+                "the engine runs fewer of this model at once than planned; its requests wait for them"
+            );
+        }
     }
 
     fn arrive(&mut self, request: Arrival<T>, now: Instant, out: &mut Vec<Action<T>>) {

@@ -1,7 +1,7 @@
 // Goal: admission keeps its promises whatever order events come in: every accepted request gets
 // exactly one end, nothing runs or waits beyond the limits (overall, per tier, and per model:
-// the engine's capacity), a cancel latched before its request ends it, waiting requests start
-// by priority then age, and refusals give the documented code.
+// the engine's capacity, which may fall as loads answer), a cancel latched before its request
+// ends it, waiting requests start by priority then age, and refusals give the documented code.
 // Method: scripted event sequences on small limits for each rule and its text, plus a proptest
 // of random sequences (arrivals with colliding ids, cancels, finishes, time, drain, stop) checked
 // against a bookkeeping of what each action promised, ending every sequence with a stop.
@@ -336,6 +336,34 @@ fn a_model_at_its_engine_capacity_waits_until_one_of_its_own_ends() {
 }
 
 #[test]
+fn a_model_whose_engine_capacity_falls_runs_no_more_than_the_new_figure_once_below_it() {
+    let t0 = SystemClock.now();
+    let mut a = admission();
+    check(&arrive(&mut a, t0, "t1", "tiny"), &["start t1"]);
+    check(&arrive(&mut a, t0, "t2", "tiny"), &["start t2"]);
+    let capacity = |a: &mut Admission<u32>, streams_max: usize| {
+        a.handle(Event::ModelCapacity {
+            model: "tiny".to_owned(),
+            streams_max,
+        })
+    };
+    check(&capacity(&mut a, 1), &[]);
+    assert_eq!(a.limits().models["tiny"], 1);
+    // Both running go on; the next one waits, also once its tier has room.
+    check(&arrive(&mut a, t0, "t3", "tiny"), &[]);
+    let finish = |a: &mut Admission<u32>, id: &str| a.handle(Event::Finished { id: id.to_owned() });
+    check(&finish(&mut a, "t1"), &[]);
+    check(&arrive(&mut a, t0, "n1", "narrow"), &["start n1"]);
+    // A higher figure does not raise it again.
+    check(&capacity(&mut a, 2), &[]);
+    assert_eq!(a.limits().models["tiny"], 1);
+    check(&finish(&mut a, "t2"), &["start t3"]);
+    check(&finish(&mut a, "t3"), &[]);
+    check(&finish(&mut a, "n1"), &[]);
+    assert!(a.is_idle());
+}
+
+#[test]
 fn the_drain_refuses_new_requests_except_those_the_groups_route_here() {
     let t0 = SystemClock.now();
     let mut a = admission();
@@ -416,6 +444,8 @@ enum Op {
     Finish(u8),
     Advance(u64),
     Tick,
+    /// The engine runs this many of the model at this position of [`MODELS`] at once.
+    Capacity(u8, u8),
     Drain,
     AbortAll,
 }
@@ -443,6 +473,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0u64..800).prop_map(Op::Advance),
         1 => (0u64..70_000).prop_map(Op::Advance),
         2 => Just(Op::Tick),
+        1 => (0u8..4, 1u8..4).prop_map(|(m, n)| Op::Capacity(m, n)),
         1 => Just(Op::Drain),
         1 => Just(Op::AbortAll),
     ]
@@ -467,7 +498,7 @@ fn tier_of(model: &str) -> Option<ModelTier> {
     }
 }
 
-/// Requests of `model` that may run at once, when the engine's capacity bounds it.
+/// Requests of `model` that may run at once at first, when the engine's capacity bounds it.
 fn model_max(model: &str) -> Option<usize> {
     MODEL_LIMITS
         .iter()
@@ -507,6 +538,9 @@ struct Book {
     arrivals: u64,
     admitted: u64,
     ended: u64,
+    /// Per model: the running limit the capacity events lowered it to, where they did, and
+    /// how many of its running requests started before it fell there (each end takes one off).
+    lowered: BTreeMap<&'static str, (usize, usize)>,
 }
 
 impl Book {
@@ -530,11 +564,36 @@ impl Book {
             .filter(move |(_, k)| !k.running && tier.is_none_or(|t| k.tier == t))
     }
 
+    /// Requests of `model` that may run at once now.
+    fn model_max(&self, model: &str) -> Option<usize> {
+        self.lowered
+            .get(model)
+            .map(|(max, _)| *max)
+            .or_else(|| model_max(model))
+    }
+
     /// Whether a request like `k` (its model, its tier) could start now.
     fn has_slot(&self, k: &Known) -> bool {
         self.running(None) < INFLIGHT_MAX
             && self.running(Some(k.tier)) < tier_max(k.tier)
-            && model_max(k.model).is_none_or(|max| self.running_model(k.model) < max)
+            && self
+                .model_max(k.model)
+                .is_none_or(|max| self.running_model(k.model) < max)
+    }
+
+    /// The engine runs `max` of `model` at once: the limit falls to it when it is lower.
+    fn capacity(&mut self, model: &'static str, max: usize) {
+        if self.model_max(model).is_none_or(|now| max < now) {
+            let over = self.running_model(model).saturating_sub(max);
+            self.lowered.insert(model, (max, over));
+        }
+    }
+
+    /// A running request of `model` ended.
+    fn ended_running(&mut self, model: &str) {
+        if let Some((_, over)) = self.lowered.get_mut(model) {
+            *over = over.saturating_sub(1);
+        }
     }
 
     /// Takes the latched cancel for `id` at `now`, if one is still valid.
@@ -681,6 +740,15 @@ impl Book {
                 return Err(format!("{running} of {model} run, past its limit of {max}"));
             }
         }
+        for (model, (max, over)) in &self.lowered {
+            let running = self.running_model(model);
+            if running > max + over {
+                return Err(format!(
+                    "{running} of {model} run, past its lowered limit of {max} and the {over} \
+                     that ran before it fell"
+                ));
+            }
+        }
         if let Event::Tick { now } = event
             && let Some((id, _)) = self.waiting(None).find(|(_, k)| k.deadline <= *now)
         {
@@ -782,7 +850,9 @@ fn step(op: Op, now: &mut Instant, book: &mut Book) -> Option<Step> {
                 return None;
             }
             let id = running[usize::from(pick) % running.len()].clone();
-            book.accepted.remove(&id);
+            if let Some(known) = book.accepted.remove(&id) {
+                book.ended_running(known.model);
+            }
             book.ended += 1;
             Event::Finished { id }
         }
@@ -791,6 +861,14 @@ fn step(op: Op, now: &mut Instant, book: &mut Book) -> Option<Step> {
             return None;
         }
         Op::Tick => Event::Tick { now: now_at },
+        Op::Capacity(model, max) => {
+            let model = MODELS[usize::from(model)];
+            book.capacity(model, usize::from(max));
+            Event::ModelCapacity {
+                model: model.to_owned(),
+                streams_max: usize::from(max),
+            }
+        }
         Op::Drain => {
             book.draining = true;
             Event::DrainStarted

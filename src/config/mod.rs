@@ -96,6 +96,10 @@ pub const DEFAULT_MODEL_LOAD_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_ENGINE_RESTARTS_MAX: u32 = 5;
 /// Default restart window.
 pub const DEFAULT_ENGINE_RESTART_WINDOW: Duration = Duration::from_secs(300);
+/// Default of `runtime.batching`: the runtime decodes a model's streams together.
+pub const DEFAULT_BATCHING: bool = true;
+/// Default prompt tokens of one prefill step (the runtime's own default).
+pub const DEFAULT_PREFILL_STEP_SIZE: usize = 512;
 /// Default share of failed requests in the recent window above which the worker is degraded.
 pub const DEFAULT_DEGRADED_ERROR_RATIO: f64 = 0.5;
 
@@ -291,6 +295,14 @@ pub struct EngineConfig {
     pub restarts_max: u32,
     /// Window of the restart budget.
     pub restart_window: Duration,
+    /// Whether a model's streams are decoded together; `false` loads every model with a batch
+    /// size of 1 (one stream at a time, the serial baseline).
+    pub batching: bool,
+    /// The batch size asked for every model (`runtime.batchSize`); `None` asks each model its
+    /// tier's figure of the hardware recommendation. The runtime's live-stream bound caps it.
+    pub batch_size: Option<usize>,
+    /// Prompt tokens of one prefill step.
+    pub prefill_step_size: usize,
 }
 
 /// Log output.

@@ -290,6 +290,11 @@ pub(super) struct RawRuntime {
     pub(super) max_restarts: Option<u32>,
     #[serde(alias = "restart_window_ms")]
     pub(super) restart_window_ms: Option<u64>,
+    pub(super) batching: Option<bool>,
+    #[serde(alias = "batch_size")]
+    pub(super) batch_size: Option<usize>,
+    #[serde(alias = "prefill_step_size")]
+    pub(super) prefill_step_size: Option<usize>,
     #[serde(alias = "model_concurrency_limiter")]
     pub(super) model_concurrency_limiter: RawLimiter,
 }

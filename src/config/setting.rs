@@ -96,6 +96,10 @@ pub(super) const IP_ADDR: Kind<IpAddr> = Kind::plain(
 const COUNT: Kind<usize> = Kind::plain("N", "a positive integer", parse_trimmed);
 const MILLIS: Kind<u64> = Kind::plain("MS", "milliseconds", parse_trimmed);
 const PRIORITY: Kind<u8> = Kind::plain("0-100", "an integer 0 to 100", parse_trimmed);
+/// `true` or `false`, as the file spells them.
+const BOOL: Kind<bool> = Kind::plain("true|false", "true or false", parse_trimmed);
+/// A number of tokens.
+const TOKENS: Kind<usize> = Kind::plain("TOKENS", "a number of tokens", parse_trimmed);
 const NATS_MODE: Kind<RawNatsMode> =
     Kind::plain("embedded|external", "embedded or external", parse_choice);
 const LOG_FORMAT: Kind<RawLogFormat> = Kind::plain("text|json", "json or text", parse_choice);
@@ -385,6 +389,31 @@ settings! {
         kind: PATH,
         help: "Directory holding the mlx_runtime package",
         set: |c, v| c.runtime.runtime_dir = Some(v),
+    },
+    Batching {
+        key: "runtime.batching",
+        env: "RUNTIME_BATCHING",
+        flag: Some("--batching"),
+        kind: BOOL,
+        help: "Decode a model's streams together (false: one stream of a model at a time)",
+        set: |c, v| c.runtime.batching = Some(v),
+    },
+    BatchSize {
+        key: "runtime.batchSize",
+        env: "RUNTIME_BATCH_SIZE",
+        flag: Some("--batch-size"),
+        kind: COUNT,
+        help: "Streams of a model decoded together, 1 to 1024 (default: the hardware \
+               recommendation for the model's tier)",
+        set: |c, v| c.runtime.batch_size = Some(v),
+    },
+    PrefillStepSize {
+        key: "runtime.prefillStepSize",
+        env: "RUNTIME_PREFILL_STEP_SIZE",
+        flag: Some("--prefill-step-size"),
+        kind: TOKENS,
+        help: "Prompt tokens of one prefill step, 16 to 8192",
+        set: |c, v| c.runtime.prefill_step_size = Some(v),
     },
     LogLevel {
         key: "logging.level",

@@ -118,6 +118,11 @@ fn invalid_values_name_their_key() {
         "nats:\n  mode: sideways\n",
         "worker:\n  port: 70000\n",
         "worker:\n  httpBindAddress: localhost\n",
+        "runtime:\n  batchSize: 0\n",
+        "runtime:\n  batchSize: 1025\n",
+        "runtime:\n  prefillStepSize: 15\n",
+        "runtime:\n  prefillStepSize: 8193\n",
+        "runtime:\n  batching: sometimes\n",
         "cluster:\n  worker:\n    port: 1\nworker:\n  port: 2\n",
         "worker: [1, 2]\n",
         "a: &a [1]\nb: *a\n",
@@ -161,6 +166,89 @@ fn environment_overrides_the_file_and_flags_override_the_environment() {
     // Without the flag, the environment's id stands.
     let c = load(Some(&file), &e, &[]).unwrap();
     assert_eq!(c.node.worker_id.as_deref(), Some("from-env"));
+}
+
+#[test]
+fn batching_settings_come_from_the_file_the_environment_and_flags() {
+    let defaults = yaml("").unwrap().engine;
+    assert_eq!(
+        (
+            defaults.batching,
+            defaults.batch_size,
+            defaults.prefill_step_size
+        ),
+        (true, None, 512)
+    );
+    let file = yaml("runtime:\n  batching: false\n  batchSize: 4\n  prefillStepSize: 1024\n")
+        .unwrap()
+        .engine;
+    assert_eq!(
+        (file.batching, file.batch_size, file.prefill_step_size),
+        (false, Some(4), 1024)
+    );
+    let snake = yaml("runtime:\n  batch_size: 1024\n  prefill_step_size: 16\n")
+        .unwrap()
+        .engine;
+    assert_eq!(
+        (snake.batch_size, snake.prefill_step_size),
+        (Some(1024), 16)
+    );
+    let e = env(&[
+        ("MLX_WORKER_RUNTIME_BATCHING", "false"),
+        ("MLX_WORKER_RUNTIME_BATCH_SIZE", "16"),
+        ("MLX_WORKER_RUNTIME_PREFILL_STEP_SIZE", "256"),
+    ]);
+    let c = load(None, &e, &[]).unwrap().engine;
+    assert_eq!(
+        (c.batching, c.batch_size, c.prefill_step_size),
+        (false, Some(16), 256)
+    );
+    let f = [
+        flag(Setting::Batching, "--batching", "true"),
+        flag(Setting::BatchSize, "--batch-size", " 2 "),
+        flag(Setting::PrefillStepSize, "--prefill-step-size", "8192"),
+    ];
+    let c = load(None, &e, &f).unwrap().engine;
+    assert_eq!(
+        (c.batching, c.batch_size, c.prefill_step_size),
+        (true, Some(2), 8192)
+    );
+    // An override out of range is refused as the file's value is, naming the key.
+    let err = load(None, &env(&[("MLX_WORKER_RUNTIME_BATCH_SIZE", "0")]), &[]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "config key runtime.batchSize: is 0, must be between 1 and 1024"
+    );
+    let err = load(
+        None,
+        &[],
+        &[flag(
+            Setting::PrefillStepSize,
+            "--prefill-step-size",
+            "9000",
+        )],
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "config key runtime.prefillStepSize: is 9000, must be between 16 and 8192"
+    );
+    let err = load(None, &env(&[("MLX_WORKER_RUNTIME_BATCHING", "yes")]), &[]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "environment variable MLX_WORKER_RUNTIME_BATCHING (runtime.batching): \"yes\" is not \
+         true or false"
+    );
+    let err = load(
+        None,
+        &[],
+        &[flag(Setting::BatchSize, "--batch-size", "eight")],
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "flag --batch-size (runtime.batchSize): \"eight\" is not a positive integer"
+    );
 }
 
 #[test]

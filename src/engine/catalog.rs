@@ -22,7 +22,7 @@ use serde_json::Value;
 use tracing::warn;
 
 use crate::engine::{Catalog, ModelEntry};
-use crate::plan::model_size::parameters_from_config;
+use crate::plan::model_size::{ModelFacts, parameters_from_config};
 
 /// Deepest directory level the scan descends to below the root.
 const SCAN_DEPTH_MAX: usize = 8;
@@ -30,6 +30,17 @@ const SCAN_DEPTH_MAX: usize = 8;
 const SCAN_ENTRIES_MAX: usize = 100_000;
 /// Largest `config.json` read.
 const MODEL_CONFIG_BYTES_MAX: u64 = 1024 * 1024;
+
+impl ModelEntry {
+    /// What is known of the size of this entry, the model `id`, for its tier.
+    pub fn facts<'a>(&self, id: &'a str) -> ModelFacts<'a> {
+        ModelFacts {
+            parameter_count: self.parameter_count,
+            name: id,
+            disk_bytes: Some(self.size_bytes),
+        }
+    }
+}
 
 /// Why the model directory could not be scanned.
 #[derive(Debug, thiserror::Error)]

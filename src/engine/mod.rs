@@ -33,10 +33,10 @@ pub struct ModelEntry {
     pub size_bytes: u64,
     /// Parameters, when known from its configuration or weights.
     pub parameter_count: Option<u64>,
-    /// Generations of this model the engine runs at once, when it says: past it, `generate`
-    /// fails. Models may share the figure (the MLX runtime's bound is one for all its models);
-    /// the worker hands the engine no more than this of the model, nor more in all than the
-    /// largest figure of its models. `None` from a scan of the model directory alone.
+    /// Generations of this model the engine runs at once, when it says (for MLX, the batch size
+    /// it asks the model to load with); the worker hands the engine no more than this of the
+    /// model, nor more in all than the largest figure of its models. `None` from a scan of the
+    /// model directory alone.
     pub streams_max: Option<usize>,
 }
 
@@ -184,6 +184,10 @@ pub struct LoadedModel {
     pub context_length: u64,
     /// Its parameters, when the engine could count them.
     pub parameter_count: Option<u64>,
+    /// Generations of it the engine runs at once, as the load answered (for MLX, the effective
+    /// batch size: 1 for a model whose cache cannot be batched); `None` when it did not say.
+    /// Below the catalog's figure, the worker runs no more of the model than this.
+    pub streams_max: Option<usize>,
 }
 
 /// What the engine has done with one model, since it started (counters only grow; a runtime

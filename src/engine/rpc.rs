@@ -6,8 +6,9 @@
 //! `params`, and the part of its result the worker reads deserializes from the answer.
 //!
 //! Both the existing mlx-serving runtime and ours are understood: single and batched
-//! `stream.chunk` forms, `completed` / `error` / `cancelled` stream events. Only this module and
-//! `engine::mlx` know the runtime's wire format.
+//! `stream.chunk` forms, our `stream.step` (the tokens of every stream of one generator step,
+//! for streams started with `step_chunks`), `completed` / `error` / `cancelled` stream events.
+//! Only this module and `engine::mlx` know the runtime's wire format.
 
 #[cfg(test)]
 mod tests;
@@ -115,6 +116,21 @@ fn object<'de, D: Deserializer<'de>, T: DeserializeOwned + Default>(
     })
 }
 
+/// A result field holding a list of objects: each object item read as [`decode_result`] reads
+/// a result; other items skipped, none when it is no list.
+fn objects<'de, D: Deserializer<'de>, T: DeserializeOwned + Default>(
+    field: D,
+) -> Result<Vec<T>, D::Error> {
+    Ok(match Value::deserialize(field)? {
+        Value::Array(items) => items
+            .into_iter()
+            .filter(Value::is_object)
+            .map(decode_result)
+            .collect(),
+        _ => Vec::new(),
+    })
+}
+
 /// A result field holding a list of strings: its string items, none when it is no list.
 fn strings<'de, D: Deserializer<'de>>(field: D) -> Result<Vec<String>, D::Error> {
     Ok(match Value::deserialize(field)? {
@@ -150,18 +166,33 @@ pub struct Info {
     /// Whether MLX runs on this host; the existing runtime says `false` where it cannot.
     #[serde(default, deserialize_with = "lenient")]
     pub mlx_supported: Option<bool>,
-    /// What the runtime says it can do; `cancel` is the one the worker looks for.
+    /// What the runtime says it can do; `cancel` and `step_chunks` are the ones the worker
+    /// looks for.
     #[serde(default, deserialize_with = "strings")]
     pub capabilities: Vec<String>,
     /// The runtime's bounds (ours states them; the existing runtime does not).
     #[serde(default, deserialize_with = "object")]
     pub limits: Option<InfoLimits>,
+    /// The models loaded, with their batch sizes (ours states them; the existing runtime
+    /// does not).
+    #[serde(default, deserialize_with = "objects")]
+    pub models: Vec<InfoModel>,
 }
 
 impl Info {
     /// Whether the runtime has the `cancel` method (ours does; the existing one does not).
     pub fn can_cancel(&self) -> bool {
-        self.capabilities.iter().any(|c| c == "cancel")
+        self.has("cancel")
+    }
+
+    /// Whether `generate` takes `step_chunks`, so a stream's tokens come in `stream.step`
+    /// lines (ours does; the existing runtime does not).
+    pub fn can_step_chunks(&self) -> bool {
+        self.has("step_chunks")
+    }
+
+    fn has(&self, capability: &str) -> bool {
+        self.capabilities.iter().any(|c| c == capability)
     }
 
     /// The streams the runtime holds live at once, when it says.
@@ -177,6 +208,26 @@ pub struct InfoLimits {
     /// refused.
     #[serde(default, deserialize_with = "lenient")]
     pub streams_live_max: Option<u64>,
+    /// The batch size a `load_model` without `batch_size` gets.
+    #[serde(default, deserialize_with = "lenient")]
+    pub batch_size_default: Option<u64>,
+    /// The prefill step a `load_model` without `prefill_step_size` gets, tokens.
+    #[serde(default, deserialize_with = "lenient")]
+    pub prefill_step_size_default: Option<u64>,
+}
+
+/// What the worker reads of one entry of `runtime/info`'s `models`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct InfoModel {
+    /// The model's id.
+    #[serde(default, deserialize_with = "lenient")]
+    pub model_id: Option<String>,
+    /// Its effective batch size.
+    #[serde(default, deserialize_with = "lenient")]
+    pub batch_size: Option<u64>,
+    /// Whether its streams are decoded together.
+    #[serde(default, deserialize_with = "lenient")]
+    pub batched: Option<bool>,
 }
 
 /// `runtime/state`.
@@ -197,13 +248,21 @@ pub struct State {
 }
 
 /// `load_model`: loads the model at `local_path` under the id `model_id`, so that no network
-/// is involved and `generate` uses the same id.
+/// is involved and `generate` uses the same id, decoding up to `batch_size` of its streams
+/// together. Each figure is sent only when given (the runtime has a default for it); the
+/// existing runtime ignores both.
 #[derive(Debug, Serialize)]
 pub struct LoadModel<'a> {
+    /// Streams of the model decoded together; 1 is the sequential path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
     /// The model's directory, absolute.
     pub local_path: &'a str,
     /// The id the model is kept under.
     pub model_id: &'a str,
+    /// Prompt tokens processed per prefill step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill_step_size: Option<usize>,
 }
 
 impl Call for LoadModel<'_> {
@@ -220,6 +279,13 @@ pub struct ModelLoaded {
     /// The model's parameters; 0 when the runtime could not count them.
     #[serde(default, deserialize_with = "lenient")]
     pub parameter_count: Option<u64>,
+    /// The effective batch size: streams of the model decoded together (1 on the sequential
+    /// path, also when the model's cache cannot be batched).
+    #[serde(default, deserialize_with = "lenient")]
+    pub batch_size: Option<u64>,
+    /// Whether the model's streams are decoded together.
+    #[serde(default, deserialize_with = "lenient")]
+    pub batched: Option<bool>,
 }
 
 /// `unload_model`.
@@ -243,6 +309,10 @@ pub struct Generate<'a> {
     pub model_id: &'a str,
     /// Prompt text.
     pub prompt: &'a str,
+    /// Whether the stream's tokens come in `stream.step` lines; sent only when true, and only
+    /// to a runtime that has the capability.
+    #[serde(skip_serializing_if = "is_false")]
+    pub step_chunks: bool,
     /// The stream's id, chosen by the worker.
     pub stream_id: &'a str,
     /// Whether tokens come as notifications; the worker always streams.
@@ -251,6 +321,10 @@ pub struct Generate<'a> {
     pub temperature: f64,
     /// Nucleus sampling mass.
     pub top_p: f64,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 impl Call for Generate<'_> {
@@ -309,11 +383,44 @@ pub mod code {
     pub const MODEL_NOT_LOADED: i64 = -32005;
 }
 
-/// One token of a `stream.chunk`.
+/// One token of a `stream.chunk` or a `stream.step`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChunkToken {
     /// The token's text.
     pub text: String,
+}
+
+/// One entry of a `stream.step`: a token of one stream.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StepChunk {
+    /// The stream.
+    pub stream_id: String,
+    /// Its token.
+    pub token: ChunkToken,
+}
+
+/// What the worker reads of a `stream.stats`; each figure absent when the runtime states none
+/// (the existing runtime states no prompt or queue figures) or gives it with another type.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct StreamStats {
+    /// Tokens of the prompt.
+    #[serde(default, deserialize_with = "lenient")]
+    pub prompt_tokens: Option<u64>,
+    /// Seconds from the stream being taken into prefill to its first token.
+    #[serde(default, deserialize_with = "lenient")]
+    pub prompt_time: Option<f64>,
+    /// Seconds from `generate` accepted to the stream being taken into prefill.
+    #[serde(default, deserialize_with = "lenient")]
+    pub queue_time: Option<f64>,
+    /// Tokens generated.
+    #[serde(default, deserialize_with = "lenient")]
+    pub tokens_generated: Option<u64>,
+    /// Seconds from the stream starting on the compute thread to its first token.
+    #[serde(default, deserialize_with = "lenient")]
+    pub time_to_first_token: Option<f64>,
+    /// Seconds the stream took in all.
+    #[serde(default, deserialize_with = "lenient")]
+    pub total_time: Option<f64>,
 }
 
 /// How a stream ended, from its `stream.event`.
@@ -350,10 +457,18 @@ pub enum Inbound {
         /// Its tokens.
         tokens: Vec<ChunkToken>,
     },
+    /// The tokens of one generator step, of any number of streams, in the step's order (a
+    /// stream's own entries in its token order).
+    Step {
+        /// The entries, in line order.
+        chunks: Vec<StepChunk>,
+    },
     /// A stream's statistics (before its completion event).
     Stats {
         /// The stream.
         stream_id: String,
+        /// Its figures.
+        stats: StreamStats,
     },
     /// The end of a stream.
     End {
@@ -394,6 +509,13 @@ fn chunk_token(entry: &Value) -> Result<ChunkToken, DecodeError> {
     })
 }
 
+fn step_chunk(entry: &Value) -> Result<StepChunk, DecodeError> {
+    Ok(StepChunk {
+        stream_id: string_field(entry, "stream_id")?,
+        token: chunk_token(entry)?,
+    })
+}
+
 /// Classifies one line from the runtime's stdout.
 pub fn decode_line(line: &[u8]) -> Result<Inbound, DecodeError> {
     let value: Value =
@@ -412,8 +534,19 @@ pub fn decode_line(line: &[u8]) -> Result<Inbound, DecodeError> {
                 };
                 Ok(Inbound::Chunk { stream_id, tokens })
             }
+            "stream.step" => {
+                let entries = params
+                    .get("chunks")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| {
+                        DecodeError::Malformed("missing list field \"chunks\"".into())
+                    })?;
+                let chunks = entries.iter().map(step_chunk).collect::<Result<_, _>>()?;
+                Ok(Inbound::Step { chunks })
+            }
             "stream.stats" => Ok(Inbound::Stats {
                 stream_id: string_field(&params, "stream_id")?,
+                stats: decode_result(params),
             }),
             "stream.event" => {
                 let stream_id = string_field(&params, "stream_id")?;

@@ -7,7 +7,8 @@
 //! - [`model_size`]: a model's tier from its parameter count (estimated from its `config.json`
 //!   by [`model_size::parameters_from_config`]), name or size on disk.
 //! - [`recommendation`]: the per-tier concurrency table, its confidence, the tiers a host can
-//!   serve, and the configuration's overrides.
+//!   serve, the configuration's overrides, and the batch size the engine is asked for each
+//!   model ([`recommendation::BatchSizes`]).
 //! - [`report`]: the JSON document `mlx-worker probe` prints.
 //! - here: [`TierLimit`], the scheduler's bounds ([`SchedulerLimits`]), what the plan takes
 //!   of the configuration ([`Settings`]) and of the engine ([`ServedModel`]), and the [`Plan`]
@@ -32,7 +33,7 @@ pub use tier::{ModelTier, UnknownTier};
 
 use crate::hardware::HostProfile;
 use crate::protocol::{HardwareProfile, WorkerCapabilities};
-use model_size::{ModelFacts, model_tier};
+use model_size::{ModelFacts, planned_tier};
 use recommendation::{Capabilities, LimitSource, Recommendation};
 
 /// Concurrency bounds of one model tier.
@@ -143,11 +144,7 @@ impl Plan {
         let tiers: BTreeMap<ModelTier, TierLimit> = recommendation.tier_limits();
         let model_tiers: HashMap<String, ModelTier> = models
             .iter()
-            .map(|model| {
-                // A model whose size nothing tells is planned as a mid-sized one.
-                let tier = model_tier(&model.facts).unwrap_or(ModelTier::Medium);
-                (model.facts.name.to_owned(), tier)
-            })
+            .map(|model| (model.facts.name.to_owned(), planned_tier(&model.facts)))
             .collect();
         let capabilities = Capabilities::of(profile, &recommendation);
         // By default the worker runs as many requests at once as the most permissive tier of

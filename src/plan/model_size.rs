@@ -38,6 +38,12 @@ pub fn model_tier(model: &ModelFacts<'_>) -> Option<ModelTier> {
     Some(ModelTier::from_parameter_count(parameters))
 }
 
+/// The tier a model is planned in: [`model_tier`], or `7-13B` when nothing tells its size (a
+/// model of unknown size is planned as a mid-sized one).
+pub fn planned_tier(model: &ModelFacts<'_>) -> ModelTier {
+    model_tier(model).unwrap_or(ModelTier::Medium)
+}
+
 /// The parameter count a model's name states: the largest word (split at anything but
 /// letters, digits and `.`, case-insensitive) of the form `7b`, `0.5b`, `135m` or, for a
 /// mixture of experts, `8x7b` (experts × size: an overestimate, since experts share the

@@ -1,12 +1,14 @@
 //! Concurrency planning from a [`HostProfile`]: how many requests of each model tier the host
 //! should run and queue, how far to trust that, and which tiers it can serve at all — the
 //! TypeScript detector's `recommendConcurrency` and `hardware-reporter.ts`,
-//! plus configuration overrides. Pure; the probes supply the profile.
+//! plus configuration overrides — and the batch size the engine is asked for a model of each
+//! tier ([`BatchSizes`]). Pure; the probes supply the profile.
 
 use std::collections::BTreeMap;
 
 use super::{ModelTier, TierLimit};
 use crate::hardware::{ChipVariant, HostProfile};
+use crate::limits::RUNTIME_BATCH_SIZE_DEFAULT;
 
 /// How far a recommendation can be trusted, from GPU cores, generation and memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -118,6 +120,59 @@ impl Recommendation {
             .into_iter()
             .map(|tier| (tier, self.limit(tier)))
             .collect()
+    }
+}
+
+/// The streams of one model the engine is asked to decode together, by the model's tier.
+///
+/// The engine caps the figure with its own bound on live streams. The default is the MLX
+/// runtime's own default for every model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchSizes {
+    /// One figure per tier, each at least 1, in `ModelTier::ALL` order (see `slot`).
+    tiers: [usize; 5],
+}
+
+impl BatchSizes {
+    /// `size` (at least 1) for every tier.
+    pub fn uniform(size: usize) -> BatchSizes {
+        BatchSizes {
+            tiers: [size.max(1); 5],
+        }
+    }
+
+    /// Each tier its requests at once under `recommendation` (pass the one with the
+    /// configuration's overrides applied: a batch the tier never fills holds memory for
+    /// nothing).
+    pub fn recommended(recommendation: &Recommendation) -> BatchSizes {
+        BatchSizes {
+            tiers: ModelTier::ALL.map(|tier| recommendation.limit(tier).max_concurrent.max(1)),
+        }
+    }
+
+    /// What the configuration asks for: 1 for every tier when `batching` is off, else
+    /// `batch_size` for every tier when it is set, else [`BatchSizes::recommended`].
+    pub fn configured(
+        batching: bool,
+        batch_size: Option<usize>,
+        recommendation: &Recommendation,
+    ) -> BatchSizes {
+        match (batching, batch_size) {
+            (false, _) => BatchSizes::uniform(1),
+            (true, Some(size)) => BatchSizes::uniform(size),
+            (true, None) => BatchSizes::recommended(recommendation),
+        }
+    }
+
+    /// The batch size asked for a model of `tier`.
+    pub fn for_tier(&self, tier: ModelTier) -> usize {
+        self.tiers[slot(tier)]
+    }
+}
+
+impl Default for BatchSizes {
+    fn default() -> Self {
+        BatchSizes::uniform(RUNTIME_BATCH_SIZE_DEFAULT)
     }
 }
 

@@ -1,6 +1,6 @@
 //! Admission and ordering of accepted requests: a global in-flight limit, per-tier concurrency
-//! and queue bounds, a per-model concurrency bound (the engine's capacity), and three
-//! priorities, FIFO within a priority.
+//! and queue bounds, a per-model concurrency bound (the engine's capacity, which may fall when
+//! a load says the model runs fewer at once), and three priorities, FIFO within a priority.
 //!
 //! Sans-IO: the scheduler holds request ids and counts, and answers decisions; the dispatcher
 //! starts and finishes the work. A tier's requests wait in one lane per model, so a model at
@@ -45,6 +45,10 @@ pub struct ModelCount {
 #[derive(Debug, Default)]
 struct Lane {
     running: usize,
+    /// Of those running, how many started before the model's limit fell below them; each
+    /// finish takes one off first, so no request starts while the model is at or past its
+    /// limit.
+    over: usize,
     /// One FIFO per priority, highest first; entries are (arrival number, request id).
     queues: [VecDeque<(u64, String)>; 3],
 }
@@ -147,6 +151,24 @@ impl Scheduler {
         counts
     }
 
+    /// Lowers the requests of `model` that may run at once to `max` (at least 1), when that is
+    /// below its limit; whether it fell. Requests of the model running past the new limit go
+    /// on, and none of it starts until fewer than `max` run.
+    pub fn lower_model_limit(&mut self, model: &str, max: usize) -> bool {
+        let max = max.max(1);
+        if max >= self.model_max(model) {
+            return false;
+        }
+        self.limits.models.insert(model.to_owned(), max);
+        for state in self.tiers.values_mut() {
+            if let Some(lane) = state.lanes.get_mut(model) {
+                lane.over = lane.running.saturating_sub(max);
+            }
+        }
+        self.check();
+        true
+    }
+
     /// Requests of `model` that may run at once.
     fn model_max(&self, model: &str) -> usize {
         self.limits.models.get(model).copied().unwrap_or(usize::MAX)
@@ -216,6 +238,7 @@ impl Scheduler {
         let lane = state.and_then(|s| {
             let lane = s.lanes.get_mut(model).filter(|lane| lane.running > 0)?;
             lane.running -= 1;
+            lane.over = lane.over.saturating_sub(1);
             s.running -= 1;
             Some(())
         });
@@ -317,9 +340,10 @@ impl Scheduler {
         debug_assert!(self.running <= self.limits.inflight_max);
         debug_assert!(self.queued <= self.limits.queue_depth_max);
         debug_assert!(self.tiers.values().all(|s| {
-            s.lanes
-                .iter()
-                .all(|(model, lane)| lane.running <= self.model_max(model))
+            s.lanes.iter().all(|(model, lane)| {
+                lane.over <= lane.running
+                    && lane.running <= self.model_max(model).saturating_add(lane.over)
+            })
         }));
         debug_assert!(
             self.next_startable().is_none(),

@@ -1,6 +1,7 @@
 // Goal: the scheduler's admission decisions respect every bound (overall, per tier, per model)
 // and start waiting work in the right order as soon as a slot frees; a model at its bound holds
-// up its own requests only.
+// up its own requests only; a model's bound that falls holds its new starts until fewer run,
+// and never rises.
 // Method: scripted admit/finish sequences on small limits, plus a proptest of random sequences
 // over two tiers and three models against the bounds and the no-idle-slot invariant (checked
 // inside the scheduler).
@@ -200,6 +201,33 @@ fn the_requests_in_hand_are_counted_by_model() {
     );
 }
 
+#[test]
+fn a_fallen_model_limit_holds_new_starts_until_fewer_than_it_run() {
+    let mut s = Scheduler::new(with_models(limits(8, 10, &[(Tiny, 4, 10)]), &[("a", 3)]));
+    for id in ["a1", "a2", "a3"] {
+        assert_eq!(s.admit(id.into(), Tiny, "a", Medium), Admission::Start);
+    }
+    assert!(s.lower_model_limit("a", 1));
+    assert_eq!(s.limits().models["a"], 1);
+    // The three running go on; the next waits for the model, not for its tier.
+    assert_eq!(s.admit("a4".into(), Tiny, "a", Medium), Admission::Queued);
+    assert_eq!(s.admit("b1".into(), Tiny, "b", Medium), Admission::Start);
+    assert_eq!(s.finish(Tiny, "a"), Vec::<String>::new());
+    assert_eq!(s.finish(Tiny, "a"), Vec::<String>::new());
+    assert_eq!(s.finish(Tiny, "a"), vec!["a4".to_owned()]);
+    assert_eq!(s.admit("a5".into(), Tiny, "a", Medium), Admission::Queued);
+    // The limit only falls: a higher figure, or the same, changes nothing.
+    assert!(!s.lower_model_limit("a", 2));
+    assert!(!s.lower_model_limit("a", 1));
+    assert!(!s.lower_model_limit("a", 0), "a model runs at least one");
+    assert_eq!(s.limits().models["a"], 1);
+    assert_eq!(s.finish(Tiny, "a"), vec!["a5".to_owned()]);
+    // A model without a limit gets one.
+    assert!(s.lower_model_limit("b", 1));
+    assert_eq!(s.admit("b2".into(), Tiny, "b", Medium), Admission::Queued);
+    assert_eq!(s.finish(Tiny, "b"), vec!["b2".to_owned()]);
+}
+
 /// The proptest's models and their tiers; "a" runs at most [`A_MAX`] at once.
 const MODELS: [(&str, ModelTier); 3] = [("h", Huge), ("a", Tiny), ("b", Tiny)];
 const A_MAX: usize = 1;
@@ -211,6 +239,8 @@ enum Op {
     /// Finishes a running request of the model at this position, if one runs.
     Finish(u8),
     Remove(u8),
+    /// Lowers the limit of the model at this position to this figure.
+    Lower(u8, u8),
 }
 
 /// Requests of `model`, of `tier`, running in `s`.
@@ -228,6 +258,7 @@ proptest! {
             (0u8..3, 0u8..3).prop_map(|(m, p)| Op::Admit(m, p)),
             (0u8..3).prop_map(Op::Finish),
             (0u8..50).prop_map(Op::Remove),
+            (0u8..3, 0u8..3).prop_map(|(m, n)| Op::Lower(m, n)),
         ], 0..200)
     ) {
         let limits = limits(3, 5, &[(Huge, 1, 3), (Tiny, 2, 4)]);
@@ -259,6 +290,16 @@ proptest! {
                 }
                 Op::Remove(id) => {
                     s.remove_queued(&id.to_string());
+                }
+                // The scheduler checks after it that no model runs past its limit but for
+                // what ran before it fell, and that nothing that could start waits.
+                Op::Lower(m, n) => {
+                    let (model, _) = MODELS[usize::from(m)];
+                    let before = s.limits().models.get(model).copied();
+                    let lowered = s.lower_model_limit(model, usize::from(n));
+                    let after = s.limits().models.get(model).copied();
+                    prop_assert_eq!(lowered, before != after);
+                    prop_assert!(after.unwrap_or(usize::MAX) <= before.unwrap_or(usize::MAX));
                 }
             }
             prop_assert!(s.running() <= 3);

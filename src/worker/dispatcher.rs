@@ -8,6 +8,7 @@
 //! request task or — for requests refused or ended while waiting — by a short responder task
 //! here.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use crate::config::GenerationDefaults;
 use crate::engine::GenerateRequest;
 use crate::limits::{FAULT_MIN_SAMPLES, FAULT_WINDOW, REFUSAL_TASKS_MAX};
 use crate::metrics::{Collector, Outcome, RequestRecord, Snapshot};
+use crate::mutation::Mutation;
 use crate::protocol::request::{RequestLimits, ValidRequest, decode_cancel, decode_request};
 use crate::protocol::{self, ErrorCode, ErrorMessage};
 use crate::transport::InboundMessage;
@@ -376,6 +378,19 @@ impl Dispatcher {
             f.fault_ratio = ratio;
             changed
         });
+    }
+
+    /// The engine's loads said how many requests of each model it runs at once (model id →
+    /// figure): a model's running limit falls to its figure when that is lower.
+    pub(crate) fn on_capacities(&mut self, capacities: &BTreeMap<String, usize>) {
+        // A planted bug ignores the engine's capacity entirely, this too.
+        if self.ctx.mutations.has(Mutation::IgnoreEngineCapacity) {
+            return;
+        }
+        for (model, &streams_max) in capacities {
+            let model = model.clone();
+            self.feed(Event::ModelCapacity { model, streams_max }, None);
+        }
     }
 
     /// Stops taking new requests; accepted ones go on.

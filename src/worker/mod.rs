@@ -53,7 +53,6 @@ use crate::limits::{
 use crate::metrics::models::RateMeter;
 use crate::metrics::telemetry::Telemetry;
 use crate::mutation::{Mutation, Mutations};
-use crate::plan::model_size::ModelFacts;
 use crate::plan::{Plan, ServedModel};
 use crate::protocol::{self, ModelSkills, WorkerDeregistration, subject};
 use crate::transport::{Subscription, Transport, TransportError};
@@ -206,6 +205,8 @@ impl Worker {
             mutations: self.mutations,
             telemetry: self.telemetry.clone(),
         });
+        // Before anything can load a model, so the dispatcher hears of every load.
+        let capacities = ctx.loader.capacities();
         let mut dispatcher = self.dispatcher(&plan, ctx.clone());
         let background = self.start_background(&profile, &catalog, &plan, ctx);
         let mut intake = Intake {
@@ -213,6 +214,7 @@ impl Worker {
             cancel,
             groups: ModelGroups::new(catalog.models.keys()),
             finished,
+            capacities,
         };
         intake.groups.join(&self.deps.transport).await;
         self.serve(&mut dispatcher, &mut intake, shutdown).await;
@@ -233,11 +235,7 @@ impl Worker {
             .models
             .iter()
             .map(|(id, entry)| ServedModel {
-                facts: ModelFacts {
-                    parameter_count: entry.parameter_count,
-                    name: id,
-                    disk_bytes: Some(entry.size_bytes),
-                },
+                facts: entry.facts(id),
                 streams_max: entry.streams_max,
             })
             .collect();
@@ -399,6 +397,10 @@ impl Worker {
                 },
                 Some(msg) = intake.cancel.next() => dispatcher.on_cancel(msg),
                 Some(finished) = intake.finished.recv() => dispatcher.on_finished(finished),
+                Ok(()) = intake.capacities.changed() => {
+                    let capacities = intake.capacities.borrow_and_update().clone();
+                    dispatcher.on_capacities(&capacities);
+                }
                 () = sleep_until_opt(queued_deadline) => dispatcher.expire_queued(),
                 () = sleep_until_opt(fault_aging) => dispatcher.age_faults(),
                 () = sleep_until_opt(group_quiet_at.filter(|_| idle)) => {}
@@ -437,6 +439,7 @@ impl Worker {
             cancel,
             mut groups,
             mut finished,
+            ..
         } = intake;
         groups.leave();
         dispatcher.abort_all();
@@ -526,6 +529,8 @@ struct Intake {
     groups: ModelGroups,
     /// Ends reported by the request tasks.
     finished: mpsc::Receiver<Finished>,
+    /// What the engine's loads said of each model's capacity (the loader sends it).
+    capacities: watch::Receiver<BTreeMap<String, usize>>,
 }
 
 /// The presence, service discovery and preload tasks of one run.

@@ -13,13 +13,13 @@
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -57,6 +57,9 @@ impl Abort {
 #[derive(Default)]
 pub(crate) struct Loader {
     in_flight: Mutex<HashMap<String, SharedLoad>>,
+    /// How many requests of each model the engine runs at once, as its last load said; the
+    /// run loop hands changes to the dispatcher, which lowers the model's running limit.
+    capacities: watch::Sender<BTreeMap<String, usize>>,
 }
 
 type SharedLoad = Shared<BoxFuture<'static, Result<LoadedModel, EngineError>>>;
@@ -82,6 +85,13 @@ impl Loader {
                     let loader = self.clone();
                     async move {
                         let result = engine.load(&model).await;
+                        if let Ok(LoadedModel {
+                            streams_max: Some(n),
+                            ..
+                        }) = &result
+                        {
+                            loader.note_capacity(&model, *n);
+                        }
                         // The next request asks the engine again, which is cheap for a
                         // loaded model and reloads one lost in an engine restart.
                         if let Ok(mut map) = loader.in_flight.lock() {
@@ -95,6 +105,16 @@ impl Loader {
                 .clone()
         };
         load.await
+    }
+
+    /// Follows what the loads said of each model's capacity.
+    pub(crate) fn capacities(&self) -> watch::Receiver<BTreeMap<String, usize>> {
+        self.capacities.subscribe()
+    }
+
+    fn note_capacity(&self, model: &str, streams_max: usize) {
+        self.capacities
+            .send_if_modified(|c| c.insert(model.to_owned(), streams_max) != Some(streams_max));
     }
 }
 

@@ -15,6 +15,7 @@ use mlx_worker::clock::SystemClock;
 use mlx_worker::config::EngineConfig;
 use mlx_worker::engine::mlx::MlxEngine;
 use mlx_worker::engine::{Engine, EngineHealth, FinishReason, GenerateRequest, TokenEvent};
+use mlx_worker::plan::recommendation::BatchSizes;
 use mlx_worker::protocol::{StreamMessage, WorkerHeartbeat, WorkerRegistration, WorkerStatus};
 use serde_json::json;
 
@@ -29,6 +30,14 @@ fn repo(path: &str) -> PathBuf {
 /// setup has not run.
 pub(crate) fn engine_config() -> EngineConfig {
     testkit::runtime::engine_config(&repo("")).unwrap_or_else(|missing| panic!("{missing}"))
+}
+
+/// The real runtime, each model loaded with its tier's figure of `batch_sizes`; fails clearly
+/// when setup has not run.
+pub(crate) async fn mlx_engine(batch_sizes: BatchSizes) -> MlxEngine {
+    MlxEngine::start(engine_config(), batch_sizes, Arc::new(SystemClock))
+        .await
+        .expect("the MLX runtime starts")
 }
 
 fn generate(stream_id: &str, max_tokens: u32) -> GenerateRequest {
@@ -77,9 +86,7 @@ fn reference_text(prompt: &str, max_tokens: u32) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_runtime_loads_streams_the_model_text_and_unloads() {
     init_logs();
-    let engine = MlxEngine::start(engine_config(), Arc::new(SystemClock))
-        .await
-        .unwrap();
+    let engine = mlx_engine(BatchSizes::default()).await;
     let catalog = engine.catalog().await.unwrap();
     assert!(catalog.models.contains_key(TINY), "{catalog:?}");
     let loaded = engine.load(TINY).await.unwrap();
@@ -96,7 +103,7 @@ async fn the_real_runtime_loads_streams_the_model_text_and_unloads() {
     assert_eq!(end, TokenEvent::Finished(FinishReason::Length));
     assert_eq!(tokens.concat(), reference_text("Hello world", 12));
 
-    // Two at once both complete (the runtime runs them one after the other).
+    // Two at once both complete (the runtime decodes them together).
     let a = engine.generate(generate("g-a", 8)).await.unwrap();
     let b = engine.generate(generate("g-b", 8)).await.unwrap();
     let ((ta, ea), (tb, eb)) = tokio::join!(drain(a), drain(b));
@@ -115,9 +122,7 @@ async fn the_real_runtime_loads_streams_the_model_text_and_unloads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_generation_is_cancelled_in_the_runtime() {
     init_logs();
-    let engine = MlxEngine::start(engine_config(), Arc::new(SystemClock))
-        .await
-        .unwrap();
+    let engine = mlx_engine(BatchSizes::default()).await;
     engine.load(TINY).await.unwrap();
     let mut rx = engine.generate(generate("long", 4000)).await.unwrap();
     for _ in 0..3 {

@@ -23,6 +23,7 @@ mod outage;
 mod presence;
 mod privilege;
 mod probe;
+mod runtime_batch;
 mod service;
 mod tls;
 mod transport;

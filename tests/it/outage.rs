@@ -12,17 +12,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use mlx_worker::clock::SystemClock;
 use mlx_worker::config::WorkerConfig;
 use mlx_worker::engine::Engine;
-use mlx_worker::engine::mlx::MlxEngine;
+use mlx_worker::plan::recommendation::BatchSizes;
 use mlx_worker::protocol::StreamMessage;
 use mlx_worker_sim::{SimEngine, SimEngineConfig};
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::engine::engine_config;
+use crate::engine::mlx_engine;
 use testkit::runtime::TINY;
 use testkit::{Controller, NatsServer, RunningWorker, within};
 
@@ -113,9 +112,7 @@ fn check_stream(id: &str, stream: &[StreamMessage]) -> &'static str {
 async fn a_long_broker_outage_ends_every_request_with_exactly_one_terminal() {
     let mut server = NatsServer::start().await;
     let config = config(&server.url(), "");
-    let engine = MlxEngine::start(engine_config(), Arc::new(SystemClock))
-        .await
-        .expect("the MLX runtime starts");
+    let engine = mlx_engine(BatchSizes::default()).await;
     engine.load(TINY).await.expect("the tiny model loads");
     let mut worker = RunningWorker::start("w-outage", &config, Arc::new(engine), vec![]).await;
     worker.ready().await;

@@ -16,7 +16,9 @@ fn scenarios_for(m: Mutation) -> &'static [&'static str] {
         Mutation::TokenAfterDone => &["late_subscriber", "duplicate_request_ids"],
         Mutation::IgnoreQueueBound => &["flood_past_queue_bound"],
         Mutation::AbandonOnFirstPublishTimeout => &["long_broker_outage"],
-        Mutation::IgnoreEngineCapacity => &["burst_past_engine_capacity"],
+        Mutation::IgnoreEngineCapacity => {
+            &["burst_past_engine_capacity", "load_answers_fewer_streams"]
+        }
         Mutation::OneIndexPerBatch => &["batched_engine_narrower_than_the_worker"],
     }
 }

@@ -405,9 +405,22 @@ fn burst_past_engine_capacity_script(w: &mut World) -> Run {
         w.send_request(id, 10);
     }
     w.run_for(ms(2500))?;
-    let mut out: Vec<Violation> = narrow
+    let burst: Vec<&str> = narrow.iter().map(String::as_str).collect();
+    Ok(burst_outcome(w, &burst, NARROW, NARROW_STREAMS, &wide))
+}
+
+/// What a burst of requests of `model` (`burst`) beside requests of the world's model
+/// (`wide`) must end with: every one `done` with its 10 tokens, the engine holding
+/// `model_peak` of `model` at once and all of `wide`.
+fn burst_outcome(
+    w: &World,
+    burst: &[&str],
+    model: &str,
+    model_peak: usize,
+    wide: &[&str],
+) -> Vec<Violation> {
+    let mut out: Vec<Violation> = burst
         .iter()
-        .map(String::as_str)
         .chain(wide)
         .filter_map(|id| {
             expect(
@@ -420,10 +433,10 @@ fn burst_past_engine_capacity_script(w: &mut World) -> Run {
             )
         })
         .collect();
-    let peak = w.engine.live_peak(NARROW);
+    let peak = w.engine.live_peak(model);
     out.extend(expect(
-        peak == NARROW_STREAMS,
-        format!("the engine held {peak} of {NARROW} at once, not its {NARROW_STREAMS}"),
+        peak == model_peak,
+        format!("the engine held {peak} of {model} at once, not {model_peak}"),
     ));
     let beside = w.engine.live_peak(MODEL);
     out.extend(expect(
@@ -433,6 +446,63 @@ fn burst_past_engine_capacity_script(w: &mut World) -> Run {
             wide.len()
         ),
     ));
+    out
+}
+
+/// A model the engine's catalog says it runs [`UNBATCHED_PLANNED`] of at once, whose load
+/// answers one (as the MLX runtime answers for a model whose cache cannot be batched).
+const UNBATCHED: &str = "sim/unbatched";
+/// What the catalog says of [`UNBATCHED`].
+const UNBATCHED_PLANNED: usize = 4;
+
+/// The world's engine, also serving [`UNBATCHED`].
+fn unbatched_engine(engine: &mut SimEngineConfig) {
+    engine.models.insert(UNBATCHED.to_owned(), 1_000_000);
+    engine
+        .streams_max
+        .insert(UNBATCHED.to_owned(), UNBATCHED_PLANNED);
+    engine.loaded_streams_max.insert(UNBATCHED.to_owned(), 1);
+}
+
+/// A model planned at four at once whose load answers one: once a first request has loaded
+/// it, a burst of five of its requests (with two of the world's model beside them) on a worker
+/// allowed twelve at once runs one at a time, the rest waiting in the worker's queue; every
+/// request ends `done` with all its tokens, the engine holds one of the model at once, and
+/// refuses nothing (`engine-capacity`).
+fn load_answers_fewer_streams_script(w: &mut World) -> Run {
+    ready(w)?;
+    let burst: Vec<String> = (1..=5).map(|i| format!("u{i}")).collect();
+    let wide = ["w0", "w1"];
+    let first = std::iter::once("u0".to_owned());
+    for id in first.chain(burst.iter().cloned()) {
+        w.subscribe_response(&id);
+    }
+    for id in wide {
+        w.subscribe_response(id);
+    }
+    w.run_for(ms(20))?;
+    let unbatched = |id: &str| {
+        let mut body = request(id, 10);
+        body["modelId"] = serde_json::json!(UNBATCHED);
+        body
+    };
+    w.send_json(&unbatched("u0"));
+    w.run_for(ms(800))?;
+    let mut out: Vec<Violation> = expect(
+        terminal(w, "u0").as_deref() == Some("done"),
+        format!("the first request ended {:?}", terminal(w, "u0")),
+    )
+    .into_iter()
+    .collect();
+    for id in &burst {
+        w.send_json(&unbatched(id));
+    }
+    for id in wide {
+        w.send_request(id, 10);
+    }
+    w.run_for(ms(3000))?;
+    let burst: Vec<&str> = burst.iter().map(String::as_str).collect();
+    out.extend(burst_outcome(w, &burst, UNBATCHED, 1, &wide));
     Ok(out)
 }
 
@@ -682,6 +752,15 @@ pub(crate) const ALL: &[(Scenario, u64)] = &[
     ),
     (
         Scenario {
+            name: "load_answers_fewer_streams",
+            yaml: "  maxConcurrent: 12\n  tierLimits:\n    \"<3B\":\n      maxConcurrent: 12\n      queueDepth: 20\n",
+            engine: Some(unbatched_engine),
+            run: load_answers_fewer_streams_script,
+        },
+        16,
+    ),
+    (
+        Scenario {
             name: "restarted_controller_hears_a_registration_within_an_interval",
             yaml: "",
             engine: None,
@@ -723,5 +802,6 @@ scenario_tests!(
     slow_consumer,
     burst_past_engine_capacity,
     batched_engine_narrower_than_the_worker,
+    load_answers_fewer_streams,
     restarted_controller_hears_a_registration_within_an_interval,
 );

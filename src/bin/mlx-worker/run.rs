@@ -1,6 +1,7 @@
 //! `mlx-worker run`: configuration → logs → worker id → embedded server (if configured) →
-//! production seams → `Worker::run` until SIGINT or SIGTERM, then the drain. A run that ended
-//! because the client gave up reconnecting to the message server exits 74, not 0.
+//! production seams (the engine asks each model's batch size of the host's plan) →
+//! `Worker::run` until SIGINT or SIGTERM, then the drain. A run that ended because the client
+//! gave up reconnecting to the message server exits 74, not 0.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,9 +10,10 @@ use std::time::Duration;
 use mlx_worker::clock::{Clock, SystemClock};
 use mlx_worker::config::{Flags, NatsConfig, WorkerConfig};
 use mlx_worker::engine::mlx::MlxEngine;
-use mlx_worker::hardware;
+use mlx_worker::hardware::{self, HardwareProbe, HostProfile, HostSample};
 use mlx_worker::identity::{self, Identity};
 use mlx_worker::instance::{self, InstanceError, StateLock};
+use mlx_worker::plan::recommendation::{BatchSizes, Recommendation};
 use mlx_worker::transport::embedded::EmbeddedServer;
 use mlx_worker::transport::nats::{self, ConnectError, NatsTransport};
 use mlx_worker::worker::{Deps, Worker};
@@ -181,7 +183,15 @@ async fn seams(config: &WorkerConfig, worker_id: &str) -> Result<Seams, ExitCode
         return Err(refuse(&e));
     }
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let engine = match MlxEngine::start(config.engine.clone(), clock.clone()).await {
+    let hardware = Probed::detect().await;
+    let recommendation = Recommendation::for_profile(&hardware.profile)
+        .with_overrides(&config.node.plan_settings().tier_limits);
+    let batch_sizes = BatchSizes::configured(
+        config.engine.batching,
+        config.engine.batch_size,
+        &recommendation,
+    );
+    let engine = match MlxEngine::start(config.engine.clone(), batch_sizes, clock.clone()).await {
         Ok(engine) => Arc::new(engine),
         Err(e) => {
             error!("{e}");
@@ -200,7 +210,7 @@ async fn seams(config: &WorkerConfig, worker_id: &str) -> Result<Seams, ExitCode
         transport: transport.clone(),
         engine: engine.clone(),
         clock,
-        hardware: hardware::detect(),
+        hardware: Arc::new(hardware),
     };
     Ok(Seams {
         deps,
@@ -208,6 +218,34 @@ async fn seams(config: &WorkerConfig, worker_id: &str) -> Result<Seams, ExitCode
         nats: transport,
         engine,
     })
+}
+
+/// The host's probe with its profile taken once, at start: the engine's batch sizes and the
+/// worker's plan come from the same profile, and the slow profile tools run once.
+struct Probed {
+    profile: HostProfile,
+    probe: Arc<dyn HardwareProbe>,
+}
+
+impl Probed {
+    async fn detect() -> Probed {
+        let probe = hardware::detect();
+        Probed {
+            profile: probe.profile().await,
+            probe,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl HardwareProbe for Probed {
+    async fn profile(&self) -> HostProfile {
+        self.profile.clone()
+    }
+
+    async fn sample(&self) -> HostSample {
+        self.probe.sample().await
+    }
 }
 
 async fn serve(config: WorkerConfig, worker_id: String) -> ExitCode {

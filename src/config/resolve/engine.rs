@@ -4,14 +4,17 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{invalid, millis, millis_or};
+use super::{bounded, invalid, millis, millis_or};
 use crate::config::raw::{RawRuntime, RawWorker};
 use crate::config::{
-    ConfigError, DEFAULT_ENGINE_CALL_TIMEOUT, DEFAULT_ENGINE_RESTART_WINDOW,
+    ConfigError, DEFAULT_BATCHING, DEFAULT_ENGINE_CALL_TIMEOUT, DEFAULT_ENGINE_RESTART_WINDOW,
     DEFAULT_ENGINE_RESTARTS_MAX, DEFAULT_ENGINE_STARTUP_TIMEOUT, DEFAULT_MODEL_DIR,
-    DEFAULT_MODEL_LOAD_TIMEOUT, DEFAULT_PYTHON, DEFAULT_RUNTIME_DIR, EngineConfig,
+    DEFAULT_MODEL_LOAD_TIMEOUT, DEFAULT_PREFILL_STEP_SIZE, DEFAULT_PYTHON, DEFAULT_RUNTIME_DIR,
+    EngineConfig,
 };
-use crate::limits::REQUEST_TIMEOUT_MAX;
+use crate::limits::{
+    BATCH_SIZE_MAX, PREFILL_STEP_SIZE_MAX, PREFILL_STEP_SIZE_MIN, REQUEST_TIMEOUT_MAX,
+};
 
 pub(super) fn resolve_engine(w: &RawWorker, r: RawRuntime) -> Result<EngineConfig, ConfigError> {
     let preload = preload(w)?;
@@ -58,6 +61,18 @@ pub(super) fn resolve_engine(w: &RawWorker, r: RawRuntime) -> Result<EngineConfi
             DEFAULT_ENGINE_RESTART_WINDOW,
             Duration::from_secs(1),
             Duration::from_secs(24 * 3600),
+        )?,
+        // With batching off, every model runs one stream at a time, whatever batchSize says.
+        batching: r.batching.unwrap_or(DEFAULT_BATCHING),
+        batch_size: r
+            .batch_size
+            .map(|n| bounded("runtime.batchSize", n, 1, BATCH_SIZE_MAX))
+            .transpose()?,
+        prefill_step_size: bounded(
+            "runtime.prefillStepSize",
+            r.prefill_step_size.unwrap_or(DEFAULT_PREFILL_STEP_SIZE),
+            PREFILL_STEP_SIZE_MIN,
+            PREFILL_STEP_SIZE_MAX,
         )?,
     })
 }

@@ -24,6 +24,8 @@ fn example(value_name: &str) -> &'static str {
         "ADDR" => "::1",
         "embedded|external" => "external",
         "text|json" => "json",
+        "true|false" => "false",
+        "TOKENS" => "256",
         other => panic!("no example for values of kind {other}: add one here"),
     }
 }

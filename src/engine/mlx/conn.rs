@@ -1,7 +1,9 @@
 //! The JSON-RPC multiplexer over one running child's pipes: it numbers the calls and hands each
 //! response to the call waiting for it, routes stream notifications to their generations by
-//! `stream_id` (waiting on a stream far behind, which is the back-pressure), fails everything
-//! in flight when the child is gone, and sends `cancel` when a generation's consumer goes away.
+//! `stream_id` (a `stream.step` line entry by entry, to each stream its own in line order),
+//! waiting on a stream far behind, which is the back-pressure, records each completed stream's
+//! stats in its model's figures, fails everything in flight when the child is gone, and sends
+//! `cancel` when a generation's consumer goes away.
 //!
 //! It owns the lines on the child's stdin and stdout and the routing tables, not the child:
 //! starting it, readiness, liveness and restarts are the supervisor's (`supervisor`), and which
@@ -23,7 +25,8 @@ use tokio::task::JoinHandle;
 use tokio::time::timeout;
 use tracing::{debug, warn};
 
-use crate::engine::rpc::{self, Call, Cancel, Inbound, Line, RpcError, StreamEnd};
+use super::figures::FigureBook;
+use crate::engine::rpc::{self, Call, Cancel, ChunkToken, Inbound, Line, RpcError, StreamEnd};
 use crate::engine::{EngineError, FinishReason, TokenEvent, TokenSender};
 
 /// Lines queued for the child's stdin.
@@ -72,11 +75,31 @@ pub(super) struct Conn {
     /// Calls waiting for their response, by id.
     pending: Mutex<HashMap<u64, oneshot::Sender<Result<Value, RpcError>>>>,
     /// Live streams, by stream id; the reader sends their events.
-    streams: Mutex<HashMap<String, TokenSender>>,
+    streams: Mutex<HashMap<String, Route>>,
+    /// Where completed streams' stats go, by model; outlives the connection.
+    figures: Arc<FigureBook>,
     /// The next call id, also the number of the next stream id.
     next_id: AtomicU64,
-    /// Whether the runtime has a `cancel` method (ours does; the existing one does not).
-    can_cancel: Mutex<bool>,
+    /// What the runtime can do, from its `runtime/info`.
+    features: Mutex<Features>,
+}
+
+/// Where a live stream's notifications go.
+struct Route {
+    /// Its generation's events.
+    tx: TokenSender,
+    /// Its model, whose figures its stats add to.
+    model_id: String,
+}
+
+/// What the runtime on the other end of a connection can do, from its `runtime/info`
+/// capabilities; nothing until it has said.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Features {
+    /// It has a `cancel` method (ours does; the existing one does not).
+    pub(super) cancel: bool,
+    /// Its `generate` takes `step_chunks` (ours does; the existing one does not).
+    pub(super) step_chunks: bool,
 }
 
 /// The tasks that move one child's lines; whoever runs the child ends them with it.
@@ -100,8 +123,9 @@ impl Pipes {
 }
 
 impl Conn {
-    /// Starts the writer on a child's `stdin` and the reader on its `stdout`.
-    pub(super) fn start<W, R>(stdin: W, stdout: R) -> (Arc<Conn>, Pipes)
+    /// Starts the writer on a child's `stdin` and the reader on its `stdout`; completed streams'
+    /// stats go to `figures`.
+    pub(super) fn start<W, R>(stdin: W, stdout: R, figures: Arc<FigureBook>) -> (Arc<Conn>, Pipes)
     where
         W: AsyncWrite + Unpin + Send + 'static,
         R: AsyncRead + Unpin + Send + 'static,
@@ -112,16 +136,22 @@ impl Conn {
             stdin: lines_tx,
             pending: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
+            figures,
             next_id: AtomicU64::new(1),
-            can_cancel: Mutex::new(false),
+            features: Mutex::new(Features::default()),
         });
         let reader = tokio::spawn(read_stdout(stdout, conn.clone()));
         (conn, Pipes { writer, reader })
     }
 
-    /// Records whether the runtime said it has a `cancel` method.
-    pub(super) fn set_can_cancel(&self, can_cancel: bool) {
-        *lock(&self.can_cancel) = can_cancel;
+    /// Records what the runtime said it can do.
+    pub(super) fn set_features(&self, features: Features) {
+        *lock(&self.features) = features;
+    }
+
+    /// What the runtime said it can do.
+    pub(super) fn features(&self) -> Features {
+        *lock(&self.features)
     }
 
     /// A stream id unique on this connection. The runtime's stream ids have a narrower charset
@@ -130,10 +160,15 @@ impl Conn {
         format!("s-{}", self.next_id.fetch_add(1, Ordering::Relaxed))
     }
 
-    /// Routes the events of stream `stream_id` to `tx` from now on. Register a stream before
-    /// the call that starts it: notifications may follow its answer at once.
-    pub(super) fn open_stream(&self, stream_id: &str, tx: TokenSender) {
-        lock(&self.streams).insert(stream_id.to_owned(), tx);
+    /// Routes the events of stream `stream_id`, of model `model_id`, to `tx` from now on.
+    /// Register a stream before the call that starts it: notifications may follow its answer
+    /// at once.
+    pub(super) fn open_stream(&self, stream_id: &str, model_id: &str, tx: TokenSender) {
+        let route = Route {
+            tx,
+            model_id: model_id.to_owned(),
+        };
+        lock(&self.streams).insert(stream_id.to_owned(), route);
     }
 
     /// Stops routing stream `stream_id`; whether it was still live.
@@ -145,7 +180,7 @@ impl Conn {
     pub(super) fn fail_all(&self, reason: &str) {
         lock(&self.pending).clear();
         let streams: Vec<_> = lock(&self.streams).drain().collect();
-        for (_, tx) in streams {
+        for (_, Route { tx, .. }) in streams {
             tx.end(TokenEvent::Failed(EngineError::Crashed {
                 reason: reason.to_owned(),
             }));
@@ -188,7 +223,7 @@ pub(super) async fn watch_cancel(
 ) {
     tx.closed().await;
     let live = conn.close_stream(&stream_id);
-    if !live || !*lock(&conn.can_cancel) {
+    if !live || !conn.features().cancel {
         return;
     }
     debug!(stream_id, "generation cancelled by its consumer");
@@ -259,23 +294,64 @@ async fn route(conn: &Conn, inbound: Inbound) {
         Inbound::Response { id: None, outcome } => {
             warn!(?outcome, "runtime answered a request it could not read");
         }
-        Inbound::Chunk { stream_id, tokens } => {
-            let tx = lock(&conn.streams).get(&stream_id).cloned();
-            let Some(tx) = tx else { return };
-            for token in tokens {
-                // Waiting here is the back-pressure: a stream far behind slows the reader.
-                if tx.send(token.text).await.is_err() {
-                    break;
-                }
+        Inbound::Chunk { stream_id, tokens } => deliver(conn, &stream_id, tokens).await,
+        Inbound::Step { chunks } => {
+            for (stream_id, tokens) in by_stream(chunks) {
+                deliver(conn, &stream_id, tokens).await;
+            }
+        }
+        Inbound::Stats { stream_id, stats } => {
+            let model = lock(&conn.streams)
+                .get(&stream_id)
+                .map(|route| route.model_id.clone());
+            if let Some(model) = model {
+                conn.figures.completed(&model, &stats);
             }
         }
         Inbound::End { stream_id, end } => {
-            let tx = lock(&conn.streams).remove(&stream_id);
-            let Some(tx) = tx else { return };
+            let route = lock(&conn.streams).remove(&stream_id);
+            let Some(Route { tx, .. }) = route else {
+                return;
+            };
             tx.end(end_event(end));
         }
-        Inbound::Stats { .. } | Inbound::Other { .. } => {}
+        Inbound::Other { .. } => {}
     }
+}
+
+/// Hands the tokens of one line to stream `stream_id`, if it is live.
+async fn deliver(conn: &Conn, stream_id: &str, tokens: Vec<ChunkToken>) {
+    let tx = lock(&conn.streams)
+        .get(stream_id)
+        .map(|route| route.tx.clone());
+    if let Some(tx) = tx {
+        send_tokens(&tx, tokens).await;
+    }
+}
+
+/// Sends one line's tokens of a stream, in order. Waiting here is the back-pressure: a stream
+/// far behind slows the reader.
+async fn send_tokens(tx: &TokenSender, tokens: Vec<ChunkToken>) {
+    let _ = tx
+        .send_all(tokens.into_iter().map(|token| token.text).collect())
+        .await;
+}
+
+/// The entries of a `stream.step` line by stream, in the order the streams first appear, each
+/// stream's tokens in line order.
+fn by_stream(chunks: Vec<rpc::StepChunk>) -> Vec<(String, Vec<ChunkToken>)> {
+    let mut groups: Vec<(String, Vec<ChunkToken>)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for chunk in chunks {
+        match index.get(&chunk.stream_id) {
+            Some(&at) => groups[at].1.push(chunk.token),
+            None => {
+                index.insert(chunk.stream_id.clone(), groups.len());
+                groups.push((chunk.stream_id, vec![chunk.token]));
+            }
+        }
+    }
+    groups
 }
 
 /// The last event of a stream that ended with `end`.

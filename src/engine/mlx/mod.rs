@@ -1,10 +1,13 @@
 //! [`MlxEngine`]: the production [`Engine`], the MLX runtime in a supervised Python child,
 //! spoken to with newline-delimited JSON-RPC over its stdin and stdout.
 //!
-//! This face owns the catalog (the scan of the model directory, each model with the streams
-//! the runtime holds at once) and turns the seam's operations into runtime calls: load, unload
-//! and generate, and the engine errors their failures are. It neither runs the process nor
-//! reads its lines. Its parts, each with its tasks:
+//! This face owns the catalog (the scan of the model directory, each model with the batch size
+//! it is loaded with: the configured [`BatchSizes`] figure for its tier, within the streams the
+//! runtime holds at once) and turns the seam's operations into runtime calls: load (with that
+//! batch size; the answer's effective figure is the model's [`LoadedModel::streams_max`]),
+//! unload and generate (in `stream.step` lines when the runtime has them), and the engine
+//! errors their failures are. It neither runs the process nor reads its lines. Its parts, each
+//! with its tasks:
 //!
 //! - `supervisor`: starts the child (in a process group of its own), waits for its readiness,
 //!   pings it, and when it exits or stops answering fails everything in flight with `Crashed`,
@@ -13,7 +16,9 @@
 //! - `stderr`: per child, a **forwarder** of its stderr lines into the log, at their level;
 //! - `conn`: per child, a **writer** (one line at a time to stdin) and a **reader** (stdout
 //!   lines with a hard cap, routed to waiting calls by id and to streams by `stream_id`); per
-//!   generation, a **watcher** that sends `cancel` when the token receiver is dropped.
+//!   generation, a **watcher** that sends `cancel` when the token receiver is dropped;
+//! - `figures`: what the engine has done with each model ([`Engine::model_figures`]), from
+//!   the loads and the completed streams' stats, kept across restarts.
 //!
 //! A load that fails is logged with the runtime's words; the error for clients has the host's
 //! paths taken out (`redaction`).
@@ -26,10 +31,12 @@
 mod tests;
 
 mod conn;
+mod figures;
 mod redaction;
 mod stderr;
 mod supervisor;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -45,17 +52,21 @@ use self::conn::{CallError, lock, watch_cancel};
 use self::supervisor::{Runtime, supervise};
 use super::rpc::{self, Generate, GetState, LoadModel, Shutdown, UnloadModel};
 use super::{
-    Catalog, Engine, EngineError, EngineHealth, GenerateRequest, LoadedModel, TokenStream, catalog,
-    token_channel,
+    Catalog, Engine, EngineError, EngineHealth, GenerateRequest, LoadedModel, ModelEntry,
+    ModelFigures, TokenStream, catalog, token_channel,
 };
 use crate::clock::Clock;
 use crate::config::EngineConfig;
 use crate::limits::TOKEN_CHANNEL_CAPACITY;
+use crate::plan::model_size::planned_tier;
+use crate::plan::recommendation::BatchSizes;
 
 /// The MLX runtime as an [`Engine`].
 pub struct MlxEngine {
     /// The supervised runtime, shared with the supervisor task.
     runtime: Arc<Runtime>,
+    /// The batch size asked for each model, by its tier.
+    batch_sizes: BatchSizes,
     /// The scanned catalog, once scanned.
     catalog: Mutex<Option<Catalog>>,
     /// Stops the supervisor; fired by `shutdown`.
@@ -88,9 +99,12 @@ pub enum StartError {
 }
 
 impl MlxEngine {
-    /// Starts the runtime and waits until it is ready (or the first start failed).
+    /// Starts the runtime and waits until it is ready (or the first start failed). Each model
+    /// is loaded with its tier's figure of `batch_sizes` (within the runtime's live-stream
+    /// bound); see [`BatchSizes::configured`] for what the configuration asks.
     pub async fn start(
         config: EngineConfig,
+        batch_sizes: BatchSizes,
         clock: Arc<dyn Clock>,
     ) -> Result<MlxEngine, StartError> {
         if !config.python.exists() {
@@ -112,6 +126,7 @@ impl MlxEngine {
         match first_rx.await {
             Ok(Ok(())) => Ok(MlxEngine {
                 runtime,
+                batch_sizes,
                 catalog: Mutex::new(None),
                 stop,
                 supervisor: Mutex::new(Some(supervisor)),
@@ -143,9 +158,21 @@ impl MlxEngine {
         Ok(state.active_streams.unwrap_or(0))
     }
 
-    /// The model's directory, resolved, and the model directory's spellings (as configured
-    /// and resolved) for [`redaction::without_paths`].
-    fn catalog_entry(&self, model_id: &str) -> Result<(PathBuf, Vec<PathBuf>), EngineError> {
+    /// The batch size a load of the model `model_id`, `entry` of the catalog, asks for: its
+    /// tier's figure, at most the streams the runtime holds at once.
+    fn batch_size(&self, model_id: &str, entry: &ModelEntry) -> usize {
+        let asked = self
+            .batch_sizes
+            .for_tier(planned_tier(&entry.facts(model_id)));
+        asked.min(self.runtime.streams_max()).max(1)
+    }
+
+    /// The model's catalog entry, its directory, resolved, and the model directory's spellings
+    /// (as configured and resolved) for [`redaction::without_paths`].
+    fn catalog_entry(
+        &self,
+        model_id: &str,
+    ) -> Result<(ModelEntry, PathBuf, Vec<PathBuf>), EngineError> {
         let not_found = || EngineError::ModelNotFound {
             model: model_id.to_owned(),
         };
@@ -170,7 +197,7 @@ impl MlxEngine {
         if !path.starts_with(&root) {
             return Err(not_found());
         }
-        Ok((path, vec![root, config.model_dir.clone()]))
+        Ok((entry.clone(), path, vec![root, config.model_dir.clone()]))
     }
 }
 
@@ -186,10 +213,9 @@ impl Engine for MlxEngine {
             .map_err(|e| EngineError::Unavailable {
                 reason: e.to_string(),
             })?;
-        // The runtime's bound on live streams is one for all its models.
-        let streams_max = self.runtime.streams_max();
-        for entry in catalog.models.values_mut() {
-            entry.streams_max = Some(streams_max);
+        // The worker hands the runtime no more streams of a model than it decodes together.
+        for (id, entry) in &mut catalog.models {
+            entry.streams_max = Some(self.batch_size(id, entry));
         }
         *lock(&self.catalog) = Some(catalog.clone());
         Ok(catalog)
@@ -199,12 +225,15 @@ impl Engine for MlxEngine {
         if let Some(model) = self.runtime.loaded(model_id) {
             return Ok(model);
         }
-        let (path, roots) = self.catalog_entry(model_id)?;
+        let (entry, path, roots) = self.catalog_entry(model_id)?;
         let conn = self.runtime.conn()?;
         let local_path = path.display().to_string();
+        let asked = self.batch_size(model_id, &entry);
         let params = LoadModel {
+            batch_size: Some(asked),
             local_path: &local_path,
             model_id,
+            prefill_step_size: Some(self.runtime.config.prefill_step_size),
         };
         let result = conn
             .call(&params, self.runtime.config.load_timeout)
@@ -221,13 +250,30 @@ impl Engine for MlxEngine {
                 }
                 other => other.into_engine("load_model"),
             })?;
+        // The existing runtime states no batch size.
+        let streams_max = result
+            .batch_size
+            .and_then(|n| usize::try_from(n).ok())
+            .filter(|&n| n > 0);
         let model = LoadedModel {
             model_id: model_id.to_owned(),
             context_length: result.context_length.unwrap_or(0),
             parameter_count: result.parameter_count.filter(|&n| n > 0),
+            streams_max,
         };
-        self.runtime.add_loaded(model.clone());
-        info!(model = model_id, "model loaded");
+        let batch_size = streams_max.unwrap_or(asked);
+        self.runtime.add_loaded(model.clone(), batch_size);
+        if batch_size < asked {
+            info!(
+                model = model_id,
+                batch_size,
+                asked,
+                "model loaded; it decodes fewer streams together than asked, so the worker \
+                 runs fewer of its requests at once"
+            );
+        } else {
+            info!(model = model_id, batch_size, batched = ?result.batched, "model loaded");
+        }
         Ok(model)
     }
 
@@ -245,11 +291,12 @@ impl Engine for MlxEngine {
         let (tx, rx) = token_channel(TOKEN_CHANNEL_CAPACITY);
         let stream_id = conn.new_stream_id();
         // Registered before the call: notifications may follow the answer at once.
-        conn.open_stream(&stream_id, tx.clone());
+        conn.open_stream(&stream_id, &request.model_id, tx.clone());
         let params = Generate {
             max_tokens: request.max_tokens,
             model_id: &request.model_id,
             prompt: &request.prompt,
+            step_chunks: conn.features().step_chunks,
             stream_id: &stream_id,
             streaming: true,
             temperature: request.temperature,
@@ -285,6 +332,10 @@ impl Engine for MlxEngine {
 
     fn health(&self) -> watch::Receiver<EngineHealth> {
         self.runtime.health()
+    }
+
+    fn model_figures(&self) -> BTreeMap<String, ModelFigures> {
+        self.runtime.figures.snapshot()
     }
 
     async fn shutdown(&self, grace: Duration) {

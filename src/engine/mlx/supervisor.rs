@@ -11,7 +11,8 @@
 //! that exits is not restarted: its run is over, not crashed.
 //!
 //! It owns the child process, the engine's health, the record of the models loaded in the live
-//! child and the number of streams the child holds at once (from its `runtime/info`). It makes
+//! child, the number of streams the child holds at once (from its `runtime/info`) and the
+//! per-model figures, which outlive each child (`figures`). It makes
 //! no call beyond readiness and liveness: lines and their routing are the
 //! connection's (`conn`), the engine's calls the engine face's (`mlx`).
 
@@ -30,7 +31,8 @@ use tokio::time::{Instant, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::conn::{CallError, Conn, lock};
+use super::conn::{CallError, Conn, Features, lock};
+use super::figures::FigureBook;
 use super::stderr;
 use crate::clock::Clock;
 use crate::config::EngineConfig;
@@ -63,6 +65,9 @@ pub(super) struct Runtime {
     stopping: CancellationToken,
     /// Streams the last ready child said it holds at once ([`streams_max`]).
     streams_max: AtomicUsize,
+    /// What the engine has done with each model, across children; each child's connection
+    /// records its streams' stats here.
+    pub(super) figures: Arc<FigureBook>,
 }
 
 impl Runtime {
@@ -76,6 +81,7 @@ impl Runtime {
             loaded: Mutex::new(BTreeMap::new()),
             stopping: CancellationToken::new(),
             streams_max: AtomicUsize::new(RUNTIME_STREAMS_LIVE_DEFAULT),
+            figures: Arc::default(),
         }
     }
 
@@ -113,8 +119,9 @@ impl Runtime {
         lock(&self.loaded).get(model_id).cloned()
     }
 
-    /// Records a model the live child loaded.
-    pub(super) fn add_loaded(&self, model: LoadedModel) {
+    /// Records a model the live child loaded, decoding `batch_size` of its streams together.
+    pub(super) fn add_loaded(&self, model: LoadedModel, batch_size: usize) {
+        self.figures.loaded(&model.model_id, batch_size);
         lock(&self.loaded).insert(model.model_id.clone(), model);
         self.publish_up();
     }
@@ -122,6 +129,7 @@ impl Runtime {
     /// Records that the live child no longer has `model_id`.
     pub(super) fn remove_loaded(&self, model_id: &str) {
         lock(&self.loaded).remove(model_id);
+        self.figures.unloaded(model_id);
         self.publish_up();
     }
 
@@ -139,6 +147,7 @@ impl Runtime {
     /// Forgets the ended child: its models, and its calls and streams, which fail with `reason`.
     fn forget_child(&self, reason: &str) {
         lock(&self.loaded).clear();
+        self.figures.all_unloaded();
         if let Some(conn) = lock(&self.conn).take() {
             conn.fail_all(reason);
         }
@@ -249,7 +258,7 @@ async fn run_child(
     };
     let (ready_tx, ready_rx) = oneshot::channel();
     let stderr_task = tokio::spawn(stderr::forward(stderr, ready_tx));
-    let (conn, pipes) = Conn::start(stdin, stdout);
+    let (conn, pipes) = Conn::start(stdin, stdout, runtime.figures.clone());
     let outcome = serve(runtime, stop, first, &mut child, &conn, ready_rx).await;
     // Whatever ended the child's run, make sure it is gone: its stdin closes (it exits by
     // itself on end of input), then it is killed if it lingers.
@@ -358,11 +367,15 @@ async fn ready(
     if info.mlx_supported == Some(false) {
         return Err("the runtime reports that MLX is not supported on this host".to_owned());
     }
-    conn.set_can_cancel(info.can_cancel());
+    conn.set_features(Features {
+        cancel: info.can_cancel(),
+        step_chunks: info.can_step_chunks(),
+    });
     info!(
         version = info.version.as_deref().unwrap_or("?"),
         mlx = info.mlx_version.as_deref().unwrap_or("?"),
         can_cancel = info.can_cancel(),
+        step_chunks = info.can_step_chunks(),
         streams_max = streams_max(&info),
         stated = info.streams_live_max().is_some(),
         "runtime info"

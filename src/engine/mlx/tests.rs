@@ -1,11 +1,14 @@
 // Goal: the supervisor restarts a runtime that exits while the engine serves, and never one
-// that exits once the engine is stopping: then the exit is the end of its run, not a crash.
+// that exits once the engine is stopping: then the exit is the end of its run, not a crash. A
+// model is loaded with its tier's batch size within the runtime's live-stream bound, the
+// catalog says so, and the load's answer is the model's figure, also after the runtime ends.
 // Method: a stand-in runtime, a Python script given as the interpreter, that prints the
-// readiness line, answers `runtime/info` and `shutdown`, exits on any other call (the crash),
-// and notes each start in a file; the engine's health is awaited, never slept on.
+// readiness line, answers `runtime/info` (a bound of 6 live streams), `load_model` (noting its
+// parameters in a file, answering a batch of 1) and `shutdown`, exits on any other call (the
+// crash), and notes each start in a file; the engine's health is awaited, never slept on.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use super::*;
 use crate::clock::SystemClock;
@@ -24,7 +27,13 @@ for line in sys.stdin:
     call = json.loads(line)
     method = call.get("method")
     if method == "runtime/info":
-        result = {"version": "fake", "mlx_supported": True, "capabilities": []}
+        result = {"version": "fake", "mlx_supported": True, "capabilities": [],
+                  "limits": {"streams_live_max": 6}}
+    elif method == "load_model":
+        with open("{loads}", "a") as f:
+            f.write(json.dumps(call["params"]) + "\n")
+        result = {"model_id": call["params"]["model_id"], "context_length": 64,
+                  "parameter_count": 1000, "batch_size": 1, "batched": False}
     elif method == "shutdown":
         result = {}
     else:
@@ -45,11 +54,18 @@ impl Fake {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("python");
         let starts = dir.path().join("starts");
+        let loads = dir.path().join("loads");
         std::fs::write(
             &script,
-            FAKE_RUNTIME.replace("{starts}", starts.to_str().unwrap()),
+            FAKE_RUNTIME
+                .replace("{starts}", starts.to_str().unwrap())
+                .replace("{loads}", loads.to_str().unwrap()),
         )
         .unwrap();
+        let model = dir.path().join("models/org/m");
+        std::fs::create_dir_all(&model).unwrap();
+        std::fs::write(model.join("config.json"), "{}").unwrap();
+        std::fs::write(model.join("model.safetensors"), "weights").unwrap();
         std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::create_dir(dir.path().join("mlx_runtime")).unwrap();
         Fake { dir }
@@ -61,7 +77,7 @@ impl Fake {
             .engine;
         config.python = self.dir.path().join("python");
         config.runtime_dir = self.dir.path().to_owned();
-        config.model_dir = PathBuf::from(self.dir.path());
+        config.model_dir = self.dir.path().join("models");
         config.restart_window = Duration::from_secs(60);
         config
     }
@@ -74,8 +90,21 @@ impl Fake {
             .count()
     }
 
+    /// The parameters of each `load_model` the runtime was sent.
+    fn loads(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("loads"))
+            .unwrap_or_default()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    }
+
     async fn engine(&self) -> MlxEngine {
-        let started = MlxEngine::start(self.config(), Arc::new(SystemClock));
+        self.engine_with(BatchSizes::default()).await
+    }
+
+    async fn engine_with(&self, batch_sizes: BatchSizes) -> MlxEngine {
+        let started = MlxEngine::start(self.config(), batch_sizes, Arc::new(SystemClock));
         timeout(PATIENCE, started)
             .await
             .expect("the stand-in runtime starts in time")
@@ -92,12 +121,10 @@ async fn crash(engine: &MlxEngine) {
     );
 }
 
-#[tokio::test]
-async fn a_runtime_that_exits_while_serving_is_restarted() {
-    let fake = Fake::new();
-    let engine = fake.engine().await;
+/// Makes the stand-in runtime exit and waits until its second start is up.
+async fn crash_and_restart(fake: &Fake, engine: &MlxEngine) {
     let mut health = engine.health();
-    crash(&engine).await;
+    crash(engine).await;
     timeout(
         PATIENCE,
         health.wait_for(|h| matches!(h, EngineHealth::Up { .. }) && fake.starts() == 2),
@@ -105,6 +132,13 @@ async fn a_runtime_that_exits_while_serving_is_restarted() {
     .await
     .expect("the runtime is back in time")
     .unwrap();
+}
+
+#[tokio::test]
+async fn a_runtime_that_exits_while_serving_is_restarted() {
+    let fake = Fake::new();
+    let engine = fake.engine().await;
+    crash_and_restart(&fake, &engine).await;
     engine.shutdown(Duration::from_secs(5)).await;
     assert_eq!(*engine.health().borrow(), EngineHealth::Down);
     assert_eq!(fake.starts(), 2);
@@ -134,4 +168,34 @@ async fn a_runtime_that_exits_once_stopping_began_is_not_restarted() {
     engine.shutdown(Duration::from_secs(5)).await;
     assert_eq!(*engine.health().borrow(), EngineHealth::Down);
     assert_eq!(fake.starts(), 1);
+}
+
+#[tokio::test]
+async fn a_model_loads_with_its_batch_within_the_runtimes_bound_and_keeps_the_answered_one() {
+    let fake = Fake::new();
+    // The configuration asks 8 of every model; the runtime holds 6 live streams.
+    let engine = fake.engine_with(BatchSizes::uniform(8)).await;
+    let catalog = engine.catalog().await.unwrap();
+    assert_eq!(catalog.models["org/m"].streams_max, Some(6));
+    let loaded = engine.load("org/m").await.unwrap();
+    assert_eq!(
+        loaded.streams_max,
+        Some(1),
+        "the batch size the load answered"
+    );
+    assert_eq!(
+        fake.loads(),
+        [serde_json::json!({
+            "batch_size": 6, "local_path": fake.dir.path().join("models/org/m").canonicalize().unwrap(),
+            "model_id": "org/m", "prefill_step_size": 512
+        })]
+    );
+    assert_eq!(engine.model_figures()["org/m"].batch_size, 1);
+    // A loaded model is not loaded again.
+    assert_eq!(engine.load("org/m").await.unwrap(), loaded);
+    assert_eq!(fake.loads().len(), 1);
+    // Once the runtime has ended, the model is no longer loaded; its record stays.
+    crash_and_restart(&fake, &engine).await;
+    assert_eq!(engine.model_figures()["org/m"].batch_size, 0);
+    engine.shutdown(Duration::from_secs(5)).await;
 }

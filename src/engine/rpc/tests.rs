@@ -39,8 +39,22 @@ fn every_call_goes_out_as_its_pinned_frame() {
         frame(
             2,
             &LoadModel {
+                batch_size: Some(8),
                 local_path: "/srv/models/mlx-worker/tiny-llama",
                 model_id: MODEL,
+                prefill_step_size: Some(512),
+            }
+        )
+    );
+    insta::assert_snapshot!(
+        "load_model_with_runtime_defaults",
+        frame(
+            3,
+            &LoadModel {
+                batch_size: None,
+                local_path: "/srv/models/mlx-worker/tiny-llama",
+                model_id: MODEL,
+                prefill_step_size: None,
             }
         )
     );
@@ -52,7 +66,24 @@ fn every_call_goes_out_as_its_pinned_frame() {
                 max_tokens: 12,
                 model_id: MODEL,
                 prompt: "Hello world",
+                step_chunks: false,
                 stream_id: "s-3",
+                streaming: true,
+                temperature: 0.0,
+                top_p: 1.0,
+            }
+        )
+    );
+    insta::assert_snapshot!(
+        "generate_step_chunks",
+        frame(
+            5,
+            &Generate {
+                max_tokens: 12,
+                model_id: MODEL,
+                prompt: "Hello world",
+                step_chunks: true,
+                stream_id: "s-4",
                 streaming: true,
                 temperature: 0.0,
                 top_p: 1.0,
@@ -67,6 +98,7 @@ fn every_call_goes_out_as_its_pinned_frame() {
                 max_tokens: 4096,
                 model_id: MODEL,
                 prompt: "Say \"h\u{e9}llo\"\n\tthen\u{7} stop",
+                step_chunks: false,
                 stream_id: "s-5",
                 streaming: true,
                 temperature: 0.7,
@@ -97,12 +129,47 @@ fn results_are_read_in_both_runtimes_shapes() {
             mlx_supported: Some(true),
             capabilities: vec!["generate".into(), "cancel".into()],
             limits: Some(InfoLimits {
-                streams_live_max: Some(64)
+                streams_live_max: Some(64),
+                ..InfoLimits::default()
             }),
+            models: Vec::new(),
         }
     );
     assert!(ours.can_cancel());
+    assert!(!ours.can_step_chunks());
     assert_eq!(ours.streams_live_max(), Some(64));
+    let batched: Info = decode_result(json!({
+        "version": "0.2.0", "capabilities": ["generate", "cancel", "batching", "step_chunks"],
+        "mlx_supported": true,
+        "limits": {"streams_live_max": 64, "batch_size_default": 8,
+                   "prefill_step_size_default": 512, "models_loaded_max": 8},
+        "models": [{"model_id": MODEL, "batch_size": 8, "batched": true},
+                   {"model_id": "org/m", "batch_size": 1, "batched": false}]
+    }));
+    assert!(batched.can_step_chunks());
+    assert_eq!(
+        batched.limits,
+        Some(InfoLimits {
+            streams_live_max: Some(64),
+            batch_size_default: Some(8),
+            prefill_step_size_default: Some(512),
+        })
+    );
+    assert_eq!(
+        batched.models,
+        [
+            InfoModel {
+                model_id: Some(MODEL.into()),
+                batch_size: Some(8),
+                batched: Some(true)
+            },
+            InfoModel {
+                model_id: Some("org/m".into()),
+                batch_size: Some(1),
+                batched: Some(false)
+            }
+        ]
+    );
     let existing: Info = decode_result(json!({
         "version": "0.1.0", "capabilities": [], "mlx_supported": false
     }));
@@ -117,8 +184,18 @@ fn results_are_read_in_both_runtimes_shapes() {
         loaded,
         ModelLoaded {
             context_length: Some(8192),
-            parameter_count: Some(0)
+            parameter_count: Some(0),
+            batch_size: None,
+            batched: None,
         }
+    );
+    let batched: ModelLoaded = decode_result(json!({
+        "model_id": MODEL, "state": "ready", "context_length": 2048,
+        "parameter_count": 1_000_000, "batch_size": 1, "batched": false
+    }));
+    assert_eq!(
+        (batched.batch_size, batched.batched),
+        (Some(1), Some(false))
     );
     let state: State = decode_result(json!({
         "loaded_models": [], "active_streams": 2, "restart_count": 0
@@ -130,7 +207,8 @@ fn results_are_read_in_both_runtimes_shapes() {
 fn result_fields_of_another_type_read_as_absent_one_by_one() {
     let info: Info = decode_result(json!({
         "version": 1, "mlx_version": "0.32.4", "mlx_supported": "no",
-        "capabilities": ["cancel", 3, null], "limits": {"streams_live_max": -1}
+        "capabilities": ["cancel", 3, null], "limits": {"streams_live_max": -1},
+        "models": [{"model_id": 3, "batch_size": "8", "batched": true}, "m", 4]
     }));
     assert_eq!(
         info,
@@ -140,13 +218,20 @@ fn result_fields_of_another_type_read_as_absent_one_by_one() {
             mlx_supported: None,
             capabilities: vec!["cancel".into()],
             limits: Some(InfoLimits::default()),
+            models: vec![InfoModel {
+                batched: Some(true),
+                ..InfoModel::default()
+            }],
         }
     );
-    let info: Info = decode_result(json!({"capabilities": "cancel", "limits": [64]}));
+    let info: Info = decode_result(json!({
+        "capabilities": "cancel", "limits": [64], "models": {"model_id": MODEL}
+    }));
     assert!(!info.can_cancel());
     assert_eq!(info.limits, None);
+    assert_eq!(info.models, []);
     let loaded: ModelLoaded = decode_result(json!({
-        "context_length": 8192.0, "parameter_count": -1
+        "context_length": 8192.0, "parameter_count": -1, "batch_size": -1, "batched": 1
     }));
     assert_eq!(loaded, ModelLoaded::default());
     let loaded: ModelLoaded = decode_result(json!({
@@ -221,12 +306,67 @@ fn both_chunk_forms_give_tokens_in_order() {
 }
 
 #[test]
+fn a_step_gives_every_entry_with_its_stream_in_line_order() {
+    let step = decode_line(br#"{"jsonrpc":"2.0","method":"stream.step","params":{"chunks":[{"stream_id":"s-1","token":" the","token_id":279},{"stream_id":"s-2","token":"","token_id":1234},{"stream_id":"s-1","token":" cat","token_id":8},{"stream_id":"s-2","token":"\u00e9","token_id":9}]}}"#).unwrap();
+    let entry = |stream_id: &str, text: &str| StepChunk {
+        stream_id: stream_id.into(),
+        token: ChunkToken { text: text.into() },
+    };
+    assert_eq!(
+        step,
+        Inbound::Step {
+            chunks: vec![
+                entry("s-1", " the"),
+                entry("s-2", ""),
+                entry("s-1", " cat"),
+                entry("s-2", "\u{e9}"),
+            ]
+        }
+    );
+    let empty = decode_line(br#"{"jsonrpc":"2.0","method":"stream.step","params":{"chunks":[]}}"#);
+    assert_eq!(empty, Ok(Inbound::Step { chunks: vec![] }));
+}
+
+#[test]
 fn stream_events_are_classified() {
     let stats = decode_line(br#"{"jsonrpc":"2.0","method":"stream.stats","params":{"stream_id":"s-1","tokens_generated":20,"tokens_per_second":2242.45,"time_to_first_token":0.0094,"total_time":0.0183}}"#).unwrap();
     assert_eq!(
         stats,
         Inbound::Stats {
-            stream_id: "s-1".into()
+            stream_id: "s-1".into(),
+            stats: StreamStats {
+                tokens_generated: Some(20),
+                time_to_first_token: Some(0.0094),
+                total_time: Some(0.0183),
+                ..StreamStats::default()
+            }
+        }
+    );
+    // Ours adds the prompt and queue figures; one of another type reads as absent.
+    let batched = decode_line(br#"{"jsonrpc":"2.0","method":"stream.stats","params":{"stream_id":"s-2","prompt_tokens":5,"prompt_time":0.004,"queue_time":0.25,"tokens_generated":12,"tokens_per_second":900.5,"time_to_first_token":0.005,"total_time":0.02,"extra":[1]}}"#).unwrap();
+    assert_eq!(
+        batched,
+        Inbound::Stats {
+            stream_id: "s-2".into(),
+            stats: StreamStats {
+                prompt_tokens: Some(5),
+                prompt_time: Some(0.004),
+                queue_time: Some(0.25),
+                tokens_generated: Some(12),
+                time_to_first_token: Some(0.005),
+                total_time: Some(0.02),
+            }
+        }
+    );
+    let odd = decode_line(br#"{"method":"stream.stats","params":{"stream_id":"s-3","prompt_tokens":"5","total_time":1}}"#).unwrap();
+    assert_eq!(
+        odd,
+        Inbound::Stats {
+            stream_id: "s-3".into(),
+            stats: StreamStats {
+                total_time: Some(1.0),
+                ..StreamStats::default()
+            }
         }
     );
     let done = decode_line(br#"{"jsonrpc":"2.0","method":"stream.event","params":{"stream_id":"s-1","event":"completed","is_final":true,"finish_reason":"completed"}}"#).unwrap();
@@ -281,6 +421,21 @@ fn malformed_lines_are_errors_not_panics() {
         decode_line(br#"{"method":"stream.event","params":{"stream_id":"s","event":"exploded"}}"#),
         Err(DecodeError::Malformed(_))
     ));
+    // A step without its list, or with one entry missing its stream or its text, is
+    // malformed as a whole: none of its entries is routed.
+    for line in [
+        &br#"{"method":"stream.step","params":{}}"#[..],
+        br#"{"method":"stream.step","params":{"chunks":{"stream_id":"s","token":"x"}}}"#,
+        br#"{"method":"stream.step","params":{"chunks":[{"stream_id":"s","token":"x"},{"token":"y"}]}}"#,
+        br#"{"method":"stream.step","params":{"chunks":[{"stream_id":"s","token":"x"},{"stream_id":"s","token":7}]}}"#,
+        br#"{"method":"stream.step","params":{"chunks":[{"stream_id":"s","token":"x"},"s"]}}"#,
+    ] {
+        assert!(
+            matches!(decode_line(line), Err(DecodeError::Malformed(_))),
+            "{}",
+            String::from_utf8_lossy(line)
+        );
+    }
 }
 
 async fn lines(input: &[u8], cap: usize) -> Vec<Line> {

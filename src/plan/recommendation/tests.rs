@@ -1,6 +1,7 @@
 // Goal: the per-tier limits reproduce every cell of the existing detector's table (with
 // JavaScript's half-up rounding), confidence and supported tiers follow the documented
-// thresholds, and configuration overrides replace exactly the tiers they name.
+// thresholds, configuration overrides replace exactly the tiers they name, and the batch size
+// asked for a model is its tier's figure, the configured one, or 1 without batching.
 // Method: table-driven checks over hand-built profiles of real chips and Linux hosts.
 
 use std::collections::BTreeMap;
@@ -192,4 +193,28 @@ fn no_overrides_change_nothing() {
     let m4_pro = profile(ChipVariant::Pro, 4, 20, 48);
     let detected = Recommendation::for_profile(&m4_pro);
     assert_eq!(detected.clone().with_overrides(&BTreeMap::new()), detected);
+}
+
+#[test]
+fn a_models_batch_size_is_its_tiers_figure_the_configured_one_or_one_without_batching() {
+    let max = Recommendation::for_profile(&profile(ChipVariant::Max, 2, 38, 96));
+    let overridden = max
+        .clone()
+        .with_overrides(&BTreeMap::from([(ModelTier::Tiny, limit(4, 10))]));
+    let check = |sizes: BatchSizes, expected: [usize; 5]| {
+        let got = ModelTier::ALL.map(|tier| sizes.for_tier(tier));
+        assert_eq!(got, expected, "{sizes:?}");
+    };
+    // The Max column of the table, largest tier first.
+    check(BatchSizes::configured(true, None, &max), [3, 8, 15, 20, 25]);
+    check(
+        BatchSizes::configured(true, None, &overridden),
+        [3, 8, 15, 20, 4],
+    );
+    check(BatchSizes::configured(true, Some(32), &max), [32; 5]);
+    check(BatchSizes::configured(false, Some(32), &max), [1; 5]);
+    check(BatchSizes::configured(false, None, &max), [1; 5]);
+    check(BatchSizes::uniform(0), [1; 5]);
+    // Without a plan, the runtime's own default.
+    check(BatchSizes::default(), [8; 5]);
 }
