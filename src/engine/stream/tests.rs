@@ -2,7 +2,8 @@
 // it has fallen behind; the sender waits only past the bound; the last event follows
 // everything and nothing follows it; dropping the consumer's end stops the sender.
 // Method: both ends in one test task; a send that must wait is a pinned future polled once,
-// so "it waits" and "it went on" are observed, not timed.
+// so "it waits" and "it went on" are observed, not timed; and both ends in tasks of their own on
+// two threads, each yielding at its own pace, for every token once and in order.
 
 use futures::FutureExt;
 
@@ -172,4 +173,43 @@ async fn a_consumer_waiting_on_an_empty_channel_gets_the_next_token() {
     assert!(next.as_mut().now_or_never().is_none());
     tx.send("a".to_owned()).await.unwrap();
     assert_eq!(next.await, Some(tokens(&["a"])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_token_arrives_once_in_order_when_both_ends_run_at_once() {
+    const TOKENS: usize = 20_000;
+    for round in 0..20 {
+        let (tx, mut rx) = token_channel(1 + round % 4);
+        let producer = tokio::spawn(async move {
+            for (i, text) in texts(0..TOKENS).into_iter().enumerate() {
+                tx.send(text).await.unwrap();
+                if i % (7 + round) == 0 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            tx.end(TokenEvent::Finished(FinishReason::Stop));
+        });
+        let mut seen = Vec::with_capacity(TOKENS);
+        let mut events = 0;
+        loop {
+            match rx.recv().await {
+                Some(TokenEvent::Tokens(batch)) => {
+                    assert!(!batch.is_empty(), "an empty event");
+                    seen.extend(batch);
+                }
+                Some(TokenEvent::Finished(FinishReason::Stop)) => break,
+                other => panic!("unexpected {other:?}"),
+            }
+            events += 1;
+            if events % (5 + round) == 0 {
+                // Some rounds let the producer run far ahead, up to the bound.
+                for _ in 0..=(round % 3) * 40 {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+        producer.await.unwrap();
+        assert_eq!(seen, texts(0..TOKENS), "round {round}");
+        assert_eq!(rx.recv().await, None);
+    }
 }
