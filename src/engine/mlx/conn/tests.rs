@@ -171,11 +171,11 @@ async fn chunks_of_both_forms_reach_their_stream_in_order_until_its_end() {
     while let Some(event) = rx.recv().await {
         events.push(event);
     }
+    // A line's tokens of a stream are handed over together, in one event.
     assert_eq!(
         events,
         [
-            TokenEvent::Tokens(vec!["a".into()]),
-            TokenEvent::Tokens(vec!["b".into()]),
+            TokenEvent::Tokens(vec!["a".into(), "b".into()]),
             TokenEvent::Tokens(vec!["c".into()]),
             TokenEvent::Finished(FinishReason::Stop),
         ]
