@@ -5,6 +5,7 @@
 //! The client is plain HTTP/1.0 over a TCP stream: the server answers each request on its own
 //! connection and ends the body by closing it, so reading lines is all a client needs.
 
+use std::io;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,8 +23,10 @@ const READY_WITHIN: Duration = Duration::from_secs(120);
 const READY_POLL: Duration = Duration::from_millis(50);
 /// The longest response line the client reads; an event carries one piece of text.
 const LINE_BYTES_MAX: u64 = 64 * 1024;
-/// Lines of the server's stderr shown when it fails to start.
-const LOG_LINES_SHOWN: usize = 5;
+/// Lines of the server's stderr shown when it fails to start or the bench panics.
+const LOG_LINES_SHOWN: usize = 40;
+/// Times a request is sent again after its connection was reset before any answer.
+const RESETS_MAX: u32 = 8;
 
 /// How the anchor runs: the batch it decodes and the prompt chunk it prefills.
 #[derive(Clone, Copy, Debug)]
@@ -93,10 +96,7 @@ impl AnchorServer {
         // From here the guard owns the process: an early return kills it.
         let mut server = AnchorServer { child, port, log };
         if let Err(why) = server.wait_ready().await {
-            let log = std::fs::read_to_string(server.log.path()).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(LOG_LINES_SHOWN).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            return Err(format!("{why}; its last words: {}", tail.join(" / ")));
+            return Err(format!("{why}; its last words:\n{}", server.last_words()));
         }
         Ok(server)
     }
@@ -128,6 +128,14 @@ impl AnchorServer {
         }
     }
 
+    /// The last lines of its stderr.
+    fn last_words(&self) -> String {
+        let log = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+        let mut tail: Vec<&str> = log.lines().rev().take(LOG_LINES_SHOWN).collect();
+        tail.reverse();
+        tail.join("\n")
+    }
+
     /// The port it listens on, on the loopback address.
     pub(crate) fn port(&self) -> u16 {
         self.port
@@ -136,6 +144,9 @@ impl AnchorServer {
 
 impl Drop for AnchorServer {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("mlx_lm.server's last words:\n{}", self.last_words());
+        }
         // It holds nothing that needs a clean exit.
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -171,14 +182,23 @@ fn free_port() -> Result<u16, String> {
 
 /// The status of `GET /health`, or `None` when nothing answers yet.
 async fn health(port: u16) -> Option<u16> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    stream
-        .write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .await
-        .ok()?;
-    let mut reader = BufReader::new(stream);
-    let line = next_line(&mut reader, READY_WITHIN).await.ok()??;
+    let request = b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n";
+    let (line, _) = send(port, request, READY_WITHIN).await.ok()?;
     status(&line)
+}
+
+/// Sends `request` (head and body) on a new connection; its status line, and the rest of the
+/// response to read. Waits at most `patience` for the status line.
+async fn send(
+    port: u16,
+    request: &[u8],
+    patience: Duration,
+) -> io::Result<(String, BufReader<TcpStream>)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.write_all(request).await?;
+    let mut reader = BufReader::new(stream);
+    let line = next_line(&mut reader, patience).await?;
+    Ok((line.ok_or(io::ErrorKind::UnexpectedEof)?, reader))
 }
 
 /// The status code of an HTTP status line.
@@ -190,13 +210,22 @@ fn status(line: &str) -> Option<u16> {
 async fn next_line<R: AsyncBufRead + Unpin>(
     reader: &mut R,
     patience: Duration,
-) -> Result<Option<String>, String> {
+) -> io::Result<Option<String>> {
     let mut line = String::new();
     let read = tokio::time::timeout(patience, reader.take(LINE_BYTES_MAX).read_line(&mut line))
         .await
-        .map_err(|_| format!("no line from mlx_lm.server within {patience:?}"))?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| {
+            io::Error::new(io::ErrorKind::TimedOut, format!("no line in {patience:?}"))
+        })??;
     Ok((read > 0).then(|| line.trim_end_matches(['\r', '\n']).to_owned()))
+}
+
+/// Whether `e` is the server dropping a connection before it answered.
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::UnexpectedEof
+    )
 }
 
 /// One streamed completion of `prompt`, as its client sees it: when the request went out,
@@ -218,21 +247,28 @@ pub(crate) async fn completion(
         "stream_options": {"include_usage": true},
     })
     .to_string();
-    let head = format!(
-        "POST /v1/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+    let request = format!(
+        "POST /v1/completions HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
     let sent = Instant::now();
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    stream.write_all(head.as_bytes()).await.unwrap();
-    stream.write_all(body.as_bytes()).await.unwrap();
-    let mut reader = BufReader::new(stream);
-    let first = next_line(&mut reader, patience).await.unwrap();
-    assert_eq!(first.as_deref().and_then(status), Some(200), "{first:?}");
+    // The server listens with a backlog of 5 (Python's socketserver default): in a burst beyond
+    // it, the kernel may reset a connection before any answer. Such a request is sent again at
+    // once, counted, and timed from its first attempt.
+    let mut resets = 0;
+    let (first, mut reader) = loop {
+        match send(port, request.as_bytes(), patience).await {
+            Ok(answered) => break answered,
+            Err(e) if resets < RESETS_MAX && is_reset(&e) => resets += 1,
+            Err(e) => panic!("mlx_lm.server did not answer: {e}"),
+        }
+    };
+    assert_eq!(status(&first), Some(200), "{first}");
     let mut sample = Sample {
         sent,
         arrivals: Vec::new(),
         tokens: None,
+        resets,
     };
     let mut done = false;
     while let Some(line) = next_line(&mut reader, patience).await.unwrap() {

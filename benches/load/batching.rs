@@ -14,6 +14,7 @@ use mlx_worker::clock::SystemClock;
 use mlx_worker::config::EngineConfig;
 use mlx_worker::engine::Engine;
 use mlx_worker::engine::mlx::MlxEngine;
+use mlx_worker::limits::REQUEST_TIMEOUT_MAX;
 use testkit::RunningWorker;
 
 use crate::anchor::{AnchorServer, AnchorSettings, completion, version};
@@ -107,8 +108,8 @@ impl System {
     pub(crate) fn label(self) -> &'static str {
         match self {
             System::Anchor => "mlx_lm.server",
-            System::Batched => "worker, batched",
-            System::Serial => "worker, serial",
+            System::Batched => "worker (batched)",
+            System::Serial => "worker (serial)",
         }
     }
 }
@@ -121,6 +122,8 @@ pub(crate) struct Sample {
     pub(crate) arrivals: Vec<Instant>,
     /// Tokens generated, when the system says (the anchor's `usage`).
     pub(crate) tokens: Option<u64>,
+    /// Times the request was sent again, its connection reset before any answer.
+    pub(crate) resets: u32,
 }
 
 /// One row run once on one system.
@@ -138,6 +141,8 @@ pub(crate) struct Figures {
     pub(crate) streams: usize,
     /// Requests measured (streams × rounds).
     pub(crate) requests: usize,
+    /// Times a request was sent again, its connection reset before any answer.
+    pub(crate) resets: u32,
     /// Tokens generated in all.
     pub(crate) tokens: u64,
     /// Tokens generated per second of the row's wall time, median of the rounds.
@@ -229,7 +234,7 @@ impl WorkerSystem {
     ) -> Result<(WorkerSystem, String), String> {
         let shown: Vec<String> = settings.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         let shown = shown.join(", ");
-        let (config, note) = match worker_config_with(url, 2000, &settings_yaml(&settings)) {
+        let (mut config, note) = match worker_config_with(url, 2000, &settings_yaml(&settings)) {
             Ok(config) => (config, format!("{}: `{shown}`", system.label())),
             Err(why) => {
                 // The reason's first clause; the rest lists every key the section has.
@@ -241,6 +246,8 @@ impl WorkerSystem {
                 (worker_config_with(url, 2000, "")?, note)
             }
         };
+        // The slowest rows queue requests for minutes: a request has the longest time there is.
+        config.node.request_timeout = REQUEST_TIMEOUT_MAX;
         let mut engine_config = config.engine.clone();
         engine_config.python = paths.python.clone();
         engine_config.runtime_dir = paths.runtime_dir.clone();
@@ -409,6 +416,7 @@ async fn run_row(
                         sent,
                         arrivals,
                         tokens: None,
+                        resets: 0,
                     }
                 })
             }
@@ -446,6 +454,7 @@ fn figures(system: System, streams: usize, runs: Vec<RowRun>) -> Figures {
         system,
         streams,
         requests: samples.len(),
+        resets: samples.iter().map(|s| s.resets).sum(),
         tokens: runs.iter().map(|r| r.tokens).sum(),
         tokens_per_s: percentile(&mut rates, 50),
         ttft_p50: some_percentile(&mut ttft, 50),
@@ -543,6 +552,7 @@ pub(crate) fn check_batching_logic() {
         system,
         streams,
         requests: 1,
+        resets: 0,
         tokens: 1,
         tokens_per_s,
         ttft_p50: Some(Duration::from_millis(ttft_ms)),

@@ -121,8 +121,7 @@ impl RawEcho {
     }
 }
 
-/// The worker's configuration for every bench worker: room for 512 streams, a deep queue,
-/// and an hour for a request (the slowest batching row queues its requests for minutes).
+/// The worker's configuration for every bench worker: room for 512 streams and a deep queue.
 fn worker_config(url: &str, late_wait_ms: u64) -> config::WorkerConfig {
     worker_config_with(url, late_wait_ms, "").unwrap()
 }
@@ -135,7 +134,7 @@ pub(crate) fn worker_config_with(
     settings: &str,
 ) -> Result<config::WorkerConfig, String> {
     let yaml = format!(
-        "nats:\n  serverUrl: {url}\nworker:\n  port: 0\n  maxConcurrent: 512\n  requestTimeoutMs: 3600000\n  lateSubscriberWaitMs: {late_wait_ms}\n  requestQueue:\n    maxDepth: 10000\n  tierLimits:\n    '<3B': {{ maxConcurrent: 512, queueDepth: 10000 }}\n{settings}"
+        "nats:\n  serverUrl: {url}\nworker:\n  port: 0\n  maxConcurrent: 512\n  lateSubscriberWaitMs: {late_wait_ms}\n  requestQueue:\n    maxDepth: 10000\n  tierLimits:\n    '<3B': {{ maxConcurrent: 512, queueDepth: 10000 }}\n{settings}"
     );
     config::from_yaml(&yaml, Path::new("bench.yaml")).map_err(|e| e.to_string())
 }

@@ -95,15 +95,24 @@ fn main() {
     let command = "cargo bench --bench load";
     let md = report::markdown(report::header(command, quick), &report);
     eprintln!("{md}");
-    if !quick {
-        let dir = repo("docs/benchmarks");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("load.md"), &md).unwrap();
-        std::fs::write(dir.join("load.svg"), report::svg(&report.zero)).unwrap();
-    } else if let Err(why) = &report.e2e {
+    write(quick, "load", &md, &report::svg(&report.zero));
+    if let (true, Err(why)) = (quick, &report.e2e) {
         eprintln!("end to end: {why}");
     }
     write_batching(&b, quick, command);
+}
+
+/// Writes `docs/benchmarks/{name}.md` and `.svg`, unless `quick`: then the report, made all
+/// the same, is only printed.
+fn write(quick: bool, name: &str, md: &str, svg: &str) {
+    assert!(svg.starts_with("<svg ") && svg.ends_with("</svg>\n"));
+    if quick {
+        return;
+    }
+    let dir = repo("docs/benchmarks");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{name}.md")), md).unwrap();
+    std::fs::write(dir.join(format!("{name}.svg")), svg).unwrap();
 }
 
 /// Every part but batching. A hung bench is a failed bench: the caller bounds it.
@@ -146,12 +155,7 @@ async fn batching_within(url: &str, quick: bool) -> Batching {
 fn write_batching(b: &Batching, quick: bool, command: &str) {
     let md = report::batching_markdown(report::header(command, quick), b);
     eprintln!("{md}");
-    if !quick {
-        let dir = repo("docs/benchmarks");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("batching.md"), &md).unwrap();
-        std::fs::write(dir.join("batching.svg"), report::batching_svg(b)).unwrap();
-    }
+    write(quick, "batching", &md, &report::batching_svg(b));
 }
 
 /// `--profile e2e` or `--profile <streams>`: one part, its figures printed.

@@ -216,6 +216,8 @@ pub(crate) struct Series {
 pub(crate) struct Panel {
     pub(crate) title: String,
     pub(crate) series: Vec<Series>,
+    /// Decimals of the values written beside the solid line's points.
+    pub(crate) decimals: usize,
 }
 
 /// Panels stacked, each with its lines against the same x axis (`x_labels`, evenly spaced);
@@ -269,9 +271,10 @@ pub(crate) fn chart(x_labels: &[String], panels: &[Panel]) -> String {
                 .filter(|l| matches!(l.line, Line::Solid));
             for v in labelled.filter_map(|l| l.values.get(i)) {
                 s += &format!(
-                    "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#1f77b4\">{v:.3}</text>\n",
+                    "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#1f77b4\">{v:.*}</text>\n",
                     x(i),
-                    y(*v) - 6.0
+                    y(*v) - 6.0,
+                    panel.decimals
                 );
             }
         }
@@ -281,9 +284,10 @@ pub(crate) fn chart(x_labels: &[String], panels: &[Panel]) -> String {
             .map(|l| format!("{}: {}", l.line.name(), l.label))
             .collect();
         s += &format!(
-            "<text x=\"{pad}\" y=\"{}\">{} (max {max:.2}); {}</text>\n",
-            top + pad - 20.0,
+            "<text x=\"{pad}\" y=\"{}\">{} (max {max:.2})</text>\n<text x=\"{pad}\" y=\"{}\">{}</text>\n",
+            top + pad - 26.0,
             panel.title,
+            top + pad - 12.0,
             legend.join(", ")
         );
     }
@@ -300,6 +304,7 @@ pub(crate) fn svg(rows: &[Row]) -> String {
         .collect();
     let panel = |title: &str, worker: &dyn Fn(&Row) -> f64, floor: &dyn Fn(&Row) -> f64| Panel {
         title: title.to_owned(),
+        decimals: 3,
         series: vec![
             Series {
                 line: Line::Solid,
@@ -384,6 +389,10 @@ fn table(md: &mut String, title: &str, t: &Result<Table, String>) {
         )
         .unwrap();
     }
+    let resets: u32 = t.rows.iter().map(|f| f.resets).sum();
+    if resets > 0 {
+        writeln!(md, "\nmlx_lm.server reset {resets} connections of its bursts before answering (its listen backlog holds 5); those requests were sent again at once, their TTFT counted from the first attempt.").unwrap();
+    }
     writeln!(md, "\nTargets (the batched worker):\n").unwrap();
     for target in &t.targets {
         writeln!(md, "- {}", target_line(target)).unwrap();
@@ -436,10 +445,12 @@ pub(crate) fn batching_svg(b: &Batching) -> String {
         panels.push(Panel {
             title: format!("tokens/s, {}", t.model),
             series: series(&|f| f.tokens_per_s),
+            decimals: 1,
         });
         panels.push(Panel {
-            title: format!("TTFT p50 ms, {}", t.model),
+            title: format!("TTFT p50 (ms), {}", t.model),
             series: series(&|f| f.ttft_p50.map_or(0.0, |d| d.as_secs_f64() * 1e3)),
+            decimals: 0,
         });
     }
     chart(&x_labels, &panels)
