@@ -23,7 +23,7 @@ use crate::harness::{
     worker_arrivals, worker_config_with,
 };
 use crate::measurement::percentile;
-use crate::models::{LARGER, LARGER_CHECK, describe};
+use crate::models::{self, LARGER, LARGER_CHECK, TINY, describe};
 
 /// The batch size of the batched worker, and the anchor's `--decode-concurrency`: the largest
 /// row fits in one batch on both.
@@ -300,13 +300,17 @@ pub(crate) async fn batching(url: &str, quick: bool) -> Batching {
         tiny: Err(why.clone()),
         larger: Err(why),
     };
-    let paths = match testkit::runtime::engine_config(&repo("")) {
+    let mut paths = match testkit::runtime::engine_config(&repo("")) {
         Ok(paths) => paths,
         Err(missing) => return not_measured(format!("not measured: {missing}")),
     };
+    paths.model_dir = models::root();
+    if let Err(why) = TINY.make().await {
+        return not_measured(format!("not measured: {why}"));
+    }
     let shape = if quick { &LARGER_CHECK } else { &LARGER };
     let larger = shape.make().await.map(|()| shape.id());
-    let mut models = vec![TINY_MODEL.to_owned()];
+    let mut models = vec![TINY.id()];
     models.extend(larger.iter().cloned());
     let batched = WorkerSystem::start(url, System::Batched, batched_settings(), &paths, &models);
     let (batched, b) = match batched.await {
@@ -322,8 +326,7 @@ pub(crate) async fn batching(url: &str, quick: bool) -> Batching {
         }
     };
     let (workers, settings) = (Workers { batched, serial }, vec![b, s]);
-    let tiny_dir = repo("models").join(TINY_MODEL);
-    let tiny = measure(&workers, TINY_MODEL, tiny_dir, &plan, plan.rounds_tiny).await;
+    let tiny = measure(&workers, &TINY.id(), TINY.dir(), &plan, plan.rounds_tiny).await;
     let larger = match larger {
         Ok(id) => measure(&workers, &id, shape.dir(), &plan, plan.rounds_larger).await,
         Err(why) => Err(format!("not measured: {why}")),
@@ -584,6 +587,11 @@ pub(crate) fn check_batching_logic() {
     assert_eq!(
         yaml,
         "runtime:\n  startupTimeoutMs: 60000\n  callTimeoutMs: 30000\n"
+    );
+    assert_eq!(
+        TINY.id(),
+        TINY_MODEL,
+        "the tiny model's id, wherever it is made"
     );
     let url = "nats://127.0.0.1:4222";
     assert!(worker_config_with(url, 0, &yaml).is_ok(), "{yaml}");

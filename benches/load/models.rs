@@ -1,13 +1,20 @@
-//! The models of the batching part beside the tiny one: random models of its family, made on
-//! demand by the tiny model's generator (its shape options) under `models/`, which git ignores.
+//! The models of the batching part: the tiny model and a larger random model of its family,
+//! made on demand by the tiny model's generator (its shape options) in a model directory of the
+//! bench's own under `target/`, which git ignores. Not under `models/`: a worker serving
+//! `models/` advertises every model there, and the tests expect the tiny one alone.
 
 use std::path::{Path, PathBuf};
 
 use crate::harness::repo;
 
+/// The batching part's model directory.
+pub(crate) fn root() -> PathBuf {
+    repo("target/bench-models")
+}
+
 /// A random model of the tiny model's family: the generator's shape options.
 pub(crate) struct RandomModel {
-    /// The directory under `models/mlx-worker/`.
+    /// The directory under `mlx-worker/`.
     name: &'static str,
     hidden_size: usize,
     layers: usize,
@@ -15,6 +22,17 @@ pub(crate) struct RandomModel {
     kv_heads: usize,
     intermediate_size: usize,
 }
+
+/// The tiny model itself, the generator's default shape: byte for byte the one `ci/setup.sh`
+/// makes under `models/`.
+pub(crate) const TINY: RandomModel = RandomModel {
+    name: "tiny-llama",
+    hidden_size: 64,
+    layers: 2,
+    attention_heads: 4,
+    kv_heads: 2,
+    intermediate_size: 128,
+};
 
 /// The larger model: about 190 MB of float32 weights.
 pub(crate) const LARGER: RandomModel = RandomModel {
@@ -45,7 +63,7 @@ impl RandomModel {
 
     /// Its directory.
     pub(crate) fn dir(&self) -> PathBuf {
-        repo("models").join(self.id())
+        root().join(self.id())
     }
 
     /// Writes the model with the tiny model's generator, unless it is there already.
