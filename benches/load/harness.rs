@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -11,14 +12,18 @@ use futures::StreamExt;
 use mlx_worker::client::{Client, Target};
 use mlx_worker::clock::SystemClock;
 use mlx_worker::config;
-use mlx_worker::engine::{Engine, GenerateRequest, TokenEvent};
-use mlx_worker::limits::INFLIGHT_REQUESTS_MAX;
+use mlx_worker::engine::{
+    Catalog, Engine, EngineError, EngineHealth, GenerateRequest, LoadedModel, TokenEvent,
+    TokenStream, token_channel,
+};
+use mlx_worker::limits::{INFLIGHT_REQUESTS_MAX, TOKEN_CHANNEL_CAPACITY};
 use mlx_worker::protocol::{InferenceRequest, StreamMessage, TokenMessage, encode};
 use mlx_worker::transport::Transport;
 use mlx_worker::transport::nats::NatsTransport;
 use mlx_worker_sim::{SimEngine, SimEngineConfig};
 use serde_json::json;
 use testkit::RunningWorker;
+use tokio::sync::watch;
 
 /// The simulated engine's model.
 pub(crate) const SIM_MODEL: &str = "sim/tiny";
@@ -118,10 +123,20 @@ impl RawEcho {
 
 /// The worker's configuration for every bench worker: room for 512 streams and a deep queue.
 fn worker_config(url: &str, late_wait_ms: u64) -> config::WorkerConfig {
+    worker_config_with(url, late_wait_ms, "").unwrap()
+}
+
+/// [`worker_config`] with `settings` (whole YAML sections the base lacks, such as `runtime:`)
+/// added; the error is why the worker rejects them.
+pub(crate) fn worker_config_with(
+    url: &str,
+    late_wait_ms: u64,
+    settings: &str,
+) -> Result<config::WorkerConfig, String> {
     let yaml = format!(
-        "nats:\n  serverUrl: {url}\nworker:\n  port: 0\n  maxConcurrent: 512\n  lateSubscriberWaitMs: {late_wait_ms}\n  requestQueue:\n    maxDepth: 10000\n  tierLimits:\n    '<3B': {{ maxConcurrent: 512, queueDepth: 10000 }}\n"
+        "nats:\n  serverUrl: {url}\nworker:\n  port: 0\n  maxConcurrent: 512\n  lateSubscriberWaitMs: {late_wait_ms}\n  requestQueue:\n    maxDepth: 10000\n  tierLimits:\n    '<3B': {{ maxConcurrent: 512, queueDepth: 10000 }}\n{settings}"
     );
-    config::from_yaml(&yaml, Path::new("bench.yaml")).unwrap()
+    config::from_yaml(&yaml, Path::new("bench.yaml")).map_err(|e| e.to_string())
 }
 
 /// Starts a bench worker over `engine` ([`worker_config`]) and waits for its registration.
@@ -232,6 +247,78 @@ pub(crate) async fn engine_tokens(
     (start.elapsed(), produced)
 }
 
+/// An engine that counts every token its inner engine generates, empty pieces included
+/// (the worker does not send those), so that a bench reading the worker's streams also knows
+/// how many tokens were generated behind them. Each token takes one more channel hop, a few
+/// microseconds, on its way to the worker.
+pub(crate) struct CountingEngine {
+    inner: Arc<dyn Engine>,
+    tokens: Arc<AtomicU64>,
+}
+
+impl CountingEngine {
+    /// Counts what `inner` generates.
+    pub(crate) fn new(inner: Arc<dyn Engine>) -> CountingEngine {
+        CountingEngine {
+            inner,
+            tokens: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// Tokens generated since the engine started.
+    pub(crate) fn tokens(&self) -> u64 {
+        self.tokens.load(Ordering::Relaxed)
+    }
+}
+
+#[async_trait::async_trait]
+impl Engine for CountingEngine {
+    async fn catalog(&self) -> Result<Catalog, EngineError> {
+        self.inner.catalog().await
+    }
+
+    async fn load(&self, model_id: &str) -> Result<LoadedModel, EngineError> {
+        self.inner.load(model_id).await
+    }
+
+    async fn unload(&self, model_id: &str) -> Result<(), EngineError> {
+        self.inner.unload(model_id).await
+    }
+
+    async fn generate(&self, request: GenerateRequest) -> Result<TokenStream, EngineError> {
+        let mut inner = self.inner.generate(request).await?;
+        let (tx, rx) = token_channel(TOKEN_CHANNEL_CAPACITY);
+        let tokens = self.tokens.clone();
+        tokio::spawn(async move {
+            while let Some(event) = inner.recv().await {
+                match event {
+                    TokenEvent::Tokens(texts) => {
+                        tokens.fetch_add(texts.len() as u64, Ordering::Relaxed);
+                        // A receiver gone is a generation the worker dropped: dropping `inner`
+                        // with this task cancels it on the engine too.
+                        if tx.send_all(texts).await.is_err() {
+                            return;
+                        }
+                    }
+                    last => {
+                        tx.end(last);
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    fn health(&self) -> watch::Receiver<EngineHealth> {
+        self.inner.health()
+    }
+
+    async fn shutdown(&self, grace: Duration) {
+        self.inner.shutdown(grace).await;
+    }
+}
+
 /// The library's client over its own `NatsTransport`.
 pub(crate) async fn stream_client(url: &str) -> Client {
     let nats = worker_config(url, 0).nats;
@@ -241,15 +328,41 @@ pub(crate) async fn stream_client(url: &str) -> Client {
     Client::new(Arc::new(transport), Arc::new(SystemClock))
 }
 
-/// A request as the bench sends it.
+/// A greedy request as the bench sends it.
 fn request(id: &str, model: &str, prompt: &str, max_tokens: u32) -> InferenceRequest {
+    sampled_request(id, model, prompt, max_tokens, Sampling::GREEDY)
+}
+
+/// How a request samples its tokens.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Sampling {
+    pub(crate) temperature: f64,
+    pub(crate) top_p: Option<f64>,
+}
+
+impl Sampling {
+    /// Greedy decoding, the worker's default nucleus.
+    const GREEDY: Sampling = Sampling {
+        temperature: 0.0,
+        top_p: None,
+    };
+}
+
+/// A request with its sampling given.
+pub(crate) fn sampled_request(
+    id: &str,
+    model: &str,
+    prompt: &str,
+    max_tokens: u32,
+    sampling: Sampling,
+) -> InferenceRequest {
     InferenceRequest {
         request_id: id.to_owned(),
         model_id: model.to_owned(),
         prompt: prompt.to_owned(),
         max_tokens: Some(max_tokens),
-        temperature: Some(0.0),
-        top_p: None,
+        temperature: Some(sampling.temperature),
+        top_p: sampling.top_p,
         session_id: None,
         stream: None,
         priority: None,
@@ -273,7 +386,7 @@ pub(crate) async fn first_token(client: &Client, worker: &str, id: &str) -> Dura
 }
 
 /// The gaps between consecutive token arrivals.
-fn gaps(arrivals: &[Instant]) -> Vec<Duration> {
+pub(crate) fn gaps(arrivals: &[Instant]) -> Vec<Duration> {
     arrivals.windows(2).map(|w| w[1] - w[0]).collect()
 }
 
@@ -285,19 +398,29 @@ pub(crate) async fn worker_stream(
     id: &str,
     tokens: u32,
 ) -> (usize, Vec<Duration>) {
+    let request = request(id, model, "Hello world", tokens);
+    let (_, arrivals) = worker_arrivals(client, worker, &request, PATIENCE).await;
+    (arrivals.len(), gaps(&arrivals))
+}
+
+/// One request through the worker as its client sees it: when it was sent, and when each of
+/// its tokens arrived; waits at most `patience` for any one message.
+pub(crate) async fn worker_arrivals(
+    client: &Client,
+    worker: &str,
+    request: &InferenceRequest,
+    patience: Duration,
+) -> (Instant, Vec<Instant>) {
     let mut stream = client
-        .send(
-            &Target::Worker(worker.to_owned()),
-            &request(id, model, "Hello world", tokens),
-        )
+        .send(&Target::Worker(worker.to_owned()), request)
         .await
         .unwrap();
     let mut arrivals = Vec::new();
     loop {
-        let arrival = stream.next(PATIENCE).await.unwrap();
+        let arrival = stream.next(patience).await.unwrap();
         match arrival.message {
             StreamMessage::Token { .. } => arrivals.push(arrival.at.into_std()),
-            StreamMessage::Done { .. } => return (arrivals.len(), gaps(&arrivals)),
+            StreamMessage::Done { .. } => return (stream.sent_at().into_std(), arrivals),
             StreamMessage::Error { error, .. } => panic!("{error}"),
         }
     }

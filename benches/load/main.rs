@@ -12,21 +12,29 @@
 //! - **start to registered** and **memory per in-flight stream**;
 //! - **end to end with the real MLX runtime** and the tiny model (when `ci/setup.sh` has made
 //!   them): time per token through the worker against the runtime's own time per token, the
-//!   same runtime driven directly.
+//!   same runtime driven directly;
+//! - **batching**: the real runtime behind a worker, batched and serial, against
+//!   `mlx_lm.server` on the same model and batch size, at 1 to 16 concurrent requests, on the
+//!   tiny model and on a larger random model generated for it.
 //!
 //! Run: `cargo bench --bench load` (needs nats-server on PATH; `ci/setup.sh` installs it).
-//! Writes `docs/benchmarks/load.md` and `docs/benchmarks/load.svg`. With `-- --test` (as
+//! Writes `docs/benchmarks/load.md`, `load.svg`, `batching.md` and `batching.svg`; with
+//! `-- --only batching`, only the batching part and its two files. With `-- --test` (as
 //! `cargo bench -- --test` passes), or without `--bench` (as `cargo test --benches` runs it), it runs
 //! every part at a tiny size and writes nothing.
 //! Each throughput figure is the median of several rounds, floor and worker alternating.
 //!
 //! Layout: `harness` drives the traffic (connections, workers, engines, one run of each kind),
-//! `measurement` makes the figures of each part against its floor, `report` writes them.
+//! `measurement` makes the figures of each part against its floor, `batching` the batching
+//! part's against `mlx_lm.server` (`anchor`) on its `models`, `report` writes them.
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)] // A bench: failures are loud; it times.
 
+mod anchor;
+mod batching;
 mod harness;
 mod measurement;
+mod models;
 mod report;
 
 use std::time::Duration;
@@ -34,14 +42,19 @@ use std::time::Duration;
 use mlx_worker::limits::MAX_TOKENS_MAX;
 use testkit::NatsServer;
 
+use crate::batching::{Batching, batching, check_batching_logic};
 use crate::harness::{SIM_MODEL, raw_tokens, repo, sim_engine, start_worker, worker_tokens};
 use crate::measurement::{
     Report, check_overhead_percentiles, end_to_end, median, memory_per_stream, paced_rows,
     request_overhead, zero_latency_rows,
 };
 
+/// Longest the batching part may take: its slowest rows queue requests for minutes.
+const BATCHING_WITHIN: Duration = Duration::from_secs(4 * 3600);
+
 fn main() {
     check_overhead_percentiles();
+    check_batching_logic();
     // `cargo bench` passes `--bench`; without it (`cargo test --benches`) or with `--test`
     // (`cargo bench -- --test`) the bench only checks that every part still runs.
     let args: Vec<String> = std::env::args().collect();
@@ -55,15 +68,104 @@ fn main() {
     let server = rt.block_on(NatsServer::start());
     let url = server.url();
     let _guard = rt.enter();
-    let rounds = if quick { 1 } else { 5 };
+    let option = |name: &str| {
+        args.windows(2)
+            .find(|w| w[0] == name)
+            .map(|w| w[1].as_str())
+    };
     // `--profile <streams>`: only the zero-latency row at that concurrency, and `--profile e2e`
     // only the real runtime's part, for a profiler attached from outside (see
     // docs/benchmarks/load.md); prints the figures, writes nothing.
-    if args
-        .windows(2)
-        .any(|w| w[0] == "--profile" && w[1] == "e2e")
-    {
-        match rt.block_on(end_to_end(&url, false)) {
+    if let Some(what) = option("--profile") {
+        // `--floor`: the raw floor's rounds too, alternating with the worker's, for the ratio
+        // (left out under a profiler, whose samples should be the worker's).
+        let floor = args.iter().any(|a| a == "--floor");
+        rt.block_on(profile(&url, what, floor));
+        return;
+    }
+    if option("--only") == Some("batching") {
+        let b = rt.block_on(batching_within(&url, quick));
+        write_batching(&b, quick, "cargo bench --bench load -- --only batching");
+        return;
+    }
+    let report = rt
+        .block_on(tokio::time::timeout(
+            Duration::from_secs(900),
+            measure(&url, quick),
+        ))
+        .expect("the load bench finished within 15 minutes");
+    let b = rt.block_on(batching_within(&url, quick));
+    let command = "cargo bench --bench load";
+    let md = report::markdown(report::header(command, quick), &report);
+    eprintln!("{md}");
+    write(quick, "load", &md, &report::svg(&report.zero));
+    if let (true, Err(why)) = (quick, &report.e2e) {
+        eprintln!("end to end: {why}");
+    }
+    write_batching(&b, quick, command);
+}
+
+/// Writes `docs/benchmarks/{name}.md` and `.svg`, unless `quick`: then the report, made all
+/// the same, is only printed.
+fn write(quick: bool, name: &str, md: &str, svg: &str) {
+    assert!(svg.starts_with("<svg ") && svg.ends_with("</svg>\n"));
+    if quick {
+        return;
+    }
+    let dir = repo("docs/benchmarks");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{name}.md")), md).unwrap();
+    std::fs::write(dir.join(format!("{name}.svg")), svg).unwrap();
+}
+
+/// Every part but batching. A hung bench is a failed bench: the caller bounds it.
+async fn measure(url: &str, quick: bool) -> Report {
+    let rounds = if quick { 1 } else { 5 };
+    // First, while the process's heap is fresh, so that its growth is the streams'.
+    eprintln!("load bench: memory per stream");
+    let (held, per_stream_kib) = memory_per_stream(url, quick).await;
+    eprintln!("load bench: zero-latency engine");
+    let (zero, start_to_registered) = zero_latency_rows(url, quick, rounds).await;
+    eprintln!("load bench: paced engine");
+    let paced = paced_rows(url, quick, rounds).await;
+
+    eprintln!("load bench: request overhead");
+    // Request overhead: receipt→first token vs a raw round trip between two clients.
+    let overhead = request_overhead(url, if quick { 20 } else { 1000 }).await;
+
+    eprintln!("load bench: end to end with the MLX runtime");
+    let e2e = end_to_end(url, quick).await;
+    Report {
+        zero,
+        paced,
+        overhead,
+        start_to_registered,
+        held,
+        per_stream_kib,
+        e2e,
+    }
+}
+
+/// The batching part, bounded by [`BATCHING_WITHIN`].
+async fn batching_within(url: &str, quick: bool) -> Batching {
+    eprintln!("load bench: batching");
+    tokio::time::timeout(BATCHING_WITHIN, batching(url, quick))
+        .await
+        .expect("the batching part finished in time")
+}
+
+/// Prints the batching report and, unless `quick`, writes it with its chart.
+fn write_batching(b: &Batching, quick: bool, command: &str) {
+    let md = report::batching_markdown(report::header(command, quick), b);
+    eprintln!("{md}");
+    write(quick, "batching", &md, &report::batching_svg(b));
+}
+
+/// `--profile e2e` or `--profile <streams>`: one part, its figures printed; with `floor`, the
+/// raw floor's rounds too, alternating with the worker's.
+async fn profile(url: &str, what: &str, floor: bool) {
+    if what == "e2e" {
+        match end_to_end(url, false).await {
             Ok(e) => eprintln!(
                 "runtime alone {:.0} µs/token, through the worker {:.0} µs/token ({} gaps)",
                 e.direct_us, e.through_us, e.gaps
@@ -72,83 +174,34 @@ fn main() {
         }
         return;
     }
-    if let Some(streams) = args
-        .iter()
-        .position(|a| a == "--profile")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        // `--floor`: the raw floor's rounds too, alternating with the worker's, for the ratio
-        // (left out under a profiler, whose samples should be the worker's).
-        let floor = args.iter().any(|a| a == "--floor");
-        let row = rt.block_on(async {
-            let worker =
-                start_worker(&url, "bench", 2000, sim_engine(Duration::ZERO), vec![]).await;
-            let tokens = (65_536 / streams).clamp(16, MAX_TOKENS_MAX as usize) as u32;
-            let n = streams * tokens as usize;
-            let (mut times, mut raw) = (Vec::new(), Vec::new());
-            for r in 0..20 {
-                let tag = format!("prof{r}");
-                times.push(worker_tokens(&url, "bench", SIM_MODEL, streams, tokens, &tag).await);
-                if floor {
-                    raw.push(raw_tokens(&url, n).await);
-                }
-            }
-            worker.stop().await;
-            (n, median(times), (!raw.is_empty()).then(|| median(raw)))
-        });
-        let per_token = |d: Duration| d.as_secs_f64() * 1e6 / row.0 as f64;
-        eprintln!(
-            "{streams} streams: {} tokens in {:?} (median of 20), {:.2} µs/token",
-            row.0,
-            row.1,
-            per_token(row.1)
-        );
-        if let Some(raw) = row.2 {
-            eprintln!(
-                "raw floor: {:.2} µs/token (median of 20); worker/raw {:.2}",
-                per_token(raw),
-                row.1.as_secs_f64() / raw.as_secs_f64()
-            );
-        }
+    let Ok(streams) = what.parse::<usize>() else {
+        eprintln!("--profile takes e2e or a stream count, not {what:?}");
         return;
+    };
+    let worker = start_worker(url, "bench", 2000, sim_engine(Duration::ZERO), vec![]).await;
+    let tokens = (65_536 / streams).clamp(16, MAX_TOKENS_MAX as usize) as u32;
+    let total = streams * tokens as usize;
+    let (mut times, mut raw) = (Vec::new(), Vec::new());
+    for r in 0..20 {
+        let tag = format!("prof{r}");
+        times.push(worker_tokens(url, "bench", SIM_MODEL, streams, tokens, &tag).await);
+        if floor {
+            raw.push(raw_tokens(url, total).await);
+        }
     }
-    // A hung bench is a failed bench.
-    let report = rt
-        .block_on(tokio::time::timeout(Duration::from_secs(900), async {
-            // First, while the process's heap is fresh, so that its growth is the streams'.
-            eprintln!("load bench: memory per stream");
-            let (held, per_stream_kib) = memory_per_stream(&url, quick).await;
-            eprintln!("load bench: zero-latency engine");
-            let (zero, start_to_registered) = zero_latency_rows(&url, quick, rounds).await;
-            eprintln!("load bench: paced engine");
-            let paced = paced_rows(&url, quick, rounds).await;
-
-            eprintln!("load bench: request overhead");
-            // Request overhead: receipt→first token vs a raw round trip between two clients.
-            let overhead = request_overhead(&url, if quick { 20 } else { 1000 }).await;
-
-            eprintln!("load bench: end to end with the MLX runtime");
-            let e2e = end_to_end(&url, quick).await;
-            Report {
-                zero,
-                paced,
-                overhead,
-                start_to_registered,
-                held,
-                per_stream_kib,
-                e2e,
-            }
-        }))
-        .expect("the load bench finished within 15 minutes");
-    let md = report::markdown(report::header(quick), &report);
-    eprintln!("{md}");
-    if !quick {
-        let dir = repo("docs/benchmarks");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("load.md"), &md).unwrap();
-        std::fs::write(dir.join("load.svg"), report::svg(&report.zero)).unwrap();
-    } else if let Err(why) = &report.e2e {
-        eprintln!("end to end: {why}");
+    worker.stop().await;
+    let time = median(times);
+    let per_token = |d: Duration| d.as_secs_f64() * 1e6 / total as f64;
+    eprintln!(
+        "{streams} streams: {total} tokens in {time:?} (median of 20), {:.2} µs/token",
+        per_token(time)
+    );
+    if !raw.is_empty() {
+        let raw = median(raw);
+        eprintln!(
+            "raw floor: {:.2} µs/token (median of 20); worker/raw {:.2}",
+            per_token(raw),
+            time.as_secs_f64() / raw.as_secs_f64()
+        );
     }
 }

@@ -1,19 +1,27 @@
-//! The report: `docs/benchmarks/load.md`'s text and `load.svg`'s chart, from a
-//! [`Report`]. Formatting only; every figure is computed in `measurement`.
+//! The reports: `docs/benchmarks/load.md`'s text and `load.svg`'s chart, from a [`Report`],
+//! and `batching.md` and `batching.svg`, from a [`Batching`]. Formatting only; every figure is
+//! computed in `measurement` and `batching`.
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
 use testkit::nats::nats_server_version;
 
+use crate::anchor::server_args;
+use crate::batching::{ANCHOR, Batching, Figures, SAMPLING, System, Table, Target};
 use crate::harness::PACE;
 use crate::measurement::{Report, Row, overhead_percentiles, percentile};
 
-/// The report's first line: what ran, where.
-pub(crate) fn header(quick: bool) -> String {
+/// A report's first line: what ran (`command`, with `--test` when `quick`), where.
+pub(crate) fn header(command: &str, quick: bool) -> String {
+    let test = match (quick, command.contains(" -- ")) {
+        (false, _) => "",
+        (true, true) => " --test",
+        (true, false) => " -- --test",
+    };
     format!(
-        "One run of `cargo bench --bench load`{} on {} ({} CPUs), nats-server {} on loopback.",
-        if quick { " -- --test (tiny sizes)" } else { "" },
+        "One run of `{command}{test}`{} on {} ({} CPUs), nats-server {} on loopback.",
+        if quick { " (tiny sizes)" } else { "" },
         host(),
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         nats_server_version()
@@ -166,31 +174,69 @@ fn host() -> String {
     format!("{} / {cpu}", std::env::consts::OS)
 }
 
-/// Two panels against the stream count: tokens/s (top) and µs per token (bottom), each with
-/// the worker (solid) and the raw floor (dashed).
-pub(crate) fn svg(rows: &[Row]) -> String {
+/// How a chart line is drawn.
+#[derive(Clone, Copy)]
+pub(crate) enum Line {
+    /// Solid blue, its values written beside its points.
+    Solid,
+    /// Dashed grey.
+    Dashed,
+    /// Dotted red.
+    Dotted,
+}
+
+impl Line {
+    /// Its name in the legend.
+    fn name(self) -> &'static str {
+        match self {
+            Line::Solid => "solid",
+            Line::Dashed => "dashed",
+            Line::Dotted => "dotted",
+        }
+    }
+
+    /// Its SVG stroke attributes.
+    fn stroke(self) -> &'static str {
+        match self {
+            Line::Solid => "stroke=\"#1f77b4\" stroke-width=\"2\"",
+            Line::Dashed => "stroke=\"#999\" stroke-width=\"2\" stroke-dasharray=\"6 4\"",
+            Line::Dotted => "stroke=\"#d62728\" stroke-width=\"2\" stroke-dasharray=\"2 3\"",
+        }
+    }
+}
+
+/// One line of a chart panel: a value per point of the x axis.
+pub(crate) struct Series {
+    pub(crate) line: Line,
+    pub(crate) label: String,
+    pub(crate) values: Vec<f64>,
+}
+
+/// One panel of a chart.
+pub(crate) struct Panel {
+    pub(crate) title: String,
+    pub(crate) series: Vec<Series>,
+    /// Decimals of the values written beside the solid line's points.
+    pub(crate) decimals: usize,
+}
+
+/// Panels stacked, each with its lines against the same x axis (`x_labels`, evenly spaced);
+/// each panel's y axis runs from 0 to its largest value.
+pub(crate) fn chart(x_labels: &[String], panels: &[Panel]) -> String {
     let (w, panel_h, pad) = (640.0, 260.0, 50.0);
-    let h = 2.0 * panel_h;
+    let h = panels.len() as f64 * panel_h;
     let mut s = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"{w}\" height=\"{h}\" fill=\"white\"/>\n"
     );
-    let x = |i: usize| pad + i as f64 * (w - 2.0 * pad) / (rows.len().max(2) - 1) as f64;
-    let mut panel = |top: f64,
-                     title: &str,
-                     worker: &dyn Fn(&Row) -> f64,
-                     floor: &dyn Fn(&Row) -> f64| {
-        let max = rows
+    let x = |i: usize| pad + i as f64 * (w - 2.0 * pad) / (x_labels.len().max(2) - 1) as f64;
+    for (p, panel) in panels.iter().enumerate() {
+        let top = p as f64 * panel_h;
+        let max = panel
+            .series
             .iter()
-            .flat_map(|r| [worker(r), floor(r)])
+            .flat_map(|l| l.values.iter().copied())
             .fold(1e-9, f64::max);
         let y = |v: f64| top + panel_h - pad - v / max * (panel_h - 2.0 * pad);
-        let line = |pick: &dyn Fn(&Row) -> f64| {
-            rows.iter()
-                .enumerate()
-                .map(|(i, r)| format!("{:.1},{:.1}", x(i), y(pick(r))))
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
         let base = top + panel_h - pad;
         s += &format!(
             "<line x1=\"{pad}\" y1=\"{base}\" x2=\"{}\" y2=\"{base}\" stroke=\"black\"/>\n",
@@ -200,39 +246,212 @@ pub(crate) fn svg(rows: &[Row]) -> String {
             "<line x1=\"{pad}\" y1=\"{}\" x2=\"{pad}\" y2=\"{base}\" stroke=\"black\"/>\n",
             top + pad
         );
-        s += &format!(
-            "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"{}\"/>\n",
-            line(worker)
-        );
-        s += &format!(
-            "<polyline fill=\"none\" stroke=\"#999\" stroke-width=\"2\" stroke-dasharray=\"6 4\" points=\"{}\"/>\n",
-            line(floor)
-        );
-        for (i, r) in rows.iter().enumerate() {
+        for series in &panel.series {
+            let points: Vec<String> = series
+                .values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| format!("{:.1},{:.1}", x(i), y(*v)))
+                .collect();
             s += &format!(
-                "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{} streams</text>\n",
-                x(i),
-                base + 18.0,
-                r.streams
-            );
-            s += &format!(
-                "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#1f77b4\">{:.3}</text>\n",
-                x(i),
-                y(worker(r)) - 6.0,
-                worker(r)
+                "<polyline fill=\"none\" {} points=\"{}\"/>\n",
+                series.line.stroke(),
+                points.join(" ")
             );
         }
+        for (i, label) in x_labels.iter().enumerate() {
+            s += &format!(
+                "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{label}</text>\n",
+                x(i),
+                base + 18.0
+            );
+            let labelled = panel
+                .series
+                .iter()
+                .filter(|l| matches!(l.line, Line::Solid));
+            for v in labelled.filter_map(|l| l.values.get(i)) {
+                s += &format!(
+                    "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" fill=\"#1f77b4\">{v:.*}</text>\n",
+                    x(i),
+                    y(*v) - 6.0,
+                    panel.decimals
+                );
+            }
+        }
+        let legend: Vec<String> = panel
+            .series
+            .iter()
+            .map(|l| format!("{}: {}", l.line.name(), l.label))
+            .collect();
         s += &format!(
-            "<text x=\"{pad}\" y=\"{}\">{title} (max {max:.2}); solid: through the worker, dashed: raw async-nats floor</text>\n",
-            top + pad - 20.0
+            "<text x=\"{pad}\" y=\"{}\">{} (max {max:.2})</text>\n<text x=\"{pad}\" y=\"{}\">{}</text>\n",
+            top + pad - 26.0,
+            panel.title,
+            top + pad - 12.0,
+            legend.join(", ")
         );
-    };
-    panel(0.0, "thousand tokens/s", &|r| r.worker_rate() / 1e3, &|r| {
-        r.floor_rate() / 1e3
-    });
-    panel(panel_h, "µs per token", &|r| r.worker_us(), &|r| {
-        r.floor_us()
-    });
+    }
     s += "</svg>\n";
     s
+}
+
+/// `load.svg`: two panels against the stream count, tokens/s (top) and µs per token
+/// (bottom), each with the worker (solid) and the raw floor (dashed).
+pub(crate) fn svg(rows: &[Row]) -> String {
+    let x_labels: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{} streams", r.streams))
+        .collect();
+    let panel = |title: &str, worker: &dyn Fn(&Row) -> f64, floor: &dyn Fn(&Row) -> f64| Panel {
+        title: title.to_owned(),
+        decimals: 3,
+        series: vec![
+            Series {
+                line: Line::Solid,
+                label: "through the worker".into(),
+                values: rows.iter().map(worker).collect(),
+            },
+            Series {
+                line: Line::Dashed,
+                label: "raw async-nats floor".into(),
+                values: rows.iter().map(floor).collect(),
+            },
+        ],
+    };
+    chart(
+        &x_labels,
+        &[
+            panel("thousand tokens/s", &|r| r.worker_rate() / 1e3, &|r| {
+                r.floor_rate() / 1e3
+            }),
+            panel("µs per token", &|r| r.worker_us(), &|r| r.floor_us()),
+        ],
+    )
+}
+
+/// `batching.md`'s text.
+pub(crate) fn batching_markdown(header: String, b: &Batching) -> String {
+    let mut md = String::new();
+    writeln!(md, "# Batching bench\n\n{header}\n").unwrap();
+    let anchor = server_args(ANCHOR, "<model directory>", "<port>").join(" ");
+    writeln!(md, "The same model, prompts and requests on three systems, sampling at temperature {:.1} (top-p {:.1}), a row's requests sent at once; rounds interleave the systems, their order turning each round.\n", SAMPLING.temperature, SAMPLING.top_p.unwrap_or(1.0)).unwrap();
+    writeln!(md, "- mlx_lm.server {}, from the project's venv: `python {anchor}`, driven over HTTP (OpenAI-compatible streaming completions);", b.anchor_version).unwrap();
+    for settings in &b.settings {
+        writeln!(md, "- {settings}, driven over NATS as a client drives it;").unwrap();
+    }
+    writeln!(md, "\ntokens/s: tokens generated (mlx_lm.server's `usage`; behind the worker, counted at its engine) per second from a row's first request sent to its last stream's end, median of the rounds. TTFT: request sent → first text the client receives, over every request of the row. Inter-token: between consecutive pieces of text a client receives, over every stream (a token whose text is not complete yet arrives with the next).\n").unwrap();
+    table(&mut md, "Tiny model", &b.tiny);
+    writeln!(md, "On this CPU the `mlx[cpu]` wheel's reference BLAS makes a larger model compute-bound: a step costs about its batch's tokens times a token's multiply-adds, so batching gains only 1.2–1.7× there.\n").unwrap();
+    table(&mut md, "Larger random model", &b.larger);
+    writeln!(
+        md,
+        "![tokens/s and TTFT against concurrent requests](batching.svg)"
+    )
+    .unwrap();
+    md
+}
+
+/// One model's section: its table and its targets, or why it was not measured.
+fn table(md: &mut String, title: &str, t: &Result<Table, String>) {
+    let t = match t {
+        Ok(t) => t,
+        Err(why) => {
+            writeln!(md, "## {title}\n\n{why}\n").unwrap();
+            return;
+        }
+    };
+    writeln!(md, "## {title}: {}\n", t.model).unwrap();
+    writeln!(
+        md,
+        "{}; rounds: {}; tokens a request at most: {}.\n",
+        t.about, t.rounds, t.max_tokens
+    )
+    .unwrap();
+    writeln!(md, "| concurrent | system | requests | tokens | tokens/s | TTFT p50 (ms) | TTFT p99 (ms) | inter-token p99 (ms) |").unwrap();
+    writeln!(md, "|---:|---|---:|---:|---:|---:|---:|---:|").unwrap();
+    let ms = |d: Option<Duration>| {
+        d.map_or("–".to_owned(), |d| {
+            format!("{:.1}", d.as_secs_f64() * 1e3)
+        })
+    };
+    for f in &t.rows {
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.0} | {} | {} | {} |",
+            f.streams,
+            f.system.label(),
+            f.requests,
+            f.tokens,
+            f.tokens_per_s,
+            ms(f.ttft_p50),
+            ms(f.ttft_p99),
+            ms(f.itl_p99)
+        )
+        .unwrap();
+    }
+    let resets: u32 = t.rows.iter().map(|f| f.resets).sum();
+    if resets > 0 {
+        writeln!(md, "\nmlx_lm.server reset {resets} connections of its bursts before answering (its listen backlog holds 5); those requests were sent again at once, their TTFT counted from the first attempt.").unwrap();
+    }
+    writeln!(md, "\nTargets (the batched worker):\n").unwrap();
+    for target in &t.targets {
+        writeln!(md, "- {}", target_line(target)).unwrap();
+    }
+    writeln!(md).unwrap();
+}
+
+/// A target, its figure and whether it was met.
+pub(crate) fn target_line(t: &Target) -> String {
+    match &t.figure {
+        Ok(figure) => format!(
+            "{}: {figure}, {}",
+            t.what,
+            if t.met { "met" } else { "missed" }
+        ),
+        Err(why) => format!("{}: not measured ({why}), missed", t.what),
+    }
+}
+
+/// `batching.svg`: tokens/s and TTFT p50 against concurrent requests, one pair of panels a
+/// measured model, each with the three systems.
+pub(crate) fn batching_svg(b: &Batching) -> String {
+    let tables: Vec<&Table> = [&b.tiny, &b.larger].into_iter().flatten().collect();
+    let Some(first) = tables.first() else {
+        return chart(&[], &[]);
+    };
+    let mut streams: Vec<usize> = first.rows.iter().map(|f| f.streams).collect();
+    streams.dedup();
+    let x_labels: Vec<String> = streams.iter().map(|s| format!("{s} concurrent")).collect();
+    let mut panels = Vec::new();
+    for t in tables {
+        let series = |pick: &dyn Fn(&Figures) -> f64| {
+            [
+                (System::Batched, Line::Solid),
+                (System::Anchor, Line::Dashed),
+                (System::Serial, Line::Dotted),
+            ]
+            .map(|(system, line)| Series {
+                line,
+                label: system.label().to_owned(),
+                values: t
+                    .rows
+                    .iter()
+                    .filter(|f| f.system == system)
+                    .map(pick)
+                    .collect(),
+            })
+            .into()
+        };
+        panels.push(Panel {
+            title: format!("tokens/s, {}", t.model),
+            series: series(&|f| f.tokens_per_s),
+            decimals: 1,
+        });
+        panels.push(Panel {
+            title: format!("TTFT p50 (ms), {}", t.model),
+            series: series(&|f| f.ttft_p50.map_or(0.0, |d| d.as_secs_f64() * 1e3)),
+            decimals: 0,
+        });
+    }
+    chart(&x_labels, &panels)
 }

@@ -72,6 +72,55 @@ def test_generator_refuses_to_replace_a_directory_it_did_not_write(tmp_path):
     assert (foreign / "notes.txt").read_text() == "keep me"
 
 
+SHAPE = {
+    "--hidden-size": 128,
+    "--layers": 3,
+    "--attention-heads": 8,
+    "--kv-heads": 4,
+    "--intermediate-size": 256,
+}
+
+
+def test_generator_shape_options_make_a_model_of_the_same_family(tiny_model_dir, tmp_path):
+    out = tmp_path / "larger"
+    options = [str(part) for option in SHAPE.items() for part in option]
+    subprocess.run(
+        [sys.executable, str(GENERATOR), "--out", str(out), *options],
+        check=True,
+        capture_output=True,
+    )
+    config = json.loads((out / "config.json").read_text())
+    keys = [
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+    ]
+    assert [config[key] for key in keys] == list(SHAPE.values())
+    weights = load_file(str(out / "model.safetensors"))
+    # Head size 128 / 8 = 16, so 4 key-value heads project to 64.
+    assert weights["model.layers.2.self_attn.k_proj.weight"].shape == (64, 128)
+    assert weights["model.layers.2.mlp.up_proj.weight"].shape == (256, 128)
+    assert "model.layers.3.mlp.up_proj.weight" not in weights
+    assert (out / "tokenizer.json").read_bytes() == (tiny_model_dir / "tokenizer.json").read_bytes()
+    # The stamp names the shape: asked for the tiny model, the directory is rebuilt as it.
+    assert "wrote" in build_tiny_model(out).stdout
+    assert digests(out) == digests(tiny_model_dir)
+
+
+def test_generator_refuses_a_shape_whose_heads_do_not_divide(tmp_path):
+    out = tmp_path / "odd"
+    result = subprocess.run(
+        [sys.executable, str(GENERATOR), "--out", str(out), "--attention-heads", "3"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "multiple of the attention heads" in result.stderr
+    assert not out.exists()
+
+
 def test_tiny_model_is_small_and_shaped_as_configured(tiny_model_dir):
     config = json.loads((tiny_model_dir / "config.json").read_text())
     assert config["model_type"] == "llama"
