@@ -185,30 +185,46 @@ pub(crate) struct Batching {
     pub(crate) larger: Result<Table, String>,
 }
 
-/// What a run measures: the rows, the tokens of a request and the rounds on each model.
+/// What a run measures: the rows, and on each model the tokens of a request and the rounds.
 struct Plan {
     rows: Vec<usize>,
+    tiny: Share,
+    larger: Share,
+}
+
+/// What a run measures on one model.
+#[derive(Clone, Copy)]
+struct Share {
     max_tokens: u32,
-    rounds_tiny: usize,
-    rounds_larger: usize,
+    rounds: usize,
 }
 
 impl Plan {
     /// The full run, or (`quick`) one request of a few tokens per system and model.
     fn new(quick: bool) -> Plan {
         if quick {
+            let share = Share {
+                max_tokens: 8,
+                rounds: 1,
+            };
             Plan {
                 rows: vec![1],
-                max_tokens: 8,
-                rounds_tiny: 1,
-                rounds_larger: 1,
+                tiny: share,
+                larger: share,
             }
         } else {
+            // The larger model's serial rows, a request after another at a few dozen tokens
+            // a second, would take most of the run at full length: half the tokens there.
             Plan {
                 rows: CONCURRENCY.to_vec(),
-                max_tokens: MAX_TOKENS,
-                rounds_tiny: 3,
-                rounds_larger: 1,
+                tiny: Share {
+                    max_tokens: MAX_TOKENS,
+                    rounds: 3,
+                },
+                larger: Share {
+                    max_tokens: MAX_TOKENS / 2,
+                    rounds: 1,
+                },
             }
         }
     }
@@ -254,11 +270,11 @@ impl WorkerSystem {
         engine_config.runtime_dir = paths.runtime_dir.clone();
         engine_config.model_dir = paths.model_dir.clone();
         // As the worker's run does, without the hardware table: the runtime's default then.
-        let batch_sizes = match (engine_config.batching, engine_config.batch_size) {
-            (false, _) => BatchSizes::uniform(1),
-            (true, Some(size)) => BatchSizes::uniform(size),
-            (true, None) => BatchSizes::default(),
-        };
+        let batch_sizes = BatchSizes::configured_or(
+            engine_config.batching,
+            engine_config.batch_size,
+            BatchSizes::default,
+        );
         let runtime = MlxEngine::start(engine_config, batch_sizes, Arc::new(SystemClock))
             .await
             .map_err(|e| e.to_string())?;
@@ -333,9 +349,9 @@ pub(crate) async fn batching(url: &str, quick: bool) -> Batching {
         }
     };
     let (workers, settings) = (Workers { batched, serial }, vec![b, s]);
-    let tiny = measure(&workers, &TINY.id(), TINY.dir(), &plan, plan.rounds_tiny).await;
+    let tiny = measure(&workers, &TINY.id(), TINY.dir(), &plan.rows, plan.tiny).await;
     let larger = match larger {
-        Ok(id) => measure(&workers, &id, shape.dir(), &plan, plan.rounds_larger).await,
+        Ok(id) => measure(&workers, &id, shape.dir(), &plan.rows, plan.larger).await,
         Err(why) => Err(format!("not measured: {why}")),
     };
     workers.batched.stop().await;
@@ -354,9 +370,10 @@ async fn measure(
     workers: &Workers,
     model: &str,
     dir: PathBuf,
-    plan: &Plan,
-    rounds: usize,
+    rows: &[usize],
+    share: Share,
 ) -> Result<Table, String> {
+    let Share { max_tokens, rounds } = share;
     let anchor = AnchorServer::start(&dir, ANCHOR)
         .await
         .map_err(|why| format!("not measured: {why}"))?;
@@ -367,7 +384,7 @@ async fn measure(
             System::Batched => Some(&workers.batched),
             System::Serial => Some(&workers.serial),
         };
-        run_row(port, worker, model, streams, tag, plan.max_tokens)
+        run_row(port, worker, model, streams, tag, max_tokens)
     };
     for system in System::ALL {
         eprintln!("load bench: batching, {model}, warming {}", system.label());
@@ -375,7 +392,7 @@ async fn measure(
     }
     let mut runs: BTreeMap<(usize, System), Vec<RowRun>> = BTreeMap::new();
     for round in 0..rounds {
-        for &streams in &plan.rows {
+        for &streams in rows {
             eprintln!("load bench: batching, {model}, round {round}, {streams} concurrent");
             for k in 0..System::ALL.len() {
                 let system = System::ALL[(k + round) % System::ALL.len()];
@@ -394,7 +411,7 @@ async fn measure(
         model: model.to_owned(),
         about: describe(&dir),
         rounds,
-        max_tokens: plan.max_tokens,
+        max_tokens,
         targets: targets(&rows),
         rows,
     })

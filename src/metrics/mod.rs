@@ -11,6 +11,7 @@ pub mod prometheus;
 pub mod telemetry;
 #[cfg(test)]
 mod tests;
+mod window;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -19,6 +20,8 @@ use tokio::time::Instant;
 
 use crate::limits::{METRICS_WINDOW_REQUESTS, MODEL_LABELS_MAX};
 use crate::protocol::ErrorCode;
+
+use window::WindowFigures;
 
 /// How a request ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -89,17 +92,22 @@ pub struct Percentiles {
 impl Percentiles {
     /// Figures over `samples` (any order); all zero when empty.
     pub fn of(mut samples: Vec<Duration>) -> Percentiles {
-        if samples.is_empty() {
-            return Percentiles::default();
-        }
         samples.sort_unstable();
-        let count = samples.len();
-        let rank = |p: usize| samples[(count * p).div_ceil(100).clamp(1, count) - 1];
-        let total: Duration = samples.iter().sum();
+        let total = samples.iter().sum();
+        Percentiles::of_sorted(&samples, total)
+    }
+
+    /// Figures over samples already in order, whose sum is `total`.
+    fn of_sorted(sorted: &[Duration], total: Duration) -> Percentiles {
+        let count = sorted.len();
+        let (Some(&min), Some(&max)) = (sorted.first(), sorted.last()) else {
+            return Percentiles::default();
+        };
+        let rank = |p: usize| sorted[(count * p).div_ceil(100).clamp(1, count) - 1];
         Percentiles {
             count,
-            min: samples[0],
-            max: samples[count - 1],
+            min,
+            max,
             avg: total / u32::try_from(count).unwrap_or(u32::MAX),
             p50: rank(50),
             p95: rank(95),
@@ -160,6 +168,7 @@ pub struct Collector {
     undeliverable: u64,
     tokens_total: u64,
     by_model_outcome: BTreeMap<(String, Outcome), u64>,
+    figures: WindowFigures,
 }
 
 impl Default for Collector {
@@ -181,6 +190,7 @@ impl Collector {
             undeliverable: 0,
             tokens_total: 0,
             by_model_outcome: BTreeMap::new(),
+            figures: WindowFigures::default(),
         }
     }
 
@@ -212,9 +222,12 @@ impl Collector {
             .by_model_outcome
             .entry((label, record.outcome))
             .or_default() += 1;
-        if self.window.len() == self.capacity {
-            self.window.pop_front();
+        if self.window.len() == self.capacity
+            && let Some(oldest) = self.window.pop_front()
+        {
+            self.figures.leave(&oldest);
         }
+        self.figures.enter(&record);
         self.window.push_back(record);
     }
 
@@ -238,16 +251,9 @@ impl Collector {
         faults as f64 / count as f64
     }
 
-    /// Reads every figure.
+    /// Reads every figure; the window's are kept as requests come and go, so a reading costs
+    /// the same however full the window is (it is taken on every change of the figures).
     pub fn snapshot(&self) -> Snapshot {
-        let ok = || self.window.iter().filter(|r| r.outcome == Outcome::Success);
-        let latency = Percentiles::of(ok().map(|r| r.latency).collect());
-        let ttft = Percentiles::of(
-            self.window
-                .iter()
-                .filter_map(|r| r.time_to_first_token)
-                .collect(),
-        );
         let span = match (self.window.front(), self.window.back()) {
             (Some(first), Some(last)) => {
                 // The first request's start bounds the window's span from below.
@@ -259,7 +265,7 @@ impl Collector {
             }
             _ => Duration::ZERO,
         };
-        let window_tokens: u64 = self.window.iter().map(|r| r.tokens).sum();
+        let window_tokens = self.figures.tokens();
         let per_second = |n: f64| {
             if span.is_zero() {
                 0.0
@@ -267,36 +273,17 @@ impl Collector {
                 n / span.as_secs_f64()
             }
         };
-        let mut models: BTreeMap<String, ModelFigures> = BTreeMap::new();
-        let mut latency_sums: BTreeMap<&str, (Duration, u32)> = BTreeMap::new();
-        for r in &self.window {
-            let m = models.entry(r.model.clone()).or_default();
-            m.requests += 1;
-            m.tokens += r.tokens;
-            if r.outcome == Outcome::Success {
-                let sum = latency_sums.entry(&r.model).or_default();
-                sum.0 += r.latency;
-                sum.1 += 1;
-            } else {
-                m.errors += 1;
-            }
-        }
-        for (model, (sum, n)) in latency_sums {
-            if let Some(m) = models.get_mut(model) {
-                m.avg_latency = sum / n.max(1);
-            }
-        }
         Snapshot {
             total: self.total,
             successes: self.successes,
             errors_by_code: self.errors_by_code.clone(),
             undeliverable: self.undeliverable,
             tokens_total: self.tokens_total,
-            latency,
-            time_to_first_token: ttft,
+            latency: self.figures.latency(),
+            time_to_first_token: self.figures.time_to_first_token(),
             tokens_per_second: per_second(window_tokens as f64),
             requests_per_second: per_second(self.window.len() as f64),
-            models,
+            models: self.figures.models(),
             by_model_outcome: self.by_model_outcome.clone(),
         }
     }

@@ -172,3 +172,73 @@ fn the_fault_ratio_is_windowed_in_time_and_clears_by_itself() {
     // A minute later the faults have aged out, with no new traffic at all.
     assert_eq!(c.fault_ratio(t0 + ms(10) + period, period, 5), 0.0);
 }
+
+/// The window's figures taken afresh from its records, the way a reader would by hand.
+fn figures_of(
+    window: &[RequestRecord],
+) -> (Percentiles, Percentiles, BTreeMap<String, ModelFigures>) {
+    let latency = Percentiles::of(
+        window
+            .iter()
+            .filter(|r| r.outcome == Outcome::Success)
+            .map(|r| r.latency)
+            .collect(),
+    );
+    let ttft = Percentiles::of(
+        window
+            .iter()
+            .filter_map(|r| r.time_to_first_token)
+            .collect(),
+    );
+    let mut models: BTreeMap<String, ModelFigures> = BTreeMap::new();
+    for model in window.iter().map(|r| &r.model) {
+        let of_model = window.iter().filter(|r| &r.model == model);
+        let ok: Vec<Duration> = of_model
+            .clone()
+            .filter(|r| r.outcome == Outcome::Success)
+            .map(|r| r.latency)
+            .collect();
+        let figures = ModelFigures {
+            requests: of_model.clone().count(),
+            errors: of_model
+                .clone()
+                .filter(|r| r.outcome != Outcome::Success)
+                .count(),
+            avg_latency: ok.iter().sum::<Duration>() / u32::try_from(ok.len().max(1)).unwrap_or(1),
+            tokens: of_model.map(|r| r.tokens).sum(),
+        };
+        models.insert(model.clone(), figures);
+    }
+    (latency, ttft, models)
+}
+
+proptest::proptest! {
+    /// Figures kept as requests enter and leave the window equal the figures taken afresh from
+    /// the requests in it, whatever the order and however often the window turned over.
+    #[test]
+    fn the_window_figures_kept_on_the_way_equal_those_taken_afresh(
+        capacity in 1usize..12,
+        records in proptest::collection::vec((0usize..3, 0u8..4, 0u64..50, 0u64..5), 0..80),
+    ) {
+        let t0 = SystemClock.now();
+        let mut c = Collector::with_capacity(capacity);
+        let mut all = Vec::new();
+        for (i, (model, outcome, latency, tokens)) in records.into_iter().enumerate() {
+            let outcome = match outcome {
+                0 | 1 => Outcome::Success,
+                2 => Outcome::Failed(ErrorCode::Timeout),
+                _ => Outcome::Undeliverable,
+            };
+            let at = t0 + ms(u64::try_from(i).unwrap_or(0) * 10);
+            let r = record(at, ["a", "b", "c"][model], outcome, latency, tokens);
+            c.record(r.clone());
+            all.push(r);
+            let window = &all[all.len().saturating_sub(capacity)..];
+            let s = c.snapshot();
+            let (latency, ttft, models) = figures_of(window);
+            proptest::prop_assert_eq!(s.latency, latency);
+            proptest::prop_assert_eq!(s.time_to_first_token, ttft);
+            proptest::prop_assert_eq!(s.models, models);
+        }
+    }
+}

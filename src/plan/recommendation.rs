@@ -157,10 +157,22 @@ impl BatchSizes {
         batch_size: Option<usize>,
         recommendation: &Recommendation,
     ) -> BatchSizes {
+        BatchSizes::configured_or(batching, batch_size, || {
+            BatchSizes::recommended(recommendation)
+        })
+    }
+
+    /// As [`BatchSizes::configured`], with `otherwise` when batching is on and no size is
+    /// set (a caller without the hardware table passes the runtime's default).
+    pub fn configured_or(
+        batching: bool,
+        batch_size: Option<usize>,
+        otherwise: impl FnOnce() -> BatchSizes,
+    ) -> BatchSizes {
         match (batching, batch_size) {
             (false, _) => BatchSizes::uniform(1),
             (true, Some(size)) => BatchSizes::uniform(size),
-            (true, None) => BatchSizes::recommended(recommendation),
+            (true, None) => otherwise(),
         }
     }
 
