@@ -498,3 +498,12 @@ impl fmt::Display for ErrorCode {
 pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, serde_json::Error> {
     serde_json::to_vec(message)
 }
+
+/// Appends `message` to `buffer` as [`encode`] writes it; on an error `buffer` may hold part
+/// of it.
+pub fn encode_into<T: Serialize>(
+    buffer: &mut Vec<u8>,
+    message: &T,
+) -> Result<(), serde_json::Error> {
+    serde_json::to_writer(buffer, message)
+}
