@@ -69,6 +69,18 @@ pub const BATCH_SIZE_MAX: usize = 1024;
 pub const PREFILL_STEP_SIZE_MIN: usize = 16;
 /// Most prompt tokens of one prefill step, as the runtime takes.
 pub const PREFILL_STEP_SIZE_MAX: usize = 8192;
+/// Most bytes a model's prefix cache may be given (`runtime.prefixCacheBytes`): 1 PiB, the
+/// runtime's own bound.
+pub const PREFIX_CACHE_BYTES_MAX: u64 = 1 << 50;
+/// Longest a session's prefix cache entry may stay pinned (`runtime.sessionTtlMs`): a week,
+/// the runtime's own bound.
+pub const SESSION_TTL_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+/// The default prefix cache budget of a model is this share of the host's memory…
+pub const PREFIX_CACHE_MEMORY_DIVISOR: u64 = 10;
+/// …at least this…
+pub const PREFIX_CACHE_BYTES_DEFAULT_MIN: u64 = 64 << 20;
+/// …and at most this.
+pub const PREFIX_CACHE_BYTES_DEFAULT_MAX: u64 = 8 << 30;
 
 /// Most requests one worker holds waiting for a slot.
 pub const QUEUE_DEPTH_MAX: usize = 10_000;

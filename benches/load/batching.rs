@@ -54,12 +54,18 @@ type Settings = Vec<(&'static str, String)>;
 /// The serial baseline's worker settings: every model loaded with `batch_size: 1`. The one
 /// place to change how the serial baseline is asked for.
 fn serial_settings() -> Settings {
-    vec![("runtime.batching", "false".to_owned())]
+    vec![
+        ("runtime.batching", "false".to_owned()),
+        ("runtime.prefixCache", "false".to_owned()),
+    ]
 }
 
 /// The batched worker's settings: batches of [`BATCH_SIZE`].
 fn batched_settings() -> Settings {
-    vec![("runtime.batchSize", BATCH_SIZE.to_string())]
+    vec![
+        ("runtime.batchSize", BATCH_SIZE.to_string()),
+        ("runtime.prefixCache", "false".to_owned()),
+    ]
 }
 
 /// `settings` as the YAML sections of a configuration file.

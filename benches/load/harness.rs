@@ -225,6 +225,7 @@ pub(crate) async fn engine_tokens(
                 max_tokens: tokens,
                 temperature: 0.0,
                 top_p: 1.0,
+                session_id: None,
             })
             .await
             .unwrap();
@@ -441,6 +442,7 @@ pub(crate) async fn engine_stream(
             max_tokens: tokens,
             temperature: 0.0,
             top_p: 1.0,
+            session_id: None,
         })
         .await
         .unwrap();

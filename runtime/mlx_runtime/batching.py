@@ -8,8 +8,15 @@ chunk for their next token. A model loaded with batch size 1 (or whose cache
 cannot be batched) has a sequential stepper instead: one stream at a time,
 one token per step, the rest waiting in arrival order.
 
-Only these parts of `BatchGenerator` are used: `insert`, `next`, `remove`
-and `close`.
+Only these parts of `BatchGenerator` are used: `insert_segments`, `next`,
+`extract_cache`, `remove`, `close` and `prompt_cache_nbytes`.
+
+Prefix cache: a model with one (see `prefix_cache`) looks a stream's prompt
+up as it joins; a hit's copy of the cache goes into the batch with the
+stream, and only the rest of the prompt is prefilled. The prompt is inserted
+as two segments, all but its last token and that token, so that when the
+first is prefilled the stream's cache is taken (a copy) and kept for the
+prompt minus its last token: a next turn that extends the prompt finds it.
 
 Sampling: streams with the same temperature and top-p share one sampler
 object, so a batch samples in one call; a seeded stream has its own sampler
@@ -27,19 +34,22 @@ the generator is rebuilt; other models' streams go on); one that completed.
 """
 
 import contextlib
+import copy
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, generate_step, generation_stream, wired_limit
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p, make_sampler
 
 from . import limits
 from .detokenize import TokenTexts
 from .models import LoadedModel
+from .prefix_cache import cache_nbytes
 from .streams import Completion, Stream, StreamEvents, StreamRegistry
 
 log = logging.getLogger(__name__)
@@ -94,6 +104,8 @@ class Run:
     first_token_at: float | None = None
     last_token_at: float | None = None
     tokens_generated: int = 0
+    # Prompt tokens the prefix cache gave it.
+    cached_tokens: int = 0
 
     @classmethod
     def of(cls, stream: Stream) -> "Run":
@@ -127,6 +139,7 @@ class Run:
             prompt_tokens=len(self.stream.prompt_ids),
             prompt_time=max(first - prefill_started, 0.0),
             queue_time=max(prefill_started - self.stream.admitted_at, 0.0),
+            cached_tokens=self.cached_tokens,
         )
 
 
@@ -213,6 +226,15 @@ class Stepper(Protocol):
         """Ends every stream: with error `reason`, or cancelled for None."""
 
 
+def _prefill(model: LoadedModel, tokens: list[int], cache: list) -> None:
+    """Runs `tokens` through the model into `cache`, a prefill chunk at a time."""
+    step = model.prefill_step_size
+    with mx.stream(generation_stream):
+        for start in range(0, len(tokens), step):
+            model.model(mx.array(tokens[start : start + step])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+
+
 def _failure(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
@@ -254,14 +276,26 @@ class BatchedStepper:
 
     def insert(self, stream: Stream, out: Output) -> None:
         run = Run.of(stream)
+        prompt = stream.prompt_ids
+        prefix_cache = self.model.prefix_cache
         try:
             if self._generator is None:
                 self._generator = self._make_generator()
-            (uid,) = self._generator.insert(
-                [stream.prompt_ids],
+            hit = None
+            if prefix_cache is not None:
+                hit = prefix_cache.lookup(prompt, stream.session_id)
+            cached = hit.tokens if hit is not None else 0
+            (uid,) = self._generator.insert_segments(
+                [[prompt[cached:-1], prompt[-1:]]],
                 max_tokens=[stream.max_tokens],
+                caches=[hit.cache if hit is not None else None],
+                all_tokens=[prompt[:cached]],
                 samplers=[self._samplers.for_stream(stream)],
             )
+            run.cached_tokens = cached
+            if prefix_cache is not None:
+                # The hit's copy is live now: what is kept fits beside it.
+                prefix_cache.fit(self._generator.prompt_cache_nbytes)
         except Exception as exc:
             log.exception("stream %s could not join its batch", stream.stream_id)
             out.end(run, _failure(exc))
@@ -292,13 +326,34 @@ class BatchedStepper:
             self.end_all(out, _failure(exc))
             return
         now = time.perf_counter()
+        prefilled = []
         for response in prompt_responses:
             run = self._runs.get(response.uid)
             if run is not None:
                 run.prefilling(started)
+                if response.end_of_segment and not response.end_of_prompt:
+                    prefilled.append(response.uid)
+        if prefilled and self.model.prefix_cache is not None:
+            self._keep_prompts(prefilled)
         for response in generation_responses:
             self._deliver(response, now, out)
         self._idle_check()
+
+    def _keep_prompts(self, uids: list[int]) -> None:
+        """Keeps the caches of streams whose prompt but its last token is prefilled."""
+        prefix_cache = self.model.prefix_cache
+        assert prefix_cache is not None and self._generator is not None
+        try:
+            taken = self._generator.extract_cache(uids)
+            for uid, (cache, tokens) in taken.items():
+                run = self._runs.get(uid)
+                session = run.stream.session_id if run is not None else None
+                prefix_cache.store(
+                    list(tokens), cache, session, self._generator.prompt_cache_nbytes
+                )
+        except Exception:
+            # The cache is an optimisation: the streams go on without it.
+            log.exception("keeping the prompt caches of %s failed", self.model.model_id)
 
     def _deliver(self, response, now: float, out: Output) -> None:
         run = self._runs.get(response.uid)
@@ -383,14 +438,35 @@ class SequentialStepper:
             mx.random.seed(stream.seed)
         limit = contextlib.ExitStack()
         limit.enter_context(wired_limit(self.model.model, [generation_stream]))
-        steps = generate_step(
-            mx.array(stream.prompt_ids),
-            self.model.model,
+        steps = self._generate(run)
+        return _Active(run=run, steps=steps, limit=limit)
+
+    def _generate(self, run: Run) -> Iterator[tuple[int, mx.array]]:
+        """The stream's tokens; with a prefix cache, the prompt but its last token is
+        prefilled first and its cache kept, then generation goes on from it."""
+        stream, model = run.stream, self.model
+        prompt = stream.prompt_ids
+        cache = make_prompt_cache(model.model)
+        rest = prompt
+        prefix_cache = model.prefix_cache
+        if prefix_cache is not None:
+            hit = prefix_cache.lookup(prompt, stream.session_id)
+            if hit is not None:
+                cache, rest = hit.cache, prompt[hit.tokens :]
+                run.cached_tokens = hit.tokens
+            if len(rest) > 1:
+                _prefill(model, rest[:-1], cache)
+                kept = copy.deepcopy(cache)
+                prefix_cache.store(prompt[:-1], kept, stream.session_id, cache_nbytes(cache))
+                rest = rest[-1:]
+        yield from generate_step(
+            mx.array(rest),
+            model.model,
+            prompt_cache=cache,
             max_tokens=stream.max_tokens,
             sampler=make_sampler(stream.temperature, stream.top_p),
-            prefill_step_size=self.model.prefill_step_size,
+            prefill_step_size=model.prefill_step_size,
         )
-        return _Active(run=run, steps=steps, limit=limit)
 
     def step(self, out: Output) -> None:
         if self._active is None:

@@ -73,6 +73,18 @@ PREFILL_STEP_SIZE_ENV = "MLX_RUNTIME_PREFILL_STEP_SIZE"
 PREFILL_BATCH_MAX = 8
 
 assert PREFILL_STEP_SIZE_MIN <= PREFILL_STEP_SIZE_DEFAULT <= PREFILL_STEP_SIZE_MAX
+
+# The prompt prefix cache of each model: the bytes its entries may hold (0
+# turns it off; a `load_model` may ask for another figure), how long a
+# session's entry is pinned, and the sessions pinned at once per model.
+PREFIX_CACHE_BYTES_DEFAULT = 512 * 1024 * 1024
+PREFIX_CACHE_BYTES_MAX = 1 << 50
+PREFIX_CACHE_BYTES_ENV = "MLX_RUNTIME_PREFIX_CACHE_BYTES"
+SESSION_TTL_SECONDS_DEFAULT = 30 * 60
+SESSION_TTL_SECONDS_MAX = 7 * 24 * 3600
+SESSION_TTL_SECONDS_ENV = "MLX_RUNTIME_SESSION_TTL_SECONDS"
+SESSIONS_MAX = 256
+SESSION_ID_CHARS_MAX = 256
 assert BATCH_SIZE_DEFAULT <= STREAMS_LIVE_MAX_DEFAULT
 
 
@@ -83,6 +95,8 @@ class Settings:
     streams_live_max: int = STREAMS_LIVE_MAX_DEFAULT
     batch_size: int = BATCH_SIZE_DEFAULT
     prefill_step_size: int = PREFILL_STEP_SIZE_DEFAULT
+    prefix_cache_bytes: int = PREFIX_CACHE_BYTES_DEFAULT
+    session_ttl_seconds: int = SESSION_TTL_SECONDS_DEFAULT
 
 
 def _whole_number(environ: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -90,7 +104,7 @@ def _whole_number(environ: Mapping[str, str], name: str, default: int, low: int,
     if text is None:
         return default
     digits = text.strip()
-    value = int(digits) if re.fullmatch(r"[0-9]{1,9}", digits) else None
+    value = int(digits) if re.fullmatch(r"[0-9]{1,16}", digits) else None
     if value is None or not low <= value <= high:
         raise ValueError(f"{name} is {text!r}, must be a whole number from {low} to {high}")
     return value
@@ -124,4 +138,16 @@ def settings(environ: Mapping[str, str]) -> Settings:
         PREFILL_STEP_SIZE_MIN,
         PREFILL_STEP_SIZE_MAX,
     )
-    return Settings(streams_live_max=streams, batch_size=batch, prefill_step_size=prefill)
+    prefix_cache_bytes = _whole_number(
+        environ, PREFIX_CACHE_BYTES_ENV, PREFIX_CACHE_BYTES_DEFAULT, 0, PREFIX_CACHE_BYTES_MAX
+    )
+    session_ttl = _whole_number(
+        environ, SESSION_TTL_SECONDS_ENV, SESSION_TTL_SECONDS_DEFAULT, 0, SESSION_TTL_SECONDS_MAX
+    )
+    return Settings(
+        streams_live_max=streams,
+        batch_size=batch,
+        prefill_step_size=prefill,
+        prefix_cache_bytes=prefix_cache_bytes,
+        session_ttl_seconds=session_ttl,
+    )

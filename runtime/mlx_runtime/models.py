@@ -8,7 +8,8 @@ running or queued generation: the memory is freed when the last one ends.
 Each model is loaded with a batch size: the streams of it decoded together
 in one step. A model whose cache cannot be merged across streams (mlx-lm
 gives such cache types no `merge`) gets batch size 1, the sequential path,
-whatever was asked.
+whatever was asked. And with a prompt prefix cache of a byte budget (0: none),
+cleared when the model is unloaded.
 """
 
 import logging
@@ -28,6 +29,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from mlx_lm.utils import get_total_parameters
 
 from . import limits
+from .prefix_cache import PrefixCache
 from .jsonrpc import MODEL_LOAD_ERROR, MODEL_NOT_LOADED, RpcError, internal_error
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,8 @@ class LoadedModel:
     batch_size: int = 1
     # Prompt tokens prefilled per step.
     prefill_step_size: int = limits.PREFILL_STEP_SIZE_DEFAULT
+    # Earlier prompts' KV caches, when the model has a cache budget.
+    prefix_cache: PrefixCache | None = None
 
     @property
     def batched(self) -> bool:
@@ -126,7 +130,12 @@ class ModelRegistry:
 
     def unload(self, model_id: str) -> bool:
         with self._lock:
-            return self._models.pop(model_id, None) is not None
+            loaded = self._models.pop(model_id, None)
+        if loaded is None:
+            return False
+        if loaded.prefix_cache is not None:
+            loaded.prefix_cache.clear()
+        return True
 
     def load(self, model_id: str, path: Path, batching: "Batching") -> LoadedModel:
         """Load from `path` (compute thread only). A loaded id is returned as is."""
@@ -156,7 +165,13 @@ class ModelRegistry:
             "cached_path": str(path),
             "batch_size": batch_size,
             "batched": batch_size > 1,
+            "prefix_cache_bytes": batching.prefix_cache_bytes,
         }
+        prefix_cache = None
+        if batching.prefix_cache_bytes > 0:
+            prefix_cache = PrefixCache(
+                batching.prefix_cache_bytes, limits.SESSIONS_MAX, batching.session_ttl_seconds
+            )
         loaded = LoadedModel(
             model_id=model_id,
             model=model,
@@ -164,6 +179,7 @@ class ModelRegistry:
             info=info,
             batch_size=batch_size,
             prefill_step_size=batching.prefill_step_size,
+            prefix_cache=prefix_cache,
         )
         with self._lock:
             self._models[model_id] = loaded
@@ -173,10 +189,12 @@ class ModelRegistry:
 
 @dataclass(frozen=True)
 class Batching:
-    """How a model is to be generated: its batch size and prefill chunk."""
+    """How a model is to be generated: its batch size, prefill chunk and prefix cache."""
 
     batch_size: int
     prefill_step_size: int
+    prefix_cache_bytes: int = 0
+    session_ttl_seconds: int = limits.SESSION_TTL_SECONDS_DEFAULT
 
 
 def cache_batchable(model: nn.Module) -> bool:

@@ -49,7 +49,10 @@ log = logging.getLogger(__name__)
 # cumulative_text. "batching": a model's streams decode together, and
 # `load_model` takes `batch_size` and `prefill_step_size`. "step_chunks":
 # `generate` takes `step_chunks`, which sends the stream's tokens in
-# `stream.step` lines, one per step for all such streams. Clients detect
+# `stream.step` lines, one per step for all such streams. "prefix_cache":
+# a model keeps its prompts' KV caches (`load_model` takes
+# `prefix_cache_bytes` and `session_ttl_seconds`), `generate` takes
+# `session_id`, and `stream.stats` carries `cached_tokens`. Clients detect
 # these here.
 CAPABILITIES = [
     "generate",
@@ -61,6 +64,7 @@ CAPABILITIES = [
     "compact_chunks",
     "batching",
     "step_chunks",
+    "prefix_cache",
 ]
 
 
@@ -228,12 +232,16 @@ class Server:
                 "models_loaded_max": limits.MODELS_LOADED_MAX,
                 "batch_size_default": self._settings.batch_size,
                 "prefill_step_size_default": self._settings.prefill_step_size,
+                "prefix_cache_bytes_default": self._settings.prefix_cache_bytes,
+                "session_ttl_seconds_default": self._settings.session_ttl_seconds,
+                "sessions_max": limits.SESSIONS_MAX,
             },
             "models": [
                 {
                     "model_id": model.model_id,
                     "batch_size": model.batch_size,
                     "batched": model.batched,
+                    "prefix_cache_bytes": model.info.get("prefix_cache_bytes", 0),
                 }
                 for model in self._models.all()
             ],
@@ -253,6 +261,11 @@ class Server:
                     "running": entry.running if entry else 0,
                     "prefilling": entry.prefilling if entry else 0,
                     "queued": entry.queued if entry else 0,
+                    "prefix_cache": (
+                        model.prefix_cache.figures.as_dict()
+                        if model.prefix_cache is not None
+                        else None
+                    ),
                 }
             )
         return {
@@ -275,6 +288,20 @@ class Server:
                 self._settings.prefill_step_size,
                 limits.PREFILL_STEP_SIZE_MIN,
                 limits.PREFILL_STEP_SIZE_MAX,
+            ),
+            prefix_cache_bytes=validation.integer(
+                params,
+                "prefix_cache_bytes",
+                self._settings.prefix_cache_bytes,
+                0,
+                limits.PREFIX_CACHE_BYTES_MAX,
+            ),
+            session_ttl_seconds=validation.integer(
+                params,
+                "session_ttl_seconds",
+                self._settings.session_ttl_seconds,
+                0,
+                limits.SESSION_TTL_SECONDS_MAX,
             ),
         )
         loaded = self._models.find(model_id)
@@ -305,6 +332,9 @@ class Server:
         top_p = validation.top_p(params)
         seed = validation.integer(params, "seed", None, 0, limits.SEED_MAX)
         step_chunks = validation.boolean(params, "step_chunks", False)
+        session_id = validation.identifier(
+            params, "session_id", limits.SESSION_ID_CHARS_MAX, required=False
+        )
         stream_id = stream_id or str(uuid.uuid4())
         model = self._models.get(model_id)
         # Refuse before encoding, which can take a while for a long prompt.
@@ -327,6 +357,7 @@ class Server:
             top_p=top_p,
             seed=seed,
             step_chunks=step_chunks,
+            session_id=session_id,
         )
         self._streams.admit(stream)
         return Accepted(

@@ -40,6 +40,8 @@ class Stream:
     seed: int | None
     # Whether its tokens go in `stream.step` lines rather than `stream.chunk` ones.
     step_chunks: bool = False
+    # The conversation it continues: its prefix cache entry is kept pinned.
+    session_id: str | None = None
     # When `generate` admitted it (time.perf_counter()).
     admitted_at: float = field(default_factory=time.perf_counter)
     # Set by `cancel` (or shutdown); the compute thread then removes it.
@@ -154,6 +156,7 @@ class StreamEvents:
                 "prompt_tokens": stats.prompt_tokens,
                 "prompt_time": stats.prompt_time,
                 "queue_time": stats.queue_time,
+                "cached_tokens": stats.cached_tokens,
             },
         )
 
@@ -196,6 +199,8 @@ class Completion:
     prompt_time: float
     # Seconds from `generate` admitting it to it being taken into prefill.
     queue_time: float
+    # Of the prompt tokens, those found in the prefix cache (not prefilled).
+    cached_tokens: int = 0
 
 
 def encode_prompt(model: LoadedModel, prompt: str) -> list[int]:

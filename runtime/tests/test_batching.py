@@ -314,9 +314,14 @@ def test_runtime_info_reports_batching_and_each_models_batch_size(runtime, load_
     assert info["limits"]["batch_size_default"] == 8
     assert info["limits"]["prefill_step_size_default"] == 512
     models = {m["model_id"]: m for m in info["models"]}
-    assert models["test/tiny-b3"] == {"model_id": "test/tiny-b3", "batch_size": 3, "batched": True}
+    default_cache = info["limits"]["prefix_cache_bytes_default"]
+    assert models["test/tiny-b3"] == {
+        "model_id": "test/tiny-b3", "batch_size": 3, "batched": True,
+        "prefix_cache_bytes": default_cache,
+    }
     assert models[SERIAL_MODEL_ID] == {
         "model_id": SERIAL_MODEL_ID, "batch_size": 1, "batched": False,
+        "prefix_cache_bytes": default_cache,
     }
 
 

@@ -26,6 +26,7 @@ LONG = 4096
 
 CHUNK_KEYS = {"stream_id", "token", "token_id", "is_final"}
 STATS_KEYS = {
+    "cached_tokens",
     "prompt_tokens",
     "prompt_time",
     "queue_time",

@@ -29,7 +29,25 @@ def test_load_model_reports_metadata_from_the_weights(runtime, tiny_model_dir):
         "cached_path": str(tiny_model_dir.resolve()),
         "batch_size": 8,
         "batched": True,
+        "prefix_cache_bytes": 512 * 1024 * 1024,
     }
+
+
+def test_unloading_a_model_drops_its_prefix_cache(tiny_model_dir):
+    from mlx_runtime.models import Batching, ModelRegistry
+
+    registry = ModelRegistry(2)
+    loaded = registry.load("m", tiny_model_dir, Batching(1, 512, prefix_cache_bytes=1 << 20))
+    cache = loaded.prefix_cache
+    assert cache is not None
+    from mlx_lm.models.cache import make_prompt_cache
+
+    assert cache.store([1, 2, 3], make_prompt_cache(loaded.model))
+    assert len(cache) == 1
+    assert registry.unload("m")
+    assert len(cache) == 0 and cache.nbytes == 0
+    off = registry.load("n", tiny_model_dir, Batching(1, 512, prefix_cache_bytes=0))
+    assert off.prefix_cache is None
 
 
 def test_loading_a_loaded_model_again_returns_the_same_result(runtime, tiny_model_dir):

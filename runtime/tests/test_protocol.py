@@ -35,7 +35,10 @@ def test_info_reports_versions_and_capabilities(runtime):
 
 def test_state_lists_loaded_models_and_live_streams(runtime):
     state = runtime.call("runtime/state")
-    assert {
+    entries = {e["model_id"]: e for e in state["loaded_models"]}
+    entry = dict(entries[MODEL_ID])
+    cache = entry.pop("prefix_cache")
+    assert entry == {
         "model_id": MODEL_ID,
         "state": "ready",
         "type": "text",
@@ -43,7 +46,11 @@ def test_state_lists_loaded_models_and_live_streams(runtime):
         "running": 0,
         "prefilling": 0,
         "queued": 0,
-    } in state["loaded_models"]
+    }
+    assert set(cache) == {
+        "lookups", "hits", "prompt_tokens", "cached_tokens", "entries", "bytes",
+        "evictions", "too_large", "sessions",
+    }
     assert state["active_streams"] == 0
     assert state["restart_count"] == 0
 

@@ -424,7 +424,7 @@ impl Engine for SimEngine {
                     engine.count_completed(&request);
                 }
             }
-            tx.end(TokenEvent::Finished(FinishReason::Length));
+            tx.end(TokenEvent::Finished(FinishReason::Length.into()));
         });
         Ok(rx)
     }
@@ -470,6 +470,7 @@ mod tests {
             max_tokens: 3,
             temperature: 0.0,
             top_p: 1.0,
+            session_id: None,
         }
     }
 
@@ -548,7 +549,7 @@ mod tests {
         let _other = engine.generate(request("b1", "b")).await.unwrap();
         assert_eq!(
             read_to_end(first).await,
-            TokenEvent::Finished(FinishReason::Length)
+            TokenEvent::Finished(FinishReason::Length.into())
         );
         let _third = engine.generate(request("a3", "a")).await.unwrap();
         assert_eq!(engine.stats().refused, 1);
@@ -581,7 +582,7 @@ mod tests {
                 Some(TokenEvent::Tokens(texts)) => {
                     seen.extend(texts.into_iter().map(|t| (start.elapsed(), t)));
                 }
-                Some(TokenEvent::Finished(FinishReason::Length)) => return seen,
+                Some(TokenEvent::Finished(f)) if f.reason == FinishReason::Length => return seen,
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -652,7 +653,7 @@ mod tests {
         );
         assert_eq!(
             read_to_end(beside).await,
-            TokenEvent::Finished(FinishReason::Length)
+            TokenEvent::Finished(FinishReason::Length.into())
         );
         engine.inject(Fault::CrashAfter {
             tokens: 1,

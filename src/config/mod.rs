@@ -100,6 +100,11 @@ pub const DEFAULT_ENGINE_RESTART_WINDOW: Duration = Duration::from_secs(300);
 pub const DEFAULT_BATCHING: bool = true;
 /// Default prompt tokens of one prefill step (the runtime's own default).
 pub const DEFAULT_PREFILL_STEP_SIZE: usize = 512;
+/// Default of `runtime.prefixCache`: each model keeps its prompts' KV caches.
+pub const DEFAULT_PREFIX_CACHE: bool = true;
+/// Default time a session's prefix cache entry stays pinned: the controller's session-affinity
+/// TTL.
+pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(30 * 60);
 /// Default share of failed requests in the recent window above which the worker is degraded.
 pub const DEFAULT_DEGRADED_ERROR_RATIO: f64 = 0.5;
 
@@ -303,6 +308,14 @@ pub struct EngineConfig {
     pub batch_size: Option<usize>,
     /// Prompt tokens of one prefill step.
     pub prefill_step_size: usize,
+    /// Whether each model keeps a prefix cache of its prompts; `false` prefills every prompt
+    /// whole.
+    pub prefix_cache: bool,
+    /// The bytes each model's prefix cache may hold (`runtime.prefixCacheBytes`); `None`: a
+    /// share of the host's memory ([`crate::plan::prefix_cache_bytes_default`]).
+    pub prefix_cache_bytes: Option<u64>,
+    /// How long a session's prefix cache entry stays pinned against eviction by other traffic.
+    pub session_ttl: Duration,
 }
 
 /// Log output.

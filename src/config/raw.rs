@@ -295,6 +295,12 @@ pub(super) struct RawRuntime {
     pub(super) batch_size: Option<usize>,
     #[serde(alias = "prefill_step_size")]
     pub(super) prefill_step_size: Option<usize>,
+    #[serde(alias = "prefix_cache")]
+    pub(super) prefix_cache: Option<bool>,
+    #[serde(alias = "prefix_cache_bytes")]
+    pub(super) prefix_cache_bytes: Option<u64>,
+    #[serde(alias = "session_ttl_ms")]
+    pub(super) session_ttl_ms: Option<u64>,
     #[serde(alias = "model_concurrency_limiter")]
     pub(super) model_concurrency_limiter: RawLimiter,
 }

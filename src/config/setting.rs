@@ -100,6 +100,7 @@ const PRIORITY: Kind<u8> = Kind::plain("0-100", "an integer 0 to 100", parse_tri
 const BOOL: Kind<bool> = Kind::plain("true|false", "true or false", parse_trimmed);
 /// A number of tokens.
 const TOKENS: Kind<usize> = Kind::plain("TOKENS", "a number of tokens", parse_trimmed);
+const BYTES: Kind<u64> = Kind::plain("BYTES", "a number of bytes", parse_trimmed);
 const NATS_MODE: Kind<RawNatsMode> =
     Kind::plain("embedded|external", "embedded or external", parse_choice);
 const LOG_FORMAT: Kind<RawLogFormat> = Kind::plain("text|json", "json or text", parse_choice);
@@ -414,6 +415,33 @@ settings! {
         kind: TOKENS,
         help: "Prompt tokens of one prefill step, 16 to 8192",
         set: |c, v| c.runtime.prefill_step_size = Some(v),
+    },
+    PrefixCache {
+        key: "runtime.prefixCache",
+        env: "RUNTIME_PREFIX_CACHE",
+        flag: Some("--prefix-cache"),
+        kind: BOOL,
+        help: "Keep each model's prompt KV caches, so a prompt extending an earlier one is \
+               prefilled only past it (false: every prompt prefilled whole)",
+        set: |c, v| c.runtime.prefix_cache = Some(v),
+    },
+    PrefixCacheBytes {
+        key: "runtime.prefixCacheBytes",
+        env: "RUNTIME_PREFIX_CACHE_BYTES",
+        flag: Some("--prefix-cache-bytes"),
+        kind: BYTES,
+        help: "Bytes each model's prefix cache may hold (default: a tenth of the host's memory, \
+               64 MiB to 8 GiB)",
+        set: |c, v| c.runtime.prefix_cache_bytes = Some(v),
+    },
+    SessionTtlMs {
+        key: "runtime.sessionTtlMs",
+        env: "RUNTIME_SESSION_TTL_MS",
+        flag: Some("--session-ttl-ms"),
+        kind: MILLIS,
+        help: "Time a session's prefix cache entry is kept from eviction by other traffic, \
+               milliseconds",
+        set: |c, v| c.runtime.session_ttl_ms = Some(v),
     },
     LogLevel {
         key: "logging.level",

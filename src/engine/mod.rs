@@ -69,6 +69,9 @@ pub struct GenerateRequest {
     pub temperature: f64,
     /// Nucleus sampling mass.
     pub top_p: f64,
+    /// The conversation it continues, if the client said (an engine with a prefix cache keeps
+    /// the session's prompt for its next turn).
+    pub session_id: Option<String>,
 }
 
 /// Why a generation stopped normally.
@@ -88,9 +91,36 @@ pub enum TokenEvent {
     /// multi-byte character is split across tokens.
     Tokens(Vec<String>),
     /// The end.
-    Finished(FinishReason),
+    Finished(Finish),
     /// The generation failed.
     Failed(EngineError),
+}
+
+/// How a generation ended normally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Finish {
+    /// Why it stopped.
+    pub reason: FinishReason,
+    /// Its prompt's figures, when the engine stated them.
+    pub usage: Option<PromptUsage>,
+}
+
+impl From<FinishReason> for Finish {
+    fn from(reason: FinishReason) -> Finish {
+        Finish {
+            reason,
+            usage: None,
+        }
+    }
+}
+
+/// A finished generation's prompt, in tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PromptUsage {
+    /// Tokens of the prompt.
+    pub prompt_tokens: u64,
+    /// Of those, the ones the engine found in its prefix cache rather than prefilled.
+    pub cached_tokens: u64,
 }
 
 /// How the engine is doing.
@@ -198,6 +228,10 @@ pub struct ModelFigures {
     pub batch_size: usize,
     /// Prompt tokens of completed streams.
     pub prompt_tokens: u64,
+    /// Of those, the ones found in the prefix cache.
+    pub cached_tokens: u64,
+    /// Its prefix cache, as last read.
+    pub cache: CacheState,
     /// Sum of their `prompt_time` (prefill), seconds.
     pub prompt_seconds: f64,
     /// Tokens of completed streams.
@@ -206,6 +240,17 @@ pub struct ModelFigures {
     pub decode_seconds: f64,
     /// Streams completed.
     pub streams_completed: u64,
+}
+
+/// A model's prefix cache as the engine last read it (all zero without one).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CacheState {
+    /// Bytes its entries hold.
+    pub bytes: u64,
+    /// Its entries.
+    pub entries: u64,
+    /// Entries evicted for room since the model was loaded.
+    pub evictions: u64,
 }
 
 /// Runs models.

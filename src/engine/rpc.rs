@@ -191,6 +191,13 @@ impl Info {
         self.has("step_chunks")
     }
 
+    /// Whether the runtime keeps a prefix cache per model: `load_model` takes its budget,
+    /// `generate` a `session_id`, and `stream.stats` says `cached_tokens` (ours does; the
+    /// existing runtime does not).
+    pub fn can_prefix_cache(&self) -> bool {
+        self.has("prefix_cache")
+    }
+
     fn has(&self, capability: &str) -> bool {
         self.capabilities.iter().any(|c| c == capability)
     }
@@ -245,6 +252,34 @@ pub struct State {
     /// Generations the runtime counts as live.
     #[serde(default, deserialize_with = "lenient")]
     pub active_streams: Option<u64>,
+    /// The models loaded, with their prefix caches (ours states them).
+    #[serde(default, deserialize_with = "objects")]
+    pub loaded_models: Vec<StateModel>,
+}
+
+/// What the worker reads of one entry of `runtime/state`'s `loaded_models`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct StateModel {
+    /// The model's id.
+    #[serde(default, deserialize_with = "lenient")]
+    pub model_id: Option<String>,
+    /// Its prefix cache's figures; absent or null without one.
+    #[serde(default, deserialize_with = "object")]
+    pub prefix_cache: Option<PrefixCacheFigures>,
+}
+
+/// A model's prefix cache in `runtime/state`.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+pub struct PrefixCacheFigures {
+    /// Bytes its entries hold.
+    #[serde(default, deserialize_with = "lenient")]
+    pub bytes: Option<u64>,
+    /// Its entries.
+    #[serde(default, deserialize_with = "lenient")]
+    pub entries: Option<u64>,
+    /// Entries evicted for room.
+    #[serde(default, deserialize_with = "lenient")]
+    pub evictions: Option<u64>,
 }
 
 /// `load_model`: loads the model at `local_path` under the id `model_id`, so that no network
@@ -263,6 +298,12 @@ pub struct LoadModel<'a> {
     /// Prompt tokens processed per prefill step.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prefill_step_size: Option<usize>,
+    /// Bytes the model's prefix cache may hold; 0 turns it off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix_cache_bytes: Option<u64>,
+    /// Seconds a session's prefix cache entry stays pinned.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_ttl_seconds: Option<u64>,
 }
 
 impl Call for LoadModel<'_> {
@@ -313,6 +354,9 @@ pub struct Generate<'a> {
     /// to a runtime that has the capability.
     #[serde(skip_serializing_if = "is_false")]
     pub step_chunks: bool,
+    /// The conversation the request continues, sent only to a runtime with a prefix cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<&'a str>,
     /// The stream's id, chosen by the worker.
     pub stream_id: &'a str,
     /// Whether tokens come as notifications; the worker always streams.
@@ -406,6 +450,9 @@ pub struct StreamStats {
     /// Tokens of the prompt.
     #[serde(default, deserialize_with = "lenient")]
     pub prompt_tokens: Option<u64>,
+    /// Of those, the ones found in the prefix cache (not prefilled).
+    #[serde(default, deserialize_with = "lenient")]
+    pub cached_tokens: Option<u64>,
     /// Seconds from the stream being taken into prefill to its first token.
     #[serde(default, deserialize_with = "lenient")]
     pub prompt_time: Option<f64>,

@@ -38,6 +38,15 @@ impl ModelLoad {
         }
     }
 
+    /// The share of the prompt tokens of the model's completed streams that its prefix cache
+    /// held, 0 to 1 (0 before any completed).
+    pub fn cache_hit_ratio(&self) -> f64 {
+        match self.engine.prompt_tokens {
+            0 => 0.0,
+            prompt => (self.engine.cached_tokens.min(prompt) as f64) / prompt as f64,
+        }
+    }
+
     /// Whether the model is in play: loaded, or with requests in hand.
     pub fn is_active(&self) -> bool {
         self.engine.batch_size > 0 || self.running > 0 || self.queued > 0
@@ -53,6 +62,8 @@ pub struct ModelRates {
     pub generation_tokens_per_second: f64,
     /// Mean prefill time of the streams completed in the interval (zero when none did).
     pub prefill_avg: Duration,
+    /// Share of the prompt tokens of the interval found in the prefix cache, 0 to 1.
+    pub cached_share: f64,
 }
 
 impl ModelRates {
@@ -101,6 +112,8 @@ impl RateMeter {
                     .saturating_sub(before.streams_completed);
                 let tokens = |after: u64, before: u64| after.saturating_sub(before) as f64;
                 let prefill = (after.prompt_seconds - before.prompt_seconds).max(0.0);
+                let prompt = tokens(after.prompt_tokens, before.prompt_tokens);
+                let cached = tokens(after.cached_tokens, before.cached_tokens);
                 let rates = ModelRates {
                     prompt_tokens_per_second: tokens(after.prompt_tokens, before.prompt_tokens)
                         / seconds,
@@ -112,6 +125,11 @@ impl RateMeter {
                         0 => Duration::ZERO,
                         n => Duration::try_from_secs_f64(prefill / n as f64)
                             .unwrap_or(Duration::ZERO),
+                    },
+                    cached_share: if prompt > 0.0 {
+                        (cached / prompt).min(1.0)
+                    } else {
+                        0.0
                     },
                 };
                 (model.clone(), rates)
@@ -181,6 +199,7 @@ mod tests {
             generated_tokens,
             decode_seconds: 0.0,
             streams_completed,
+            ..engine::ModelFigures::default()
         }
     }
 
@@ -206,6 +225,7 @@ mod tests {
                 prompt_tokens_per_second: 150.0,
                 generation_tokens_per_second: 100.0,
                 prefill_avg: Duration::from_millis(500),
+                cached_share: 0.0,
             }
         );
         assert_eq!(rates["n"].prompt_tokens_per_second, 5.0);

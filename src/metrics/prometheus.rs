@@ -324,6 +324,44 @@ fn encode_models(v: &MetricsView, e: &mut DescriptorEncoder) -> Result<(), std::
         "model_streams_completed",
         "Streams of the model the engine completed.",
         by_model(v, |m| counter(m.engine.streams_completed)),
+    )?;
+    encode_prefix_caches(v, e)
+}
+
+/// Each model's prefix cache: the prompt tokens it held, its share of all prompt tokens, and
+/// what it holds and evicted.
+fn encode_prefix_caches(v: &MetricsView, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
+    family(
+        e,
+        "model_cached_tokens",
+        "Prompt tokens of the model's completed streams found in its prefix cache (not \
+         prefilled); its rate() over that of mlx_worker_model_prompt_tokens_total is the hit \
+         ratio.",
+        by_model(v, |m| ConstCounter::new(m.engine.cached_tokens)),
+    )?;
+    family(
+        e,
+        "model_prefix_cache_hit_ratio",
+        "Share of the model's prompt tokens found in its prefix cache since start, 0 to 1.",
+        by_model(v, |m| ConstGauge::new(m.cache_hit_ratio())),
+    )?;
+    family(
+        e,
+        "model_prefix_cache_bytes",
+        "Bytes the model's prefix cache holds, as the runtime last said.",
+        by_model(v, |m| ConstGauge::new(m.engine.cache.bytes)),
+    )?;
+    family(
+        e,
+        "model_prefix_cache_entries",
+        "Entries of the model's prefix cache, as the runtime last said.",
+        by_model(v, |m| ConstGauge::new(m.engine.cache.entries)),
+    )?;
+    family(
+        e,
+        "model_prefix_cache_evictions",
+        "Entries the model's prefix cache evicted for room since the model was loaded.",
+        by_model(v, |m| ConstCounter::new(m.engine.cache.evictions)),
     )
 }
 
@@ -435,6 +473,12 @@ mod tests {
                         generated_tokens: 40,
                         decode_seconds: 2.5,
                         streams_completed: 5,
+                        cached_tokens: 90,
+                        cache: crate::engine::CacheState {
+                            bytes: 4_194_304,
+                            entries: 3,
+                            evictions: 1,
+                        },
                     },
                 },
             )]),

@@ -36,6 +36,20 @@ use crate::protocol::{HardwareProfile, WorkerCapabilities};
 use model_size::{ModelFacts, planned_tier};
 use recommendation::{Capabilities, LimitSource, Recommendation};
 
+use crate::limits::{
+    PREFIX_CACHE_BYTES_DEFAULT_MAX, PREFIX_CACHE_BYTES_DEFAULT_MIN, PREFIX_CACHE_MEMORY_DIVISOR,
+};
+
+/// The bytes each model's prefix cache may hold unless configured: a tenth of the host's
+/// memory, at least 64 MiB and at most 8 GiB. KV bytes beyond what the running streams hold
+/// then take at most that share from the memory the models' weights and batches have.
+pub fn prefix_cache_bytes_default(memory_bytes: u64) -> u64 {
+    (memory_bytes / PREFIX_CACHE_MEMORY_DIVISOR).clamp(
+        PREFIX_CACHE_BYTES_DEFAULT_MIN,
+        PREFIX_CACHE_BYTES_DEFAULT_MAX,
+    )
+}
+
 /// Concurrency bounds of one model tier.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TierLimit {

@@ -176,6 +176,15 @@ pub struct ModelMetrics {
     pub generation_tokens_per_second: f64,
     /// Mean prefill time of the streams completed in the interval, milliseconds.
     pub avg_prefill_ms: f64,
+    /// Share of the interval's prompt tokens found in the prefix cache, 0 to 1.
+    #[serde(default)]
+    pub cached_prompt_share: f64,
+    /// Bytes the model's prefix cache holds.
+    #[serde(default)]
+    pub prefix_cache_bytes: u64,
+    /// Entries its prefix cache evicted for room since the model was loaded.
+    #[serde(default)]
+    pub prefix_cache_evictions: u64,
 }
 
 /// `worker.heartbeat`.
@@ -298,6 +307,14 @@ pub struct DoneMessage<'a> {
     pub total_tokens: u64,
     /// Milliseconds from receipt of the request to this message.
     pub latency_ms: u64,
+    /// Tokens of the prompt, when the engine stated them (an extra field: the controller's
+    /// schema lets it through).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u64>,
+    /// Of those, the ones found in the engine's prefix cache rather than prefilled; with
+    /// `promptTokens`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cached_tokens: Option<u64>,
 }
 
 /// The failed end of a stream on `response.{requestId}`, or a rejection on a reply subject.
@@ -336,7 +353,18 @@ impl<'a> DoneMessage<'a> {
             kind: "done",
             total_tokens,
             latency_ms,
+            prompt_tokens: None,
+            cached_tokens: None,
         }
+    }
+
+    /// With the prompt's tokens and of those the cached ones, when known.
+    pub fn with_usage(mut self, usage: Option<(u64, u64)>) -> Self {
+        if let Some((prompt, cached)) = usage {
+            self.prompt_tokens = Some(prompt);
+            self.cached_tokens = Some(cached);
+        }
+        self
     }
 }
 
@@ -385,6 +413,12 @@ pub enum StreamMessage {
         total_tokens: u64,
         /// Milliseconds from receipt to the end.
         latency_ms: u64,
+        /// Tokens of the prompt, when the worker's engine stated them.
+        #[serde(default)]
+        prompt_tokens: Option<u64>,
+        /// Of those, the ones its prefix cache held.
+        #[serde(default)]
+        cached_tokens: Option<u64>,
     },
     /// The failed end.
     #[serde(rename_all = "camelCase")]

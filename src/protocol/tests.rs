@@ -78,6 +78,9 @@ fn heartbeat() -> WorkerHeartbeat {
                 prompt_tokens_per_second: 120.5,
                 generation_tokens_per_second: 41.5,
                 avg_prefill_ms: 35.25,
+                cached_prompt_share: 0.67,
+                prefix_cache_bytes: 4_194_304,
+                prefix_cache_evictions: 1,
             }],
         },
         timestamp: 1_795_724_487_676,
@@ -113,6 +116,11 @@ fn every_outbound_message_keeps_its_wire_shape() {
     );
     snapshot!("token", TokenMessage::new("r-1", " w45", 1));
     snapshot!("done", DoneMessage::new("r-1", 4, 2290));
+    // With the prompt's figures: two extra fields, which the controller's schema lets through.
+    snapshot!(
+        "done_with_prompt_figures",
+        DoneMessage::new("r-1", 4, 2290).with_usage(Some((120, 96)))
+    );
     snapshot!(
         "error",
         ErrorMessage::new(
@@ -705,7 +713,7 @@ proptest! {
         let t: StreamMessage = serde_json::from_slice(&encode(&TokenMessage::new(&id, &token, index)).unwrap()).unwrap();
         prop_assert_eq!(t, StreamMessage::Token { request_id: id.clone(), token, index });
         let d: StreamMessage = serde_json::from_slice(&encode(&DoneMessage::new(&id, total, latency)).unwrap()).unwrap();
-        prop_assert_eq!(d, StreamMessage::Done { request_id: id.clone(), total_tokens: total, latency_ms: latency });
+        prop_assert_eq!(d, StreamMessage::Done { request_id: id.clone(), total_tokens: total, latency_ms: latency, prompt_tokens: None, cached_tokens: None });
         let e: StreamMessage = serde_json::from_slice(&encode(&ErrorMessage::new(&id, code, &text)).unwrap()).unwrap();
         prop_assert_eq!(e, StreamMessage::Error { request_id: Some(id), error: text, code: code.as_str().to_owned() });
     }

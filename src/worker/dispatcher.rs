@@ -167,6 +167,7 @@ impl Dispatcher {
             max_tokens: request.max_tokens.unwrap_or(defaults.max_tokens),
             temperature: request.temperature.unwrap_or(defaults.temperature),
             top_p: request.top_p.unwrap_or(defaults.top_p),
+            session_id: request.session_id,
         };
         Arrival {
             id: request.request_id,

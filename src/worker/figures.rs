@@ -96,6 +96,9 @@ pub(crate) fn model_metrics(
                 prompt_tokens_per_second: round2(rates.prompt_tokens_per_second),
                 generation_tokens_per_second: round2(rates.generation_tokens_per_second),
                 avg_prefill_ms: round2(rates.prefill_avg.as_secs_f64() * 1000.0),
+                cached_prompt_share: round2(rates.cached_share),
+                prefix_cache_bytes: load.engine.cache.bytes,
+                prefix_cache_evictions: load.engine.cache.evictions,
             })
         })
         .collect()

@@ -26,7 +26,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::responder::{Failure, Responder, Sent, Window};
 use crate::clock::{Clock, millis};
-use crate::engine::{Engine, EngineError, GenerateRequest, LoadedModel, TokenEvent};
+use crate::engine::{Engine, EngineError, GenerateRequest, LoadedModel, PromptUsage, TokenEvent};
 use crate::limits::TOKENS_PUBLISHED_TOGETHER_MAX;
 use crate::metrics::telemetry::Telemetry;
 use crate::metrics::{Outcome, RequestRecord};
@@ -154,7 +154,8 @@ pub(crate) struct Finished {
 
 /// What the generation phase ended with, before the terminal message.
 enum End {
-    Done,
+    /// With the prompt's figures, when the engine stated them.
+    Done(Option<PromptUsage>),
     Failed(ErrorCode, String),
     /// The stream broke with the link: it ends `STREAM_INTERRUPTED` once the link is back.
     Interrupted(String),
@@ -304,7 +305,7 @@ async fn stream(
                     return end;
                 }
             }
-            TokenEvent::Finished(_) => return End::Done,
+            TokenEvent::Finished(finish) => return End::Done(finish.usage),
             TokenEvent::Failed(err) => return End::Failed(err.code(), err.to_string()),
         }
     }
@@ -374,8 +375,9 @@ async fn finish(
         &interrupted_text,
     );
     let (sent, outcome) = match end {
-        End::Done if responder.is_intact() => {
-            let done = DoneMessage::new(&job.request_id, progress.tokens, latency);
+        End::Done(usage) if responder.is_intact() => {
+            let done = DoneMessage::new(&job.request_id, progress.tokens, latency)
+                .with_usage(usage.map(|u| (u.prompt_tokens, u.cached_tokens)));
             let sent = responder.terminal(&done, &interrupted).await;
             if ctx.mutations.has(Mutation::TokenAfterDone) {
                 let stray = TokenMessage::new(&job.request_id, "stray", progress.tokens);
@@ -383,7 +385,7 @@ async fn finish(
             }
             (sent, Outcome::Success)
         }
-        End::Done | End::Interrupted(_) => {
+        End::Done(_) | End::Interrupted(_) => {
             if let End::Interrupted(cause) = &end {
                 info!(%cause, tokens = progress.tokens, "stream interrupted by the link");
             }

@@ -48,6 +48,7 @@ fn generate(stream_id: &str, max_tokens: u32) -> GenerateRequest {
         max_tokens,
         temperature: 0.0,
         top_p: 1.0,
+        session_id: None,
     }
 }
 
@@ -100,7 +101,18 @@ async fn the_real_runtime_loads_streams_the_model_text_and_unloads() {
 
     let (tokens, end) = drain(engine.generate(generate("g-1", 12)).await.unwrap()).await;
     assert_eq!(tokens.len(), 12, "one text per generated token");
-    assert_eq!(end, TokenEvent::Finished(FinishReason::Length));
+    let TokenEvent::Finished(finish) = end else {
+        panic!("ended {end:?}")
+    };
+    assert_eq!(finish.reason, FinishReason::Length);
+    // The runtime states the prompt's figures; nothing was cached before the first prompt.
+    let usage = finish
+        .usage
+        .expect("the runtime states the prompt's tokens");
+    assert!(
+        usage.prompt_tokens > 1 && usage.cached_tokens == 0,
+        "{usage:?}"
+    );
     assert_eq!(tokens.concat(), reference_text("Hello world", 12));
 
     // Two at once both complete (the runtime decodes them together).

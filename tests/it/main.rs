@@ -25,6 +25,7 @@ mod privilege;
 mod probe;
 mod runtime_batch;
 mod service;
+mod sessions;
 mod tls;
 mod transport;
 mod worker;

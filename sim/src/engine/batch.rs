@@ -92,7 +92,8 @@ impl BatchStream {
             _ => {}
         }
         if i >= self.max_tokens {
-            self.tx.end(TokenEvent::Finished(FinishReason::Length));
+            self.tx
+                .end(TokenEvent::Finished(FinishReason::Length.into()));
             return false;
         }
         if self.tx.send(token_text(i)).await.is_err() {
@@ -102,7 +103,8 @@ impl BatchStream {
         self.next += 1;
         if self.next >= self.max_tokens {
             // Its place is free for the next step, as the runtime frees it.
-            self.tx.end(TokenEvent::Finished(FinishReason::Length));
+            self.tx
+                .end(TokenEvent::Finished(FinishReason::Length.into()));
             return false;
         }
         true

@@ -38,6 +38,10 @@ pub(crate) struct InferArgs {
     /// Sampling temperature.
     #[arg(long)]
     temperature: Option<f64>,
+    /// The conversation this prompt continues: the worker keeps its prompt's cache pinned for
+    /// the next turn.
+    #[arg(long)]
+    session: Option<String>,
     /// Print every message as a JSON line instead of the text.
     #[arg(long)]
     json: bool,
@@ -70,7 +74,7 @@ async fn infer_inner(config: &WorkerConfig, args: &InferArgs) -> anyhow::Result<
         max_tokens: args.max_tokens,
         temperature: args.temperature,
         top_p: None,
-        session_id: None,
+        session_id: args.session.clone(),
         stream: Some(true),
         priority: None,
         timeout_ms: None,
@@ -164,12 +168,15 @@ async fn print_stream(
             StreamMessage::Done {
                 total_tokens,
                 latency_ms,
+                prompt_tokens,
+                cached_tokens,
                 ..
             } => (
                 format!(
-                    "{total_tokens} tokens; first token after {} ms; {} ms in all (worker: {latency_ms} ms)",
+                    "{total_tokens} tokens; first token after {} ms; {} ms in all (worker: {latency_ms} ms){}",
                     first_token.map_or(0, |d| d.as_millis()),
-                    at.saturating_duration_since(stream.sent_at()).as_millis()
+                    at.saturating_duration_since(stream.sent_at()).as_millis(),
+                    prompt_summary(prompt_tokens, cached_tokens),
                 ),
                 ExitCode::SUCCESS,
             ),
@@ -184,5 +191,17 @@ async fn print_stream(
         stream.confirm_quiet(Duration::ZERO).await?;
         eprintln!("{said}");
         return Ok(code);
+    }
+}
+
+/// The prompt's part of the summary, when the worker stated it: its tokens, and of those the
+/// ones its prefix cache held.
+fn prompt_summary(prompt_tokens: Option<u64>, cached_tokens: Option<u64>) -> String {
+    match prompt_tokens {
+        Some(prompt) => format!(
+            "; prompt {prompt} tokens, {} of them cached",
+            cached_tokens.unwrap_or(0)
+        ),
+        None => String::new(),
     }
 }

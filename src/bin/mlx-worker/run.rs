@@ -13,6 +13,7 @@ use mlx_worker::engine::mlx::MlxEngine;
 use mlx_worker::hardware::{self, HardwareProbe, HostProfile, HostSample};
 use mlx_worker::identity::{self, Identity};
 use mlx_worker::instance::{self, InstanceError, StateLock};
+use mlx_worker::plan::prefix_cache_bytes_default;
 use mlx_worker::plan::recommendation::{BatchSizes, Recommendation};
 use mlx_worker::transport::embedded::EmbeddedServer;
 use mlx_worker::transport::nats::{self, ConnectError, NatsTransport};
@@ -191,7 +192,13 @@ async fn seams(config: &WorkerConfig, worker_id: &str) -> Result<Seams, ExitCode
         config.engine.batch_size,
         &recommendation,
     );
-    let engine = match MlxEngine::start(config.engine.clone(), batch_sizes, clock.clone()).await {
+    let mut engine_config = config.engine.clone();
+    engine_config.prefix_cache_bytes = Some(
+        engine_config
+            .prefix_cache_bytes
+            .unwrap_or_else(|| prefix_cache_bytes_default(hardware.profile.memory_bytes)),
+    );
+    let engine = match MlxEngine::start(engine_config, batch_sizes, clock.clone()).await {
         Ok(engine) => Arc::new(engine),
         Err(e) => {
             error!("{e}");

@@ -9,11 +9,12 @@ use crate::config::raw::{RawRuntime, RawWorker};
 use crate::config::{
     ConfigError, DEFAULT_BATCHING, DEFAULT_ENGINE_CALL_TIMEOUT, DEFAULT_ENGINE_RESTART_WINDOW,
     DEFAULT_ENGINE_RESTARTS_MAX, DEFAULT_ENGINE_STARTUP_TIMEOUT, DEFAULT_MODEL_DIR,
-    DEFAULT_MODEL_LOAD_TIMEOUT, DEFAULT_PREFILL_STEP_SIZE, DEFAULT_PYTHON, DEFAULT_RUNTIME_DIR,
-    EngineConfig,
+    DEFAULT_MODEL_LOAD_TIMEOUT, DEFAULT_PREFILL_STEP_SIZE, DEFAULT_PREFIX_CACHE, DEFAULT_PYTHON,
+    DEFAULT_RUNTIME_DIR, DEFAULT_SESSION_TTL, EngineConfig,
 };
 use crate::limits::{
-    BATCH_SIZE_MAX, PREFILL_STEP_SIZE_MAX, PREFILL_STEP_SIZE_MIN, REQUEST_TIMEOUT_MAX,
+    BATCH_SIZE_MAX, PREFILL_STEP_SIZE_MAX, PREFILL_STEP_SIZE_MIN, PREFIX_CACHE_BYTES_MAX,
+    REQUEST_TIMEOUT_MAX, SESSION_TTL_MAX,
 };
 
 pub(super) fn resolve_engine(w: &RawWorker, r: RawRuntime) -> Result<EngineConfig, ConfigError> {
@@ -73,6 +74,18 @@ pub(super) fn resolve_engine(w: &RawWorker, r: RawRuntime) -> Result<EngineConfi
             r.prefill_step_size.unwrap_or(DEFAULT_PREFILL_STEP_SIZE),
             PREFILL_STEP_SIZE_MIN,
             PREFILL_STEP_SIZE_MAX,
+        )?,
+        prefix_cache: r.prefix_cache.unwrap_or(DEFAULT_PREFIX_CACHE),
+        prefix_cache_bytes: r
+            .prefix_cache_bytes
+            .map(|n| bounded("runtime.prefixCacheBytes", n, 0, PREFIX_CACHE_BYTES_MAX))
+            .transpose()?,
+        session_ttl: millis_or(
+            "runtime.sessionTtlMs",
+            r.session_ttl_ms,
+            DEFAULT_SESSION_TTL,
+            Duration::ZERO,
+            SESSION_TTL_MAX,
         )?,
     })
 }

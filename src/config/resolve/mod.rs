@@ -69,7 +69,12 @@ fn millis_or(
 }
 
 /// `value`, which must lie within `min..=max`.
-fn bounded(key: &str, value: usize, min: usize, max: usize) -> Result<usize, ConfigError> {
+fn bounded<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
     if value < min || value > max {
         return Err(invalid(
             key,

@@ -26,6 +26,7 @@ fn example(value_name: &str) -> &'static str {
         "text|json" => "json",
         "true|false" => "false",
         "TOKENS" => "256",
+        "BYTES" => "1048576",
         other => panic!("no example for values of kind {other}: add one here"),
     }
 }

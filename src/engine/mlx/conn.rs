@@ -27,7 +27,7 @@ use tracing::{debug, warn};
 
 use super::figures::FigureBook;
 use crate::engine::rpc::{self, Call, Cancel, ChunkToken, Inbound, Line, RpcError, StreamEnd};
-use crate::engine::{EngineError, FinishReason, TokenEvent, TokenSender};
+use crate::engine::{EngineError, Finish, FinishReason, PromptUsage, TokenEvent, TokenSender};
 
 /// Lines queued for the child's stdin.
 const STDIN_QUEUE: usize = 256;
@@ -90,6 +90,8 @@ struct Route {
     tx: TokenSender,
     /// Its model, whose figures its stats add to.
     model_id: String,
+    /// Its prompt's figures, from its `stream.stats` (which comes before its end).
+    usage: Option<PromptUsage>,
 }
 
 /// What the runtime on the other end of a connection can do, from its `runtime/info`
@@ -100,6 +102,8 @@ pub(super) struct Features {
     pub(super) cancel: bool,
     /// Its `generate` takes `step_chunks` (ours does; the existing one does not).
     pub(super) step_chunks: bool,
+    /// It keeps a prefix cache per model (ours does; the existing one does not).
+    pub(super) prefix_cache: bool,
 }
 
 /// The tasks that move one child's lines; whoever runs the child ends them with it.
@@ -167,6 +171,7 @@ impl Conn {
         let route = Route {
             tx,
             model_id: model_id.to_owned(),
+            usage: None,
         };
         lock(&self.streams).insert(stream_id.to_owned(), route);
     }
@@ -301,19 +306,23 @@ async fn route(conn: &Conn, inbound: Inbound) {
             }
         }
         Inbound::Stats { stream_id, stats } => {
-            let model = lock(&conn.streams)
-                .get(&stream_id)
-                .map(|route| route.model_id.clone());
+            let model = lock(&conn.streams).get_mut(&stream_id).map(|route| {
+                route.usage = stats.prompt_tokens.map(|prompt_tokens| PromptUsage {
+                    prompt_tokens,
+                    cached_tokens: stats.cached_tokens.unwrap_or(0).min(prompt_tokens),
+                });
+                route.model_id.clone()
+            });
             if let Some(model) = model {
                 conn.figures.completed(&model, &stats);
             }
         }
         Inbound::End { stream_id, end } => {
             let route = lock(&conn.streams).remove(&stream_id);
-            let Some(Route { tx, .. }) = route else {
+            let Some(Route { tx, usage, .. }) = route else {
                 return;
             };
-            tx.end(end_event(end));
+            tx.end(end_event(end, usage));
         }
         Inbound::Other { .. } => {}
     }
@@ -354,16 +363,17 @@ fn by_stream(chunks: Vec<rpc::StepChunk>) -> Vec<(String, Vec<ChunkToken>)> {
     groups
 }
 
-/// The last event of a stream that ended with `end`.
-fn end_event(end: StreamEnd) -> TokenEvent {
+/// The last event of a stream that ended with `end`, its prompt's figures `usage`.
+fn end_event(end: StreamEnd, usage: Option<PromptUsage>) -> TokenEvent {
     match end {
-        StreamEnd::Completed { finish_reason } => {
-            TokenEvent::Finished(if finish_reason == "stop" {
+        StreamEnd::Completed { finish_reason } => TokenEvent::Finished(Finish {
+            reason: if finish_reason == "stop" {
                 FinishReason::Stop
             } else {
                 FinishReason::Length
-            })
-        }
+            },
+            usage,
+        }),
         StreamEnd::Failed { error } => {
             TokenEvent::Failed(EngineError::Generation { reason: error })
         }

@@ -13,8 +13,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::conn::lock;
-use crate::engine::ModelFigures;
 use crate::engine::rpc::StreamStats;
+use crate::engine::{CacheState, ModelFigures};
 
 /// Every model's figures, behind one lock held only to add or copy.
 #[derive(Debug, Default)]
@@ -54,10 +54,17 @@ impl FigureBook {
         self.entry(model, |f| {
             f.streams_completed += 1;
             f.prompt_tokens += stats.prompt_tokens.unwrap_or(0);
+            f.cached_tokens += stats.cached_tokens.unwrap_or(0);
             f.generated_tokens += stats.tokens_generated.unwrap_or(0);
             f.prompt_seconds += prompt.unwrap_or(0.0);
             f.decode_seconds += total.map_or(0.0, |t| (t - prompt.unwrap_or(0.0)).max(0.0));
         });
+    }
+
+    /// What `model`'s prefix cache holds now, and has evicted since the model was loaded,
+    /// as the runtime last said (its `runtime/state`).
+    pub(super) fn cache_state(&self, model: &str, cache: CacheState) {
+        self.entry(model, |f| f.cache = cache);
     }
 
     /// A copy of every model's figures.

@@ -229,11 +229,22 @@ impl Engine for MlxEngine {
         let conn = self.runtime.conn()?;
         let local_path = path.display().to_string();
         let asked = self.batch_size(model_id, &entry);
+        let config = &self.runtime.config;
+        // Only a runtime with a prefix cache is told of one.
+        let cache = conn.features().prefix_cache;
         let params = LoadModel {
             batch_size: Some(asked),
             local_path: &local_path,
             model_id,
-            prefill_step_size: Some(self.runtime.config.prefill_step_size),
+            prefill_step_size: Some(config.prefill_step_size),
+            prefix_cache_bytes: cache
+                .then_some(if config.prefix_cache {
+                    config.prefix_cache_bytes
+                } else {
+                    Some(0)
+                })
+                .flatten(),
+            session_ttl_seconds: cache.then_some(config.session_ttl.as_secs()),
         };
         let result = conn
             .call(&params, self.runtime.config.load_timeout)
@@ -292,11 +303,15 @@ impl Engine for MlxEngine {
         let stream_id = conn.new_stream_id();
         // Registered before the call: notifications may follow the answer at once.
         conn.open_stream(&stream_id, &request.model_id, tx.clone());
+        let session = request.session_id.as_deref().map(runtime_session_id);
         let params = Generate {
             max_tokens: request.max_tokens,
             model_id: &request.model_id,
             prompt: &request.prompt,
             step_chunks: conn.features().step_chunks,
+            session_id: session
+                .as_deref()
+                .filter(|_| conn.features().prefix_cache && self.runtime.config.prefix_cache),
             stream_id: &stream_id,
             streaming: true,
             temperature: request.temperature,
@@ -365,4 +380,22 @@ impl Drop for MlxEngine {
         // Without a shutdown, stop the supervisor; the child is killed on drop.
         self.stop.cancel();
     }
+}
+
+/// A session id as the runtime takes one (letters, digits and `_-./@:`, no `..`, at most 256
+/// characters): the client's own when it is one, else a digest of it. The runtime only keys
+/// pins by it, so a digest serves as well.
+fn runtime_session_id(id: &str) -> String {
+    let fits = !id.is_empty()
+        && id.len() <= 256
+        && !id.contains("..")
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-./@:".contains(&b));
+    if fits {
+        return id.to_owned();
+    }
+    let mut hasher = std::hash::DefaultHasher::new();
+    std::hash::Hash::hash(id, &mut hasher);
+    format!("session-{:016x}", std::hash::Hasher::finish(&hasher))
 }

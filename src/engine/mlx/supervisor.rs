@@ -36,8 +36,8 @@ use super::figures::FigureBook;
 use super::stderr;
 use crate::clock::Clock;
 use crate::config::EngineConfig;
-use crate::engine::rpc::{GetInfo, Info};
-use crate::engine::{EngineError, EngineHealth, LoadedModel};
+use crate::engine::rpc::{GetInfo, GetState, Info};
+use crate::engine::{CacheState, EngineError, EngineHealth, LoadedModel};
 use crate::limits::{INFLIGHT_REQUESTS_MAX, RUNTIME_STREAMS_LIVE_DEFAULT};
 
 /// Period of the liveness ping.
@@ -322,8 +322,30 @@ async fn serve(
                 {
                     return format!("the runtime stopped answering ({err:?})");
                 }
+                if conn.features().prefix_cache {
+                    read_caches(runtime, conn).await;
+                }
             }
         }
+    }
+}
+
+/// Takes what each model's prefix cache holds from the runtime's `runtime/state` into the
+/// figures; a failed call leaves them as they were (the ping judges liveness).
+async fn read_caches(runtime: &Runtime, conn: &Conn) {
+    let Ok(state) = conn.call(&GetState {}, runtime.config.call_timeout).await else {
+        return;
+    };
+    for model in state.loaded_models {
+        let (Some(id), Some(cache)) = (model.model_id, model.prefix_cache) else {
+            continue;
+        };
+        let state = CacheState {
+            bytes: cache.bytes.unwrap_or(0),
+            entries: cache.entries.unwrap_or(0),
+            evictions: cache.evictions.unwrap_or(0),
+        };
+        runtime.figures.cache_state(&id, state);
     }
 }
 
@@ -370,6 +392,7 @@ async fn ready(
     conn.set_features(Features {
         cancel: info.can_cancel(),
         step_chunks: info.can_step_chunks(),
+        prefix_cache: info.can_prefix_cache(),
     });
     info!(
         version = info.version.as_deref().unwrap_or("?"),

@@ -43,6 +43,8 @@ fn every_call_goes_out_as_its_pinned_frame() {
                 local_path: "/srv/models/mlx-worker/tiny-llama",
                 model_id: MODEL,
                 prefill_step_size: Some(512),
+                prefix_cache_bytes: Some(1 << 30),
+                session_ttl_seconds: Some(1800),
             }
         )
     );
@@ -55,6 +57,8 @@ fn every_call_goes_out_as_its_pinned_frame() {
                 local_path: "/srv/models/mlx-worker/tiny-llama",
                 model_id: MODEL,
                 prefill_step_size: None,
+                prefix_cache_bytes: None,
+                session_ttl_seconds: None,
             }
         )
     );
@@ -67,6 +71,7 @@ fn every_call_goes_out_as_its_pinned_frame() {
                 model_id: MODEL,
                 prompt: "Hello world",
                 step_chunks: false,
+                session_id: None,
                 stream_id: "s-3",
                 streaming: true,
                 temperature: 0.0,
@@ -83,6 +88,7 @@ fn every_call_goes_out_as_its_pinned_frame() {
                 model_id: MODEL,
                 prompt: "Hello world",
                 step_chunks: true,
+                session_id: Some("9f1c2d3e-0000-4000-8000-00000000abcd"),
                 stream_id: "s-4",
                 streaming: true,
                 temperature: 0.0,
@@ -99,6 +105,7 @@ fn every_call_goes_out_as_its_pinned_frame() {
                 model_id: MODEL,
                 prompt: "Say \"h\u{e9}llo\"\n\tthen\u{7} stop",
                 step_chunks: false,
+                session_id: None,
                 stream_id: "s-5",
                 streaming: true,
                 temperature: 0.7,
@@ -343,7 +350,7 @@ fn stream_events_are_classified() {
         }
     );
     // Ours adds the prompt and queue figures; one of another type reads as absent.
-    let batched = decode_line(br#"{"jsonrpc":"2.0","method":"stream.stats","params":{"stream_id":"s-2","prompt_tokens":5,"prompt_time":0.004,"queue_time":0.25,"tokens_generated":12,"tokens_per_second":900.5,"time_to_first_token":0.005,"total_time":0.02,"extra":[1]}}"#).unwrap();
+    let batched = decode_line(br#"{"jsonrpc":"2.0","method":"stream.stats","params":{"stream_id":"s-2","prompt_tokens":5,"prompt_time":0.004,"queue_time":0.25,"tokens_generated":12,"tokens_per_second":900.5,"time_to_first_token":0.005,"total_time":0.02,"cached_tokens":3,"extra":[1]}}"#).unwrap();
     assert_eq!(
         batched,
         Inbound::Stats {
@@ -355,6 +362,7 @@ fn stream_events_are_classified() {
                 tokens_generated: Some(12),
                 time_to_first_token: Some(0.005),
                 total_time: Some(0.02),
+                cached_tokens: Some(3),
             }
         }
     );

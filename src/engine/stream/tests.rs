@@ -41,14 +41,14 @@ async fn tokens_go_one_per_event_while_the_consumer_keeps_up() {
     tx.send_all(vec!["d".to_owned(), "e".to_owned()])
         .await
         .unwrap();
-    tx.end(TokenEvent::Finished(FinishReason::Stop));
+    tx.end(TokenEvent::Finished(FinishReason::Stop.into()));
     drop(tx);
     assert_eq!(
         drain(&mut rx).await,
         [
             tokens(&["c"]),
             tokens(&["d", "e"]),
-            TokenEvent::Finished(FinishReason::Stop)
+            TokenEvent::Finished(FinishReason::Stop.into())
         ]
     );
     assert_eq!(rx.recv().await, None);
@@ -93,7 +93,7 @@ async fn the_last_event_follows_every_held_token_and_nothing_follows_it() {
     tx.end(failed.clone());
     assert!(tx.is_closed());
     assert_eq!(tx.send("late".to_owned()).await, Err(StreamClosed));
-    tx.end(TokenEvent::Finished(FinishReason::Length));
+    tx.end(TokenEvent::Finished(FinishReason::Length.into()));
     drop(tx);
     assert_eq!(
         drain(&mut rx).await,
@@ -106,11 +106,11 @@ async fn the_last_event_follows_every_held_token_and_nothing_follows_it() {
 async fn the_last_event_waits_behind_a_full_channel_without_making_the_sender_wait() {
     let (tx, mut rx) = token_channel(1);
     tx.send("a".to_owned()).await.unwrap();
-    tx.end(TokenEvent::Finished(FinishReason::Length));
+    tx.end(TokenEvent::Finished(FinishReason::Length.into()));
     assert_eq!(rx.recv().await, Some(tokens(&["a"])));
     assert_eq!(
         rx.recv().await,
-        Some(TokenEvent::Finished(FinishReason::Length))
+        Some(TokenEvent::Finished(FinishReason::Length.into()))
     );
 }
 
@@ -187,7 +187,7 @@ async fn every_token_arrives_once_in_order_when_both_ends_run_at_once() {
                     tokio::task::yield_now().await;
                 }
             }
-            tx.end(TokenEvent::Finished(FinishReason::Stop));
+            tx.end(TokenEvent::Finished(FinishReason::Stop.into()));
         });
         let mut seen = Vec::with_capacity(TOKENS);
         let mut events = 0;
@@ -197,7 +197,7 @@ async fn every_token_arrives_once_in_order_when_both_ends_run_at_once() {
                     assert!(!batch.is_empty(), "an empty event");
                     seen.extend(batch);
                 }
-                Some(TokenEvent::Finished(FinishReason::Stop)) => break,
+                Some(TokenEvent::Finished(f)) if f.reason == FinishReason::Stop => break,
                 other => panic!("unexpected {other:?}"),
             }
             events += 1;

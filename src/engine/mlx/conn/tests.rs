@@ -90,7 +90,8 @@ async fn each_answer_reaches_the_call_with_its_id() {
     assert_eq!(
         b.await.unwrap().unwrap(),
         State {
-            active_streams: Some(2)
+            active_streams: Some(2),
+            ..State::default()
         }
     );
     let Err(CallError::Rpc(error)) = a.await.unwrap() else {
@@ -121,7 +122,8 @@ async fn a_call_without_an_answer_times_out_and_is_forgotten() {
     assert_eq!(
         next.await.unwrap().unwrap(),
         State {
-            active_streams: Some(0)
+            active_streams: Some(0),
+            ..State::default()
         }
     );
 }
@@ -177,7 +179,7 @@ async fn chunks_of_both_forms_reach_their_stream_in_order_until_its_end() {
         [
             TokenEvent::Tokens(vec!["a".into(), "b".into()]),
             TokenEvent::Tokens(vec!["c".into()]),
-            TokenEvent::Finished(FinishReason::Stop),
+            TokenEvent::Finished(FinishReason::Stop.into()),
         ]
     );
     // The end unregistered the stream (its channel closed above); the other one saw nothing.
@@ -250,7 +252,7 @@ async fn step_entries_reach_their_streams_in_line_order_beside_chunks() {
             ))
             .await;
     }
-    let finished = TokenEvent::Finished(FinishReason::Length);
+    let finished = TokenEvent::Finished(FinishReason::Length.into());
     let (a, b) = tokio::join!(events(a_rx), events(b_rx));
     assert_eq!(
         a,
@@ -346,14 +348,17 @@ fn each_stream_end_is_its_last_event() {
         finish_reason: reason.to_owned(),
     };
     let cases = [
-        (completed("stop"), TokenEvent::Finished(FinishReason::Stop)),
+        (
+            completed("stop"),
+            TokenEvent::Finished(FinishReason::Stop.into()),
+        ),
         (
             completed("length"),
-            TokenEvent::Finished(FinishReason::Length),
+            TokenEvent::Finished(FinishReason::Length.into()),
         ),
         (
             completed("completed"),
-            TokenEvent::Finished(FinishReason::Length),
+            TokenEvent::Finished(FinishReason::Length.into()),
         ),
         (
             StreamEnd::Failed {
@@ -371,7 +376,7 @@ fn each_stream_end_is_its_last_event() {
         ),
     ];
     for (end, expected) in cases {
-        assert_eq!(end_event(end.clone()), expected, "{end:?}");
+        assert_eq!(end_event(end.clone(), None), expected, "{end:?}");
     }
 }
 
@@ -387,6 +392,8 @@ async fn a_gone_child_fails_calls_and_streams_in_flight() {
             local_path: "/models/org/m",
             model_id: "org/m",
             prefill_step_size: None,
+            prefix_cache_bytes: None,
+            session_ttl_seconds: None,
         },
         LIMIT,
     );
@@ -411,6 +418,7 @@ async fn a_dropped_receiver_is_cancelled_in_a_runtime_that_can_cancel() {
     conn.set_features(Features {
         cancel: true,
         step_chunks: false,
+        prefix_cache: false,
     });
     let (tx, rx) = token_channel(16);
     conn.open_stream("s-1", "org/m", tx.clone());

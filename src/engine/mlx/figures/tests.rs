@@ -13,6 +13,7 @@ fn stats(prompt_tokens: u64, prompt_time: f64, tokens: u64, total_time: f64) -> 
         tokens_generated: Some(tokens),
         time_to_first_token: Some(prompt_time + 0.25),
         total_time: Some(total_time),
+        cached_tokens: None,
     }
 }
 
@@ -35,6 +36,7 @@ fn completed_streams_add_up_per_model() {
                     generated_tokens: 14,
                     decode_seconds: 2.5,
                     streams_completed: 2,
+                    ..ModelFigures::default()
                 }
             ),
             (
@@ -46,6 +48,7 @@ fn completed_streams_add_up_per_model() {
                     generated_tokens: 2,
                     decode_seconds: 0.375,
                     streams_completed: 1,
+                    ..ModelFigures::default()
                 }
             ),
         ])
