@@ -8,7 +8,11 @@ chunk for their next token. A model loaded with batch size 1 (or whose cache
 cannot be batched) has a sequential stepper instead: one stream at a time,
 one token per step, the rest waiting in arrival order.
 
-Only these parts of `BatchGenerator` are used: `insert_segments`, `next`,
+A stream that finds its model idle runs alone, on a cache of its own as on
+the sequential path (a batch of one gains nothing and its cache bookkeeping
+costs), until a second stream of the model arrives: then it joins the
+generator with its cache and its next token. Only these parts of
+`BatchGenerator` are used: `insert_segments`, `next`,
 `extract_cache`, `remove`, `close` and `prompt_cache_nbytes`.
 
 Prefix cache: a model with one (see `prefix_cache`) looks a stream's prompt
@@ -239,30 +243,67 @@ def _failure(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
 
+class _Lone:
+    """A model's only stream, decoded on its own cache outside the generator.
+
+    One stream gains nothing from a batch, and a batch cache's bookkeeping costs
+    a single row about a tenth of its tokens per second; so a stream that
+    finds its model idle runs alone, as the sequential path runs a stream, until
+    a second stream of the model arrives. Then it joins the generator with its
+    cache and the token it is about to feed, and goes on there.
+
+    Its tokens are pipelined as `generate_step` pipelines them: while a token
+    is sent, the next one is being computed.
+    """
+
+    def __init__(self, run: Run, sampler: Sampler):
+        self.run = run
+        self.sampler = sampler
+        self.cache: list | None = None
+        # Tokens fed to the model: the prompt's, then the generated ones.
+        self.fed: list[int] = []
+        # The next token, sampled (lazily) and not yet sent or fed; None while prefilling.
+        self.pending: mx.array | None = None
+
+    @property
+    def started(self) -> bool:
+        return self.cache is not None
+
+
 class BatchedStepper:
-    """A model's `BatchGenerator`: its streams decode together, one token each per step."""
+    """A model's `BatchGenerator`: its streams decode together, one token each per step;
+    a stream alone runs outside it (`_Lone`) until another joins."""
 
     def __init__(self, model: LoadedModel):
         self.model = model
         self._generator: BatchGenerator | None = None
         self._runs: dict[int, Run] = {}
         self._uids: dict[str, int] = {}
+        self._lone: _Lone | None = None
         self._samplers = Samplers()
         self._stop_tokens = [[token] for token in sorted(model.tokenizer.eos_token_ids)]
+        self._eos = model.tokenizer.eos_token_ids
 
     def __len__(self) -> int:
-        return len(self._runs)
+        return len(self._runs) + (self._lone is not None)
 
     def waiting(self) -> int:
         # A snapshot: `runtime/state` asks from the read loop.
-        return sum(1 for run in list(self._runs.values()) if run.prefill_started is None)
+        return sum(1 for run in self._all_runs() if run.prefill_started is None)
 
     def prefilling(self) -> int:
         return sum(
             1
-            for run in list(self._runs.values())
+            for run in self._all_runs()
             if run.prefill_started is not None and run.first_token_at is None
         )
+
+    def _all_runs(self) -> list[Run]:
+        runs = list(self._runs.values())
+        lone = self._lone
+        if lone is not None:
+            runs.append(lone.run)
+        return runs
 
     def _make_generator(self) -> BatchGenerator:
         batch = self.model.batch_size
@@ -276,6 +317,16 @@ class BatchedStepper:
 
     def insert(self, stream: Stream, out: Output) -> None:
         run = Run.of(stream)
+        if self._generator is None and not self._runs and self._lone is None:
+            self._lone = _Lone(run, self._samplers.for_stream(stream))
+            return
+        if self._lone is not None:
+            self._join(out)
+        self._insert(run, out)
+
+    def _insert(self, run: Run, out: Output) -> None:
+        """Hands `run`'s stream to the generator, with what the prefix cache holds of it."""
+        stream = run.stream
         prompt = stream.prompt_ids
         prefix_cache = self.model.prefix_cache
         try:
@@ -304,6 +355,11 @@ class BatchedStepper:
         self._uids[stream.stream_id] = uid
 
     def remove(self, stream: Stream, out: Output) -> None:
+        lone = self._lone
+        if lone is not None and lone.run.stream is stream:
+            self._lone = None
+            out.end(lone.run, None)
+            return
         uid = self._uids.get(stream.stream_id)
         if uid is None or self._runs[uid].stream is not stream:
             return  # It ended already (its id may be another stream's now).
@@ -315,6 +371,9 @@ class BatchedStepper:
         self._idle_check()
 
     def step(self, out: Output) -> None:
+        if self._lone is not None:
+            self._step_lone(out)
+            return
         assert self._generator is not None and self._runs
         started = time.perf_counter()
         try:
@@ -338,6 +397,135 @@ class BatchedStepper:
         for response in generation_responses:
             self._deliver(response, now, out)
         self._idle_check()
+
+    def _lone_next(self, lone: _Lone, token: mx.array) -> mx.array:
+        """Feeds `token` to the lone stream's model; its next token, sampled, evaluating."""
+        with mx.stream(generation_stream):
+            logits = self.model.model(token[None], cache=lone.cache)[:, -1, :]
+            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+            sampled = lone.sampler(logprobs)
+        mx.async_eval(sampled)
+        return sampled
+
+    def _start_lone(self, lone: _Lone) -> None:
+        """Takes what the prefix cache holds of the lone stream's prompt."""
+        run, model = lone.run, self.model
+        stream = run.stream
+        run.prefilling(time.perf_counter())
+        cache = make_prompt_cache(model.model)
+        prefix_cache = model.prefix_cache
+        if prefix_cache is not None:
+            hit = prefix_cache.lookup(stream.prompt_ids, stream.session_id)
+            if hit is not None:
+                cache, run.cached_tokens = hit.cache, hit.tokens
+                lone.fed = list(stream.prompt_ids[: hit.tokens])
+        lone.cache = cache
+
+    def _prefill_lone(self, lone: _Lone) -> None:
+        """One prefill chunk of the lone stream's prompt but its last token; after the last
+        chunk, the prompt is kept in the prefix cache and the first token started."""
+        stream = lone.run.stream
+        prompt = stream.prompt_ids
+        assert lone.cache is not None
+        done = len(lone.fed)
+        chunk = prompt[done : min(done + self.model.prefill_step_size, len(prompt) - 1)]
+        if chunk:
+            _prefill(self.model, chunk, lone.cache)
+            lone.fed.extend(chunk)
+            if len(lone.fed) < len(prompt) - 1:
+                return
+            prefix_cache = self.model.prefix_cache
+            if prefix_cache is not None:
+                kept = copy.deepcopy(lone.cache)
+                prefix_cache.store(
+                    prompt[:-1], kept, stream.session_id, cache_nbytes(lone.cache)
+                )
+        lone.fed.append(prompt[-1])
+        lone.pending = self._lone_next(lone, mx.array(prompt[-1:]))
+
+    def _step_lone(self, out: Output) -> None:
+        """One step of the lone stream: a prefill chunk, or a token: the pending one is sent
+        (the next is being computed meanwhile), unless it ends the stream."""
+        lone = self._lone
+        assert lone is not None
+        run = lone.run
+        try:
+            if not lone.started:
+                self._start_lone(lone)
+            if lone.pending is None:
+                self._prefill_lone(lone)
+                return
+            current = lone.pending
+            lone.pending = None
+            if run.tokens_generated + 1 < run.stream.max_tokens:
+                lone.pending = self._lone_next(lone, current)
+            token = int(current.item())
+        except Exception as exc:
+            log.exception("stream %s failed", run.stream.stream_id)
+            self._lone = None
+            out.end(run, _failure(exc))
+            return
+        now = time.perf_counter()
+        if run.first_token_at is None:
+            run.first_token_at = now
+        if token in self._eos:
+            self._lone = None
+            out.end(run, run.completion("stop"))
+            return
+        out.tokens(run.stream, run.token(token, now))
+        if lone.pending is not None:
+            lone.fed.append(token)
+        if run.tokens_generated >= run.stream.max_tokens:
+            self._lone = None
+            out.end(run, run.completion("length"))
+
+    def _join(self, out: Output) -> None:
+        """The lone stream joins the generator, with its cache: while prefilling, with the
+        rest of its prompt; decoding, with its next token, once that token is sent; not
+        started yet, as any stream joins."""
+        lone, self._lone = self._lone, None
+        assert lone is not None
+        run = lone.run
+        if not lone.started:
+            self._insert(run, out)
+            return
+        try:
+            assert lone.cache is not None
+            prompt = run.stream.prompt_ids
+            if lone.pending is None:
+                # Prefilling: the rest of the prompt goes in as a prefix cache hit's would.
+                segments = [prompt[len(lone.fed) : -1], prompt[-1:]]
+                max_tokens = run.stream.max_tokens
+            else:
+                # The pending token was sampled from what was fed; it is the stream's next.
+                token = int(lone.pending.item())
+                now = time.perf_counter()
+                if run.first_token_at is None:
+                    run.first_token_at = now
+                if token in self._eos:
+                    out.end(run, run.completion("stop"))
+                    return
+                out.tokens(run.stream, run.token(token, now))
+                if run.tokens_generated >= run.stream.max_tokens:
+                    out.end(run, run.completion("length"))
+                    return
+                segments = [[token]]
+                max_tokens = run.stream.max_tokens - run.tokens_generated
+            if self._generator is None:
+                self._generator = self._make_generator()
+            (uid,) = self._generator.insert_segments(
+                [segments],
+                max_tokens=[max_tokens],
+                caches=[lone.cache],
+                all_tokens=[lone.fed],
+                samplers=[lone.sampler],
+            )
+        except Exception as exc:
+            log.exception("stream %s could not join its batch", run.stream.stream_id)
+            out.end(run, _failure(exc))
+            return
+        self._runs[uid] = run
+        self._uids[run.stream.stream_id] = uid
 
     def _keep_prompts(self, uids: list[int]) -> None:
         """Keeps the caches of streams whose prompt but its last token is prefilled."""
@@ -369,7 +557,8 @@ class BatchedStepper:
             out.end(run, run.completion(response.finish_reason))
 
     def end_all(self, out: Output, reason: str | None) -> None:
-        runs = list(self._runs.values())
+        runs = self._all_runs()
+        self._lone = None
         self._runs.clear()
         self._uids.clear()
         for run in runs:

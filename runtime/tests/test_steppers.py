@@ -47,10 +47,11 @@ def weights(tiny_model_dir):
     return mlx_lm.load(str(tiny_model_dir))
 
 
-def loaded(weights, model_id: str, batch_size: int) -> LoadedModel:
+def loaded(weights, model_id: str, batch_size: int, prefill_step_size: int = 512) -> LoadedModel:
     model, tokenizer = weights
     return LoadedModel(
-        model_id=model_id, model=model, tokenizer=tokenizer, info={}, batch_size=batch_size
+        model_id=model_id, model=model, tokenizer=tokenizer, info={}, batch_size=batch_size,
+        prefill_step_size=prefill_step_size,
     )
 
 
@@ -60,11 +61,13 @@ class World:
         self.registry = StreamRegistry(limits.STREAMS_LIVE_MAX_DEFAULT)
         self.steppers = Steppers(self.registry, StreamEvents(self.recorder))
 
-    def start(self, model: LoadedModel, stream_id: str, max_tokens: int) -> Stream:
+    def start(
+        self, model: LoadedModel, stream_id: str, max_tokens: int, prompt: str | None = None
+    ) -> Stream:
         stream = Stream(
             stream_id=stream_id,
             model=model,
-            prompt_ids=encode_prompt(model, f"Prompt of {stream_id}"),
+            prompt_ids=encode_prompt(model, prompt or f"Prompt of {stream_id}"),
             max_tokens=max_tokens,
             temperature=0.0,
             top_p=1.0,
@@ -125,6 +128,8 @@ def test_a_cancel_during_a_failing_step_still_ends_the_stream_once(weights):
     world = World()
     model = loaded(weights, "cancel-fail", 4)
     stream = world.start(model, "cancel-then-fail", 50)
+    # A second stream: the two decode in the generator (a stream alone runs outside it).
+    company = world.start(model, "cancel-company", 50)
     world.steppers.step_all()
     stepper = world.steppers._steppers[id(model)]
 
@@ -137,6 +142,7 @@ def test_a_cancel_during_a_failing_step_still_ends_the_stream_once(weights):
     world.run()
     world.steppers.remove(stream)  # The removal arrives after the failure: a no-op.
     assert [f["event"] for f in world.recorder.finals(stream.stream_id)] == ["cancelled"]
+    assert [f["event"] for f in world.recorder.finals(company.stream_id)] == ["error"]
 
 
 def test_streams_of_two_models_advance_in_turns(weights):
@@ -179,3 +185,66 @@ def test_a_model_whose_cache_cannot_merge_is_not_batchable():
 def test_batch_size_one_takes_the_sequential_path(weights):
     assert isinstance(stepper_for(loaded(weights, "serial", 1)), SequentialStepper)
     assert isinstance(stepper_for(loaded(weights, "batched", 2)), BatchedStepper)
+
+
+def token_ids_of(recorder: Recorder, stream_id: str) -> list[int]:
+    ids = []
+    for method, params in recorder.sent:
+        if method == "stream.chunk" and params["stream_id"] == stream_id:
+            ids.append(params["token_id"])
+        elif method == "stream.step":
+            ids.extend(e["token_id"] for e in params["chunks"] if e["stream_id"] == stream_id)
+    return ids
+
+
+def alone(weights, prompt: str, max_tokens: int) -> list[int]:
+    """The greedy ids of `prompt` on the sequential path."""
+    world = World()
+    stream = world.start(loaded(weights, "reference", 1), "ref", max_tokens, prompt)
+    world.run()
+    return token_ids_of(world.recorder, stream.stream_id)
+
+
+LONG_PROMPT = " ".join(f"w{n % 97}" for n in range(300))
+
+
+@pytest.mark.parametrize(
+    "steps_alone, prefill_step_size",
+    [(0, 512), (1, 512), (6, 512), (2, 16)],
+    ids=["before-its-first-step", "at-its-first-token", "decoding", "prefilling"],
+)
+def test_a_stream_alone_joins_the_batch_when_another_arrives_and_keeps_its_tokens(
+    weights, steps_alone, prefill_step_size
+):
+    first_prompt = LONG_PROMPT if prefill_step_size < 512 else "The first stream runs alone"
+    expected_first = alone(weights, first_prompt, 30)
+    expected_second = alone(weights, "Then another comes", 12)
+    world = World()
+    model = loaded(weights, f"join-{steps_alone}", 4, prefill_step_size)
+    first = world.start(model, "first", 30, first_prompt)
+    stepper = world.steppers._steppers[id(model)]
+    for _ in range(steps_alone):
+        world.steppers.step_all()
+    assert stepper._generator is None, "a stream alone runs outside the generator"
+    second = world.start(model, "second", 12, "Then another comes")
+    assert stepper._lone is None and len(stepper) == 2
+    world.run()
+    assert token_ids_of(world.recorder, "first") == expected_first
+    assert token_ids_of(world.recorder, "second") == expected_second
+    for stream in (first, second):
+        assert [f["event"] for f in world.recorder.finals(stream.stream_id)] == ["completed"]
+
+
+def test_a_stream_alone_is_cancelled_once_and_the_model_serves_the_next(weights):
+    world = World()
+    model = loaded(weights, "lone-cancel", 4)
+    stream = world.start(model, "lone", 50)
+    world.steppers.step_all()
+    world.steppers.step_all()
+    world.steppers.remove(stream)
+    world.steppers.remove(stream)
+    assert [f["event"] for f in world.recorder.finals("lone")] == ["cancelled"]
+    after = world.start(model, "after", 5)
+    world.run()
+    assert [f["event"] for f in world.recorder.finals(after.stream_id)] == ["completed"]
+    assert world.recorder.tokens("after") == 5
