@@ -230,6 +230,20 @@ class Stepper(Protocol):
         """Ends every stream: with error `reason`, or cancelled for None."""
 
 
+def _take_token(run: Run, token: int, eos: set[int], out: Output) -> Completion | None:
+    """Hands `token` of `run`'s stream to `out`; None while the stream goes on, else its
+    completion: an EOS token (not sent) or the last token its `max_tokens` allows."""
+    now = time.perf_counter()
+    if run.first_token_at is None:
+        run.first_token_at = now
+    if token in eos:
+        return run.completion("stop")
+    out.tokens(run.stream, run.token(token, now))
+    if run.tokens_generated >= run.stream.max_tokens:
+        return run.completion("length")
+    return None
+
+
 def _prefill(model: LoadedModel, tokens: list[int], cache: list) -> None:
     """Runs `tokens` through the model into `cache`, a prefill chunk at a time."""
     step = model.prefill_step_size
@@ -465,19 +479,12 @@ class BatchedStepper:
             self._lone = None
             out.end(run, _failure(exc))
             return
-        now = time.perf_counter()
-        if run.first_token_at is None:
-            run.first_token_at = now
-        if token in self._eos:
+        completion = _take_token(run, token, self._eos, out)
+        if completion is not None:
             self._lone = None
-            out.end(run, run.completion("stop"))
+            out.end(run, completion)
             return
-        out.tokens(run.stream, run.token(token, now))
-        if lone.pending is not None:
-            lone.fed.append(token)
-        if run.tokens_generated >= run.stream.max_tokens:
-            self._lone = None
-            out.end(run, run.completion("length"))
+        lone.fed.append(token)
 
     def _join(self, out: Output) -> None:
         """The lone stream joins the generator, with its cache: while prefilling, with the
@@ -499,15 +506,9 @@ class BatchedStepper:
             else:
                 # The pending token was sampled from what was fed; it is the stream's next.
                 token = int(lone.pending.item())
-                now = time.perf_counter()
-                if run.first_token_at is None:
-                    run.first_token_at = now
-                if token in self._eos:
-                    out.end(run, run.completion("stop"))
-                    return
-                out.tokens(run.stream, run.token(token, now))
-                if run.tokens_generated >= run.stream.max_tokens:
-                    out.end(run, run.completion("length"))
+                completion = _take_token(run, token, self._eos, out)
+                if completion is not None:
+                    out.end(run, completion)
                     return
                 segments = [[token]]
                 max_tokens = run.stream.max_tokens - run.tokens_generated
@@ -670,16 +671,9 @@ class SequentialStepper:
             log.exception("stream %s failed", active.run.stream.stream_id)
             self._finish(out, _failure(exc))
             return
-        run = active.run
-        now = time.perf_counter()
-        if run.first_token_at is None:
-            run.first_token_at = now
-        if token_id in self._eos:
-            self._finish(out, run.completion("stop"))
-            return
-        out.tokens(run.stream, run.token(token_id, now))
-        if run.tokens_generated >= run.stream.max_tokens:
-            self._finish(out, run.completion("length"))
+        completion = _take_token(active.run, token_id, self._eos, out)
+        if completion is not None:
+            self._finish(out, completion)
 
     def _finish(self, out: Output, outcome: Completion | str | None) -> None:
         active, self._active = self._active, None
