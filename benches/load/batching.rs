@@ -49,7 +49,7 @@ pub(crate) const SAMPLING: Sampling = Sampling {
 const PATIENCE: Duration = Duration::from_secs(1800);
 
 /// Worker settings: (dotted key, value) pairs.
-type Settings = Vec<(&'static str, String)>;
+pub(crate) type Settings = Vec<(&'static str, String)>;
 
 /// The serial baseline's worker settings: every model loaded with `batch_size: 1`. The one
 /// place to change how the serial baseline is asked for.
@@ -237,11 +237,11 @@ impl Plan {
 }
 
 /// A worker over the real runtime, its engine counting the tokens it generates.
-struct WorkerSystem {
-    id: String,
+pub(crate) struct WorkerSystem {
+    pub(crate) id: String,
     worker: RunningWorker,
     engine: Arc<CountingEngine>,
-    client: Client,
+    pub(crate) client: Client,
 }
 
 impl WorkerSystem {
@@ -255,16 +255,36 @@ impl WorkerSystem {
         paths: &EngineConfig,
         models: &[String],
     ) -> Result<(WorkerSystem, String), String> {
+        let id = format!(
+            "batching-{}",
+            if system == System::Serial {
+                "serial"
+            } else {
+                "batched"
+            }
+        );
+        WorkerSystem::start_as(url, id, system.label(), settings, paths, models).await
+    }
+
+    /// As [`WorkerSystem::start`], the worker's id `id`, named `label` in the note.
+    pub(crate) async fn start_as(
+        url: &str,
+        id: String,
+        label: &str,
+        settings: Settings,
+        paths: &EngineConfig,
+        models: &[String],
+    ) -> Result<(WorkerSystem, String), String> {
         let shown: Vec<String> = settings.iter().map(|(k, v)| format!("{k}: {v}")).collect();
         let shown = shown.join(", ");
         let (mut config, note) = match worker_config_with(url, 2000, &settings_yaml(&settings)) {
-            Ok(config) => (config, format!("{}: `{shown}`", system.label())),
+            Ok(config) if shown.is_empty() => (config, format!("{label}: the worker's defaults")),
+            Ok(config) => (config, format!("{label}: `{shown}`")),
             Err(why) => {
                 // The reason's first clause; the rest lists every key the section has.
                 let why = why.split(", expected").next().unwrap_or(&why);
                 let note = format!(
-                    "{}: `{shown}` is not a setting of this worker ({why}); measured with the worker's defaults",
-                    system.label()
+                    "{label}: `{shown}` is not a setting of this worker ({why}); measured with the worker's defaults"
                 );
                 (worker_config_with(url, 2000, "")?, note)
             }
@@ -285,14 +305,6 @@ impl WorkerSystem {
             .await
             .map_err(|e| e.to_string())?;
         let engine = Arc::new(CountingEngine::new(Arc::new(runtime)));
-        let id = format!(
-            "batching-{}",
-            if system == System::Serial {
-                "serial"
-            } else {
-                "batched"
-            }
-        );
         let worker = RunningWorker::start(&id, &config, engine.clone(), models.to_vec()).await;
         let client = stream_client(url).await;
         Ok((
@@ -307,7 +319,7 @@ impl WorkerSystem {
     }
 
     /// Stops the worker, then its runtime.
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.worker.stop().await;
         self.engine.shutdown(Duration::from_secs(5)).await;
     }

@@ -343,7 +343,7 @@ pub(crate) struct Sampling {
 
 impl Sampling {
     /// Greedy decoding, the worker's default nucleus.
-    const GREEDY: Sampling = Sampling {
+    pub(crate) const GREEDY: Sampling = Sampling {
         temperature: 0.0,
         top_p: None,
     };

@@ -15,18 +15,23 @@
 //!   same runtime driven directly;
 //! - **batching**: the real runtime behind a worker, batched and serial, against
 //!   `mlx_lm.server` on the same model and batch size, at 1 to 16 concurrent requests, on the
-//!   tiny model and on a larger random model generated for it.
+//!   tiny model and on a larger random model generated for it;
+//! - **sessions**: four-turn conversations built as the controller builds its prompts, each turn
+//!   on a worker with the prefix cache and on one without, on the tiny model and a mid-sized
+//!   random model: prefill tokens avoided and the time to each turn's first token.
 //!
 //! Run: `cargo bench --bench load` (needs nats-server on PATH; `ci/setup.sh` installs it).
-//! Writes `docs/benchmarks/load.md`, `load.svg`, `batching.md` and `batching.svg`; with
-//! `-- --only batching`, only the batching part and its two files. With `-- --test` (as
+//! Writes `docs/benchmarks/load.md`, `load.svg`, `batching.md`, `batching.svg`, `sessions.md`
+//! and `sessions.svg`; with `-- --only batching` or `-- --only sessions`, only that part and its
+//! two files. With `-- --test` (as
 //! `cargo bench -- --test` passes), or without `--bench` (as `cargo test --benches` runs it), it runs
 //! every part at a tiny size and writes nothing.
 //! Each throughput figure is the median of several rounds, floor and worker alternating.
 //!
 //! Layout: `harness` drives the traffic (connections, workers, engines, one run of each kind),
 //! `measurement` makes the figures of each part against its floor, `batching` the batching
-//! part's against `mlx_lm.server` (`anchor`) on its `models`, `report` writes them.
+//! part's against `mlx_lm.server` (`anchor`) on its `models`, `sessions` the prefix cache's
+//! cold against warm, `report` writes them.
 
 #![allow(clippy::unwrap_used, clippy::disallowed_methods)] // A bench: failures are loud; it times.
 
@@ -36,6 +41,7 @@ mod harness;
 mod measurement;
 mod models;
 mod report;
+mod sessions;
 
 use std::time::Duration;
 
@@ -48,13 +54,17 @@ use crate::measurement::{
     Report, check_overhead_percentiles, end_to_end, median, memory_per_stream, paced_rows,
     request_overhead, zero_latency_rows,
 };
+use crate::sessions::{Sessions, check_sessions_logic, sessions};
 
 /// Longest the batching part may take: its slowest rows queue requests for minutes.
 const BATCHING_WITHIN: Duration = Duration::from_secs(4 * 3600);
+/// Longest the sessions part may take.
+const SESSIONS_WITHIN: Duration = Duration::from_secs(3600);
 
 fn main() {
     check_overhead_percentiles();
     check_batching_logic();
+    check_sessions_logic();
     // `cargo bench` passes `--bench`; without it (`cargo test --benches`) or with `--test`
     // (`cargo bench -- --test`) the bench only checks that every part still runs.
     let args: Vec<String> = std::env::args().collect();
@@ -88,6 +98,11 @@ fn main() {
         write_batching(&b, quick, "cargo bench --bench load -- --only batching");
         return;
     }
+    if option("--only") == Some("sessions") {
+        let s = rt.block_on(sessions_within(&url, quick));
+        write_sessions(&s, quick, "cargo bench --bench load -- --only sessions");
+        return;
+    }
     let report = rt
         .block_on(tokio::time::timeout(
             Duration::from_secs(900),
@@ -103,6 +118,8 @@ fn main() {
         eprintln!("end to end: {why}");
     }
     write_batching(&b, quick, command);
+    let s = rt.block_on(sessions_within(&url, quick));
+    write_sessions(&s, quick, command);
 }
 
 /// Writes `docs/benchmarks/{name}.md` and `.svg`, unless `quick`: then the report, made all
@@ -152,6 +169,21 @@ async fn batching_within(url: &str, quick: bool) -> Batching {
     tokio::time::timeout(BATCHING_WITHIN, batching(url, quick))
         .await
         .expect("the batching part finished in time")
+}
+
+/// The sessions part, bounded by [`SESSIONS_WITHIN`].
+async fn sessions_within(url: &str, quick: bool) -> Sessions {
+    eprintln!("load bench: sessions");
+    tokio::time::timeout(SESSIONS_WITHIN, sessions(url, quick))
+        .await
+        .expect("the sessions part finished in time")
+}
+
+/// Prints the sessions report and, unless `quick`, writes it with its chart.
+fn write_sessions(s: &Sessions, quick: bool, command: &str) {
+    let md = report::sessions_markdown(report::header(command, quick), s);
+    eprintln!("{md}");
+    write(quick, "sessions", &md, &report::sessions_svg(s));
 }
 
 /// Prints the batching report and, unless `quick`, writes it with its chart.

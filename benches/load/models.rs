@@ -44,6 +44,17 @@ pub(crate) const LARGER: RandomModel = RandomModel {
     intermediate_size: 2816,
 };
 
+/// The mid-sized model: about 12 M parameters (48 MB of float32 weights), where prefill is
+/// most of a first token's time.
+pub(crate) const MIDDLE: RandomModel = RandomModel {
+    name: "sessions-llama",
+    hidden_size: 512,
+    layers: 4,
+    attention_heads: 8,
+    kv_heads: 4,
+    intermediate_size: 1408,
+};
+
 /// The larger model's stand-in when the bench only checks that it runs: made the same way,
 /// as small as the tiny model.
 pub(crate) const LARGER_CHECK: RandomModel = RandomModel {

@@ -1,6 +1,7 @@
 //! The reports: `docs/benchmarks/load.md`'s text and `load.svg`'s chart, from a [`Report`],
-//! and `batching.md` and `batching.svg`, from a [`Batching`]. Formatting only; every figure is
-//! computed in `measurement` and `batching`.
+//! `batching.md` and `batching.svg`, from a [`Batching`], and `sessions.md` and `sessions.svg`,
+//! from a [`Sessions`]. Formatting only; every figure is computed in `measurement`, `batching`
+//! and `sessions`.
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use crate::anchor::server_args;
 use crate::batching::{ANCHOR, Batching, Figures, SAMPLING, System, Table, Target};
 use crate::harness::PACE;
 use crate::measurement::{Report, Row, overhead_percentiles, percentile};
+use crate::sessions::{SessionTable, Sessions};
 
 /// A report's first line: what ran (`command`, with `--test` when `quick`), where.
 pub(crate) fn header(command: &str, quick: bool) -> String {
@@ -453,5 +455,93 @@ pub(crate) fn batching_svg(b: &Batching) -> String {
             decimals: 0,
         });
     }
+    chart(&x_labels, &panels)
+}
+
+/// `sessions.md`: per model, each turn's prompt and cached tokens and its first token cold and
+/// warm, then the targets.
+pub(crate) fn sessions_markdown(header: String, s: &Sessions) -> String {
+    let mut md = header;
+    md.push_str(
+        "\n# Prefix cache bench\n\nFour-turn conversations, each turn's prompt built as the \
+         controller builds it (every user message so far joined with a newline), greedy, each \
+         turn sent to a worker with the prefix cache (with the conversation's `sessionId`) and \
+         to one without it (cold), which goes first alternating; a warm-up request on each \
+         first. Prompt tokens and cached tokens: the warm worker's `done` (`promptTokens`, \
+         `cachedTokens`), mean over the conversations. TTFT: request sent → first token, p50 \
+         over the conversations.\n\n",
+    );
+    for note in &s.settings {
+        writeln!(md, "- {note}").unwrap();
+    }
+    for table in &s.tables {
+        match table {
+            Err(why) => writeln!(md, "\n{why}").unwrap(),
+            Ok(t) => {
+                writeln!(
+                    md,
+                    "\n## {}\n\n{}; conversations: {}.\n",
+                    t.model, t.about, t.conversations
+                )
+                .unwrap();
+                md.push_str(
+                    "| turn | prompt tokens | cached tokens | prefill avoided | TTFT cold (ms) | TTFT warm (ms) | cold / warm |\n|---:|---:|---:|---:|---:|---:|---:|\n",
+                );
+                for r in &t.rows {
+                    writeln!(
+                        md,
+                        "| {} | {:.0} | {:.0} | {:.0}% | {:.1} | {:.1} | {:.2}× |",
+                        r.turn,
+                        r.prompt_tokens,
+                        r.cached_tokens,
+                        100.0 * r.cached_tokens / r.prompt_tokens.max(1.0),
+                        r.ttft_cold.as_secs_f64() * 1e3,
+                        r.ttft_warm.as_secs_f64() * 1e3,
+                        r.speedup()
+                    )
+                    .unwrap();
+                }
+                writeln!(md, "\nTargets:\n").unwrap();
+                for target in &t.targets {
+                    writeln!(md, "- {}", target_line(target)).unwrap();
+                }
+            }
+        }
+    }
+    md.push_str("\n![TTFT per turn, cold and warm](sessions.svg)\n");
+    md
+}
+
+/// `sessions.svg`: TTFT p50 per turn, warm (solid) and cold (dashed), a panel per model.
+pub(crate) fn sessions_svg(s: &Sessions) -> String {
+    let tables: Vec<&SessionTable> = s.tables.iter().flatten().collect();
+    let Some(first) = tables.first() else {
+        return chart(&[], &[]);
+    };
+    let x_labels: Vec<String> = first
+        .rows
+        .iter()
+        .map(|r| format!("turn {}", r.turn))
+        .collect();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let panels: Vec<Panel> = tables
+        .iter()
+        .map(|t| Panel {
+            title: format!("TTFT p50 (ms), {}", t.model),
+            series: vec![
+                Series {
+                    line: Line::Solid,
+                    label: "prefix cache".to_owned(),
+                    values: t.rows.iter().map(|r| ms(r.ttft_warm)).collect(),
+                },
+                Series {
+                    line: Line::Dashed,
+                    label: "cold".to_owned(),
+                    values: t.rows.iter().map(|r| ms(r.ttft_cold)).collect(),
+                },
+            ],
+            decimals: 1,
+        })
+        .collect();
     chart(&x_labels, &panels)
 }

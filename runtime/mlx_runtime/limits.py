@@ -84,6 +84,9 @@ SESSION_TTL_SECONDS_DEFAULT = 30 * 60
 SESSION_TTL_SECONDS_MAX = 7 * 24 * 3600
 SESSION_TTL_SECONDS_ENV = "MLX_RUNTIME_SESSION_TTL_SECONDS"
 SESSIONS_MAX = 256
+# A prompt shares fewer tokens than this with every entry: it is prefilled
+# whole (a copy of the cache costs more than prefilling a few tokens).
+PREFIX_CACHE_MIN_HIT_TOKENS = 16
 SESSION_ID_CHARS_MAX = 256
 assert BATCH_SIZE_DEFAULT <= STREAMS_LIVE_MAX_DEFAULT
 

@@ -170,7 +170,10 @@ class ModelRegistry:
         prefix_cache = None
         if batching.prefix_cache_bytes > 0:
             prefix_cache = PrefixCache(
-                batching.prefix_cache_bytes, limits.SESSIONS_MAX, batching.session_ttl_seconds
+                batching.prefix_cache_bytes,
+                limits.SESSIONS_MAX,
+                batching.session_ttl_seconds,
+                min_hit_tokens=limits.PREFIX_CACHE_MIN_HIT_TOKENS,
             )
         loaded = LoadedModel(
             model_id=model_id,

@@ -6,7 +6,9 @@ next turn that extends the prompt finds it whole, and a cache that cannot be
 trimmed is still of use). A lookup takes the entry sharing the longest token
 prefix with the new prompt: an entry whose tokens are all a prefix of the
 prompt's is used as it is, a longer or diverging one only when its cache
-can be trimmed back to the shared part. A hit never covers the prompt's
+can be trimmed back to the shared part, and only when it covers at least
+`min_hit_tokens` (copying a cache costs more than prefilling a few tokens).
+A hit never covers the prompt's
 last token, so at least one is left to prefill and the first token's logits
 are the prompt's own. Since a hit needs identical tokens, it is correct
 whatever a request's session says, and two prompts share no more than
@@ -108,8 +110,11 @@ class PrefixCache:
         sessions_max: int,
         session_ttl: float,
         clock: Callable[[], float] = time.monotonic,
+        min_hit_tokens: int = 1,
     ):
         self.budget_bytes = max(int(budget_bytes), 0)
+        # A shorter shared prefix is prefilled rather than copied.
+        self.min_hit_tokens = max(int(min_hit_tokens), 1)
         self.sessions_max = max(int(sessions_max), 0)
         self.session_ttl = max(float(session_ttl), 0.0)
         self._clock = clock
@@ -161,7 +166,7 @@ class PrefixCache:
             # The longest; of equal ones, the one needing no trim.
             if best is None or (candidate.usable, -candidate.trim) > (best.usable, -best.trim):
                 best = candidate
-        if best is None:
+        if best is None or best.usable < self.min_hit_tokens:
             return None
         entry = self._entries[best.key]
         self._entries.move_to_end(best.key)

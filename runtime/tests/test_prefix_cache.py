@@ -47,8 +47,10 @@ class Clock:
         return self.now
 
 
-def make(budget: int = 1 << 30, sessions: int = 4, ttl: float = 60.0, clock=None) -> PrefixCache:
-    return PrefixCache(budget, sessions, ttl, clock or Clock())
+def make(
+    budget: int = 1 << 30, sessions: int = 4, ttl: float = 60.0, clock=None, min_hit: int = 1
+) -> PrefixCache:
+    return PrefixCache(budget, sessions, ttl, clock or Clock(), min_hit_tokens=min_hit)
 
 
 def test_a_next_turn_finds_the_previous_prompt_whole_and_its_copy_is_its_own():
@@ -183,6 +185,16 @@ def test_clear_drops_everything():
     c.clear()
     assert len(c) == 0 and c.nbytes == 0 and c.figures.sessions == 0
     assert c.lookup([1, 2, 3]) is None
+
+
+def test_a_hit_shorter_than_the_minimum_is_a_miss():
+    c = make(min_hit=4)
+    c.store([1, 2, 3], kv([1, 2, 3]))
+    c.store([5, 6, 7, 8, 9], kv([5, 6, 7, 8, 9]))
+    assert c.lookup([1, 2, 3, 4, 5]) is None
+    hit = c.lookup([5, 6, 7, 8, 0])
+    assert hit is not None and hit.tokens == 4
+    assert c.figures.hits == 1 and c.figures.lookups == 2
 
 
 @pytest.mark.parametrize("tokens", [[], [1]])
