@@ -461,9 +461,10 @@ pub(crate) fn batching_svg(b: &Batching) -> String {
 /// `sessions.md`: per model, each turn's prompt and cached tokens and its first token cold and
 /// warm, then the targets.
 pub(crate) fn sessions_markdown(header: String, s: &Sessions) -> String {
-    let mut md = header;
+    let mut md = String::new();
+    writeln!(md, "# Prefix cache bench\n\n{header}\n").unwrap();
     md.push_str(
-        "\n# Prefix cache bench\n\nFour-turn conversations, each turn's prompt built as the \
+        "Four-turn conversations, each turn's prompt built as the \
          controller builds it (every user message so far joined with a newline), greedy, each \
          turn sent to a worker with the prefix cache (with the conversation's `sessionId`) and \
          to one without it (cold), which goes first alternating; a warm-up request on each \

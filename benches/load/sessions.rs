@@ -18,6 +18,8 @@ use crate::models::{self, MIDDLE, TINY, describe};
 
 /// Turns of a conversation.
 const TURNS: usize = 4;
+/// Conversations on each model: each turn's TTFT is the median of this many.
+const CONVERSATIONS: usize = 10;
 /// Tokens each turn asks for.
 const MAX_TOKENS: u32 = 16;
 /// Longest a client waits for any one message.
@@ -136,7 +138,11 @@ pub(crate) async fn sessions(url: &str, quick: bool) -> Sessions {
             return not_measured(format!("not measured: {why}"));
         }
     };
-    let (conversations, max_tokens) = if quick { (1, 4) } else { (5, MAX_TOKENS) };
+    let (conversations, max_tokens) = if quick {
+        (1, 4)
+    } else {
+        (CONVERSATIONS, MAX_TOKENS)
+    };
     let mut tables = Vec::new();
     for (k, (model, dir)) in [(TINY.id(), TINY.dir()), (middle.id(), middle.dir())]
         .into_iter()
