@@ -253,6 +253,29 @@ def _prefill(model: LoadedModel, tokens: list[int], cache: list) -> None:
             mx.eval([c.state for c in cache])
 
 
+def _prompt_cache(model: LoadedModel, run: Run) -> tuple[list, int]:
+    """The cache `run`'s stream starts from: a copy of what the model's prefix cache holds
+    of its prompt (the tokens it covers recorded in `run`), else an empty one; and those
+    tokens."""
+    stream = run.stream
+    if model.prefix_cache is not None:
+        hit = model.prefix_cache.lookup(stream.prompt_ids, stream.session_id)
+        if hit is not None:
+            run.cached_tokens = hit.tokens
+            return hit.cache, hit.tokens
+    return make_prompt_cache(model.model), 0
+
+
+def _keep_prompt(model: LoadedModel, stream: Stream, cache: list) -> None:
+    """Keeps a copy of `cache`, the state after `stream`'s prompt but its last token, in the
+    model's prefix cache (when it has one); the stream goes on with `cache` itself."""
+    if model.prefix_cache is not None:
+        kept = copy.deepcopy(cache)
+        model.prefix_cache.store(
+            stream.prompt_ids[:-1], kept, stream.session_id, cache_nbytes(cache)
+        )
+
+
 def _failure(exc: Exception) -> str:
     return str(exc) or type(exc).__name__
 
@@ -346,18 +369,14 @@ class BatchedStepper:
         try:
             if self._generator is None:
                 self._generator = self._make_generator()
-            hit = None
-            if prefix_cache is not None:
-                hit = prefix_cache.lookup(prompt, stream.session_id)
-            cached = hit.tokens if hit is not None else 0
+            cache, cached = _prompt_cache(self.model, run)
             (uid,) = self._generator.insert_segments(
                 [[prompt[cached:-1], prompt[-1:]]],
                 max_tokens=[stream.max_tokens],
-                caches=[hit.cache if hit is not None else None],
+                caches=[cache],
                 all_tokens=[prompt[:cached]],
                 samplers=[self._samplers.for_stream(stream)],
             )
-            run.cached_tokens = cached
             if prefix_cache is not None:
                 # The hit's copy is live now: what is kept fits beside it.
                 prefix_cache.fit(self._generator.prompt_cache_nbytes)
@@ -423,17 +442,10 @@ class BatchedStepper:
 
     def _start_lone(self, lone: _Lone) -> None:
         """Takes what the prefix cache holds of the lone stream's prompt."""
-        run, model = lone.run, self.model
-        stream = run.stream
+        run = lone.run
         run.prefilling(time.perf_counter())
-        cache = make_prompt_cache(model.model)
-        prefix_cache = model.prefix_cache
-        if prefix_cache is not None:
-            hit = prefix_cache.lookup(stream.prompt_ids, stream.session_id)
-            if hit is not None:
-                cache, run.cached_tokens = hit.cache, hit.tokens
-                lone.fed = list(stream.prompt_ids[: hit.tokens])
-        lone.cache = cache
+        lone.cache, cached = _prompt_cache(self.model, run)
+        lone.fed = list(run.stream.prompt_ids[:cached])
 
     def _prefill_lone(self, lone: _Lone) -> None:
         """One prefill chunk of the lone stream's prompt but its last token; after the last
@@ -448,12 +460,7 @@ class BatchedStepper:
             lone.fed.extend(chunk)
             if len(lone.fed) < len(prompt) - 1:
                 return
-            prefix_cache = self.model.prefix_cache
-            if prefix_cache is not None:
-                kept = copy.deepcopy(lone.cache)
-                prefix_cache.store(
-                    prompt[:-1], kept, stream.session_id, cache_nbytes(lone.cache)
-                )
+            _keep_prompt(self.model, stream, lone.cache)
         lone.fed.append(prompt[-1])
         lone.pending = self._lone_next(lone, mx.array(prompt[-1:]))
 
@@ -635,20 +642,12 @@ class SequentialStepper:
         """The stream's tokens; with a prefix cache, the prompt but its last token is
         prefilled first and its cache kept, then generation goes on from it."""
         stream, model = run.stream, self.model
-        prompt = stream.prompt_ids
-        cache = make_prompt_cache(model.model)
-        rest = prompt
-        prefix_cache = model.prefix_cache
-        if prefix_cache is not None:
-            hit = prefix_cache.lookup(prompt, stream.session_id)
-            if hit is not None:
-                cache, rest = hit.cache, prompt[hit.tokens :]
-                run.cached_tokens = hit.tokens
-            if len(rest) > 1:
-                _prefill(model, rest[:-1], cache)
-                kept = copy.deepcopy(cache)
-                prefix_cache.store(prompt[:-1], kept, stream.session_id, cache_nbytes(cache))
-                rest = rest[-1:]
+        cache, cached = _prompt_cache(model, run)
+        rest = stream.prompt_ids[cached:]
+        if model.prefix_cache is not None and len(rest) > 1:
+            _prefill(model, rest[:-1], cache)
+            _keep_prompt(model, stream, cache)
+            rest = rest[-1:]
         yield from generate_step(
             mx.array(rest),
             model.model,

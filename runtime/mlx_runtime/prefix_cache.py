@@ -136,9 +136,12 @@ class PrefixCache:
 
     @property
     def figures(self) -> Figures:
-        """A copy of the figures."""
+        """A copy of the figures, with the entries and sessions held now."""
         with self._lock:
-            return Figures(**self._figures.as_dict())
+            figures = Figures(**self._figures.as_dict())
+            figures.entries = len(self._entries)
+            figures.sessions = len(self._sessions)
+            return figures
 
     def lookup(self, prompt: list[int], session: str | None = None) -> Hit | None:
         """The longest usable prefix of `prompt` held, copied; None on a miss."""
@@ -206,8 +209,7 @@ class PrefixCache:
             while len(self._sessions) > self.sessions_max:
                 _, unpinned = self._sessions.popitem(last=False)
                 if unpinned in self._entries:
-                    self._entries[unpinned].session = None
-                    self._entries[unpinned].pinned_until = 0.0
+                    self._unpin(unpinned, self._entries[unpinned])
         else:
             session = None
         self._drop(raw)
@@ -231,7 +233,6 @@ class PrefixCache:
             pinned_until=now + self.session_ttl if session is not None else 0.0,
         )
         self._figures.bytes += nbytes
-        self._count()
         self._fit(live_bytes)
         return raw in self._entries
 
@@ -258,13 +259,9 @@ class PrefixCache:
     def clear(self) -> None:
         """Drops every entry (the model is unloaded)."""
         with self._lock:
-            self._clear()
-
-    def _clear(self) -> None:
-        self._entries.clear()
-        self._sessions.clear()
-        self._figures.bytes = 0
-        self._count()
+            self._entries.clear()
+            self._sessions.clear()
+            self._figures.bytes = 0
 
     def _touch_session(self, session: str | None) -> None:
         if session is not None and session in self._sessions:
@@ -275,7 +272,6 @@ class PrefixCache:
             del self._sessions[entry.session]
         entry.session = None
         entry.pinned_until = 0.0
-        self._count()
 
     def _drop(self, key: bytes) -> None:
         entry = self._entries.pop(key, None)
@@ -284,8 +280,3 @@ class PrefixCache:
         if entry.session is not None and self._sessions.get(entry.session) == key:
             del self._sessions[entry.session]
         self._figures.bytes -= entry.nbytes
-        self._count()
-
-    def _count(self) -> None:
-        self._figures.entries = len(self._entries)
-        self._figures.sessions = len(self._sessions)
