@@ -404,26 +404,67 @@ pub(crate) async fn worker_stream(
     (arrivals.len(), gaps(&arrivals))
 }
 
-/// One request through the worker as its client sees it: when it was sent, and when each of
-/// its tokens arrived; waits at most `patience` for any one message.
+/// One request's answer as its client saw it.
+pub(crate) struct Answer {
+    /// When it was sent.
+    pub(crate) sent: Instant,
+    /// When each of its tokens arrived.
+    pub(crate) arrivals: Vec<Instant>,
+    /// Its `done` message's prompt figures.
+    pub(crate) prompt_tokens: Option<u64>,
+    pub(crate) cached_tokens: Option<u64>,
+}
+
+/// One request through the worker as its client sees it, to its `done`; waits at most
+/// `patience` for any one message. An `error` answer, or none, is the error.
+pub(crate) async fn worker_answer(
+    client: &Client,
+    worker: &str,
+    request: &InferenceRequest,
+    patience: Duration,
+) -> Result<Answer, String> {
+    let id = &request.request_id;
+    let mut stream = client
+        .send(&Target::Worker(worker.to_owned()), request)
+        .await
+        .map_err(|e| format!("{id}: {e}"))?;
+    let mut arrivals = Vec::new();
+    loop {
+        let arrival = stream
+            .next(patience)
+            .await
+            .map_err(|e| format!("{id}: {e}"))?;
+        match arrival.message {
+            StreamMessage::Token { .. } => arrivals.push(arrival.at.into_std()),
+            StreamMessage::Done {
+                prompt_tokens,
+                cached_tokens,
+                ..
+            } => {
+                return Ok(Answer {
+                    sent: stream.sent_at().into_std(),
+                    arrivals,
+                    prompt_tokens,
+                    cached_tokens,
+                });
+            }
+            StreamMessage::Error { error, code, .. } => {
+                return Err(format!("{id}: {code}: {error}"));
+            }
+        }
+    }
+}
+
+/// [`worker_answer`]'s send time and token arrivals; a failed request fails the bench.
 pub(crate) async fn worker_arrivals(
     client: &Client,
     worker: &str,
     request: &InferenceRequest,
     patience: Duration,
 ) -> (Instant, Vec<Instant>) {
-    let mut stream = client
-        .send(&Target::Worker(worker.to_owned()), request)
-        .await
-        .unwrap();
-    let mut arrivals = Vec::new();
-    loop {
-        let arrival = stream.next(patience).await.unwrap();
-        match arrival.message {
-            StreamMessage::Token { .. } => arrivals.push(arrival.at.into_std()),
-            StreamMessage::Done { .. } => return (stream.sent_at().into_std(), arrivals),
-            StreamMessage::Error { error, .. } => panic!("{error}"),
-        }
+    match worker_answer(client, worker, request, patience).await {
+        Ok(answer) => (answer.sent, answer.arrivals),
+        Err(why) => panic!("{why}"),
     }
 }
 

@@ -8,11 +8,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use mlx_worker::client::Target as Destination;
-use mlx_worker::protocol::StreamMessage;
-
 use crate::batching::{Settings, Target, WorkerSystem};
-use crate::harness::{Sampling, repo, sampled_request};
+use crate::harness::{Sampling, repo, sampled_request, worker_answer};
 use crate::measurement::percentile;
 use crate::models::{self, MIDDLE, TINY, describe};
 
@@ -296,38 +293,17 @@ async fn send(
 ) -> Result<Turn, String> {
     let mut request = sampled_request(id, model, prompt, max_tokens, Sampling::GREEDY);
     request.session_id = session.map(str::to_owned);
-    let mut stream = system
-        .client
-        .send(&Destination::Worker(system.id.clone()), &request)
-        .await
-        .map_err(|e| format!("{id}: {e}"))?;
-    let mut first: Option<Instant> = None;
-    loop {
-        let arrival = stream
-            .next(PATIENCE)
-            .await
-            .map_err(|e| format!("{id}: {e}"))?;
-        match arrival.message {
-            StreamMessage::Token { .. } => {
-                first.get_or_insert(arrival.at.into_std());
-            }
-            StreamMessage::Done {
-                prompt_tokens,
-                cached_tokens,
-                ..
-            } => {
-                let sent = stream.sent_at().into_std();
-                return Ok(Turn {
-                    ttft: first.unwrap_or_else(Instant::now) - sent,
-                    prompt_tokens: prompt_tokens.unwrap_or(0),
-                    cached_tokens: cached_tokens.unwrap_or(0),
-                });
-            }
-            StreamMessage::Error { error, code, .. } => {
-                return Err(format!("{id}: {code}: {error}"));
-            }
-        }
-    }
+    let answer = worker_answer(&system.client, &system.id, &request, PATIENCE).await?;
+    let first = answer
+        .arrivals
+        .first()
+        .copied()
+        .unwrap_or_else(Instant::now);
+    Ok(Turn {
+        ttft: first - answer.sent,
+        prompt_tokens: answer.prompt_tokens.unwrap_or(0),
+        cached_tokens: answer.cached_tokens.unwrap_or(0),
+    })
 }
 
 /// Checks what the part judges with, on made-up turns whose answers are known.

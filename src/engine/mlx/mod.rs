@@ -232,18 +232,18 @@ impl Engine for MlxEngine {
         let config = &self.runtime.config;
         // Only a runtime with a prefix cache is told of one.
         let cache = conn.features().prefix_cache;
+        // A budget of 0 turns the model's cache off; none leaves the runtime's default.
+        let cache_bytes = if config.prefix_cache {
+            config.prefix_cache_bytes
+        } else {
+            Some(0)
+        };
         let params = LoadModel {
             batch_size: Some(asked),
             local_path: &local_path,
             model_id,
             prefill_step_size: Some(config.prefill_step_size),
-            prefix_cache_bytes: cache
-                .then_some(if config.prefix_cache {
-                    config.prefix_cache_bytes
-                } else {
-                    Some(0)
-                })
-                .flatten(),
+            prefix_cache_bytes: cache_bytes.filter(|_| cache),
             session_ttl_seconds: cache.then_some(config.session_ttl.as_secs()),
         };
         let result = conn
