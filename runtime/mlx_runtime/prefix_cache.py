@@ -8,8 +8,10 @@ prefix with the new prompt: an entry whose tokens are all a prefix of the
 prompt's is used as it is, a longer or diverging one only when its cache
 can be trimmed back to the shared part, and only when it covers at least
 `min_hit_tokens` (copying a cache costs more than prefilling a few tokens).
-A hit never covers the prompt's
-last token, so at least one is left to prefill and the first token's logits
+So only entries that share a prompt's first `min_hit_tokens` tokens can
+serve it: entries are indexed by those tokens, and a lookup or a store
+compares the prompt with that bucket alone, not with every entry (the
+sessions bound allows hundreds). A hit never covers the prompt's last token, so at least one is left to prefill and the first token's logits
 are the prompt's own. Since a hit needs identical tokens, it is correct
 whatever a request's session says, and two prompts share no more than
 their common token prefix.
@@ -120,6 +122,9 @@ class PrefixCache:
         self._clock = clock
         # Token bytes → entry, least recently used first.
         self._entries: OrderedDict[bytes, _Entry] = OrderedDict()
+        # The bytes of an entry's first `min_hit_tokens` tokens → the keys of the entries
+        # that start with them (a dict as an ordered set).
+        self._by_head: dict[bytes, dict[bytes, None]] = {}
         # Session → the key of its entry, least recently used first.
         self._sessions: OrderedDict[str, bytes] = OrderedDict()
         self._figures = Figures()
@@ -155,8 +160,11 @@ class PrefixCache:
         tokens = np.asarray(prompt, dtype=np.int64)
         # At least the last token is left to prefill.
         most = len(tokens) - 1
+        if most < self.min_hit_tokens:
+            return None
         best: _Candidate | None = None
-        for key, entry in self._entries.items():
+        for key in self._by_head.get(self._head(tokens), ()):
+            entry = self._entries[key]
             shared = min(_common_prefix(entry.tokens, tokens), most)
             if shared <= 0:
                 continue
@@ -192,7 +200,8 @@ class PrefixCache:
             return self._store(tokens, cache, session, live_bytes)
 
     def _store(self, tokens: list[int], cache: Cache, session: str | None, live_bytes: int) -> bool:
-        if not tokens:
+        if len(tokens) < self.min_hit_tokens:
+            # No prompt could find it: a hit covers at least `min_hit_tokens`.
             return False
         nbytes = cache_nbytes(cache)
         if nbytes > self.budget_bytes:
@@ -213,11 +222,13 @@ class PrefixCache:
         else:
             session = None
         self._drop(raw)
+        head = self._head(key)
         trimmable = can_trim_prompt_cache(cache)
         if trimmable:
             # A trimmable entry serves every prefix of its tokens: unpinned entries it
             # extends hold nothing more.
-            for other_key, other in list(self._entries.items()):
+            for other_key in list(self._by_head.get(head, ())):
+                other = self._entries[other_key]
                 if (
                     other.session is None
                     and len(other.tokens) < len(key)
@@ -232,6 +243,7 @@ class PrefixCache:
             session=session,
             pinned_until=now + self.session_ttl if session is not None else 0.0,
         )
+        self._by_head.setdefault(head, {})[raw] = None
         self._figures.bytes += nbytes
         self._fit(live_bytes)
         return raw in self._entries
@@ -260,8 +272,12 @@ class PrefixCache:
         """Drops every entry (the model is unloaded)."""
         with self._lock:
             self._entries.clear()
+            self._by_head.clear()
             self._sessions.clear()
             self._figures.bytes = 0
+
+    def _head(self, tokens: np.ndarray) -> bytes:
+        return tokens[: self.min_hit_tokens].tobytes()
 
     def _touch_session(self, session: str | None) -> None:
         if session is not None and session in self._sessions:
@@ -277,6 +293,11 @@ class PrefixCache:
         entry = self._entries.pop(key, None)
         if entry is None:
             return
+        head = self._head(entry.tokens)
+        bucket = self._by_head[head]
+        del bucket[key]
+        if not bucket:
+            del self._by_head[head]
         if entry.session is not None and self._sessions.get(entry.session) == key:
             del self._sessions[entry.session]
         self._figures.bytes -= entry.nbytes

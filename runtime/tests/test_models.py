@@ -42,7 +42,7 @@ def test_unloading_a_model_drops_its_prefix_cache(tiny_model_dir):
     assert cache is not None
     from mlx_lm.models.cache import make_prompt_cache
 
-    assert cache.store([1, 2, 3], make_prompt_cache(loaded.model))
+    assert cache.store(list(range(1, 40)), make_prompt_cache(loaded.model))
     assert len(cache) == 1
     assert registry.unload("m")
     assert len(cache) == 0 and cache.nbytes == 0

@@ -6,6 +6,8 @@ Method: real mlx-lm caches (a trimmable `KVCache`, a non-trimmable
 a hit's copy shows which tokens it holds; a clock the test moves by hand.
 """
 
+import random
+
 import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import ArraysCache, KVCache
@@ -201,3 +203,56 @@ def test_a_hit_shorter_than_the_minimum_is_a_miss():
 def test_nothing_is_kept_for_no_tokens(tokens):
     c = make()
     assert c.store(tokens, kv(tokens)) == bool(tokens)
+
+
+def test_entries_shorter_than_the_minimum_hit_are_not_kept():
+    c = make(min_hit=4)
+    assert not c.store([1, 2, 3], kv([1, 2, 3]))
+    assert c.store([1, 2, 3, 4], kv([1, 2, 3, 4]))
+    assert len(c) == 1
+
+
+def test_lookups_among_many_entries_find_the_longest_held_prefix():
+    """Entries are compared only with prompts that share their first tokens: after
+    random stores (trimmable and not), replacements and evictions, every lookup still
+    finds the longest prefix any held entry offers (checked against every entry held),
+    and a trimmable copy holds exactly those tokens of the prompt."""
+    rng = random.Random(7)
+    min_hit = 3
+    # Room for about 40 entries of 12 tokens, so later stores evict.
+    c = make(budget=40 * cache_nbytes(kv(list(range(12)))), sessions=8, min_hit=min_hit)
+
+    def tokens(n: int) -> list[int]:
+        # A small alphabet, so prompts share heads and longer prefixes often.
+        return [rng.randrange(3) for _ in range(n)]
+
+    def best_held(prompt: list[int]) -> int:
+        best = 0
+        for entry in c._entries.values():
+            held_tokens = [int(t) for t in entry.tokens]
+            shared = 0
+            while shared < min(len(held_tokens), len(prompt) - 1):
+                if held_tokens[shared] != prompt[shared]:
+                    break
+                shared += 1
+            if shared == len(held_tokens) or entry.trimmable:
+                best = max(best, shared)
+        return best if best >= min_hit else 0
+
+    hits = 0
+    for step in range(400):
+        stored = tokens(rng.randrange(1, 14))
+        session = f"s{rng.randrange(12)}" if rng.random() < 0.5 else None
+        trimmable = rng.random() < 0.7
+        c.store(stored, kv(stored) if trimmable else state(stored), session=session)
+        prompt = tokens(rng.randrange(2, 16))
+        expected = best_held(prompt)
+        hit = c.lookup(prompt)
+        if expected == 0:
+            assert hit is None, (step, prompt)
+        else:
+            assert hit is not None and hit.tokens == expected, (step, prompt)
+            if isinstance(hit.cache[0], KVCache):
+                assert held(hit.cache) == prompt[:expected]
+            hits += 1
+    assert hits > 100 and c.figures.evictions > 0
