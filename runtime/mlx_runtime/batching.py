@@ -256,12 +256,13 @@ def _prefill(model: LoadedModel, tokens: list[int], cache: list) -> None:
 def _prompt_cache(model: LoadedModel, run: Run) -> tuple[list, int]:
     """The cache `run`'s stream starts from: a copy of what the model's prefix cache holds
     of its prompt (the tokens it covers recorded in `run`), else an empty one; and those
-    tokens."""
+    tokens. The copy is live from here on: the entries are fitted beside it at once."""
     stream = run.stream
     if model.prefix_cache is not None:
         hit = model.prefix_cache.lookup(stream.prompt_ids, stream.session_id)
         if hit is not None:
             run.cached_tokens = hit.tokens
+            model.prefix_cache.fit(hit.nbytes)
             return hit.cache, hit.tokens
     return make_prompt_cache(model.model), 0
 

@@ -47,11 +47,13 @@ def weights(tiny_model_dir):
     return mlx_lm.load(str(tiny_model_dir))
 
 
-def loaded(weights, model_id: str, batch_size: int, prefill_step_size: int = 512) -> LoadedModel:
+def loaded(
+    weights, model_id: str, batch_size: int, prefill_step_size: int = 512, prefix_cache=None
+) -> LoadedModel:
     model, tokenizer = weights
     return LoadedModel(
         model_id=model_id, model=model, tokenizer=tokenizer, info={}, batch_size=batch_size,
-        prefill_step_size=prefill_step_size,
+        prefill_step_size=prefill_step_size, prefix_cache=prefix_cache,
     )
 
 
@@ -248,3 +250,31 @@ def test_a_stream_alone_is_cancelled_once_and_the_model_serves_the_next(weights)
     world.run()
     assert [f["event"] for f in world.recorder.finals(after.stream_id)] == ["completed"]
     assert world.recorder.tokens("after") == 5
+
+
+def test_a_lone_streams_hit_copy_counts_against_the_budget_from_the_lookup_on(weights):
+    """A stream's copy of a hit is live KV: the entries kept beside it fit the budget
+    less that copy as soon as the stream has it, not only once its prompt is kept (a
+    stream alone prefills its prompt in chunks, a step each)."""
+    from mlx_runtime.prefix_cache import PrefixCache
+
+    world = World()
+    cache = PrefixCache(1 << 30, 4, 60.0, min_hit_tokens=16)
+    model = loaded(weights, "budget", 4, 16, cache)
+    first = " ".join(f"a{n}" for n in range(30))
+    other = " ".join(f"b{n}" for n in range(30))
+    for stream_id, prompt in (("first", first), ("other", other)):
+        world.start(model, stream_id, 1, prompt)
+        world.run()
+    # Both entries are under 256 tokens, so each is allocated the same bytes.
+    one = cache.nbytes // 2
+    assert len(cache) == 2 and one > 0
+    cache.budget_bytes = 2 * one
+    # Extends `first` by more than a prefill chunk: it hits and prefills for some steps.
+    world.start(model, "next", 1, first + " " + " ".join(f"c{n}" for n in range(60)))
+    world.steppers.step_all()
+    assert cache.figures.hits == 1
+    assert cache.nbytes <= cache.budget_bytes - one, "the copy was not counted"
+    assert cache.figures.evictions == 1
+    world.run()
+    assert [f["event"] for f in world.recorder.finals("next")] == ["completed"]
