@@ -316,6 +316,14 @@ pub struct EngineConfig {
     pub prefix_cache_bytes: Option<u64>,
     /// How long a session's prefix cache entry stays pinned against eviction by other traffic.
     pub session_ttl: Duration,
+    /// The runtime's argv (`runtime.command`), run as it is, instead of `python -m mlx_runtime`
+    /// with `runtime_dir` on `PYTHONPATH`; `None` runs that default. Any program that speaks
+    /// the runtime's JSON-RPC protocol on its standard input and output will do: the
+    /// capabilities its `runtime/info` lists decide what the worker asks of it.
+    pub command: Option<Vec<String>>,
+    /// Variables added to the runtime's environment (`runtime.env`), after the ones the
+    /// worker sets, so they can override them.
+    pub env: BTreeMap<String, String>,
 }
 
 /// Log output.

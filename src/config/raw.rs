@@ -301,6 +301,10 @@ pub(super) struct RawRuntime {
     pub(super) prefix_cache_bytes: Option<u64>,
     #[serde(alias = "session_ttl_ms")]
     pub(super) session_ttl_ms: Option<u64>,
+    /// The runtime's argv, replacing `pythonPath -m mlx_runtime`.
+    pub(super) command: Option<Vec<String>>,
+    /// Variables added to the runtime's environment.
+    pub(super) env: Option<BTreeMap<String, String>>,
     #[serde(alias = "model_concurrency_limiter")]
     pub(super) model_concurrency_limiter: RawLimiter,
 }

@@ -123,6 +123,12 @@ fn invalid_values_name_their_key() {
         "runtime:\n  prefillStepSize: 15\n",
         "runtime:\n  prefillStepSize: 8193\n",
         "runtime:\n  batching: sometimes\n",
+        "runtime:\n  command: []\n",
+        "runtime:\n  command: ['  ', '-m', 'x']\n",
+        "runtime:\n  command: python3\n",
+        "runtime:\n  env:\n    1X: a\n",
+        "runtime:\n  env:\n    A-B: a\n",
+        "runtime:\n  env:\n    A: [1]\n",
         "cluster:\n  worker:\n    port: 1\nworker:\n  port: 2\n",
         "worker: [1, 2]\n",
         "a: &a [1]\nb: *a\n",
@@ -565,4 +571,32 @@ fn the_example_worker_id_is_a_uuid_the_worker_accepts() {
     assert!(uuid::Uuid::parse_str(id).is_ok(), "{id} is not a UUID");
     let c = yaml(&format!("worker:\n  workerId: {id}\n")).unwrap();
     assert_eq!(c.node.worker_id.as_deref(), Some(id));
+}
+
+#[test]
+fn a_runtime_command_and_environment_are_taken_as_given() {
+    let defaults = yaml("").unwrap().engine;
+    assert_eq!((defaults.command, defaults.env.len()), (None, 0));
+    let c = yaml(
+        "runtime:\n  command: [python3, -u, python/runtime.py, '--flag=a b']\n  env:\n    TMPDIR: /var/tmp/mlx\n    _A1: ''\n    N: 3\n",
+    )
+    .unwrap()
+    .engine;
+    assert_eq!(
+        c.command.as_deref(),
+        Some(&["python3", "-u", "python/runtime.py", "--flag=a b"].map(String::from)[..])
+    );
+    assert_eq!(
+        c.env.into_iter().collect::<Vec<_>>(),
+        vec![
+            ("N".to_owned(), "3".to_owned()),
+            ("TMPDIR".to_owned(), "/var/tmp/mlx".to_owned()),
+            ("_A1".to_owned(), String::new())
+        ]
+    );
+    let long = format!("runtime:\n  command: [{}]\n", vec!["a"; 65].join(", "));
+    assert_eq!(
+        yaml(&long).unwrap_err().to_string(),
+        "config key runtime.command: has 65 words, at most 64"
+    );
 }

@@ -316,3 +316,34 @@ fn child_pids(parent: u32) -> Vec<u32> {
         })
         .collect()
 }
+
+/// `runtime.command` and `runtime.env`: the runtime is started as the command says, with the
+/// variables given, and serves; the interpreter and runtime directory settings are not used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_started_through_its_command_and_environment_serves() {
+    init_logs();
+    let mut config = engine_config();
+    let python = config.python.display().to_string();
+    let runtime_dir = config.runtime_dir.display().to_string();
+    config.python = PathBuf::from("/nonexistent/python");
+    config.runtime_dir = PathBuf::from("/nonexistent");
+    config.command = Some(vec![python, "-m".to_owned(), "mlx_runtime".to_owned()]);
+    config.env = [
+        ("PYTHONPATH".to_owned(), runtime_dir),
+        // Seen in the runtime's own limits: it holds 2 streams at once, so no model is loaded
+        // with a larger batch.
+        ("MLX_RUNTIME_STREAMS_LIVE_MAX".to_owned(), "2".to_owned()),
+    ]
+    .into();
+    let engine = MlxEngine::start(config, BatchSizes::default(), Arc::new(SystemClock))
+        .await
+        .expect("the runtime starts through its command");
+    let catalog = engine.catalog().await.unwrap();
+    assert_eq!(catalog.models[TINY].streams_max, Some(2), "{catalog:?}");
+    let loaded = engine.load(TINY).await.unwrap();
+    assert_eq!(loaded.streams_max, Some(2));
+    let (tokens, end) = drain(engine.generate(generate("cmd-1", 6)).await.unwrap()).await;
+    assert_eq!(tokens.concat(), reference_text("Hello world", 6));
+    assert!(matches!(end, TokenEvent::Finished(_)), "{end:?}");
+    engine.shutdown(Duration::from_secs(5)).await;
+}

@@ -1,6 +1,7 @@
 //! The MLX engine, from the `runtime` section and the models of `worker` (`modelDir`,
 //! `preWarming`).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -14,7 +15,8 @@ use crate::config::{
 };
 use crate::limits::{
     BATCH_SIZE_MAX, PREFILL_STEP_SIZE_MAX, PREFILL_STEP_SIZE_MIN, PREFIX_CACHE_BYTES_MAX,
-    REQUEST_TIMEOUT_MAX, SESSION_TTL_MAX,
+    REQUEST_TIMEOUT_MAX, RUNTIME_COMMAND_WORD_BYTES_MAX, RUNTIME_COMMAND_WORDS_MAX,
+    SESSION_TTL_MAX,
 };
 
 pub(super) fn resolve_engine(w: &RawWorker, r: RawRuntime) -> Result<EngineConfig, ConfigError> {
@@ -87,7 +89,81 @@ pub(super) fn resolve_engine(w: &RawWorker, r: RawRuntime) -> Result<EngineConfi
             Duration::ZERO,
             SESSION_TTL_MAX,
         )?,
+        command: r.command.map(command).transpose()?,
+        env: r.env.map(env).transpose()?.unwrap_or_default(),
     })
+}
+
+/// `runtime.command`: a program and its arguments, each a word a process can take.
+fn command(words: Vec<String>) -> Result<Vec<String>, ConfigError> {
+    const KEY: &str = "runtime.command";
+    match words.first() {
+        None => return Err(invalid(KEY, "is empty: name the program to run")),
+        Some(program) if program.trim().is_empty() => {
+            return Err(invalid(KEY, "names no program: its first word is blank"));
+        }
+        Some(_) => {}
+    }
+    if words.len() > RUNTIME_COMMAND_WORDS_MAX {
+        return Err(invalid(
+            KEY,
+            format!(
+                "has {} words, at most {RUNTIME_COMMAND_WORDS_MAX}",
+                words.len()
+            ),
+        ));
+    }
+    for (i, word) in words.iter().enumerate() {
+        word_fits(&format!("{KEY}[{i}]"), word)?;
+    }
+    Ok(words)
+}
+
+/// `runtime.env`: variables whose names are identifiers and whose values a process can take.
+fn env(vars: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, ConfigError> {
+    const KEY: &str = "runtime.env";
+    if vars.len() > RUNTIME_COMMAND_WORDS_MAX {
+        return Err(invalid(
+            KEY,
+            format!(
+                "has {} variables, at most {RUNTIME_COMMAND_WORDS_MAX}",
+                vars.len()
+            ),
+        ));
+    }
+    for (name, value) in &vars {
+        let key = format!("{KEY}.{name}");
+        let identifier = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if !identifier {
+            return Err(invalid(
+                &key,
+                "is not a variable name (letters, digits and _, not starting with a digit)",
+            ));
+        }
+        word_fits(&key, name)?;
+        word_fits(&key, value)?;
+    }
+    Ok(vars)
+}
+
+fn word_fits(key: &str, word: &str) -> Result<(), ConfigError> {
+    if word.contains('\0') {
+        return Err(invalid(key, "holds a NUL character"));
+    }
+    if word.len() > RUNTIME_COMMAND_WORD_BYTES_MAX {
+        return Err(invalid(
+            key,
+            format!(
+                "is {} bytes long, at most {RUNTIME_COMMAND_WORD_BYTES_MAX}",
+                word.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// The models loaded at start: none when pre-warming is disabled.

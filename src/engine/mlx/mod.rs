@@ -37,7 +37,7 @@ mod stderr;
 mod supervisor;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -90,6 +90,12 @@ pub enum StartError {
         /// The configured directory.
         path: PathBuf,
     },
+    /// The program `runtime.command` names, given as a path, is not there.
+    #[error("runtime.command names {path}, which does not exist")]
+    NoCommand {
+        /// The program's path.
+        path: PathBuf,
+    },
     /// The first start failed.
     #[error("the MLX runtime did not start: {reason}")]
     Failed {
@@ -107,15 +113,28 @@ impl MlxEngine {
         batch_sizes: BatchSizes,
         clock: Arc<dyn Clock>,
     ) -> Result<MlxEngine, StartError> {
-        if !config.python.exists() {
-            return Err(StartError::NoPython {
-                path: config.python.clone(),
-            });
-        }
-        if !config.runtime_dir.join("mlx_runtime").is_dir() {
-            return Err(StartError::NoRuntime {
-                path: config.runtime_dir.clone(),
-            });
+        match config.command.as_deref() {
+            // A bare name is looked up on PATH when the runtime starts.
+            Some([program, ..]) => {
+                let path = Path::new(program);
+                if path.components().count() > 1 && !path.exists() {
+                    return Err(StartError::NoCommand {
+                        path: path.to_owned(),
+                    });
+                }
+            }
+            _ => {
+                if !config.python.exists() {
+                    return Err(StartError::NoPython {
+                        path: config.python.clone(),
+                    });
+                }
+                if !config.runtime_dir.join("mlx_runtime").is_dir() {
+                    return Err(StartError::NoRuntime {
+                        path: config.runtime_dir.clone(),
+                    });
+                }
+            }
         }
         let runtime = Arc::new(Runtime::new(config, clock));
         let stop = CancellationToken::new();

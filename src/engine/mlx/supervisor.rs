@@ -20,6 +20,7 @@
 mod tests;
 
 use std::collections::{BTreeMap, VecDeque};
+use std::ffi::OsStr;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -249,7 +250,7 @@ async fn run_child(
     let config = &runtime.config;
     let mut child = match spawn(config) {
         Ok(child) => child,
-        Err(e) => return format!("cannot start {}: {e}", config.python.display()),
+        Err(e) => return format!("cannot start {}: {e}", program(config).to_string_lossy()),
     };
     let (Some(stdin), Some(stdout), Some(stderr)) =
         (child.stdin.take(), child.stdout.take(), child.stderr.take())
@@ -349,14 +350,32 @@ async fn read_caches(runtime: &Runtime, conn: &Conn) {
     }
 }
 
+/// The program the runtime runs as: `runtime.command`'s first word, else the interpreter.
+fn program(config: &EngineConfig) -> &OsStr {
+    match config.command.as_deref() {
+        Some([program, ..]) => OsStr::new(program),
+        _ => config.python.as_os_str(),
+    }
+}
+
 fn spawn(config: &EngineConfig) -> std::io::Result<Child> {
-    Command::new(&config.python)
-        .arg("-m")
-        .arg("mlx_runtime")
-        .env("PYTHONPATH", &config.runtime_dir)
+    let mut command = Command::new(program(config));
+    match config.command.as_deref() {
+        Some([_, args @ ..]) => {
+            command.args(args);
+        }
+        _ => {
+            command
+                .arg("-m")
+                .arg("mlx_runtime")
+                .env("PYTHONPATH", &config.runtime_dir);
+        }
+    }
+    command
         .env("PYTHONUNBUFFERED", "1")
         .env("HF_HUB_OFFLINE", "1")
         .env("TRANSFORMERS_OFFLINE", "1")
+        .envs(&config.env)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
