@@ -104,15 +104,7 @@ fn command(words: Vec<String>) -> Result<Vec<String>, ConfigError> {
         }
         Some(_) => {}
     }
-    if words.len() > RUNTIME_COMMAND_WORDS_MAX {
-        return Err(invalid(
-            KEY,
-            format!(
-                "has {} words, at most {RUNTIME_COMMAND_WORDS_MAX}",
-                words.len()
-            ),
-        ));
-    }
+    at_most(KEY, words.len(), "words")?;
     for (i, word) in words.iter().enumerate() {
         word_fits(&format!("{KEY}[{i}]"), word)?;
     }
@@ -122,15 +114,7 @@ fn command(words: Vec<String>) -> Result<Vec<String>, ConfigError> {
 /// `runtime.env`: variables whose names are identifiers and whose values a process can take.
 fn env(vars: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, ConfigError> {
     const KEY: &str = "runtime.env";
-    if vars.len() > RUNTIME_COMMAND_WORDS_MAX {
-        return Err(invalid(
-            KEY,
-            format!(
-                "has {} variables, at most {RUNTIME_COMMAND_WORDS_MAX}",
-                vars.len()
-            ),
-        ));
-    }
+    at_most(KEY, vars.len(), "variables")?;
     for (name, value) in &vars {
         let key = format!("{KEY}.{name}");
         let identifier = name
@@ -148,6 +132,16 @@ fn env(vars: BTreeMap<String, String>) -> Result<BTreeMap<String, String>, Confi
         word_fits(&key, value)?;
     }
     Ok(vars)
+}
+
+fn at_most(key: &str, count: usize, what: &str) -> Result<(), ConfigError> {
+    if count > RUNTIME_COMMAND_WORDS_MAX {
+        return Err(invalid(
+            key,
+            format!("has {count} {what}, at most {RUNTIME_COMMAND_WORDS_MAX}"),
+        ));
+    }
+    Ok(())
 }
 
 fn word_fits(key: &str, word: &str) -> Result<(), ConfigError> {
