@@ -18,7 +18,7 @@ from collections import Counter
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -137,8 +137,18 @@ class ModelRegistry:
             loaded.prefix_cache.clear()
         return True
 
-    def load(self, model_id: str, path: Path, batching: "Batching") -> LoadedModel:
-        """Load from `path` (compute thread only). A loaded id is returned as is."""
+    def load(
+        self,
+        model_id: str,
+        path: Path,
+        batching: "Batching",
+        prepare: Callable[[LoadedModel], dict] | None = None,
+    ) -> LoadedModel:
+        """Load from `path` (compute thread only). A loaded id is returned as is.
+
+        `prepare` (the warm-up) runs on the model before it is registered; what it returns
+        is added to the model's info, and an exception from it fails the load.
+        """
         existing = self.find(model_id)
         if existing is not None:
             return existing
@@ -184,6 +194,12 @@ class ModelRegistry:
             prefill_step_size=batching.prefill_step_size,
             prefix_cache=prefix_cache,
         )
+        if prepare is not None:
+            try:
+                info.update(prepare(loaded))
+            except Exception as exc:
+                log.exception("preparing %s failed", model_id)
+                raise load_error(model_id, str(exc) or type(exc).__name__) from None
         with self._lock:
             self._models[model_id] = loaded
         log.info("loaded %s from %s (%d parameters)", model_id, path, info["parameter_count"])
@@ -214,11 +230,12 @@ class LoadJob:
     path: Path
     batching: Batching
     future: Future
+    prepare: Callable[[LoadedModel], dict] | None = None
 
     def run(self) -> None:
         try:
             self.future.set_result(
-                self.registry.load(self.model_id, self.path, self.batching).info
+                self.registry.load(self.model_id, self.path, self.batching, self.prepare).info
             )
         except RpcError as exc:
             self.future.set_exception(exc)

@@ -42,6 +42,7 @@ from .jsonrpc import (
 )
 from .models import Batching, LoadJob, ModelRegistry, model_directory
 from .streams import Stream, StreamEvents, StreamRegistry, encode_prompt
+from .warmup import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,9 @@ log = logging.getLogger(__name__)
 # `stream.step` lines, one per step for all such streams. "prefix_cache":
 # a model keeps its prompts' KV caches (`load_model` takes
 # `prefix_cache_bytes` and `session_ttl_seconds`), `generate` takes
-# `session_id`, and `stream.stats` carries `cached_tokens`. Clients detect
+# `session_id`, and `stream.stats` carries `cached_tokens`. "warm_up": a
+# load runs a few generations before it answers (`load_model` takes
+# `warm_up`, and its answer carries `warm_up_seconds`). Clients detect
 # these here.
 CAPABILITIES = [
     "generate",
@@ -65,6 +68,7 @@ CAPABILITIES = [
     "batching",
     "step_chunks",
     "prefix_cache",
+    "warm_up",
 ]
 
 
@@ -304,13 +308,15 @@ class Server:
                 limits.SESSION_TTL_SECONDS_MAX,
             ),
         )
+        warm = validation.boolean(params, "warm_up", True)
         loaded = self._models.find(model_id)
         if loaded is not None:
             return loaded.info
         path = model_directory(model_id, local_path)
         self._check_compute_room()
         future: Future = Future()
-        self._compute.submit(LoadJob(self._models, model_id, path, batching, future))
+        prepare = _warmed_up if warm else None
+        self._compute.submit(LoadJob(self._models, model_id, path, batching, future, prepare))
         return future
 
     def _unload_model(self, params: dict) -> dict:
@@ -393,3 +399,8 @@ class Server:
     def _shutdown(self, _params: dict) -> dict:
         log.info("shutdown requested")
         return {"success": True}
+
+
+def _warmed_up(model) -> dict:
+    """Warms `model` up; what its load's answer says of it."""
+    return {"warm_up_seconds": round(warm_up(model), 3)}

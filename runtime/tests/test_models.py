@@ -19,6 +19,7 @@ MODEL_NOT_LOADED = -32005
 def test_load_model_reports_metadata_from_the_weights(runtime, tiny_model_dir):
     result = runtime.call("load_model", {"model_id": MODEL_ID, "local_path": str(tiny_model_dir)})
     weights = load_file(str(tiny_model_dir / "model.safetensors"))
+    assert result.pop("warm_up_seconds") > 0
     assert result == {
         "model_id": MODEL_ID,
         "state": "ready",

@@ -327,6 +327,10 @@ pub struct ModelLoaded {
     /// Whether the model's streams are decoded together.
     #[serde(default, deserialize_with = "lenient")]
     pub batched: Option<bool>,
+    /// Seconds the load's warm-up generations took (a runtime with the `warm_up`
+    /// capability runs them before it answers).
+    #[serde(default, deserialize_with = "lenient")]
+    pub warm_up_seconds: Option<f64>,
 }
 
 /// `unload_model`.

@@ -117,12 +117,15 @@ pub struct Worker {
     /// The dispatcher's figures: published by the running dispatcher, the defaults outside a
     /// run; read by presence, service discovery and every [`Observer`].
     figures: watch::Sender<Figures>,
+    /// Whether the run's preload has ended (true when there is none to do).
+    preloaded: watch::Sender<bool>,
 }
 
 impl Worker {
     /// A worker with this identity and configuration, over these seams. `preload` names the
     /// models loaded in the background once the worker is registered.
     pub fn new(identity: Identity, config: NodeConfig, preload: Vec<String>, deps: Deps) -> Worker {
+        let preloaded = watch::Sender::new(preload.is_empty());
         Worker {
             identity,
             config,
@@ -132,6 +135,7 @@ impl Worker {
             mutations: Mutations::NONE,
             telemetry: Arc::new(Telemetry::default()),
             figures: watch::Sender::new(Figures::default()),
+            preloaded,
         }
     }
 
@@ -145,6 +149,7 @@ impl Worker {
             telemetry: self.telemetry.clone(),
             figures: self.figures.subscribe(),
             engine: self.deps.engine.clone(),
+            preloaded: self.preloaded.subscribe(),
         }
     }
 
@@ -327,9 +332,16 @@ impl Worker {
                 .run(background.stop.clone())
                 .instrument(info_span!("service")),
         );
+        self.preloaded.send_replace(self.preload.is_empty());
+        let preloaded = self.preloaded.clone();
+        let models = self.preload.clone();
+        let lifecycle = self.lifecycle.subscribe();
         background.tasks.spawn(
-            preload(ctx, self.preload.clone(), self.lifecycle.subscribe())
-                .instrument(info_span!("preload")),
+            async move {
+                preload(ctx, models, lifecycle).await;
+                preloaded.send_replace(true);
+            }
+            .instrument(info_span!("preload")),
         );
         background
     }

@@ -26,6 +26,9 @@ pub struct Observer {
     pub(super) figures: watch::Receiver<Figures>,
     /// The engine, for its figures of each model.
     pub(super) engine: Arc<dyn Engine>,
+    /// Whether the run's preload has ended (every model it names loaded, warm-up included, or
+    /// failed); true when it names none.
+    pub(super) preloaded: watch::Receiver<bool>,
 }
 
 impl Observer {
@@ -35,14 +38,24 @@ impl Observer {
     }
 
     /// Whether the worker takes work (`/readyz`): registered, connected, engine up, not
-    /// draining.
+    /// draining, and done with its preload (so its first requests do not wait for a model's
+    /// load and warm-up).
     pub fn is_ready(&self) -> bool {
         *self.lifecycle.borrow() == Lifecycle::Ready
+            && *self.preloaded.borrow()
             && self.connection.borrow().connected
             && matches!(
                 *self.engine_health.borrow(),
                 EngineHealth::Up { .. } | EngineHealth::Starting
             )
+    }
+
+    /// Waits until the run's preload has ended: every model it names loaded (warm-up
+    /// included) or failed; at once when it names none.
+    pub async fn preload_ended(&self) {
+        let mut preloaded = self.preloaded.clone();
+        // A closed channel: the worker is gone, and nothing is left to wait for.
+        let _ = preloaded.wait_for(|ended| *ended).await;
     }
 
     /// Everything `/metrics` shows, without waiting: the dispatcher's figures as last

@@ -28,4 +28,5 @@ mod service;
 mod sessions;
 mod tls;
 mod transport;
+mod warmup;
 mod worker;

@@ -293,16 +293,18 @@ impl Engine for MlxEngine {
         };
         let batch_size = streams_max.unwrap_or(asked);
         self.runtime.add_loaded(model.clone(), batch_size);
+        let warm_up_ms = result.warm_up_seconds.map(|s| (s * 1000.0).round());
         if batch_size < asked {
             info!(
                 model = model_id,
                 batch_size,
                 asked,
+                warm_up_ms,
                 "model loaded; it decodes fewer streams together than asked, so the worker \
                  runs fewer of its requests at once"
             );
         } else {
-            info!(model = model_id, batch_size, batched = ?result.batched, "model loaded");
+            info!(model = model_id, batch_size, batched = ?result.batched, warm_up_ms, "model loaded");
         }
         Ok(model)
     }

@@ -194,15 +194,17 @@ fn results_are_read_in_both_runtimes_shapes() {
             parameter_count: Some(0),
             batch_size: None,
             batched: None,
+            warm_up_seconds: None,
         }
     );
     let batched: ModelLoaded = decode_result(json!({
         "model_id": MODEL, "state": "ready", "context_length": 2048,
-        "parameter_count": 1_000_000, "batch_size": 1, "batched": false
+        "parameter_count": 1_000_000, "batch_size": 1, "batched": false,
+        "warm_up_seconds": 0.25
     }));
     assert_eq!(
-        (batched.batch_size, batched.batched),
-        (Some(1), Some(false))
+        (batched.batch_size, batched.batched, batched.warm_up_seconds),
+        (Some(1), Some(false), Some(0.25))
     );
     let state: State = decode_result(json!({
         "loaded_models": [], "active_streams": 2, "restart_count": 0
