@@ -20,8 +20,8 @@ use testkit::RunningWorker;
 
 use crate::anchor::{AnchorServer, AnchorSettings, completion, version};
 use crate::harness::{
-    CountingEngine, Sampling, TINY_MODEL, gaps, repo, sampled_request, stream_client,
-    worker_arrivals, worker_config_with,
+    CountingEngine, Sampling, TINY_MODEL, gaps, sampled_request, stream_client, worker_arrivals,
+    worker_config_with,
 };
 use crate::measurement::percentile;
 use crate::models::{self, LARGER, LARGER_CHECK, TINY, describe};
@@ -318,6 +318,11 @@ impl WorkerSystem {
         ))
     }
 
+    /// Waits until the worker's preload has ended.
+    pub(crate) async fn preload_ended(&self) {
+        self.worker.observer.preload_ended().await;
+    }
+
     /// Stops the worker, then its runtime.
     pub(crate) async fn stop(self) {
         self.worker.stop().await;
@@ -341,11 +346,10 @@ pub(crate) async fn batching(url: &str, quick: bool) -> Batching {
         tiny: Err(why.clone()),
         larger: Err(why),
     };
-    let mut paths = match testkit::runtime::engine_config(&repo("")) {
+    let paths = match models::runtime_paths() {
         Ok(paths) => paths,
         Err(missing) => return not_measured(format!("not measured: {missing}")),
     };
-    paths.model_dir = models::root();
     if let Err(why) = TINY.make().await {
         return not_measured(format!("not measured: {why}"));
     }

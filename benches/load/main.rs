@@ -42,6 +42,7 @@ mod measurement;
 mod models;
 mod report;
 mod sessions;
+mod warmup;
 
 use std::time::Duration;
 
@@ -55,11 +56,14 @@ use crate::measurement::{
     request_overhead, zero_latency_rows,
 };
 use crate::sessions::{Sessions, check_sessions_logic, sessions};
+use crate::warmup::{WarmUp, warm_up};
 
 /// Longest the batching part may take: its slowest rows queue requests for minutes.
 const BATCHING_WITHIN: Duration = Duration::from_secs(4 * 3600);
 /// Longest the sessions part may take.
 const SESSIONS_WITHIN: Duration = Duration::from_secs(3600);
+/// Longest the warm-up part may take.
+const WARM_UP_WITHIN: Duration = Duration::from_secs(600);
 
 fn main() {
     check_overhead_percentiles();
@@ -103,6 +107,11 @@ fn main() {
         write_sessions(&s, quick, "cargo bench --bench load -- --only sessions");
         return;
     }
+    if option("--only") == Some("warmup") {
+        let w = rt.block_on(warm_up_within(&url, quick));
+        write_warm_up(&w, quick, "cargo bench --bench load -- --only warmup");
+        return;
+    }
     let report = rt
         .block_on(tokio::time::timeout(
             Duration::from_secs(900),
@@ -120,19 +129,28 @@ fn main() {
     write_batching(&b, quick, command);
     let s = rt.block_on(sessions_within(&url, quick));
     write_sessions(&s, quick, command);
+    let w = rt.block_on(warm_up_within(&url, quick));
+    write_warm_up(&w, quick, command);
 }
 
 /// Writes `docs/benchmarks/{name}.md` and `.svg`, unless `quick`: then the report, made all
 /// the same, is only printed.
 fn write(quick: bool, name: &str, md: &str, svg: &str) {
     assert!(svg.starts_with("<svg ") && svg.ends_with("</svg>\n"));
+    write_md(quick, name, md);
+    if !quick {
+        std::fs::write(repo("docs/benchmarks").join(format!("{name}.svg")), svg).unwrap();
+    }
+}
+
+/// Writes `docs/benchmarks/{name}.md`, unless `quick`.
+fn write_md(quick: bool, name: &str, md: &str) {
     if quick {
         return;
     }
     let dir = repo("docs/benchmarks");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join(format!("{name}.md")), md).unwrap();
-    std::fs::write(dir.join(format!("{name}.svg")), svg).unwrap();
 }
 
 /// Every part but batching. A hung bench is a failed bench: the caller bounds it.
@@ -177,6 +195,21 @@ async fn sessions_within(url: &str, quick: bool) -> Sessions {
     tokio::time::timeout(SESSIONS_WITHIN, sessions(url, quick))
         .await
         .expect("the sessions part finished in time")
+}
+
+/// The warm-up part, bounded.
+async fn warm_up_within(url: &str, quick: bool) -> WarmUp {
+    eprintln!("load bench: warm-up");
+    tokio::time::timeout(WARM_UP_WITHIN, warm_up(url, quick))
+        .await
+        .expect("the warm-up part finished in time")
+}
+
+/// Prints the warm-up report and, unless `quick`, writes it.
+fn write_warm_up(w: &WarmUp, quick: bool, command: &str) {
+    let md = report::warm_up_markdown(report::header(command, quick), w);
+    eprintln!("{md}");
+    write_md(quick, "warmup", &md);
 }
 
 /// Prints the sessions report and, unless `quick`, writes it with its chart.

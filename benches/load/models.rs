@@ -126,3 +126,12 @@ pub(crate) fn describe(dir: &Path) -> String {
         dim("vocab_size"),
     )
 }
+
+/// The project's runtime (its venv and package) serving the bench's model directory; the
+/// error says what setup is missing.
+pub(crate) fn runtime_paths() -> Result<mlx_worker::config::EngineConfig, String> {
+    let mut paths =
+        testkit::runtime::engine_config(&crate::harness::repo("")).map_err(|m| m.to_string())?;
+    paths.model_dir = root();
+    Ok(paths)
+}

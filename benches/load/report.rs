@@ -13,6 +13,7 @@ use crate::batching::{ANCHOR, Batching, Figures, SAMPLING, System, Table, Target
 use crate::harness::PACE;
 use crate::measurement::{Report, Row, overhead_percentiles, percentile};
 use crate::sessions::{SessionTable, Sessions};
+use crate::warmup::WarmUp;
 
 /// A report's first line: what ran (`command`, with `--test` when `quick`), where.
 pub(crate) fn header(command: &str, quick: bool) -> String {
@@ -545,4 +546,45 @@ pub(crate) fn sessions_svg(s: &Sessions) -> String {
         })
         .collect();
     chart(&x_labels, &panels)
+}
+
+/// `warmup.md`: the first request after preload against the steady state, with and without
+/// the load's warm-up.
+pub(crate) fn warm_up_markdown(header: String, w: &WarmUp) -> String {
+    let mut md = String::new();
+    writeln!(md, "# Warm-up bench\n\n{header}\n").unwrap();
+    md.push_str(
+        "A worker preloads the tiny model with its runtime on an empty MLX kernel cache (a \
+         temporary directory of its own, where MLX on the CPU keeps the kernels it compiles), \
+         as on a fresh host; once its preload has ended, it serves one request after another \
+         (8 tokens, the worker's default sampling). TTFT: request sent → first token; the \
+         steady state is the p50 of the requests after the first. Preloaded after: from the \
+         worker's start, its runtime's included, to the end of its preload.\n\n",
+    );
+    for note in &w.settings {
+        writeln!(md, "- {note}").unwrap();
+    }
+    md.push_str(
+        "\n| worker | preloaded after (ms) | first request TTFT (ms) | steady TTFT p50 (ms) | first / steady |\n|---|---:|---:|---:|---:|\n",
+    );
+    for row in &w.rows {
+        match row {
+            Err(why) => writeln!(md, "| {why} | | | | |").unwrap(),
+            Ok(r) => writeln!(
+                md,
+                "| {} | {:.0} | {:.1} | {:.1} | {:.2}× |",
+                r.label,
+                r.preloaded_after.as_secs_f64() * 1e3,
+                r.first.as_secs_f64() * 1e3,
+                r.steady.as_secs_f64() * 1e3,
+                r.ratio()
+            )
+            .unwrap(),
+        }
+    }
+    writeln!(md, "\nTargets:\n").unwrap();
+    for target in &w.targets {
+        writeln!(md, "- {}", target_line(target)).unwrap();
+    }
+    md
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use crate::batching::{Settings, Target, WorkerSystem};
-use crate::harness::{Sampling, repo, sampled_request, worker_answer};
+use crate::harness::{Sampling, sampled_request, worker_answer};
 use crate::measurement::percentile;
 use crate::models::{self, MIDDLE, TINY, describe};
 
@@ -90,11 +90,10 @@ pub(crate) async fn sessions(url: &str, quick: bool) -> Sessions {
         settings: Vec::new(),
         tables: vec![Err(why)],
     };
-    let mut paths = match testkit::runtime::engine_config(&repo("")) {
+    let paths = match models::runtime_paths() {
         Ok(paths) => paths,
         Err(missing) => return not_measured(format!("not measured: {missing}")),
     };
-    paths.model_dir = models::root();
     let middle = if quick {
         &models::LARGER_CHECK
     } else {

@@ -102,6 +102,8 @@ pub const DEFAULT_BATCHING: bool = true;
 pub const DEFAULT_PREFILL_STEP_SIZE: usize = 512;
 /// Default of `runtime.prefixCache`: each model keeps its prompts' KV caches.
 pub const DEFAULT_PREFIX_CACHE: bool = true;
+/// Whether a model load includes its warm-up generations, by default.
+pub const DEFAULT_WARM_UP: bool = true;
 /// Default time a session's prefix cache entry stays pinned: the controller's session-affinity
 /// TTL.
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(30 * 60);
@@ -316,6 +318,9 @@ pub struct EngineConfig {
     pub prefix_cache_bytes: Option<u64>,
     /// How long a session's prefix cache entry stays pinned against eviction by other traffic.
     pub session_ttl: Duration,
+    /// Whether a model load includes a few generations (`runtime.warmUp`), so that MLX
+    /// compiles its kernels before the model counts as loaded, not on its first requests.
+    pub warm_up: bool,
     /// The runtime's argv (`runtime.command`), run as it is, instead of `python -m mlx_runtime`
     /// with `runtime_dir` on `PYTHONPATH`; `None` runs that default. Any program that speaks
     /// the runtime's JSON-RPC protocol on its standard input and output will do: the

@@ -301,6 +301,8 @@ pub(super) struct RawRuntime {
     pub(super) prefix_cache_bytes: Option<u64>,
     #[serde(alias = "session_ttl_ms")]
     pub(super) session_ttl_ms: Option<u64>,
+    #[serde(alias = "warm_up")]
+    pub(super) warm_up: Option<bool>,
     /// The runtime's argv, replacing `pythonPath -m mlx_runtime`.
     pub(super) command: Option<Vec<String>>,
     /// Variables added to the runtime's environment.

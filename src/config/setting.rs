@@ -416,6 +416,15 @@ settings! {
         help: "Prompt tokens of one prefill step, 16 to 8192",
         set: |c, v| c.runtime.prefill_step_size = Some(v),
     },
+    WarmUp {
+        key: "runtime.warmUp",
+        env: "RUNTIME_WARM_UP",
+        flag: Some("--warm-up"),
+        kind: BOOL,
+        help: "Run a few generations as part of each model load, so the first requests do not \
+               wait for kernel compilation (false: loads answer sooner)",
+        set: |c, v| c.runtime.warm_up = Some(v),
+    },
     PrefixCache {
         key: "runtime.prefixCache",
         env: "RUNTIME_PREFIX_CACHE",

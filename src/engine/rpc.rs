@@ -198,6 +198,12 @@ impl Info {
         self.has("prefix_cache")
     }
 
+    /// Whether the runtime's `load_model` runs a few generations before it answers, and
+    /// takes `warm_up` to skip them (ours does; the existing runtime does not).
+    pub fn can_warm_up(&self) -> bool {
+        self.has("warm_up")
+    }
+
     fn has(&self, capability: &str) -> bool {
         self.capabilities.iter().any(|c| c == capability)
     }
@@ -304,6 +310,9 @@ pub struct LoadModel<'a> {
     /// Seconds a session's prefix cache entry stays pinned.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_ttl_seconds: Option<u64>,
+    /// Whether the load runs its warm-up generations (the runtime's default: it does).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warm_up: Option<bool>,
 }
 
 impl Call for LoadModel<'_> {

@@ -11,7 +11,7 @@ use crate::config::{
     ConfigError, DEFAULT_BATCHING, DEFAULT_ENGINE_CALL_TIMEOUT, DEFAULT_ENGINE_RESTART_WINDOW,
     DEFAULT_ENGINE_RESTARTS_MAX, DEFAULT_ENGINE_STARTUP_TIMEOUT, DEFAULT_MODEL_DIR,
     DEFAULT_MODEL_LOAD_TIMEOUT, DEFAULT_PREFILL_STEP_SIZE, DEFAULT_PREFIX_CACHE, DEFAULT_PYTHON,
-    DEFAULT_RUNTIME_DIR, DEFAULT_SESSION_TTL, EngineConfig,
+    DEFAULT_RUNTIME_DIR, DEFAULT_SESSION_TTL, DEFAULT_WARM_UP, EngineConfig,
 };
 use crate::limits::{
     BATCH_SIZE_MAX, PREFILL_STEP_SIZE_MAX, PREFILL_STEP_SIZE_MIN, PREFIX_CACHE_BYTES_MAX,
@@ -89,6 +89,7 @@ pub(super) fn resolve_engine(w: &RawWorker, r: RawRuntime) -> Result<EngineConfi
             Duration::ZERO,
             SESSION_TTL_MAX,
         )?,
+        warm_up: r.warm_up.unwrap_or(DEFAULT_WARM_UP),
         command: r.command.map(command).transpose()?,
         env: r.env.map(env).transpose()?.unwrap_or_default(),
     })

@@ -104,6 +104,9 @@ pub(super) struct Features {
     pub(super) step_chunks: bool,
     /// It keeps a prefix cache per model (ours does; the existing one does not).
     pub(super) prefix_cache: bool,
+    /// Its `load_model` warms the model up and takes `warm_up` (ours does; the existing one
+    /// does not).
+    pub(super) warm_up: bool,
 }
 
 /// The tasks that move one child's lines; whoever runs the child ends them with it.

@@ -264,6 +264,8 @@ impl Engine for MlxEngine {
             prefill_step_size: Some(config.prefill_step_size),
             prefix_cache_bytes: cache_bytes.filter(|_| cache),
             session_ttl_seconds: cache.then_some(config.session_ttl.as_secs()),
+            // Said only to a runtime that warms up, and only to turn it off.
+            warm_up: (conn.features().warm_up && !config.warm_up).then_some(false),
         };
         let result = conn
             .call(&params, self.runtime.config.load_timeout)

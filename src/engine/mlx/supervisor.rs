@@ -412,6 +412,7 @@ async fn ready(
         cancel: info.can_cancel(),
         step_chunks: info.can_step_chunks(),
         prefix_cache: info.can_prefix_cache(),
+        warm_up: info.can_warm_up(),
     });
     info!(
         version = info.version.as_deref().unwrap_or("?"),

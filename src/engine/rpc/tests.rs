@@ -45,6 +45,7 @@ fn every_call_goes_out_as_its_pinned_frame() {
                 prefill_step_size: Some(512),
                 prefix_cache_bytes: Some(1 << 30),
                 session_ttl_seconds: Some(1800),
+                warm_up: Some(false),
             }
         )
     );
@@ -59,6 +60,7 @@ fn every_call_goes_out_as_its_pinned_frame() {
                 prefill_step_size: None,
                 prefix_cache_bytes: None,
                 session_ttl_seconds: None,
+                warm_up: None,
             }
         )
     );

@@ -394,6 +394,7 @@ async fn a_gone_child_fails_calls_and_streams_in_flight() {
             prefill_step_size: None,
             prefix_cache_bytes: None,
             session_ttl_seconds: None,
+            warm_up: None,
         },
         LIMIT,
     );
@@ -419,6 +420,7 @@ async fn a_dropped_receiver_is_cancelled_in_a_runtime_that_can_cancel() {
         cancel: true,
         step_chunks: false,
         prefix_cache: false,
+        warm_up: false,
     });
     let (tx, rx) = token_channel(16);
     conn.open_stream("s-1", "org/m", tx.clone());
