@@ -48,7 +48,6 @@ from typing import Callable, Iterator, Protocol
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, generate_step, generation_stream, wired_limit
 from mlx_lm.models.cache import make_prompt_cache
-from mlx_lm.sample_utils import apply_top_p, make_sampler
 
 from . import limits
 from .detokenize import TokenTexts
@@ -59,6 +58,40 @@ from .streams import Completion, Stream, StreamEvents, StreamRegistry
 log = logging.getLogger(__name__)
 
 Sampler = Callable[[mx.array], mx.array]
+
+
+def nucleus(logprobs: mx.array, top_p: float) -> mx.array:
+    """`logprobs` (normalised, a row per stream) with every token outside the nucleus at
+    -inf: the nucleus is the most likely tokens whose probabilities reach `top_p`, the one
+    that crosses it included (so never empty)."""
+    descending = mx.sort(logprobs, axis=-1)[..., ::-1]
+    probs = mx.exp(descending)
+    # The mass of the tokens more likely than each.
+    before = mx.cumsum(probs, axis=-1) - probs
+    kept = (before < top_p).sum(axis=-1, keepdims=True)
+    threshold = mx.take_along_axis(descending, kept - 1, axis=-1)
+    return mx.where(logprobs < threshold, -mx.inf, logprobs)
+
+
+class SharedSampler:
+    """Samples at one temperature and nucleus from MLX's global random state; greedy at
+    temperature 0.
+
+    Not compiled: mlx-lm's compiled samplers take the temperature and nucleus as constants,
+    so every value never used before on a host would compile a kernel of its own (about a
+    second on the CPU) on the request that asks for it.
+    """
+
+    def __init__(self, temperature: float, top_p: float):
+        self._temperature = temperature
+        self._top_p = top_p
+
+    def __call__(self, logprobs: mx.array) -> mx.array:
+        if self._temperature <= 0:
+            return mx.argmax(logprobs, axis=-1)
+        if 0 < self._top_p < 1.0:
+            logprobs = nucleus(logprobs, self._top_p)
+        return mx.random.categorical(logprobs * (1 / self._temperature))
 
 
 class SeededSampler:
@@ -72,7 +105,7 @@ class SeededSampler:
     def __call__(self, logprobs: mx.array) -> mx.array:
         self._key, key = mx.random.split(self._key)
         if 0 < self._top_p < 1.0:
-            logprobs = apply_top_p(logprobs, self._top_p)
+            logprobs = nucleus(logprobs, self._top_p)
         return mx.random.categorical(logprobs * (1 / self._temperature), key=key)
 
 
@@ -89,7 +122,7 @@ class Samplers:
         sampler = self._shared.get(key)
         if sampler is None:
             # Bounded by the distinct parameters of live streams: cleared when idle.
-            sampler = self._shared[key] = make_sampler(stream.temperature, stream.top_p)
+            sampler = self._shared[key] = SharedSampler(stream.temperature, stream.top_p)
         return sampler
 
     def clear(self) -> None:
@@ -654,7 +687,7 @@ class SequentialStepper:
             model.model,
             prompt_cache=cache,
             max_tokens=stream.max_tokens,
-            sampler=make_sampler(stream.temperature, stream.top_p),
+            sampler=SharedSampler(stream.temperature, stream.top_p),
             prefill_step_size=model.prefill_step_size,
         )
 

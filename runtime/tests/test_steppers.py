@@ -278,3 +278,21 @@ def test_a_lone_streams_hit_copy_counts_against_the_budget_from_the_lookup_on(we
     assert cache.figures.evictions == 1
     world.run()
     assert [f["event"] for f in world.recorder.finals("next")] == ["completed"]
+
+
+@pytest.mark.parametrize(
+    "top_p, kept",
+    [(0.5, [0]), (0.7, [0, 1]), (0.8, [0, 1]), (0.81, [0, 1, 2]), (1.0, [0, 1, 2, 3])],
+)
+def test_the_nucleus_keeps_the_most_likely_tokens_up_to_top_p_and_the_one_crossing_it(
+    top_p, kept
+):
+    import mlx.core as mx
+
+    from mlx_runtime.batching import nucleus
+
+    # Two rows, the second the first's tokens in another order.
+    probs = mx.array([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
+    filtered = nucleus(mx.log(probs), top_p)
+    finite = [[i for i, v in enumerate(row) if v > -float("inf")] for row in filtered.tolist()]
+    assert finite == [kept, sorted(3 - i for i in kept)]

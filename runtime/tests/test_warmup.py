@@ -1,11 +1,12 @@
 """Warm-up: a load runs a few generations before it answers, so the first
-requests after it compile nothing.
+requests after it compile nothing, whatever their sampling.
 
 Method: MLX on the CPU compiles kernels into a cache under the temporary
 directory, a file per kernel. A runtime of the test's own gets an empty
 temporary directory; after a warm load, requests shaped as the worker's
 defaults send them (greedy; temperature 0.7 and top-p 0.9; a second stream
-joining a decoding one) must add no kernel to the cache, while without the
+joining a decoding one) and at other temperatures and nuclei must add no
+kernel to the cache, while without the
 warm-up the first request does. A model that cannot generate fails its load.
 """
 
@@ -29,7 +30,15 @@ def kernels(tmp: Path) -> set[str]:
 def first_requests(runtime) -> None:
     """What a worker with its defaults sends first: greedy, sampled, then two at once."""
     for n, params in enumerate(
-        [{"temperature": 0.0}, {"temperature": 0.7, "top_p": 0.9}, {"temperature": 0.7}]
+        [
+            {"temperature": 0.0},
+            {"temperature": 0.7, "top_p": 0.9},
+            {"temperature": 0.7},
+            # Values no warm-up used: sampling takes them as values, not as constants
+            # compiled in.
+            {"temperature": 0.83, "top_p": 0.75},
+            {"temperature": 1.3, "seed": 11},
+        ]
     ):
         runtime.generate(f"first-{n}", model_id=MODEL, prompt="Hi there", max_tokens=4, **params)
     runtime.call(
