@@ -1,16 +1,24 @@
-//! Models on disk: a scan of the model directory in the existing worker's way, giving the
-//! [`Catalog`] the worker advertises in `skills`.
+//! Models on disk: a scan of the model directory, giving the [`Catalog`] the worker advertises
+//! in `skills`.
 //!
-//! A directory is a model when it holds `config.json` and weights (`model.safetensors`,
-//! `model-*`, `*.safetensors` or `pytorch_model.bin`); model directories are not descended into.
-//! Its id is the last two components of its path (`<root>/org/name` → `org/name`), which is
-//! what clients send as `modelId`. Symbolic links are not followed, the walk is bounded in
-//! depth and entries, and a model's parameter count is estimated from its `config.json`
-//! (`plan::model_size::parameters_from_config`).
+//! Two layouts are read, at any depth below the directory:
+//!
+//! - The existing worker's (LM Studio's): a directory is a model when it holds `config.json`
+//!   and weights (`model.safetensors`, `model-*`, `*.safetensors` or `pytorch_model.bin`); its
+//!   id is the last two components of its path (`<root>/org/name` → `org/name`), and its size
+//!   the bytes of its regular files (links count nothing).
+//! - The Hugging Face cache's (`hub`): a repository `models--{org}--{name}` is the model
+//!   `org/name`, served from one of its snapshots, whose files are links into the
+//!   repository's `blobs/` (see `hub`).
+//!
+//! Model directories are not descended into, and symbolic links to directories are not
+//! followed. The walk is bounded in depth and entries, and a model's parameter count is
+//! estimated from its `config.json` (`plan::model_size::parameters_from_config`).
 //!
 //! It reads the file system only: loading a model is the engine's (`engine::mlx`), and the
 //! catalog's shapes ([`Catalog`], [`ModelEntry`]) belong to the engine seam.
 
+mod hub;
 #[cfg(test)]
 mod tests;
 
@@ -59,8 +67,14 @@ pub enum ScanError {
 /// one is an error. Unreadable subdirectories are skipped with a warning.
 pub fn scan(root: &Path) -> Result<Catalog, ScanError> {
     let mut catalog = Catalog::default();
+    scan_root(root, &mut catalog, &mut Budget::new())?;
+    Ok(catalog)
+}
+
+/// Adds the models below `root` to `catalog`.
+fn scan_root(root: &Path, catalog: &mut Catalog, budget: &mut Budget) -> Result<(), ScanError> {
     match fs::symlink_metadata(root) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(catalog),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
         Err(source) => {
             return Err(ScanError::Root {
                 path: root.to_owned(),
@@ -69,9 +83,24 @@ pub fn scan(root: &Path) -> Result<Catalog, ScanError> {
         }
         Ok(_) => {}
     }
-    let mut budget = SCAN_ENTRIES_MAX;
     let mut stack = vec![(root.to_owned(), 0usize)];
     while let Some((dir, depth)) = stack.pop() {
+        match hub::repo(&dir) {
+            Some(hub::Repo::Model(id)) => {
+                if let Some(snapshot) = hub::model(&dir, budget) {
+                    let entry = ModelEntry {
+                        path: snapshot.dir.clone(),
+                        size_bytes: snapshot.size_bytes(),
+                        parameter_count: parameter_count(&snapshot.config),
+                        streams_max: None,
+                    };
+                    add(catalog, id, entry);
+                }
+                continue;
+            }
+            Some(hub::Repo::Other) => continue,
+            None => {}
+        }
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(source) if dir == root => {
@@ -88,14 +117,9 @@ pub fn scan(root: &Path) -> Result<Catalog, ScanError> {
         let mut names = Vec::new();
         let mut subdirs = Vec::new();
         for entry in entries.flatten() {
-            if budget == 0 {
-                warn!(
-                    limit = SCAN_ENTRIES_MAX,
-                    "model scan stopped at its entry limit"
-                );
-                return Ok(catalog);
+            if !budget.take() {
+                return Ok(());
             }
-            budget -= 1;
             let name = entry.file_name().to_string_lossy().into_owned();
             // file_type() does not follow links: linked directories are not walked.
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
@@ -104,16 +128,13 @@ pub fn scan(root: &Path) -> Result<Catalog, ScanError> {
             names.push(name);
         }
         if is_model(&names) {
-            let id = model_id(&dir);
             let entry = ModelEntry {
                 path: dir.clone(),
-                size_bytes: dir_size(&dir, &mut budget),
+                size_bytes: dir_size(&dir, budget),
                 parameter_count: parameter_count(&dir.join("config.json")),
                 streams_max: None,
             };
-            if let Some(previous) = catalog.models.insert(id.clone(), entry) {
-                warn!(model = %id, previous = %previous.path.display(), "two model directories share an id; the later one wins");
-            }
+            add(catalog, model_id(&dir), entry);
             continue;
         }
         if depth < SCAN_DEPTH_MAX {
@@ -121,7 +142,52 @@ pub fn scan(root: &Path) -> Result<Catalog, ScanError> {
             stack.extend(subdirs.into_iter().rev().map(|d| (d, depth + 1)));
         }
     }
-    Ok(catalog)
+    Ok(())
+}
+
+/// Adds the model `id` at `entry`; of two with one id, the later wins.
+fn add(catalog: &mut Catalog, id: String, entry: ModelEntry) {
+    if let Some(previous) = catalog.models.insert(id.clone(), entry) {
+        warn!(model = %id, previous = %previous.path.display(), "two model directories share an id; the later one wins");
+    }
+}
+
+/// The directory entries a scan may still look at.
+struct Budget {
+    /// Entries left.
+    left: usize,
+    /// Whether an entry was refused: the scan has stopped.
+    refused: bool,
+}
+
+impl Budget {
+    fn new() -> Budget {
+        Budget {
+            left: SCAN_ENTRIES_MAX,
+            refused: false,
+        }
+    }
+
+    /// Counts one entry; `false` when none is left, and the scan stops (warned once).
+    fn take(&mut self) -> bool {
+        if self.left > 0 {
+            self.left -= 1;
+            return true;
+        }
+        if !self.refused {
+            warn!(
+                limit = SCAN_ENTRIES_MAX,
+                "model scan stopped at its entry limit"
+            );
+            self.refused = true;
+        }
+        false
+    }
+
+    /// Whether the scan has stopped at its limit.
+    fn spent(&self) -> bool {
+        self.refused
+    }
 }
 
 fn is_model(names: &[String]) -> bool {
@@ -148,26 +214,42 @@ fn model_id(dir: &Path) -> String {
 }
 
 /// Bytes of the regular files below `dir` (links count nothing), within the scan's budget.
-fn dir_size(dir: &Path, budget: &mut usize) -> u64 {
+fn dir_size(dir: &Path, budget: &mut Budget) -> u64 {
     let mut total = 0;
+    walk(dir, budget, |_, entry, kind| {
+        if kind.is_file() {
+            total += entry.metadata().map_or(0, |m| m.len());
+        }
+    });
+    total
+}
+
+/// Hands `visit` every entry below `dir` that is no directory (files and links, each with
+/// the directory holding it), descending into directories but not into links to them, within
+/// the scan's budget; `false` when the budget ran out first. Unreadable directories are passed
+/// over.
+fn walk(
+    dir: &Path,
+    budget: &mut Budget,
+    mut visit: impl FnMut(&Path, &fs::DirEntry, fs::FileType),
+) -> bool {
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
         let Ok(entries) = fs::read_dir(&d) else {
             continue;
         };
         for entry in entries.flatten() {
-            if *budget == 0 {
-                return total;
+            if !budget.take() {
+                return false;
             }
-            *budget -= 1;
             match entry.file_type() {
-                Ok(t) if t.is_file() => total += entry.metadata().map_or(0, |m| m.len()),
-                Ok(t) if t.is_dir() => stack.push(entry.path()),
-                _ => {}
+                Ok(kind) if kind.is_dir() => stack.push(entry.path()),
+                Ok(kind) => visit(&d, &entry, kind),
+                Err(_) => {}
             }
         }
     }
-    total
+    true
 }
 
 /// Parameters of a transformer described by `config.json`, when its dimensions are given.
