@@ -294,7 +294,7 @@ impl WorkerSystem {
         let mut engine_config = config.engine.clone();
         engine_config.python = paths.python.clone();
         engine_config.runtime_dir = paths.runtime_dir.clone();
-        engine_config.model_dir = paths.model_dir.clone();
+        engine_config.model_dirs = paths.model_dirs.clone();
         // As the worker's run does, without the hardware table: the runtime's default then.
         let batch_sizes = BatchSizes::configured_or(
             engine_config.batching,

@@ -132,6 +132,6 @@ pub(crate) fn describe(dir: &Path) -> String {
 pub(crate) fn runtime_paths() -> Result<mlx_worker::config::EngineConfig, String> {
     let mut paths =
         testkit::runtime::engine_config(&crate::harness::repo("")).map_err(|m| m.to_string())?;
-    paths.model_dir = root();
+    paths.model_dirs = vec![root()];
     Ok(paths)
 }

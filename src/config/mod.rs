@@ -288,8 +288,9 @@ pub struct EngineConfig {
     pub python: PathBuf,
     /// Directory holding the `mlx_runtime` package.
     pub runtime_dir: PathBuf,
-    /// Root scanned for models.
-    pub model_dir: PathBuf,
+    /// Directories scanned for models, in order (`worker.modelDir`); the first to have a
+    /// model id serves it. Never empty.
+    pub model_dirs: Vec<PathBuf>,
     /// Models loaded at start.
     pub preload: Vec<String>,
     /// Time the runtime has to become ready.

@@ -153,7 +153,7 @@ pub(super) struct RawWorker {
     #[serde(alias = "state_dir")]
     pub(super) state_dir: Option<PathBuf>,
     #[serde(alias = "model_dir")]
-    pub(super) model_dir: Option<PathBuf>,
+    pub(super) model_dir: Option<RawModelDirs>,
     #[serde(alias = "max_concurrent")]
     pub(super) max_concurrent: Option<usize>,
     #[serde(alias = "request_timeout_ms")]
@@ -226,6 +226,15 @@ pub(super) struct RawPreWarming {
     pub(super) parallel: Option<bool>,
     #[serde(alias = "register_when")]
     pub(super) register_when: Option<IgnoredAny>,
+}
+
+/// The directories scanned for models: text (one path, as the existing worker's files give
+/// it, or several separated by `:` as in `PATH`) or a list of paths.
+#[derive(Debug, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub(super) enum RawModelDirs {
+    Text(String),
+    List(Vec<PathBuf>),
 }
 
 /// A model to preload: either a bare id or the existing `{model, priority}` form.

@@ -13,7 +13,7 @@ use std::str::FromStr;
 
 use serde::de::{DeserializeOwned, IntoDeserializer};
 
-use super::raw::{RawConfig, RawLogFormat, RawNatsMode, RawPreWarmModel};
+use super::raw::{RawConfig, RawLogFormat, RawModelDirs, RawNatsMode, RawPreWarmModel};
 use super::resolve::comma_list;
 
 /// The kind of value a setting takes: how its text is read, and what it is called in
@@ -81,6 +81,10 @@ const SECRET: Kind<String> = Kind {
 
 /// A file or directory.
 const PATH: Kind<PathBuf> = Kind::plain("PATH", "a path", |v| Some(PathBuf::from(v.trim())));
+
+/// Paths separated by `:`, as in `PATH`; split when the configuration is resolved, as the
+/// file's text is.
+const PATHS: Kind<String> = Kind::plain("PATHS", "paths", |v| Some(v.trim().to_owned()));
 
 /// A comma-separated list; empty items are dropped.
 const LIST: Kind<Vec<String>> =
@@ -312,9 +316,10 @@ settings! {
         key: "worker.modelDir",
         env: "MODEL_DIR",
         flag: Some("--model-dir"),
-        kind: PATH,
-        help: "Directory scanned for models",
-        set: |c, v| c.worker.model_dir = Some(v),
+        kind: PATHS,
+        help: "Directories scanned for models, `:`-separated, in order: the first to have a \
+               model id serves it",
+        set: |c, v| c.worker.model_dir = Some(RawModelDirs::Text(v)),
     },
     Preload {
         key: "worker.preWarming.models",

@@ -258,6 +258,60 @@ fn batching_settings_come_from_the_file_the_environment_and_flags() {
 }
 
 #[test]
+fn model_directories_are_one_path_or_several_in_order() {
+    let dirs = |c: WorkerConfig| c.engine.model_dirs;
+    let paths = |p: &[&str]| p.iter().map(PathBuf::from).collect::<Vec<_>>();
+    assert_eq!(dirs(yaml("").unwrap()), paths(&["model"]));
+    // One path, as the existing controller's file gives it.
+    assert_eq!(
+        dirs(yaml("worker:\n  modelDir: /srv/models\n").unwrap()),
+        paths(&["/srv/models"])
+    );
+    let list = "worker:\n  model_dir:\n    - models\n    - /home/u/.cache/huggingface/hub\n";
+    assert_eq!(
+        dirs(yaml(list).unwrap()),
+        paths(&["models", "/home/u/.cache/huggingface/hub"])
+    );
+    // Text is split at each `:`, as PATH is, in the file, the environment and flags alike.
+    let text = "models: /srv/hub:";
+    assert_eq!(
+        dirs(yaml(&format!("worker:\n  modelDir: '{text}'\n")).unwrap()),
+        paths(&["models", "/srv/hub"])
+    );
+    let e = env(&[("MLX_WORKER_MODEL_DIR", text)]);
+    assert_eq!(
+        dirs(load(None, &e, &[]).unwrap()),
+        paths(&["models", "/srv/hub"])
+    );
+    let f = [flag(Setting::ModelDir, "--model-dir", "/a:/b")];
+    assert_eq!(dirs(load(None, &e, &f).unwrap()), paths(&["/a", "/b"]));
+    // Nothing to scan is a mistake, not an empty catalog.
+    let err = load(None, &env(&[("MLX_WORKER_MODEL_DIR", " : ")]), &[]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "config key worker.modelDir: names no directory"
+    );
+    let err = yaml("worker:\n  modelDir: []\n").unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "config key worker.modelDir: names no directory"
+    );
+    let err = yaml("worker:\n  modelDir: [models, '']\n").unwrap_err();
+    assert_eq!(err.to_string(), "config key worker.modelDir[1]: is empty");
+    let err = load(
+        None,
+        &[],
+        &[flag(Setting::ModelDir, "--model-dir", "m:~/hub")],
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "config key worker.modelDir: ~/hub starts with ~, which the worker does not expand: give \
+         the full path"
+    );
+}
+
+#[test]
 fn bad_overrides_name_their_origin_and_hide_secrets() {
     let err = load(None, &env(&[("MLX_WORKER_PORT", "eighty")]), &[]).unwrap_err();
     assert_eq!(

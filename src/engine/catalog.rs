@@ -1,7 +1,7 @@
-//! Models on disk: a scan of the model directory, giving the [`Catalog`] the worker advertises
-//! in `skills`.
+//! Models on disk: a scan of the model directories, giving the [`Catalog`] the worker
+//! advertises in `skills`.
 //!
-//! Two layouts are read, at any depth below the directory:
+//! Two layouts are read, in any of the directories and at any depth below them:
 //!
 //! - The existing worker's (LM Studio's): a directory is a model when it holds `config.json`
 //!   and weights (`model.safetensors`, `model-*`, `*.safetensors` or `pytorch_model.bin`); its
@@ -12,8 +12,11 @@
 //!   repository's `blobs/` (see `hub`).
 //!
 //! Model directories are not descended into, and symbolic links to directories are not
-//! followed. The walk is bounded in depth and entries, and a model's parameter count is
-//! estimated from its `config.json` (`plan::model_size::parameters_from_config`).
+//! followed. The directories are scanned in order, and the first to give an id serves it: a
+//! later model with the same id is skipped with a warning naming both. A missing directory
+//! holds no models; an unreadable one is an error. The walk is bounded in depth and, over all
+//! the directories together, in entries, and a model's parameter count is estimated from its
+//! `config.json` (`plan::model_size::parameters_from_config`).
 //!
 //! It reads the file system only: loading a model is the engine's (`engine::mlx`), and the
 //! catalog's shapes ([`Catalog`], [`ModelEntry`]) belong to the engine seam.
@@ -22,6 +25,7 @@ mod hub;
 #[cfg(test)]
 mod tests;
 
+use std::collections::btree_map::Entry;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -63,18 +67,36 @@ pub enum ScanError {
     },
 }
 
-/// Scans `root`. A missing root is an empty catalog (as for the existing worker); an unreadable
-/// one is an error. Unreadable subdirectories are skipped with a warning.
-pub fn scan(root: &Path) -> Result<Catalog, ScanError> {
+/// Scans `roots`, in order. A missing root holds no models (as for the existing worker); an
+/// unreadable one is an error. Unreadable subdirectories are skipped with a warning, and so
+/// is a model whose id an earlier one has.
+pub fn scan(roots: &[PathBuf]) -> Result<Catalog, ScanError> {
     let mut catalog = Catalog::default();
-    scan_root(root, &mut catalog, &mut Budget::new())?;
+    let mut budget = Budget::new();
+    let mut scanned: Vec<PathBuf> = Vec::new();
+    for root in roots {
+        if let Ok(resolved) = root.canonicalize() {
+            if scanned.contains(&resolved) {
+                warn!(dir = %root.display(), "model directory listed twice; scanned once");
+                continue;
+            }
+            scanned.push(resolved);
+        }
+        scan_root(root, &mut catalog, &mut budget)?;
+        if budget.spent() {
+            break;
+        }
+    }
     Ok(catalog)
 }
 
-/// Adds the models below `root` to `catalog`.
+/// Adds the models below `root` that `catalog` does not hold yet.
 fn scan_root(root: &Path, catalog: &mut Catalog, budget: &mut Budget) -> Result<(), ScanError> {
     match fs::symlink_metadata(root) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            warn!(dir = %root.display(), "model directory does not exist; it holds no models");
+            return Ok(());
+        }
         Err(source) => {
             return Err(ScanError::Root {
                 path: root.to_owned(),
@@ -145,14 +167,22 @@ fn scan_root(root: &Path, catalog: &mut Catalog, budget: &mut Budget) -> Result<
     Ok(())
 }
 
-/// Adds the model `id` at `entry`; of two with one id, the later wins.
+/// Adds the model `id` at `entry` unless `catalog` has a model of that id already.
 fn add(catalog: &mut Catalog, id: String, entry: ModelEntry) {
-    if let Some(previous) = catalog.models.insert(id.clone(), entry) {
-        warn!(model = %id, previous = %previous.path.display(), "two model directories share an id; the later one wins");
+    match catalog.models.entry(id) {
+        Entry::Vacant(vacant) => {
+            vacant.insert(entry);
+        }
+        Entry::Occupied(served) => warn!(
+            model = %served.key(),
+            served = %served.get().path.display(),
+            skipped = %entry.path.display(),
+            "two model directories give one id; the first is served"
+        ),
     }
 }
 
-/// The directory entries a scan may still look at.
+/// The directory entries a scan may still look at, over all its roots.
 struct Budget {
     /// Entries left.
     left: usize,

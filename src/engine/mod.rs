@@ -5,7 +5,7 @@
 //! the worker's [`TokenStream`]); a consumer that falls behind gets several tokens per event,
 //! past a bound the engine waits, and dropping the receiver cancels the generation. The production engine is the
 //! MLX runtime, a supervised Python child spoken to over JSON-RPC ([`mlx`], [`rpc`]), serving
-//! the models a scan of the model directory finds ([`catalog`]); the `sim` crate has a scripted
+//! the models a scan of the model directories finds ([`catalog`]); the `sim` crate has a scripted
 //! one. This module owns the shapes, not the worker's use of them.
 
 use std::collections::BTreeMap;
@@ -27,7 +27,9 @@ pub use stream::{StreamClosed, TokenSender, TokenStream, token_channel};
 /// One model the engine can serve.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelEntry {
-    /// Where it lives, relative to the model directory (as advertised in `modelPaths`).
+    /// Where it lives, as advertised in `modelPaths`: the model directory it was found in, as
+    /// configured, joined with its place below it (`model/org/name`; for a Hugging Face cache
+    /// repository, its snapshot: `hub/models--org--name/snapshots/{commit}`).
     pub path: PathBuf,
     /// Bytes of its files on disk.
     pub size_bytes: u64,
@@ -256,7 +258,7 @@ pub struct CacheState {
 /// Runs models.
 #[async_trait]
 pub trait Engine: Send + Sync + 'static {
-    /// Every model the engine can serve (a scan of the model directory, for MLX).
+    /// Every model the engine can serve (a scan of the model directories, for MLX).
     async fn catalog(&self) -> Result<Catalog, EngineError>;
 
     /// Loads a model from the catalog. Loading a loaded model is a cheap no-op.

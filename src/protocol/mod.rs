@@ -40,7 +40,8 @@ pub enum WorkerStatus {
 pub struct ModelSkills {
     /// Every model id a client may send; routing is exact string equality on these.
     pub available_models: Vec<String>,
-    /// Model id → its directory, relative to the worker's model directory root.
+    /// Model id → where the worker found it: one of its model directories, as configured,
+    /// joined with the model's place below it.
     pub model_paths: BTreeMap<String, String>,
     /// Bytes of all model files on disk.
     pub total_model_size: u64,

@@ -38,7 +38,7 @@ pub fn engine_config(repo_root: &Path) -> Result<EngineConfig, MissingRuntime> {
         .engine;
     config.python = python;
     config.runtime_dir = repo_root.join("runtime");
-    config.model_dir = repo_root.join("models");
+    config.model_dirs = vec![repo_root.join("models")];
     config.restart_window = Duration::from_secs(60);
     Ok(config)
 }

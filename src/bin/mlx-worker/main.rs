@@ -53,7 +53,7 @@ enum Command {
     Watch(WatchArgs),
     /// Print the detected hardware profile and concurrency recommendations as JSON.
     Probe(Flags),
-    /// List the models in the model directory as JSON.
+    /// List the models in the model directories as JSON.
     Models(Flags),
     /// Configuration commands.
     Config {

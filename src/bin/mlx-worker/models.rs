@@ -1,11 +1,13 @@
-//! `mlx-worker models`: the models in the model directory, as JSON.
+//! `mlx-worker models`: the models in the model directories, as JSON; what the scan passed
+//! over and why (a link out of a cache repository, a duplicate id) goes to stderr as log lines.
 
 use std::process::ExitCode;
 
-use mlx_worker::config::Flags;
+use mlx_worker::config::{Flags, LoggingConfig};
 use mlx_worker::engine::catalog;
 
-use crate::exit::{EX_UNAVAILABLE, config_or_exit};
+use crate::exit::{EX_UNAVAILABLE, EX_USAGE, config_or_exit};
+use crate::logs;
 use crate::output::print_json;
 
 pub(crate) async fn list(flags: Flags) -> ExitCode {
@@ -13,7 +15,17 @@ pub(crate) async fn list(flags: Flags) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    match catalog::scan(&config.engine.model_dir) {
+    // The scan's warnings are for the operator at the terminal, whatever file `run` logs to.
+    let logging = LoggingConfig {
+        file: None,
+        ..config.logging.clone()
+    };
+    if let Err(e) = logs::init(&logging) {
+        eprintln!("mlx-worker: {e:#}");
+        return ExitCode::from(EX_USAGE);
+    }
+    let dirs = &config.engine.model_dirs;
+    match catalog::scan(dirs) {
         Ok(catalog) => {
             let list: Vec<serde_json::Value> = catalog
                 .models
@@ -27,8 +39,9 @@ pub(crate) async fn list(flags: Flags) -> ExitCode {
                     })
                 })
                 .collect();
+            let dirs: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
             print_json(&serde_json::json!({
-                "modelDir": config.engine.model_dir.display().to_string(),
+                "modelDirs": dirs,
                 "models": list,
             }))
         }

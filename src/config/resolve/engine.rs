@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::{bounded, invalid, millis, millis_or};
-use crate::config::raw::{RawRuntime, RawWorker};
+use crate::config::raw::{RawModelDirs, RawRuntime, RawWorker};
 use crate::config::{
     ConfigError, DEFAULT_BATCHING, DEFAULT_ENGINE_CALL_TIMEOUT, DEFAULT_ENGINE_RESTART_WINDOW,
     DEFAULT_ENGINE_RESTARTS_MAX, DEFAULT_ENGINE_STARTUP_TIMEOUT, DEFAULT_MODEL_DIR,
@@ -37,10 +37,7 @@ pub(super) fn resolve_engine(w: &RawWorker, r: RawRuntime) -> Result<EngineConfi
         runtime_dir: r
             .runtime_dir
             .unwrap_or_else(|| PathBuf::from(DEFAULT_RUNTIME_DIR)),
-        model_dir: w
-            .model_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_MODEL_DIR)),
+        model_dirs: model_dirs(w)?,
         preload,
         startup_timeout: millis_or(
             "runtime.startupTimeoutMs",
@@ -159,6 +156,42 @@ fn word_fits(key: &str, word: &str) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+/// The directories scanned for models, in order: `modelDir`'s text split at each `:` (empty
+/// parts dropped), or its list, whose items must not be empty; at least one, and none starting
+/// with `~`.
+fn model_dirs(w: &RawWorker) -> Result<Vec<PathBuf>, ConfigError> {
+    let dirs: Vec<PathBuf> = match &w.model_dir {
+        None => vec![PathBuf::from(DEFAULT_MODEL_DIR)],
+        Some(RawModelDirs::Text(text)) => text
+            .split(':')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .collect(),
+        Some(RawModelDirs::List(dirs)) => {
+            if let Some(empty) = dirs.iter().position(|d| d.as_os_str().is_empty()) {
+                return Err(invalid(&format!("worker.modelDir[{empty}]"), "is empty"));
+            }
+            dirs.clone()
+        }
+    };
+    if dirs.is_empty() {
+        return Err(invalid("worker.modelDir", "names no directory"));
+    }
+    // `~/.cache/huggingface/hub` is the directory most often meant; unexpanded, it would be a
+    // missing directory, and so silently an empty one.
+    if let Some(dir) = dirs.iter().find(|d| d.to_string_lossy().starts_with('~')) {
+        return Err(invalid(
+            "worker.modelDir",
+            format!(
+                "{} starts with ~, which the worker does not expand: give the full path",
+                dir.display()
+            ),
+        ));
+    }
+    Ok(dirs)
 }
 
 /// The models loaded at start: none when pre-warming is disabled.

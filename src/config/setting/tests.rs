@@ -16,6 +16,7 @@ fn example(value_name: &str) -> &'static str {
         "TEXT" => "w-1",
         "SECRET" => " s3cret ",
         "PATH" => "/nonexistent/example",
+        "PATHS" => "/nonexistent/a:/nonexistent/b",
         "LIST" => "a/b, c/d",
         "PORT" => "4300",
         "N" => "7",

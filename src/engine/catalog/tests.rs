@@ -6,12 +6,18 @@ use super::*;
 
 /// The catalog of the one model directory `root`.
 fn scanned(root: &Path) -> Catalog {
-    scan(root).unwrap()
+    scan(&[root.to_owned()]).unwrap()
 }
 
 fn touch(path: &Path, bytes: usize) {
     fs::create_dir_all(path.parent().unwrap()).unwrap();
     fs::write(path, vec![b'x'; bytes]).unwrap();
+}
+
+/// A model in the existing worker's layout at `dir`: a 1-byte `config.json` and weights.
+fn plain_model(dir: &Path, weights: usize) {
+    touch(&dir.join("config.json"), 1);
+    touch(&dir.join("model.safetensors"), weights);
 }
 
 #[test]
@@ -296,11 +302,67 @@ fn a_snapshot_that_is_a_link_is_not_walked() {
     // The cache's snapshots are directories; a linked one could lead anywhere.
     let dir = tempfile::tempdir().unwrap();
     let elsewhere = dir.path().join("elsewhere/org/m");
-    touch(&elsewhere.join("config.json"), 1);
-    touch(&elsewhere.join("model.safetensors"), 1);
+    plain_model(&elsewhere, 1);
     let hub = dir.path().join("hub");
     let repo = HubRepo::model(&hub, "org", "m");
     std::os::unix::fs::symlink(&elsewhere, repo.snapshot_dir("r")).unwrap();
     repo.refs_main("r");
     assert_eq!(ids(&scanned(&hub)), Vec::<&str>::new());
+}
+
+// Several model directories.
+
+#[test]
+fn the_first_directory_to_have_an_id_serves_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    plain_model(&models.join("org/m"), 1);
+    plain_model(&models.join("org/lms"), 2);
+    let hub = dir.path().join("hub");
+    // The same id in the cache, and a model only the cache has.
+    let repo = HubRepo::model(&hub, "org", "m");
+    repo.snapshot("r", 100);
+    repo.refs_main("r");
+    let only = HubRepo::model(&hub, "org", "cached");
+    only.snapshot("r", 5);
+    only.refs_main("r");
+    let missing = dir.path().join("missing");
+
+    let catalog = scan(&[missing.clone(), models.clone(), hub.clone()]).unwrap();
+    assert_eq!(ids(&catalog), ["org/cached", "org/lms", "org/m"]);
+    assert_eq!(catalog.models["org/m"].path, models.join("org/m"));
+    assert_eq!(catalog.models["org/cached"].size_bytes, 15);
+    assert_eq!(catalog.total_size_bytes(), 2 + 3 + 15);
+
+    // In the other order, the cache's serves.
+    let catalog = scan(&[hub.clone(), models.clone(), missing]).unwrap();
+    assert_eq!(catalog.models["org/m"].path, repo.snapshot_dir("r"));
+    assert_eq!(catalog.models["org/m"].size_bytes, 110);
+    // A directory listed twice is scanned once.
+    assert_eq!(
+        scan(&[hub.clone(), hub]).unwrap(),
+        scanned(&dir.path().join("hub"))
+    );
+}
+
+#[test]
+fn the_first_of_two_models_with_one_id_in_one_directory_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    plain_model(&dir.path().join("a/org/m"), 1);
+    plain_model(&dir.path().join("b/org/m"), 1);
+    let catalog = scanned(dir.path());
+    assert_eq!(catalog.models["org/m"].path, dir.path().join("a/org/m"));
+}
+
+#[test]
+fn a_directory_that_cannot_be_read_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // Not a directory: it cannot be listed.
+    let file = dir.path().join("file");
+    touch(&file, 1);
+    let err = scan(&[dir.path().to_owned(), file.clone()]).unwrap_err();
+    assert!(
+        matches!(&err, ScanError::Root { path, .. } if *path == file),
+        "{err}"
+    );
 }

@@ -1,7 +1,7 @@
 //! [`MlxEngine`]: the production [`Engine`], the MLX runtime in a supervised Python child,
 //! spoken to with newline-delimited JSON-RPC over its stdin and stdout.
 //!
-//! This face owns the catalog (the scan of the model directory, each model with the batch size
+//! This face owns the catalog (the scan of the model directories, each model with the batch size
 //! it is loaded with: the configured [`BatchSizes`] figure for its tier, within the streams the
 //! runtime holds at once) and turns the seam's operations into runtime calls: load (with that
 //! batch size; the answer's effective figure is the model's [`LoadedModel::streams_max`]),
@@ -186,8 +186,8 @@ impl MlxEngine {
         asked.min(self.runtime.streams_max()).max(1)
     }
 
-    /// The model's catalog entry, its directory, resolved, and the model directory's spellings
-    /// (as configured and resolved) for [`redaction::without_paths`].
+    /// The model's catalog entry, its directory, resolved, and the model directories'
+    /// spellings (as configured and resolved) for [`redaction::without_paths`].
     fn catalog_entry(
         &self,
         model_id: &str,
@@ -199,32 +199,38 @@ impl MlxEngine {
         let catalog = lock(&self.catalog).clone();
         let catalog = match catalog {
             Some(c) => c,
-            None => catalog::scan(&config.model_dir).map_err(|e| {
-                warn!(cause = %e, "cannot scan the model directory");
+            None => catalog::scan(&config.model_dirs).map_err(|e| {
+                warn!(cause = %e, "cannot scan the model directories");
                 EngineError::Unavailable {
-                    reason: redaction::without_paths(
-                        &e.to_string(),
-                        std::slice::from_ref(&config.model_dir),
-                    ),
+                    reason: redaction::without_paths(&e.to_string(), &config.model_dirs),
                 }
             })?,
         };
         let entry = catalog.models.get(model_id).ok_or_else(not_found)?;
-        // The catalog only holds scanned directories; still, never load outside the root.
-        let root = config.model_dir.canonicalize().map_err(|_| not_found())?;
+        // The catalog only holds scanned directories; still, never load outside the roots. A
+        // cache snapshot's directory is inside its root, whatever its files link to.
+        let resolved: Vec<PathBuf> = config
+            .model_dirs
+            .iter()
+            .filter_map(|root| root.canonicalize().ok())
+            .collect();
         let path = entry.path.canonicalize().map_err(|_| not_found())?;
-        if !path.starts_with(&root) {
+        if !resolved.iter().any(|root| path.starts_with(root)) {
             return Err(not_found());
         }
-        Ok((entry.clone(), path, vec![root, config.model_dir.clone()]))
+        let roots = resolved
+            .into_iter()
+            .chain(config.model_dirs.iter().cloned())
+            .collect();
+        Ok((entry.clone(), path, roots))
     }
 }
 
 #[async_trait]
 impl Engine for MlxEngine {
     async fn catalog(&self) -> Result<Catalog, EngineError> {
-        let root = self.runtime.config.model_dir.clone();
-        let mut catalog = tokio::task::spawn_blocking(move || catalog::scan(&root))
+        let roots = self.runtime.config.model_dirs.clone();
+        let mut catalog = tokio::task::spawn_blocking(move || catalog::scan(&roots))
             .await
             .map_err(|e| EngineError::Unavailable {
                 reason: format!("model scan failed: {e}"),

@@ -1,6 +1,6 @@
 //! What of the runtime's words may reach a client: its error messages name files on the
 //! host (the model's directory, its own source files), and a client has no business knowing
-//! the host's layout. The model directory becomes `<modelDir>`, keeping the model's place
+//! the host's layout. Each model directory becomes `<modelDir>`, keeping the model's place
 //! below it (which the worker advertises anyway, in `modelPaths`); any other absolute path
 //! becomes `<path>`.
 //!
@@ -11,12 +11,12 @@ mod tests;
 
 use std::path::PathBuf;
 
-/// What the model directory becomes.
+/// What a model directory becomes.
 const MODEL_DIR: &str = "<modelDir>";
 /// What any other absolute path becomes.
 const PATH: &str = "<path>";
 
-/// `text` without absolute paths; `roots` are the spellings of the model directory (relative
+/// `text` without absolute paths; `roots` are the spellings of the model directories (relative
 /// ones are ignored: they are not the host's layout).
 ///
 /// A path starts with `/` at the start of the text or after a space, a quote, an opening

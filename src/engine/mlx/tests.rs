@@ -77,7 +77,7 @@ impl Fake {
             .engine;
         config.python = self.dir.path().join("python");
         config.runtime_dir = self.dir.path().to_owned();
-        config.model_dir = self.dir.path().join("models");
+        config.model_dirs = vec![self.dir.path().join("models")];
         config.restart_window = Duration::from_secs(60);
         config
     }
@@ -197,5 +197,44 @@ async fn a_model_loads_with_its_batch_within_the_runtimes_bound_and_keeps_the_an
     // Once the runtime has ended, the model is no longer loaded; its record stays.
     crash_and_restart(&fake, &engine).await;
     assert_eq!(engine.model_figures()["org/m"].batch_size, 0);
+    engine.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test]
+async fn a_model_of_any_model_directory_loads_from_its_place() {
+    let fake = Fake::new();
+    // A Hugging Face cache as the second directory: the snapshot's files link into blobs/.
+    let hub = fake.dir.path().join("hub");
+    let repo = hub.join("models--org--cached");
+    let snapshot = repo.join("snapshots/abc");
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::write(repo.join("refs/main"), "abc").unwrap();
+    for (name, blob) in [("config.json", "c0"), ("model.safetensors", "w0")] {
+        std::fs::write(repo.join("blobs").join(blob), "{}").unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snapshot.join(name)).unwrap();
+    }
+    let mut config = fake.config();
+    config.model_dirs.push(hub);
+    let started = MlxEngine::start(config, BatchSizes::default(), Arc::new(SystemClock));
+    let engine = timeout(PATIENCE, started).await.unwrap().unwrap();
+    let catalog = engine.catalog().await.unwrap();
+    assert_eq!(
+        catalog.models.keys().collect::<Vec<_>>(),
+        ["org/cached", "org/m"]
+    );
+    engine.load("org/cached").await.unwrap();
+    engine.load("org/m").await.unwrap();
+    let paths: Vec<String> = fake
+        .loads()
+        .iter()
+        .map(|l| l["local_path"].as_str().unwrap().to_owned())
+        .collect();
+    let expected = [
+        snapshot.canonicalize().unwrap(),
+        fake.dir.path().join("models/org/m").canonicalize().unwrap(),
+    ];
+    assert_eq!(paths, expected.map(|p| p.display().to_string()));
     engine.shutdown(Duration::from_secs(5)).await;
 }

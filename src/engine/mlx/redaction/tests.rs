@@ -44,6 +44,16 @@ fn every_spelling_of_the_model_directory_goes() {
 }
 
 #[test]
+fn each_model_directory_goes() {
+    // A cache snapshot's files lead into its repository's blobs, below the same directory.
+    check(
+        "cannot read /srv/models/org/m or /home/u/hub/models--o--m/blobs/0a1b",
+        &["/srv/models", "/home/u/hub"],
+        "cannot read <modelDir>/org/m or <modelDir>/models--o--m/blobs/0a1b",
+    );
+}
+
+#[test]
 fn a_directory_that_only_starts_like_the_root_is_another_path() {
     check("see /srv/models-old/org/m", &["/srv/models"], "see <path>");
 }
