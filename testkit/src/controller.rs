@@ -257,6 +257,17 @@ pub fn error_code(stream: &[StreamMessage]) -> String {
     }
 }
 
+/// The text of a stream's tokens, concatenated.
+pub fn stream_text(stream: &[StreamMessage]) -> String {
+    stream
+        .iter()
+        .filter_map(|m| match m {
+            StreamMessage::Token { token, .. } => Some(token.as_str()),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Asserts a stream ended with `done` (whatever its token count).
 pub fn assert_done(stream: &[StreamMessage]) {
     assert!(

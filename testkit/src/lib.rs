@@ -25,7 +25,7 @@ pub mod worker;
 use std::time::Duration;
 
 pub use controller::{
-    Controller, Streams, assert_complete, assert_done, collect_stream, error_code,
+    Controller, Streams, assert_complete, assert_done, collect_stream, error_code, stream_text,
     try_collect_stream,
 };
 pub use nats::{NatsOptions, NatsServer, ServerTls};

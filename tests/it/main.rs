@@ -11,6 +11,7 @@ mod bodies;
 mod capacity;
 mod cli;
 mod creds;
+mod discovery;
 mod engine;
 mod faults;
 mod flood;

@@ -59,7 +59,7 @@ async fn a_burst_past_the_batch_completes_and_the_runtime_holds_no_more_than_the
 
     let alone = client.infer("batching", request("alone")).await;
     assert_done(&alone);
-    let reference = text(&alone);
+    let reference = stream_text(&alone);
     // Loaded by the request: the engine answers from what the load said.
     let reported = engine
         .load(TINY)
@@ -148,15 +148,4 @@ async fn a_burst_past_the_batch_completes_and_the_runtime_holds_no_more_than_the
     );
     worker.stop().await;
     engine.shutdown(std::time::Duration::from_secs(5)).await;
-}
-
-/// The text of a stream's tokens.
-fn text(stream: &[StreamMessage]) -> String {
-    stream
-        .iter()
-        .filter_map(|m| match m {
-            StreamMessage::Token { token, .. } => Some(token.as_str()),
-            _ => None,
-        })
-        .collect()
 }
