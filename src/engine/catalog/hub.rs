@@ -39,29 +39,36 @@ pub(super) enum Repo {
 }
 
 /// The kind of cache repository `dir` is, when its name has the cache's shape and it holds
-/// `snapshots/`; `None` for any other directory.
+/// `snapshots/`; `None` for any other directory. A model repository whose name gives no id
+/// (`models--org--`) is warned of and is no model: walked as a plain directory, its snapshots'
+/// links would look like a model named `snapshots/{commit}` of no size.
 pub(super) fn repo(dir: &Path) -> Option<Repo> {
     let name = dir.file_name()?.to_str()?;
-    let repo = if let Some(rest) = name.strip_prefix("models--") {
-        // Repository names never hold `--`, so the first one ends the organisation.
-        let id = match rest.split_once("--") {
-            Some((org, name)) => format!("{org}/{name}"),
-            None => rest.to_owned(),
-        };
-        let plain = id
-            .split('/')
-            .all(|part| !part.is_empty() && part != "." && part != "..");
-        if !plain {
-            return None;
-        }
-        Repo::Model(id)
-    } else if name.starts_with("datasets--") || name.starts_with("spaces--") {
-        Repo::Other
-    } else {
+    let model = name.strip_prefix("models--");
+    let other = name.starts_with("datasets--") || name.starts_with("spaces--");
+    if model.is_none() && !other {
         return None;
-    };
+    }
     let snapshots = fs::symlink_metadata(dir.join("snapshots")).ok()?;
-    snapshots.is_dir().then_some(repo)
+    if !snapshots.is_dir() {
+        return None;
+    }
+    let Some(rest) = model else {
+        return Some(Repo::Other);
+    };
+    // Repository names never hold `--`, so the first one ends the organisation.
+    let id = match rest.split_once("--") {
+        Some((org, name)) => format!("{org}/{name}"),
+        None => rest.to_owned(),
+    };
+    let plain = id
+        .split('/')
+        .all(|part| !part.is_empty() && part != "." && part != "..");
+    if !plain {
+        warn!(repo = %dir.display(), "cache repository's name gives no model id; not served");
+        return Some(Repo::Other);
+    }
+    Some(Repo::Model(id))
 }
 
 /// The snapshot of the repository at `repo` that is its model, with the files it reaches

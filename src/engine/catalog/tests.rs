@@ -232,10 +232,15 @@ fn an_incomplete_download_is_not_a_model() {
 }
 
 #[test]
-fn datasets_and_spaces_are_not_models() {
+fn datasets_spaces_and_repos_without_a_name_are_not_models() {
     let dir = tempfile::tempdir().unwrap();
-    for kind in ["datasets", "spaces"] {
-        let repo = HubRepo::new(dir.path(), kind, "x", "y");
+    for (kind, org, name) in [
+        ("datasets", "x", "y"),
+        ("spaces", "x", "y"),
+        ("models", "x", ""),
+        ("models", "", ".."),
+    ] {
+        let repo = HubRepo::new(dir.path(), kind, org, name);
         repo.snapshot("r", 10);
         repo.refs_main("r");
     }
