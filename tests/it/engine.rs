@@ -241,7 +241,7 @@ async fn the_binary_serves_real_tokens_over_nats_and_recovers_from_a_runtime_kil
 }
 
 /// The pid of the Python runtime started by the worker process `parent`.
-fn runtime_child_pid(parent: u32) -> u32 {
+pub(crate) fn runtime_child_pid(parent: u32) -> u32 {
     // Each thread lists the children it started; tokio starts them from any worker thread.
     child_pids(parent)
         .into_iter()
@@ -304,7 +304,7 @@ async fn embedded_mode_starts_its_own_nats_server_and_stops_it() {
 }
 
 /// The children of process `parent`, over all its threads.
-fn child_pids(parent: u32) -> Vec<u32> {
+pub(crate) fn child_pids(parent: u32) -> Vec<u32> {
     std::fs::read_dir(format!("/proc/{parent}/task"))
         .unwrap()
         .flatten()

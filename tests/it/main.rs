@@ -30,4 +30,5 @@ mod sessions;
 mod tls;
 mod transport;
 mod warmup;
+mod watch;
 mod worker;

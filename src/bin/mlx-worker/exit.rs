@@ -9,6 +9,11 @@ use mlx_worker::config::{Flags, WorkerConfig};
 pub(crate) const EX_USAGE: u8 = 64;
 /// A service is unavailable: the message server, the MLX runtime, the embedded nats-server.
 pub(crate) const EX_UNAVAILABLE: u8 = 69;
+/// The MLX runtime kept failing after the worker served: its restarts within
+/// `runtime.restartWindowMs` reached `runtime.maxRestarts`. The worker deregistered and
+/// drained first; a supervisor that restarts on failure should restart it (a fresh process
+/// has a fresh budget), which a worker left running and serving nothing would never get.
+pub(crate) const EX_SOFTWARE: u8 = 70;
 /// The state directory or the worker id cannot be written.
 pub(crate) const EX_CANTCREAT: u8 = 73;
 /// The link to the message server was lost and the reconnect attempts

@@ -5,11 +5,13 @@
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use mlx_worker::clock::{Clock, SystemClock};
 use mlx_worker::config::{Flags, NatsConfig, WorkerConfig};
 use mlx_worker::engine::mlx::MlxEngine;
+use mlx_worker::engine::{Engine, EngineHealth};
 use mlx_worker::hardware::{self, HardwareProbe, HostProfile, HostSample};
 use mlx_worker::identity::{self, Identity};
 use mlx_worker::instance::{self, InstanceError, StateLock};
@@ -22,8 +24,8 @@ use tokio::net::TcpListener;
 use tracing::{error, info, warn};
 
 use crate::exit::{
-    EX_CANTCREAT, EX_FORCED, EX_IOERR, EX_NOPERM, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE,
-    config_or_exit,
+    EX_CANTCREAT, EX_FORCED, EX_IOERR, EX_NOPERM, EX_SOFTWARE, EX_TEMPFAIL, EX_UNAVAILABLE,
+    EX_USAGE, config_or_exit,
 };
 use crate::logs;
 
@@ -287,9 +289,25 @@ async fn serve(config: WorkerConfig, worker_id: String) -> ExitCode {
     ));
     let (forced_tx, mut forced_rx) = tokio::sync::oneshot::channel::<()>();
     let mut signals = Signals::new();
+    let mut health = engine.health();
+    let engine_gave_up = Arc::new(AtomicBool::new(false));
+    let gave_up = engine_gave_up.clone();
     let shutdown = async move {
-        signals.next().await;
-        info!("stop requested: draining (another signal, a second or more later, forces the exit)");
+        tokio::select! {
+            () = signals.next() => info!(
+                "stop requested: draining (another signal, a second or more later, forces the exit)"
+            ),
+            // Down before any stop began: the runtime's restart budget is spent. A worker that
+            // serves nothing leaves, so that its own supervisor can start it afresh.
+            Ok(_) = health.wait_for(|h| *h == EngineHealth::Down) => {
+                gave_up.store(true, Ordering::Relaxed);
+                error!(
+                    exit_code = EX_SOFTWARE,
+                    "the MLX runtime keeps failing and its restart budget is spent: deregistering, \
+                     draining and exiting"
+                );
+            }
+        }
         // The runtime serves the drain; if it exits now, it is not started again.
         engine.begin_stop();
         tokio::spawn(async move {
@@ -320,6 +338,7 @@ async fn serve(config: WorkerConfig, worker_id: String) -> ExitCode {
                 );
                 ExitCode::from(EX_IOERR)
             }
+            Ok(_) if engine_gave_up.load(Ordering::Relaxed) => ExitCode::from(EX_SOFTWARE),
             Ok(report) => {
                 info!(
                     requests = report.dispatch.metrics.total,

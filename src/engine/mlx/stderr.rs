@@ -11,6 +11,9 @@
 #[cfg(test)]
 mod tests;
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
 use tokio::io::BufReader;
 use tokio::process::ChildStderr;
 use tokio::sync::oneshot;
@@ -23,8 +26,50 @@ const READY_LINE: &str = "MLX Runtime ready";
 /// Longest stderr line forwarded to the log.
 const STDERR_LINE_BYTES_MAX: usize = 64 * 1024;
 
-/// Forwards the child's stderr lines into the log and reports its readiness line.
-pub(super) async fn forward(stderr: ChildStderr, ready: oneshot::Sender<()>) {
+/// Lines the tail keeps.
+const TAIL_LINES: usize = 12;
+/// Longest line the tail keeps, in bytes (longer ones are cut).
+const TAIL_LINE_BYTES_MAX: usize = 400;
+
+/// The child's last stderr lines, for the message when it dies before it is ready.
+#[derive(Debug, Default)]
+pub(super) struct Tail {
+    lines: Mutex<VecDeque<String>>,
+}
+
+impl Tail {
+    fn push(&self, line: &str) {
+        let mut cut = line.len().min(TAIL_LINE_BYTES_MAX);
+        while !line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let Ok(mut lines) = self.lines.lock() else {
+            return;
+        };
+        if lines.len() == TAIL_LINES {
+            lines.pop_front();
+        }
+        lines.push_back(line[..cut].to_owned());
+    }
+
+    /// The lines kept, oldest first, joined with ` | `; empty when there were none.
+    pub(super) fn text(&self) -> String {
+        self.lines
+            .lock()
+            .map(|lines| {
+                lines
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Forwards the child's stderr lines into the log, keeps the last ones in `tail` and reports
+/// its readiness line; returns at the end of the pipe.
+pub(super) async fn forward(stderr: ChildStderr, ready: oneshot::Sender<()>, tail: Arc<Tail>) {
     let mut ready = Some(ready);
     let mut reader = BufReader::new(stderr);
     let mut buf = Vec::new();
@@ -40,6 +85,9 @@ pub(super) async fn forward(stderr: ChildStderr, ready: oneshot::Sender<()>) {
                     let _ = tx.send(());
                 }
                 log(levels.level(text), text);
+                if !text.is_empty() {
+                    tail.push(text);
+                }
             }
             Ok(Line::TooLong { len }) => warn!(len, "runtime: (stderr line too long, skipped)"),
             Ok(Line::Eof) | Err(_) => return,

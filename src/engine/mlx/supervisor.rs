@@ -41,8 +41,19 @@ use crate::engine::rpc::{GetInfo, GetState, Info};
 use crate::engine::{CacheState, EngineError, EngineHealth, LoadedModel};
 use crate::limits::{INFLIGHT_REQUESTS_MAX, RUNTIME_STREAMS_LIVE_DEFAULT};
 
-/// Period of the liveness ping.
-const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// Period of the liveness ping (`runtime/info`, which the runtime's read loop answers without
+/// waiting for generation).
+const PING_INTERVAL: Duration = Duration::from_secs(2);
+/// How long a liveness ping waits for its answer.
+const PING_TIMEOUT: Duration = Duration::from_secs(3);
+/// Pings in a row left unanswered before the runtime counts as hung: one can be a long pause
+/// of the runtime's interpreter, two are not. A hung runtime is found within
+/// `PING_INTERVAL + PING_MISSES * PING_TIMEOUT` (8 s), then killed and restarted.
+const PING_MISSES: u32 = 2;
+/// Read the prefix caches' figures every this many pings (10 s).
+const CACHE_READ_EVERY: u32 = 5;
+/// How long, once a child has exited during its start-up, its last stderr lines get to arrive.
+const STDERR_DRAIN: Duration = Duration::from_millis(500);
 /// First restart delay; doubles per consecutive restart up to [`RESTART_DELAY_MAX`].
 const RESTART_DELAY_MIN: Duration = Duration::from_millis(250);
 /// Longest restart delay.
@@ -258,19 +269,42 @@ async fn run_child(
         return "the runtime's pipes are missing".to_owned();
     };
     let (ready_tx, ready_rx) = oneshot::channel();
-    let stderr_task = tokio::spawn(stderr::forward(stderr, ready_tx));
+    let tail = Arc::new(stderr::Tail::default());
+    let mut stderr_task = tokio::spawn(stderr::forward(stderr, ready_tx, tail.clone()));
     let (conn, pipes) = Conn::start(stdin, stdout, runtime.figures.clone());
-    let outcome = serve(runtime, stop, first, &mut child, &conn, ready_rx).await;
-    // Whatever ended the child's run, make sure it is gone: its stdin closes (it exits by
-    // itself on end of input), then it is killed if it lingers.
+    let end = serve(runtime, stop, first, &mut child, &conn, ready_rx).await;
+    // Whatever ended the child's run, make sure it is gone: a hung child is killed at once;
+    // any other gets its stdin closed (it exits by itself on end of input), then is killed if
+    // it lingers.
     drop(conn);
     pipes.close_stdin();
-    if timeout(EXIT_GRACE, child.wait()).await.is_err() {
+    if matches!(end, End::Hung(_)) || timeout(EXIT_GRACE, child.wait()).await.is_err() {
         let _ = child.kill().await;
     }
     pipes.stop_reading();
+    let outcome = match end {
+        End::DuringStartup(reason) => {
+            // Its last words are in the pipe still, or on their way to the log.
+            let _ = timeout(STDERR_DRAIN, &mut stderr_task).await;
+            match tail.text() {
+                words if words.is_empty() => format!("{reason}; it wrote nothing on stderr"),
+                words => format!("{reason}; its last stderr lines: {words}"),
+            }
+        }
+        End::Hung(reason) | End::Other(reason) => reason,
+    };
     stderr_task.abort();
     outcome
+}
+
+/// How a child's run ended.
+enum End {
+    /// It exited before it was ready.
+    DuringStartup(String),
+    /// It stopped answering the liveness ping.
+    Hung(String),
+    /// Anything else: it exited while serving, failed its readiness, or the engine stopped.
+    Other(String),
 }
 
 /// Brings a started child up, then watches it until it exits, stops answering or `stop`
@@ -282,7 +316,7 @@ async fn serve(
     child: &mut Child,
     conn: &Arc<Conn>,
     ready_line: oneshot::Receiver<()>,
-) -> String {
+) -> End {
     let config = &runtime.config;
     let pid = child.id().unwrap_or(0);
     let readiness = ready(
@@ -294,9 +328,16 @@ async fn serve(
     let info = tokio::select! {
         outcome = readiness => match outcome {
             Ok(info) => info,
-            Err(reason) => return reason,
+            Err(reason) => return End::Other(reason),
         },
-        () = stop.cancelled() => return "stopped while starting".to_owned(),
+        // A child that dies while starting is seen at once, not at the start-up timeout.
+        status = child.wait() => {
+            return End::DuringStartup(match status {
+                Ok(s) => format!("the runtime exited during its start-up ({s})"),
+                Err(e) => format!("cannot wait for the starting runtime: {e}"),
+            });
+        }
+        () = stop.cancelled() => return End::Other("stopped while starting".to_owned()),
     };
     runtime
         .streams_max
@@ -308,22 +349,33 @@ async fn serve(
     }
     let mut ping = tokio::time::interval(PING_INTERVAL);
     ping.tick().await;
+    let (mut pings, mut missed) = (0u32, 0u32);
     loop {
         tokio::select! {
             status = child.wait() => {
-                return match status {
+                return End::Other(match status {
                     Ok(s) => format!("the runtime exited ({s})"),
                     Err(e) => format!("cannot wait for the runtime: {e}"),
-                };
+                });
             }
-            () = stop.cancelled() => return "stopped".to_owned(),
+            () = stop.cancelled() => return End::Other("stopped".to_owned()),
             _ = ping.tick() => {
-                if let Err(err @ CallError::TimedOut(_)) =
-                    conn.call(&GetInfo {}, config.call_timeout).await
-                {
-                    return format!("the runtime stopped answering ({err:?})");
+                pings = pings.wrapping_add(1);
+                match conn.call(&GetInfo {}, PING_TIMEOUT).await {
+                    Err(CallError::TimedOut(_)) => {
+                        missed += 1;
+                        warn!(missed, timeout_ms = crate::clock::millis(PING_TIMEOUT), "the runtime did not answer its liveness ping");
+                        if missed >= PING_MISSES {
+                            return End::Hung(format!(
+                                "the runtime stopped answering: {missed} liveness pings in a row got no answer within {} ms",
+                                crate::clock::millis(PING_TIMEOUT)
+                            ));
+                        }
+                        continue;
+                    }
+                    _ => missed = 0,
                 }
-                if conn.features().prefix_cache {
+                if conn.features().prefix_cache && pings % CACHE_READ_EVERY == 0 {
                     read_caches(runtime, conn).await;
                 }
             }
@@ -394,7 +446,13 @@ async fn ready(
     limit: Duration,
 ) -> Result<Info, String> {
     let deadline = clock.now() + limit;
-    if tokio::time::timeout_at(deadline, ready_line).await.is_err() {
+    let line = async {
+        if ready_line.await.is_err() {
+            // Its stderr ended without the line: it is exiting, which the caller sees.
+            std::future::pending::<()>().await;
+        }
+    };
+    if tokio::time::timeout_at(deadline, line).await.is_err() {
         return Err(format!(
             "no readiness line within {} ms",
             crate::clock::millis(limit)

@@ -16,11 +16,20 @@ use crate::clock::SystemClock;
 /// How long any one awaited event may take.
 const PATIENCE: Duration = Duration::from_secs(20);
 
-/// The stand-in runtime; `{starts}` is the file each start appends its pid to.
+/// The stand-in runtime; `{starts}` is the file each start appends its pid and time to. The
+/// start whose number `{die_at}` holds (when it exists) kills itself before it is ready.
 const FAKE_RUNTIME: &str = r#"#!/usr/bin/env python3
-import json, os, sys
+import json, os, sys, time
 with open("{starts}", "a") as f:
-    f.write(f"{os.getpid()}\n")
+    f.write(f"{os.getpid()} {time.time()}\n")
+if os.path.exists("{die_at}"):
+    with open("{starts}") as f:
+        start = len(f.read().splitlines())
+    with open("{die_at}") as f:
+        if str(start) == f.read().strip():
+            sys.stderr.write("dying while starting\n")
+            sys.stderr.flush()
+            os.kill(os.getpid(), 9)
 sys.stderr.write("MLX Runtime ready\n")
 sys.stderr.flush()
 for line in sys.stdin:
@@ -59,7 +68,8 @@ impl Fake {
             &script,
             FAKE_RUNTIME
                 .replace("{starts}", starts.to_str().unwrap())
-                .replace("{loads}", loads.to_str().unwrap()),
+                .replace("{loads}", loads.to_str().unwrap())
+                .replace("{die_at}", dir.path().join("die_at").to_str().unwrap()),
         )
         .unwrap();
         let model = dir.path().join("models/org/m");
@@ -80,6 +90,20 @@ impl Fake {
         config.model_dirs = vec![self.dir.path().join("models")];
         config.restart_window = Duration::from_secs(60);
         config
+    }
+
+    /// Makes the runtime's start number `n` (from 1) kill itself before it is ready.
+    fn die_at_start(&self, n: usize) {
+        std::fs::write(self.dir.path().join("die_at"), n.to_string()).unwrap();
+    }
+
+    /// When each start began, seconds since the epoch.
+    fn start_times(&self) -> Vec<f64> {
+        std::fs::read_to_string(self.dir.path().join("starts"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(1)?.parse().ok())
+            .collect()
     }
 
     /// How many times the runtime started.
@@ -236,5 +260,65 @@ async fn a_model_of_any_model_directory_loads_from_its_place() {
         fake.dir.path().join("models/org/m").canonicalize().unwrap(),
     ];
     assert_eq!(paths, expected.map(|p| p.display().to_string()));
+    engine.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A runtime that dies while it starts is seen at once, not at the start-up timeout, and
+/// what it last wrote on stderr says why.
+#[tokio::test]
+async fn a_runtime_that_dies_while_starting_is_seen_at_once_with_its_last_words() {
+    let fake = Fake::new();
+    let mut config = fake.config();
+    config.startup_timeout = Duration::from_secs(600);
+    config.command = Some(
+        [
+            "sh",
+            "-c",
+            "echo 'Traceback (most recent call last):' >&2; \
+             echo \"ModuleNotFoundError: No module named 'mlx'\" >&2; exit 3",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    let started = MlxEngine::start(config, BatchSizes::default(), Arc::new(SystemClock));
+    let outcome = timeout(PATIENCE, started)
+        .await
+        .expect("the failed start is reported long before the start-up timeout");
+    let Err(StartError::Failed { reason }) = outcome else {
+        panic!("the start did not fail as it should");
+    };
+    assert!(
+        reason.contains("exited during its start-up")
+            && reason.contains("exit status: 3")
+            && reason.contains("No module named 'mlx'"),
+        "{reason}"
+    );
+}
+
+/// A restarted runtime killed before it is ready is seen at once and started again after the
+/// restart delay, not after the start-up timeout.
+#[tokio::test]
+async fn a_runtime_killed_while_restarting_is_started_again_within_two_seconds() {
+    let fake = Fake::new();
+    let mut config = fake.config();
+    config.startup_timeout = Duration::from_secs(600);
+    let started = MlxEngine::start(config, BatchSizes::default(), Arc::new(SystemClock));
+    let engine = timeout(PATIENCE, started).await.unwrap().unwrap();
+    fake.die_at_start(2);
+    let mut health = engine.health();
+    crash(&engine).await;
+    timeout(
+        PATIENCE,
+        health.wait_for(|h| matches!(h, EngineHealth::Up { .. }) && fake.starts() == 3),
+    )
+    .await
+    .expect("the runtime is back long before the start-up timeout")
+    .unwrap();
+    let times = fake.start_times();
+    let between = times[2] - times[1];
+    assert!(
+        between < 2.0,
+        "the third start came {between:.2} s after the second, which died while starting"
+    );
     engine.shutdown(Duration::from_secs(5)).await;
 }

@@ -112,3 +112,23 @@ fn a_traceback_without_a_record_is_info() {
         ("KeyError: 'x'", Level::INFO),
     ]);
 }
+
+#[test]
+fn the_tail_keeps_the_last_lines_each_cut_to_its_bound() {
+    let tail = Tail::default();
+    assert_eq!(tail.text(), "");
+    for n in 0..20 {
+        tail.push(&format!("line {n}"));
+    }
+    let text = tail.text();
+    assert!(text.starts_with("line 8 | line 9"), "{text}");
+    assert!(text.ends_with("line 19"), "{text}");
+    tail.push(&"é".repeat(300));
+    let last = tail
+        .text()
+        .rsplit(" | ")
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(last.len() <= TAIL_LINE_BYTES_MAX && last.chars().all(|c| c == 'é'));
+}
