@@ -75,6 +75,8 @@ pub const PREFIX_CACHE_BYTES_MAX: u64 = 1 << 50;
 /// Longest a session's prefix cache entry may stay pinned (`runtime.sessionTtlMs`): a week,
 /// the runtime's own bound.
 pub const SESSION_TTL_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest period of the model directories' rescan (a day).
+pub const MODEL_RESCAN_MAX: Duration = Duration::from_secs(24 * 3600);
 /// Most words of `runtime.command`, and of variables in `runtime.env`.
 pub const RUNTIME_COMMAND_WORDS_MAX: usize = 64;
 /// Longest word of `runtime.command`, name or value of `runtime.env`, in bytes.

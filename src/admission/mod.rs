@@ -98,6 +98,12 @@ pub enum Event<T> {
         /// The time.
         now: Instant,
     },
+    /// The models served are now `models` (id → tier): a rescan of the model directories
+    /// found models added or gone. Requests already taken go on.
+    Models {
+        /// Every model served.
+        models: HashMap<String, ModelTier>,
+    },
     /// The engine runs at most `streams_max` requests of `model` at once (a load said so):
     /// the model's running limit falls to it when it is lower. Requests already running go on.
     ModelCapacity {
@@ -264,6 +270,7 @@ impl<T: Clone> Admission<T> {
             Event::ModelCapacity { model, streams_max } => {
                 self.lower_model_limit(&model, streams_max);
             }
+            Event::Models { models } => self.models = models,
             Event::DrainStarted => self.draining = true,
             Event::AbortAll => self.abort_all(&mut out),
         }

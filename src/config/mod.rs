@@ -57,6 +57,8 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default longest wait for a listener on `response.{requestId}` before the first message.
 pub const DEFAULT_LATE_SUBSCRIBER_WAIT: Duration = Duration::from_secs(2);
+/// Default period of the model directories' rescan.
+pub const DEFAULT_MODEL_RESCAN: Duration = Duration::from_secs(60);
 /// Default NATS server when none is configured and the embedded server is used.
 pub const DEFAULT_EMBEDDED_PORT: u16 = 4222;
 /// Default NATS client ping interval: a dead link is noticed within two of these.
@@ -256,6 +258,10 @@ pub struct NodeConfig {
     /// Shortest time from a request's receipt to the first message of its stream, whoever
     /// listens (a tap on `response.>` passes the listener check for everybody).
     pub late_subscriber_min_delay: Duration,
+    /// How often the model directories are scanned again (added and deleted models show in
+    /// the next registration; withdrawn models due for a retry are loaded again); `None`:
+    /// never (`worker.modelRescanMs: 0`).
+    pub model_rescan: Option<Duration>,
     /// Requests running at once; `None` takes the hardware recommendation.
     pub inflight_max: Option<usize>,
     /// Requests waiting at most.

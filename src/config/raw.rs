@@ -164,6 +164,8 @@ pub(super) struct RawWorker {
     pub(super) late_subscriber_wait_ms: Option<u64>,
     #[serde(alias = "late_subscriber_min_delay_ms")]
     pub(super) late_subscriber_min_delay_ms: Option<u64>,
+    #[serde(alias = "model_rescan_ms")]
+    pub(super) model_rescan_ms: Option<u64>,
     #[serde(alias = "reregister_every_heartbeats")]
     pub(super) reregister_every_heartbeats: Option<u32>,
     #[serde(alias = "degraded_error_ratio")]

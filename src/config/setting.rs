@@ -364,6 +364,14 @@ settings! {
         help: "Time a drain gives running and queued requests, milliseconds",
         set: |c, v| c.worker.drain_timeout_ms = Some(v),
     },
+    ModelRescanMs {
+        key: "worker.modelRescanMs",
+        env: "MODEL_RESCAN_MS",
+        flag: Some("--model-rescan-ms"),
+        kind: MILLIS,
+        help: "How often the model directories are scanned again, milliseconds (0: never)",
+        set: |c, v| c.worker.model_rescan_ms = Some(v),
+    },
     LateSubscriberMinDelayMs {
         key: "worker.lateSubscriberMinDelayMs",
         env: "LATE_SUBSCRIBER_MIN_DELAY_MS",

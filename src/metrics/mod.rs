@@ -36,7 +36,8 @@ pub enum Outcome {
 
 impl Outcome {
     /// Whether this outcome tells of a fault of the worker or its engine (as opposed to the
-    /// client's input, a cancel, load shedding or shutdown); only these make a worker degraded.
+    /// client's input, a cancel, load shedding, shutdown, or one model that cannot be loaded,
+    /// which is withdrawn instead); only these make a worker degraded.
     pub fn is_fault(self) -> bool {
         match self {
             Outcome::Success => false,
@@ -45,7 +46,6 @@ impl Outcome {
                 code,
                 ErrorCode::EngineError
                     | ErrorCode::EngineCrashed
-                    | ErrorCode::ModelLoadFailed
                     | ErrorCode::Timeout
                     | ErrorCode::InternalError
             ),

@@ -76,6 +76,28 @@ pub struct InfoResponse {
     pub description: String,
     /// Its endpoints.
     pub endpoints: Vec<EndpointInfo>,
+    /// This worker's addition: the models it leaves out of its registrations because their
+    /// load failed, by id (absent when there are none).
+    #[serde(
+        rename = "withdrawnModels",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub withdrawn_models: BTreeMap<String, WithdrawnModel>,
+}
+
+/// A model withdrawn after a failed load.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WithdrawnModel {
+    /// The last load's failure, as the engine told it (the host's paths left out).
+    pub reason: String,
+    /// When the last load failed, Unix milliseconds.
+    pub failed_at: u64,
+    /// Loads failed in a row.
+    pub failures: u32,
+    /// When it is retried, Unix milliseconds.
+    pub retry_at: u64,
 }
 
 /// Figures of one endpoint.

@@ -23,10 +23,11 @@ use super::request::{self, Abort, Finished, Job, RequestContext};
 use super::responder::{Responder, Window};
 use crate::admission::{Action, Admission, Arrival, Ending, Event};
 use crate::config::GenerationDefaults;
-use crate::engine::GenerateRequest;
+use crate::engine::{Catalog, GenerateRequest};
 use crate::limits::{FAULT_MIN_SAMPLES, FAULT_WINDOW, REFUSAL_TASKS_MAX};
 use crate::metrics::{Collector, Outcome, RequestRecord, Snapshot};
 use crate::mutation::Mutation;
+use crate::plan::model_size::planned_tier;
 use crate::protocol::request::{RequestLimits, ValidRequest, decode_cancel, decode_request};
 use crate::protocol::{self, ErrorCode, ErrorMessage};
 use crate::transport::InboundMessage;
@@ -392,6 +393,17 @@ impl Dispatcher {
             let model = model.clone();
             self.feed(Event::ModelCapacity { model, streams_max }, None);
         }
+    }
+
+    /// The models on disk changed: requests for a new one are taken (at its tier), requests for
+    /// one gone are refused; what runs or waits goes on.
+    pub(crate) fn on_models(&mut self, catalog: &Catalog) {
+        let models = catalog
+            .models
+            .iter()
+            .map(|(id, entry)| (id.clone(), planned_tier(&entry.facts(id))))
+            .collect();
+        self.feed(Event::Models { models }, None);
     }
 
     /// Stops taking new requests; accepted ones go on.

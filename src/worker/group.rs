@@ -50,6 +50,34 @@ impl ModelGroups {
         }
     }
 
+    /// Joins the groups of those of `models` the worker is not in yet (a rescan found them).
+    /// The groups of models gone from disk are kept: leaving one could lose a request routed
+    /// to it in the last round trip, and their requests are refused as for any model not
+    /// served.
+    pub(crate) async fn add<'a>(
+        &mut self,
+        transport: &Arc<dyn Transport>,
+        models: impl IntoIterator<Item = &'a String>,
+    ) {
+        for model in models {
+            let subject = model_inference(model);
+            if self.subjects.contains(&subject) {
+                continue;
+            }
+            match transport
+                .subscribe(subject.clone(), Some(MODEL_QUEUE_GROUP.to_owned()))
+                .await
+            {
+                Ok(sub) => {
+                    info!(%subject, "joined a new model's queue group");
+                    self.subs.push(sub);
+                }
+                Err(err) => warn!(%subject, cause = %err, "cannot join a model group"),
+            }
+            self.subjects.push(subject);
+        }
+    }
+
     /// Whether the worker is in no group (it serves no model).
     pub(crate) fn is_empty(&self) -> bool {
         self.subs.is_empty()

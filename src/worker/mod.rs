@@ -19,6 +19,7 @@
 mod dispatcher;
 mod figures;
 mod group;
+mod health;
 mod observer;
 mod phase;
 mod presence;
@@ -54,7 +55,7 @@ use crate::metrics::models::RateMeter;
 use crate::metrics::telemetry::Telemetry;
 use crate::mutation::{Mutation, Mutations};
 use crate::plan::{Plan, ServedModel};
-use crate::protocol::{self, ModelSkills, WorkerDeregistration, subject};
+use crate::protocol::{self, WorkerDeregistration, subject};
 use crate::transport::{Subscription, Transport, TransportError};
 
 use dispatcher::Dispatcher;
@@ -198,6 +199,7 @@ impl Worker {
             }
         };
         let (profile, catalog, plan) = self.plan().await;
+        let catalogs = watch::Sender::new(catalog.clone());
         let (finished_tx, finished) = mpsc::channel::<Finished>(INFLIGHT_REQUESTS_MAX);
         let ctx = Arc::new(RequestContext {
             transport: self.deps.transport.clone(),
@@ -213,13 +215,15 @@ impl Worker {
         // Before anything can load a model, so the dispatcher hears of every load.
         let capacities = ctx.loader.capacities();
         let mut dispatcher = self.dispatcher(&plan, ctx.clone());
-        let background = self.start_background(&profile, &catalog, &plan, ctx);
+        let models = catalogs.subscribe();
+        let background = self.start_background(&profile, &plan, ctx, catalogs);
         let mut intake = Intake {
             inference,
             cancel,
             groups: ModelGroups::new(catalog.models.keys()),
             finished,
             capacities,
+            models,
         };
         intake.groups.join(&self.deps.transport).await;
         self.serve(&mut dispatcher, &mut intake, shutdown).await;
@@ -283,13 +287,13 @@ impl Worker {
         )
     }
 
-    /// Spawns the presence, service discovery and preload tasks.
+    /// Spawns the presence, service discovery, preload and model rescan tasks.
     fn start_background(
         &self,
         profile: &HostProfile,
-        catalog: &Catalog,
         plan: &Plan,
         ctx: Arc<RequestContext>,
+        catalogs: watch::Sender<Catalog>,
     ) -> Background {
         let deps = &self.deps;
         let background = Background {
@@ -299,7 +303,8 @@ impl Worker {
         let (rates, rates_seen) = watch::channel(BTreeMap::new());
         let presence = Presence {
             config: self.config.clone(),
-            announcement: self.announcement(profile, catalog, plan),
+            announcement: self.announcement(profile, plan, catalogs.subscribe()),
+            health: ctx.loader.health.clone(),
             transport: deps.transport.clone(),
             clock: deps.clock.clone(),
             hardware: deps.hardware.clone(),
@@ -326,12 +331,19 @@ impl Worker {
             started_ms: deps.clock.unix_millis(),
             engine: deps.engine.clone(),
             rates: rates_seen,
+            health: ctx.loader.health.clone(),
         };
         background.tasks.spawn(
             service
                 .run(background.stop.clone())
                 .instrument(info_span!("service")),
         );
+        if let Some(every) = self.config.model_rescan {
+            background.tasks.spawn(
+                rescan(ctx.clone(), catalogs, every, background.stop.clone())
+                    .instrument(info_span!("rescan")),
+            );
+        }
         self.preloaded.send_replace(self.preload.is_empty());
         let preloaded = self.preloaded.clone();
         let models = self.preload.clone();
@@ -346,21 +358,17 @@ impl Worker {
         background
     }
 
-    /// What the registration says about this worker.
-    fn announcement(&self, profile: &HostProfile, catalog: &Catalog, plan: &Plan) -> Announcement {
+    /// What the registration says about this worker; its skills follow `catalogs`.
+    fn announcement(
+        &self,
+        profile: &HostProfile,
+        plan: &Plan,
+        catalogs: watch::Receiver<Catalog>,
+    ) -> Announcement {
         let clock = &self.deps.clock;
         Announcement {
             identity: self.identity.clone(),
-            skills: ModelSkills {
-                available_models: catalog.models.keys().cloned().collect(),
-                model_paths: catalog
-                    .models
-                    .iter()
-                    .map(|(id, m)| (id.clone(), m.path.display().to_string()))
-                    .collect::<BTreeMap<_, _>>(),
-                total_model_size: catalog.total_size_bytes(),
-                last_scanned: clock.unix_millis(),
-            },
+            catalogs,
             hardware: plan.hardware_wire(profile, clock.unix_millis()),
             capabilities: plan.capabilities.clone(),
         }
@@ -412,6 +420,13 @@ impl Worker {
                 Ok(()) = intake.capacities.changed() => {
                     let capacities = intake.capacities.borrow_and_update().clone();
                     dispatcher.on_capacities(&capacities);
+                }
+                Ok(()) = intake.models.changed() => {
+                    let catalog = intake.models.borrow_and_update().clone();
+                    dispatcher.on_models(&catalog);
+                    if serving {
+                        intake.groups.add(&self.deps.transport, catalog.models.keys()).await;
+                    }
                 }
                 () = sleep_until_opt(queued_deadline) => dispatcher.expire_queued(),
                 () = sleep_until_opt(fault_aging) => dispatcher.age_faults(),
@@ -543,6 +558,8 @@ struct Intake {
     finished: mpsc::Receiver<Finished>,
     /// What the engine's loads said of each model's capacity (the loader sends it).
     capacities: watch::Receiver<BTreeMap<String, usize>>,
+    /// The models on disk, as the last scan found them (the rescan sends it).
+    models: watch::Receiver<Catalog>,
 }
 
 /// The presence, service discovery and preload tasks of one run.
@@ -580,9 +597,73 @@ async fn preload(
         if *lifecycle.borrow() != Lifecycle::Ready {
             return;
         }
-        match ctx.loader.ensure(&ctx.engine, &model).await {
+        match ctx.loader.ensure(&ctx.engine, &ctx.clock, &model).await {
             Ok(loaded) => info!(model = %loaded.model_id, "preloaded"),
             Err(err) => warn!(%model, cause = %err, "preload failed"),
+        }
+    }
+}
+
+/// Scans the model directories every `every` until `stop` fires: a change (a model added,
+/// deleted or moved) goes to `catalogs`, which the registrations, the dispatcher and the model
+/// groups follow; withdrawn models no longer on disk are forgotten, and those due for a retry
+/// are loaded again, one at a time.
+async fn rescan(
+    ctx: Arc<RequestContext>,
+    catalogs: watch::Sender<Catalog>,
+    every: std::time::Duration,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let catalog = match ctx.engine.catalog().await {
+            Ok(catalog) => catalog,
+            Err(err) => {
+                warn!(cause = %err, "the model rescan failed; keeping the models as they were");
+                continue;
+            }
+        };
+        let health = &ctx.loader.health;
+        health.retain(|model| catalog.models.contains_key(model));
+        catalogs.send_if_modified(|current| {
+            if *current == catalog {
+                return false;
+            }
+            let added: Vec<&String> = catalog
+                .models
+                .keys()
+                .filter(|m| !current.models.contains_key(*m))
+                .collect();
+            let removed: Vec<&String> = current
+                .models
+                .keys()
+                .filter(|m| !catalog.models.contains_key(*m))
+                .collect();
+            info!(
+                ?added,
+                ?removed,
+                models = catalog.models.len(),
+                "the model directories changed"
+            );
+            *current = catalog.clone();
+            true
+        });
+        for model in health.due(ctx.clock.now()) {
+            if stop.is_cancelled() {
+                return;
+            }
+            info!(%model, "retrying a withdrawn model");
+            if ctx
+                .loader
+                .load(&ctx.engine, &ctx.clock, &model)
+                .await
+                .is_ok()
+            {
+                info!(%model, "the withdrawn model loaded; it is served again");
+            }
         }
     }
 }

@@ -46,10 +46,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::figures::{Figures, count, model_metrics, round2};
+use super::health::ModelHealth;
 use crate::backoff::{self, Backoff};
 use crate::clock::Clock;
 use crate::config::NodeConfig;
-use crate::engine::{Engine, EngineHealth};
+use crate::engine::{Catalog, Engine, EngineHealth};
 use crate::hardware::HardwareProbe;
 use crate::identity::Identity;
 use crate::lifecycle::{Lifecycle, LifecycleCell};
@@ -66,19 +67,43 @@ use crate::protocol::{
 };
 use crate::transport::{ConnectionState, InboundMessage, Subscription, Transport, TransportError};
 
-/// What the registration says about the worker, fixed at start.
+/// What the registration says about the worker: fixed at start but for its models, which
+/// follow the model directories' scans.
 #[derive(Clone, Debug)]
 pub(crate) struct Announcement {
     pub(crate) identity: Identity,
-    pub(crate) skills: ModelSkills,
+    /// The models on disk, as the last scan found them.
+    pub(crate) catalogs: watch::Receiver<Catalog>,
     pub(crate) hardware: HardwareProfile,
     pub(crate) capabilities: WorkerCapabilities,
+}
+
+impl Announcement {
+    /// The skills a registration announces now: every model on disk but the withdrawn ones.
+    fn skills(&self, health: &ModelHealth, now_ms: u64) -> ModelSkills {
+        let catalog = self.catalogs.borrow();
+        let withdrawn = health.withdrawn();
+        let served = catalog
+            .models
+            .iter()
+            .filter(|(id, _)| !withdrawn.contains_key(*id));
+        ModelSkills {
+            available_models: served.clone().map(|(id, _)| id.clone()).collect(),
+            model_paths: served
+                .map(|(id, m)| (id.clone(), m.path.display().to_string()))
+                .collect(),
+            total_model_size: catalog.total_size_bytes(),
+            last_scanned: now_ms,
+        }
+    }
 }
 
 /// The presence task's parts.
 pub(crate) struct Presence {
     pub(crate) config: NodeConfig,
     pub(crate) announcement: Announcement,
+    /// The withdrawn models, left out of the registrations.
+    pub(crate) health: Arc<ModelHealth>,
     pub(crate) transport: Arc<dyn Transport>,
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) hardware: Arc<dyn HardwareProbe>,
@@ -196,12 +221,20 @@ impl Presence {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
         ticker.tick().await; // The first tick is immediate; the first heartbeat is already sent.
         let mut beats: u32 = 0;
+        // A model withdrawn or restored, added or gone: the next tick registers, whatever
+        // `reregisterEveryHeartbeats` says.
+        let mut withdrawn = self.health.changes();
+        let mut catalogs = self.announcement.catalogs.clone();
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
                 _ = ticker.tick() => {
                     beats = beats.wrapping_add(1);
-                    if beats.is_multiple_of(self.config.reregister_every)
+                    let models_changed = withdrawn.has_changed().unwrap_or(false)
+                        || catalogs.has_changed().unwrap_or(false);
+                    withdrawn.mark_unchanged();
+                    catalogs.mark_unchanged();
+                    if (models_changed || beats.is_multiple_of(self.config.reregister_every))
                         && self.lifecycle.get() == Lifecycle::Ready
                         && let Err(err) = self.register().await
                     {
@@ -262,18 +295,19 @@ impl Presence {
             self.config.degraded_error_ratio,
         );
         let a = &self.announcement;
+        let now_ms = self.clock.unix_millis();
         WorkerRegistration {
             worker_id: a.identity.worker_id.clone(),
             hostname: a.identity.hostname.clone(),
             ip: a.identity.ip.clone(),
             port: a.identity.port,
-            skills: a.skills.clone(),
+            skills: a.skills(&self.health, now_ms),
             hardware: a.hardware.clone(),
             capabilities: a.capabilities.clone(),
             tags: self.config.tags.clone(),
             priority: self.config.priority,
             status,
-            timestamp: self.clock.unix_millis(),
+            timestamp: now_ms,
         }
     }
 

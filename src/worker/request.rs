@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use super::health::ModelHealth;
 use super::responder::{Failure, Responder, Sent, Window};
 use crate::clock::{Clock, millis};
 use crate::engine::{Engine, EngineError, GenerateRequest, LoadedModel, PromptUsage, TokenEvent};
@@ -53,20 +54,67 @@ impl Abort {
     }
 }
 
-/// Loads models, sharing one load among the requests that need the same model at once.
+/// Loads models, sharing one load among the requests that need the same model at once, and
+/// keeps each model's health: a model whose load failed is withdrawn ([`ModelHealth`]) and
+/// not loaded again until its retry.
 #[derive(Default)]
 pub(crate) struct Loader {
     in_flight: Mutex<HashMap<String, SharedLoad>>,
     /// How many requests of each model the engine runs at once, as its last load said; the
     /// run loop hands changes to the dispatcher, which lowers the model's running limit.
     capacities: watch::Sender<BTreeMap<String, usize>>,
+    /// The withdrawn models.
+    pub(crate) health: Arc<ModelHealth>,
 }
 
 type SharedLoad = Shared<BoxFuture<'static, Result<LoadedModel, EngineError>>>;
 
 impl Loader {
-    /// Ensures `model` is loaded; concurrent callers wait on the same load.
+    /// Ensures `model` is loaded; concurrent callers wait on the same load. A withdrawn model
+    /// is refused with its load's reason, without loading it again.
     pub(crate) async fn ensure(
+        self: &Arc<Self>,
+        engine: &Arc<dyn Engine>,
+        clock: &Arc<dyn Clock>,
+        model: &str,
+    ) -> Result<LoadedModel, EngineError> {
+        if let Some(w) = self.health.withdrawal(model) {
+            return Err(EngineError::LoadFailed {
+                model: model.to_owned(),
+                reason: format!(
+                    "withdrawn after {} failed load(s), retried in {} s: {}",
+                    w.failures,
+                    w.retry_at
+                        .saturating_sub(clock.unix_millis())
+                        .div_ceil(1000),
+                    w.reason
+                ),
+            });
+        }
+        self.load(engine, clock, model).await
+    }
+
+    /// Loads `model`, withdrawn or not (its retry); records how it went.
+    pub(crate) async fn load(
+        self: &Arc<Self>,
+        engine: &Arc<dyn Engine>,
+        clock: &Arc<dyn Clock>,
+        model: &str,
+    ) -> Result<LoadedModel, EngineError> {
+        let result = self.shared_load(engine, model).await;
+        match &result {
+            Ok(_) => self.health.loaded(model),
+            Err(EngineError::LoadFailed { reason, .. }) => {
+                warn!(%model, %reason, "the model failed to load; it is withdrawn until its retry");
+                self.health
+                    .failed(model, reason, clock.now(), clock.unix_millis());
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    async fn shared_load(
         self: &Arc<Self>,
         engine: &Arc<dyn Engine>,
         model: &str,
@@ -265,7 +313,11 @@ async fn stream(
     responder: &mut Responder,
     progress: &mut Progress,
 ) -> End {
-    if let Err(err) = ctx.loader.ensure(&ctx.engine, &job.generate.model_id).await {
+    if let Err(err) = ctx
+        .loader
+        .ensure(&ctx.engine, &ctx.clock, &job.generate.model_id)
+        .await
+    {
         return End::Failed(err.code(), err.to_string());
     }
     let mut tokens = match ctx.engine.generate(job.generate.clone()).await {

@@ -16,12 +16,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::figures::{Figures, model_metrics};
+use super::health::ModelHealth;
 use crate::engine::Engine;
 use crate::metrics::models::ModelRates;
 use crate::metrics::telemetry::{self, Telemetry};
 use crate::protocol::service::{
     EndpointInfo, EndpointStats, InfoResponse, PingResponse, SERVICE_NAME, ServiceHeader,
-    StatsResponse, rfc3339, subjects,
+    StatsResponse, WithdrawnModel, rfc3339, subjects,
 };
 use crate::protocol::{self, subject};
 use crate::transport::{Subscription, Transport};
@@ -39,6 +40,8 @@ pub(crate) struct Service {
     pub(crate) engine: Arc<dyn Engine>,
     /// The rates of each model at the last heartbeat.
     pub(crate) rates: watch::Receiver<BTreeMap<String, ModelRates>>,
+    /// The withdrawn models, which `$SRV.INFO` lists with their reasons.
+    pub(crate) health: Arc<ModelHealth>,
 }
 
 impl Service {
@@ -105,6 +108,20 @@ impl Service {
             header: self.header("info_response"),
             description: "MLX inference worker: tokens stream on response.<requestId>".to_owned(),
             endpoints: vec![self.endpoint()],
+            withdrawn_models: self
+                .health
+                .withdrawn()
+                .into_iter()
+                .map(|(model, w)| {
+                    let shown = WithdrawnModel {
+                        reason: w.reason,
+                        failed_at: w.failed_at,
+                        failures: w.failures,
+                        retry_at: w.retry_at,
+                    };
+                    (model, shown)
+                })
+                .collect(),
         }
     }
 

@@ -40,6 +40,12 @@ pub(crate) async fn mlx_engine(batch_sizes: BatchSizes) -> MlxEngine {
         .expect("the MLX runtime starts")
 }
 
+/// The real runtime with `config`, each model at its tier's default batch size, shared.
+pub(crate) async fn started(config: EngineConfig) -> Arc<MlxEngine> {
+    let engine = MlxEngine::start(config, BatchSizes::default(), Arc::new(SystemClock));
+    Arc::new(engine.await.expect("the MLX runtime starts"))
+}
+
 fn generate(stream_id: &str, max_tokens: u32) -> GenerateRequest {
     GenerateRequest {
         stream_id: stream_id.to_owned(),

@@ -16,6 +16,7 @@ mod engine;
 mod faults;
 mod flood;
 mod group;
+mod health;
 mod http;
 mod instance;
 mod logging;

@@ -7,17 +7,14 @@
 // first token: request sent → first token read, the first request against the median of the
 // next ones (same run, same prompt shape, the worker's default sampling).
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use mlx_worker::clock::{Clock, SystemClock};
-use mlx_worker::engine::mlx::MlxEngine;
 use mlx_worker::engine::{Engine, EngineHealth};
-use mlx_worker::plan::recommendation::BatchSizes;
 use mlx_worker::protocol::StreamMessage;
 use serde_json::json;
 
-use crate::engine::engine_config;
+use crate::engine::{engine_config, started};
 use testkit::runtime::TINY;
 use testkit::*;
 
@@ -52,11 +49,7 @@ async fn the_first_request_after_preload_is_as_fast_as_the_steady_state() {
     config
         .env
         .insert("TMPDIR".to_owned(), kernels.path().display().to_string());
-    let engine = Arc::new(
-        MlxEngine::start(config, BatchSizes::default(), Arc::new(SystemClock))
-            .await
-            .expect("the MLX runtime starts"),
-    );
+    let engine = started(config).await;
     let server = NatsServer::start().await;
     let client = Controller::connect(&server.url()).await;
     let worker = RunningWorker::start(

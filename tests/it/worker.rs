@@ -275,7 +275,10 @@ async fn engine_failures_and_timeouts_end_with_one_error() {
         error_code(&client.infer("w-fault", request("load", 3)).await),
         "MODEL_LOAD_FAILED"
     );
-    assert_complete(&client.infer("w-fault", request("ok", 3)).await, 3);
+    // The model is withdrawn until its retry: the next request is refused at once, saying so.
+    let refused = client.infer("w-fault", request("withdrawn", 3)).await;
+    assert_eq!(error_code(&refused), "MODEL_LOAD_FAILED");
+    assert!(format!("{refused:?}").contains("withdrawn after 1 failed load"));
     worker.stop().await;
 }
 

@@ -147,7 +147,8 @@ fn engine_hang_script(w: &mut World) -> Run {
 }
 
 /// The engine crashes mid-stream, then a generation fails mid-stream, then a load fails: each
-/// request ends with one error, and the worker serves again afterwards.
+/// request ends with one error; the model whose load failed is withdrawn (refused at once)
+/// until the rescan retries it, and the worker serves it again afterwards.
 fn engine_crash_mid_stream_script(w: &mut World) -> Run {
     ready(w)?;
     w.engine_fault(Fault::CrashAfter {
@@ -172,8 +173,14 @@ fn engine_crash_mid_stream_script(w: &mut World) -> Run {
     w.subscribe_response("c3");
     w.send_request("c3", 3);
     w.run_for(ms(500))?;
+    // The model is withdrawn: refused at once, without a load, until the rescan retries it
+    // (its first retry is due 30 s after the failure; the rescan runs every 60 s).
     w.subscribe_response("c4");
     w.send_request("c4", 3);
+    w.run_for(ms(800))?;
+    w.run_for(ms(60_000))?;
+    w.subscribe_response("c5");
+    w.send_request("c5", 3);
     w.run_for(ms(800))?;
     Ok([
         expect(
@@ -188,7 +195,14 @@ fn engine_crash_mid_stream_script(w: &mut World) -> Run {
             terminal(w, "c3").as_deref() == Some("MODEL_LOAD_FAILED"),
             format!("c3 ended {:?}", terminal(w, "c3")),
         ),
-        expect(terminal(w, "c4").as_deref() == Some("done"), "c4 completed"),
+        expect(
+            terminal(w, "c4").as_deref() == Some("MODEL_LOAD_FAILED"),
+            format!("c4 (the model withdrawn) ended {:?}", terminal(w, "c4")),
+        ),
+        expect(
+            terminal(w, "c5").as_deref() == Some("done"),
+            "c5 completed once the rescan's retry loaded the model",
+        ),
     ]
     .into_iter()
     .flatten()
