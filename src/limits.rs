@@ -75,6 +75,10 @@ pub const PREFIX_CACHE_BYTES_MAX: u64 = 1 << 50;
 /// Longest a session's prefix cache entry may stay pinned (`runtime.sessionTtlMs`): a week,
 /// the runtime's own bound.
 pub const SESSION_TTL_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Longest keep-alive of an unused model (a week).
+pub const KEEP_ALIVE_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Largest model memory budget (1 PiB).
+pub const MODEL_MEMORY_BYTES_MAX: u64 = 1 << 50;
 /// Longest period of the model directories' rescan (a day).
 pub const MODEL_RESCAN_MAX: Duration = Duration::from_secs(24 * 3600);
 /// Most words of `runtime.command`, and of variables in `runtime.env`.

@@ -57,6 +57,8 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default longest wait for a listener on `response.{requestId}` before the first message.
 pub const DEFAULT_LATE_SUBSCRIBER_WAIT: Duration = Duration::from_secs(2);
+/// Default time a model may go unused before it is unloaded (Ollama's default keep-alive).
+pub const DEFAULT_KEEP_ALIVE: Duration = Duration::from_secs(300);
 /// Default period of the model directories' rescan.
 pub const DEFAULT_MODEL_RESCAN: Duration = Duration::from_secs(60);
 /// Default NATS server when none is configured and the embedded server is used.
@@ -262,6 +264,13 @@ pub struct NodeConfig {
     /// the next registration; withdrawn models due for a retry are loaded again); `None`:
     /// never (`worker.modelRescanMs: 0`).
     pub model_rescan: Option<Duration>,
+    /// How long a model may go unused before it is unloaded (`worker.keepAliveMs`); `None`:
+    /// models stay loaded. Preloaded models always stay.
+    pub keep_alive: Option<Duration>,
+    /// The bytes the loaded models' weights may take (`worker.modelMemoryBytes`); `None`: the
+    /// memory the hardware plan makes available. A load beyond it evicts idle models, least
+    /// recently used first, or is refused with `RESOURCE_LIMIT_EXCEEDED`.
+    pub model_memory_bytes: Option<u64>,
     /// Requests running at once; `None` takes the hardware recommendation.
     pub inflight_max: Option<usize>,
     /// Requests waiting at most.

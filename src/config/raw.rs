@@ -166,6 +166,10 @@ pub(super) struct RawWorker {
     pub(super) late_subscriber_min_delay_ms: Option<u64>,
     #[serde(alias = "model_rescan_ms")]
     pub(super) model_rescan_ms: Option<u64>,
+    #[serde(alias = "keep_alive_ms")]
+    pub(super) keep_alive_ms: Option<u64>,
+    #[serde(alias = "model_memory_bytes")]
+    pub(super) model_memory_bytes: Option<u64>,
     #[serde(alias = "reregister_every_heartbeats")]
     pub(super) reregister_every_heartbeats: Option<u32>,
     #[serde(alias = "degraded_error_ratio")]

@@ -364,6 +364,23 @@ settings! {
         help: "Time a drain gives running and queued requests, milliseconds",
         set: |c, v| c.worker.drain_timeout_ms = Some(v),
     },
+    KeepAliveMs {
+        key: "worker.keepAliveMs",
+        env: "KEEP_ALIVE_MS",
+        flag: Some("--keep-alive-ms"),
+        kind: MILLIS,
+        help: "How long a model may go unused before it is unloaded, milliseconds (0: never)",
+        set: |c, v| c.worker.keep_alive_ms = Some(v),
+    },
+    ModelMemoryBytes {
+        key: "worker.modelMemoryBytes",
+        env: "MODEL_MEMORY_BYTES",
+        flag: Some("--model-memory-bytes"),
+        kind: BYTES,
+        help: "Bytes the loaded models' weights may take (default: the memory the hardware plan \
+               makes available)",
+        set: |c, v| c.worker.model_memory_bytes = Some(v),
+    },
     ModelRescanMs {
         key: "worker.modelRescanMs",
         env: "MODEL_RESCAN_MS",

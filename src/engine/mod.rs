@@ -182,6 +182,12 @@ pub enum EngineError {
         /// Why.
         reason: String,
     },
+    /// Loading the model would pass a resource bound (the memory the worker gives models).
+    #[error("{reason}")]
+    ResourceLimit {
+        /// The figures.
+        reason: String,
+    },
     /// An engine call did not answer in time.
     #[error("the engine did not answer {call} within {millis} ms")]
     TimedOut {
@@ -199,6 +205,7 @@ impl EngineError {
             EngineError::ModelNotFound { .. } => ErrorCode::ModelNotFound,
             EngineError::LoadFailed { .. } => ErrorCode::ModelLoadFailed,
             EngineError::Rejected { .. } => ErrorCode::InvalidRequest,
+            EngineError::ResourceLimit { .. } => ErrorCode::ResourceLimitExceeded,
             EngineError::Generation { .. } | EngineError::TimedOut { .. } => ErrorCode::EngineError,
             EngineError::Crashed { .. } | EngineError::Unavailable { .. } => {
                 ErrorCode::EngineCrashed

@@ -68,6 +68,8 @@ pub struct MetricsView {
     pub inter_token: HistogramReading,
     /// Batching figures by model id.
     pub models: BTreeMap<String, ModelLoad>,
+    /// Models unloaded: (model, reason, times).
+    pub model_unloads: Vec<(String, &'static str, u64)>,
 }
 
 fn outcome_label(outcome: Outcome) -> &'static str {
@@ -269,6 +271,15 @@ fn encode_latencies(v: &MetricsView, e: &mut DescriptorEncoder) -> Result<(), st
 fn encode_models(v: &MetricsView, e: &mut DescriptorEncoder) -> Result<(), std::fmt::Error> {
     let gauge = ConstGauge::new;
     let counter = ConstCounter::new;
+    family(
+        e,
+        "model_unloads",
+        "Models unloaded, by reason: idle (past worker.keepAliveMs) or evicted (to fit another \
+         model within worker.modelMemoryBytes).",
+        v.model_unloads
+            .iter()
+            .map(|(m, r, n)| ([("model", m.as_str()), ("reason", *r)], counter(*n))),
+    )?;
     family(
         e,
         "model_requests_running",

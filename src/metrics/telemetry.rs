@@ -92,6 +92,8 @@ pub struct Telemetry {
     pub id_conflicts: AtomicU64,
     /// Times the engine went from up to restarting.
     pub engine_restarts: AtomicU64,
+    /// Models unloaded, by (model, reason).
+    pub model_unloads: std::sync::Mutex<std::collections::BTreeMap<(String, &'static str), u64>>,
 }
 
 impl Default for Telemetry {
@@ -104,7 +106,41 @@ impl Default for Telemetry {
             registrations_sent: AtomicU64::new(0),
             id_conflicts: AtomicU64::new(0),
             engine_restarts: AtomicU64::new(0),
+            model_unloads: std::sync::Mutex::default(),
         }
+    }
+}
+
+impl Telemetry {
+    /// Counts an unload of `model` for `reason` (at most [`crate::limits::MODEL_LABELS_MAX`]
+    /// models are told apart; the rest count under `other`).
+    pub fn unloaded(&self, model: &str, reason: &'static str) {
+        let mut unloads = self
+            .model_unloads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let known = unloads.keys().any(|(m, _)| m == model);
+        let distinct = unloads
+            .keys()
+            .map(|(m, _)| m.as_str())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        let model = if known || distinct < crate::limits::MODEL_LABELS_MAX {
+            model
+        } else {
+            "other"
+        };
+        *unloads.entry((model.to_owned(), reason)).or_default() += 1;
+    }
+
+    /// The unload counts, by (model, reason).
+    pub fn unloads(&self) -> Vec<(String, &'static str, u64)> {
+        self.model_unloads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .map(|((m, r), n)| (m.clone(), *r, *n))
+            .collect()
     }
 }
 

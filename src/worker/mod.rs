@@ -20,6 +20,7 @@ mod dispatcher;
 mod figures;
 mod group;
 mod health;
+mod keeper;
 mod observer;
 mod phase;
 mod presence;
@@ -61,6 +62,7 @@ use crate::transport::{Subscription, Transport, TransportError};
 use dispatcher::Dispatcher;
 use figures::Figures;
 use group::ModelGroups;
+use keeper::Keeper;
 use phase::Phase;
 use presence::{Announcement, Presence};
 use request::{Finished, Loader, RequestContext};
@@ -205,7 +207,7 @@ impl Worker {
             transport: self.deps.transport.clone(),
             engine: self.deps.engine.clone(),
             clock: self.deps.clock.clone(),
-            loader: Arc::new(Loader::default()),
+            loader: Arc::new(Loader::new(Arc::new(self.keeper(&plan, &catalogs)))),
             late_subscriber_wait: self.config.late_subscriber_wait,
             late_subscriber_min_delay: self.config.late_subscriber_min_delay,
             finished: finished_tx,
@@ -228,6 +230,19 @@ impl Worker {
         intake.groups.join(&self.deps.transport).await;
         self.serve(&mut dispatcher, &mut intake, shutdown).await;
         Ok(self.stop(dispatcher, intake, background).await)
+    }
+
+    /// Which models stay loaded: the preloaded ones, the others until their keep-alive; within
+    /// the configured model memory, or the memory the plan makes available.
+    fn keeper(&self, plan: &Plan, catalogs: &watch::Sender<Catalog>) -> Keeper {
+        let planned = (plan.capabilities.available_memory_gb * f64::from(1u32 << 30)) as u64;
+        Keeper::new(
+            self.preload.iter().cloned(),
+            self.config.keep_alive,
+            self.config.model_memory_bytes.unwrap_or(planned),
+            catalogs.subscribe(),
+            self.telemetry.clone(),
+        )
     }
 
     /// The host's profile, the engine's models and the plan for both.
@@ -338,6 +353,24 @@ impl Worker {
                 .run(background.stop.clone())
                 .instrument(info_span!("service")),
         );
+        if let Some(every) = ctx.loader.keeper.check_every() {
+            let (ctx, stop) = (ctx.clone(), background.stop.clone());
+            background.tasks.spawn(
+                async move {
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(every) => {}
+                        }
+                        ctx.loader
+                            .keeper
+                            .unload_idle(&ctx.engine, ctx.clock.now())
+                            .await;
+                    }
+                }
+                .instrument(info_span!("keep-alive")),
+            );
+        }
         if let Some(every) = self.config.model_rescan {
             background.tasks.spawn(
                 rescan(ctx.clone(), catalogs, every, background.stop.clone())

@@ -86,6 +86,7 @@ impl Observer {
             time_to_first_token: t.time_to_first_token.read(),
             inter_token: t.inter_token.read(),
             models,
+            model_unloads: t.unloads(),
         }
     }
 }

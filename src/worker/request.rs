@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::health::ModelHealth;
+use super::keeper::Keeper;
 use super::responder::{Failure, Responder, Sent, Window};
 use crate::clock::{Clock, millis};
 use crate::engine::{Engine, EngineError, GenerateRequest, LoadedModel, PromptUsage, TokenEvent};
@@ -56,8 +57,7 @@ impl Abort {
 
 /// Loads models, sharing one load among the requests that need the same model at once, and
 /// keeps each model's health: a model whose load failed is withdrawn ([`ModelHealth`]) and
-/// not loaded again until its retry.
-#[derive(Default)]
+/// not loaded again until its retry. Before a load, the [`Keeper`] makes room for it.
 pub(crate) struct Loader {
     in_flight: Mutex<HashMap<String, SharedLoad>>,
     /// How many requests of each model the engine runs at once, as its last load said; the
@@ -65,11 +65,23 @@ pub(crate) struct Loader {
     capacities: watch::Sender<BTreeMap<String, usize>>,
     /// The withdrawn models.
     pub(crate) health: Arc<ModelHealth>,
+    /// Which models stay loaded.
+    pub(crate) keeper: Arc<Keeper>,
 }
 
 type SharedLoad = Shared<BoxFuture<'static, Result<LoadedModel, EngineError>>>;
 
 impl Loader {
+    /// A loader whose loads `keeper` makes room for.
+    pub(crate) fn new(keeper: Arc<Keeper>) -> Loader {
+        Loader {
+            in_flight: Mutex::default(),
+            capacities: watch::Sender::default(),
+            health: Arc::default(),
+            keeper,
+        }
+    }
+
     /// Ensures `model` is loaded; concurrent callers wait on the same load. A withdrawn model
     /// is refused with its load's reason, without loading it again.
     pub(crate) async fn ensure(
@@ -101,7 +113,10 @@ impl Loader {
         clock: &Arc<dyn Clock>,
         model: &str,
     ) -> Result<LoadedModel, EngineError> {
-        let result = self.shared_load(engine, model).await;
+        let result = match self.keeper.make_room(engine, model).await {
+            Ok(_room) => self.shared_load(engine, model).await,
+            Err(err) => Err(err),
+        };
         match &result {
             Ok(_) => self.health.loaded(model),
             Err(EngineError::LoadFailed { reason, .. }) => {
@@ -313,6 +328,8 @@ async fn stream(
     responder: &mut Responder,
     progress: &mut Progress,
 ) -> End {
+    // Held to the end of the stream: the model is in use, so neither idle nor evicted.
+    let _in_use = ctx.loader.keeper.hold(&job.generate.model_id, &ctx.clock);
     if let Err(err) = ctx
         .loader
         .ensure(&ctx.engine, &ctx.clock, &job.generate.model_id)

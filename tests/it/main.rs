@@ -19,6 +19,7 @@ mod group;
 mod health;
 mod http;
 mod instance;
+mod keepalive;
 mod logging;
 mod operator;
 mod outage;

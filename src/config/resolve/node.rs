@@ -14,16 +14,16 @@ use crate::config::raw::{
 use crate::config::setting::IP_ADDR;
 use crate::config::{
     ConfigError, DEFAULT_DEGRADED_ERROR_RATIO, DEFAULT_DRAIN_TIMEOUT, DEFAULT_HEARTBEAT_INTERVAL,
-    DEFAULT_HTTP_BIND_ADDRESS, DEFAULT_LATE_SUBSCRIBER_WAIT, DEFAULT_MAX_TOKENS,
-    DEFAULT_MODEL_RESCAN, DEFAULT_PORT, DEFAULT_PRIORITY, DEFAULT_QUEUE_DEPTH,
+    DEFAULT_HTTP_BIND_ADDRESS, DEFAULT_KEEP_ALIVE, DEFAULT_LATE_SUBSCRIBER_WAIT,
+    DEFAULT_MAX_TOKENS, DEFAULT_MODEL_RESCAN, DEFAULT_PORT, DEFAULT_PRIORITY, DEFAULT_QUEUE_DEPTH,
     DEFAULT_REQUEST_TIMEOUT, DEFAULT_REREGISTER_EVERY_HEARTBEATS, DEFAULT_STATE_DIR,
     DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationDefaults, NodeConfig,
 };
 use crate::limits::{
-    DRAIN_TIMEOUT_MAX, HEARTBEAT_INTERVAL_MIN, INFLIGHT_REQUESTS_MAX,
-    LATE_SUBSCRIBER_MIN_DELAY_MAX, LATE_SUBSCRIBER_WAIT_MAX, MAX_TOKENS_MAX, MODEL_RESCAN_MAX,
-    NATS_PAYLOAD_BYTES_MAX, PROMPT_BYTES_MAX, QUEUE_DEPTH_MAX, REQUEST_TIMEOUT_MAX, TAG_BYTES_MAX,
-    TAGS_MAX,
+    DRAIN_TIMEOUT_MAX, HEARTBEAT_INTERVAL_MIN, INFLIGHT_REQUESTS_MAX, KEEP_ALIVE_MAX,
+    LATE_SUBSCRIBER_MIN_DELAY_MAX, LATE_SUBSCRIBER_WAIT_MAX, MAX_TOKENS_MAX,
+    MODEL_MEMORY_BYTES_MAX, MODEL_RESCAN_MAX, NATS_PAYLOAD_BYTES_MAX, PROMPT_BYTES_MAX,
+    QUEUE_DEPTH_MAX, REQUEST_TIMEOUT_MAX, TAG_BYTES_MAX, TAGS_MAX,
 };
 use crate::plan::{ModelTier, TierLimit, UnknownTier};
 use crate::protocol::request::RequestLimits;
@@ -92,6 +92,18 @@ pub(super) fn resolve_node(
             MODEL_RESCAN_MAX,
         )?)
         .filter(|d| !d.is_zero()),
+        keep_alive: Some(millis_or(
+            "worker.keepAliveMs",
+            w.keep_alive_ms,
+            DEFAULT_KEEP_ALIVE,
+            Duration::ZERO,
+            KEEP_ALIVE_MAX,
+        )?)
+        .filter(|d| !d.is_zero()),
+        model_memory_bytes: w
+            .model_memory_bytes
+            .map(|n| bounded("worker.modelMemoryBytes", n, 1, MODEL_MEMORY_BYTES_MAX))
+            .transpose()?,
         inflight_max: w
             .max_concurrent
             .map(|v| bounded("worker.maxConcurrent", v, 1, INFLIGHT_REQUESTS_MAX))
