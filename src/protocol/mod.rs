@@ -11,6 +11,7 @@
 //! and the limit. This module owns the shapes and the checks, not what the worker does with them.
 
 mod body;
+pub mod control;
 pub mod request;
 pub mod service;
 pub mod subject;

@@ -24,6 +24,12 @@ pub fn cancel(worker_id: &str) -> String {
     format!("worker.{worker_id}.cancel")
 }
 
+/// Model control for one worker (extension): `worker.{workerId}.models`, request/reply.
+pub fn models(worker_id: &str) -> String {
+    debug_assert!(check_token(worker_id).is_ok());
+    format!("worker.{worker_id}.models")
+}
+
 /// The response stream of one request: `response.{requestId}`.
 pub fn response(request_id: &str) -> String {
     debug_assert!(check_token(request_id).is_ok());

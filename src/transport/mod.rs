@@ -158,6 +158,20 @@ pub trait Transport: Send + Sync + 'static {
     /// Waits until everything published so far has been written to the server.
     async fn flush(&self) -> Result<(), TransportError>;
 
+    /// Publishes `payload` on `subject` as a request and returns the first reply, waiting at
+    /// most `patience`. A transport without request/reply refuses.
+    async fn request(
+        &self,
+        subject: String,
+        payload: Bytes,
+        patience: std::time::Duration,
+    ) -> Result<Bytes, TransportError> {
+        let _ = (subject, payload, patience);
+        Err(TransportError::Refused {
+            reason: "this transport has no request/reply".to_owned(),
+        })
+    }
+
     /// The connection state, updated as the link goes down and comes back.
     fn connection(&self) -> watch::Receiver<ConnectionState>;
 }

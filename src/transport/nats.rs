@@ -545,6 +545,19 @@ impl Transport for NatsTransport {
             .map_err(|_| TransportError::Disconnected)
     }
 
+    async fn request(
+        &self,
+        subject: String,
+        payload: Bytes,
+        patience: Duration,
+    ) -> Result<Bytes, TransportError> {
+        NatsTransport::request(self, subject, payload, patience)
+            .await?
+            .ok_or_else(|| TransportError::Refused {
+                reason: "nobody answers on that subject".to_owned(),
+            })
+    }
+
     fn connection(&self) -> watch::Receiver<ConnectionState> {
         self.state.clone()
     }

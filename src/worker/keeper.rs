@@ -25,6 +25,8 @@ use crate::metrics::telemetry::Telemetry;
 pub(crate) const IDLE: &str = "idle";
 /// See [`IDLE`].
 pub(crate) const EVICTED: &str = "evicted";
+/// See [`IDLE`]: an operator asked, on the control subject.
+pub(crate) const REQUESTED: &str = "requested";
 
 /// How a model has been used.
 #[derive(Clone, Copy, Debug)]
@@ -40,6 +42,8 @@ pub(crate) struct Keeper {
     uses: Mutex<HashMap<String, Use>>,
     /// Models that never go idle: the preloaded ones.
     kept: BTreeSet<String>,
+    /// Models pinned on the control subject: kept too.
+    pinned: Mutex<BTreeSet<String>>,
     keep_alive: Option<Duration>,
     budget: u64,
     catalogs: watch::Receiver<Catalog>,
@@ -61,6 +65,7 @@ impl Keeper {
         Keeper {
             uses: Mutex::new(HashMap::new()),
             kept: kept.into_iter().collect(),
+            pinned: Mutex::default(),
             keep_alive,
             budget,
             catalogs,
@@ -71,6 +76,65 @@ impl Keeper {
 
     fn uses(&self) -> MutexGuard<'_, HashMap<String, Use>> {
         self.uses.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn pins(&self) -> MutexGuard<'_, BTreeSet<String>> {
+        self.pinned.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether `model` stays loaded whatever its use: preloaded or pinned.
+    fn is_kept(&self, model: &str) -> bool {
+        self.kept.contains(model) || self.pins().contains(model)
+    }
+
+    /// Whether `model` was preloaded.
+    pub(crate) fn is_preloaded(&self, model: &str) -> bool {
+        self.kept.contains(model)
+    }
+
+    /// Whether `model` is pinned.
+    pub(crate) fn is_pinned(&self, model: &str) -> bool {
+        self.pins().contains(model)
+    }
+
+    /// Pins `model` (kept loaded) or unpins it.
+    pub(crate) fn pin(&self, model: &str, pinned: bool) {
+        if pinned {
+            self.pins().insert(model.to_owned());
+        } else {
+            self.pins().remove(model);
+        }
+    }
+
+    /// Requests using `model` now.
+    pub(crate) fn holders(&self, model: &str) -> usize {
+        self.uses().get(model).map_or(0, |u| u.holders)
+    }
+
+    /// Unloads `model` because an operator asked: refused while a request uses it. The model
+    /// is unpinned.
+    pub(crate) async fn unload(
+        &self,
+        engine: &Arc<dyn Engine>,
+        model: &str,
+    ) -> Result<(), EngineError> {
+        let _guard = self.making_room.lock().await;
+        let holders = self.holders(model);
+        if holders > 0 {
+            return Err(EngineError::Rejected {
+                reason: format!(
+                    "model {model:?} serves {holders} request(s); unload it once they have ended"
+                ),
+            });
+        }
+        self.pin(model, false);
+        if !loaded(engine).contains(model) {
+            return Ok(());
+        }
+        engine.unload(model).await?;
+        self.unloaded(model, REQUESTED);
+        info!(%model, "model unloaded on request");
+        Ok(())
     }
 
     /// Marks `model` in use until the returned guard is dropped.
@@ -122,7 +186,7 @@ impl Keeper {
             let uses = self.uses();
             loaded
                 .iter()
-                .filter(|m| !self.kept.contains(*m))
+                .filter(|m| !self.is_kept(m))
                 .filter_map(|m| match uses.get(m) {
                     Some(u) if u.holders > 0 => None,
                     Some(u) => Some((Some(u.last), m.clone())),
@@ -175,7 +239,7 @@ impl Keeper {
             let uses = self.uses();
             loaded(engine)
                 .into_iter()
-                .filter(|m| !self.kept.contains(m))
+                .filter(|m| !self.is_kept(m))
                 .filter(|m| match uses.get(m) {
                     Some(u) => {
                         u.holders == 0 && now.saturating_duration_since(u.last) >= keep_alive
@@ -225,7 +289,8 @@ impl Drop for InUse {
     }
 }
 
-fn loaded(engine: &Arc<dyn Engine>) -> BTreeSet<String> {
+/// The models the engine has loaded now.
+pub(crate) fn loaded(engine: &Arc<dyn Engine>) -> BTreeSet<String> {
     match &*engine.health().borrow() {
         EngineHealth::Up { loaded } => loaded.iter().cloned().collect(),
         _ => BTreeSet::new(),

@@ -16,6 +16,7 @@
 //! The worker reaches the outside only through [`Deps`]: the transport, the engine, the clock
 //! and the hardware probe.
 
+mod control;
 mod dispatcher;
 mod figures;
 mod group;
@@ -371,6 +372,17 @@ impl Worker {
                 .instrument(info_span!("keep-alive")),
             );
         }
+        let catalogs = Arc::new(catalogs);
+        let control = control::Control {
+            worker_id: self.identity.worker_id.clone(),
+            ctx: ctx.clone(),
+            catalogs: catalogs.clone(),
+        };
+        background.tasks.spawn(
+            control
+                .run(background.stop.clone())
+                .instrument(info_span!("control")),
+        );
         if let Some(every) = self.config.model_rescan {
             background.tasks.spawn(
                 rescan(ctx.clone(), catalogs, every, background.stop.clone())
@@ -637,13 +649,11 @@ async fn preload(
     }
 }
 
-/// Scans the model directories every `every` until `stop` fires: a change (a model added,
-/// deleted or moved) goes to `catalogs`, which the registrations, the dispatcher and the model
-/// groups follow; withdrawn models no longer on disk are forgotten, and those due for a retry
-/// are loaded again, one at a time.
+/// Scans the model directories every `every` until `stop` fires ([`scan_models`]), then
+/// loads again the withdrawn models due for a retry, one at a time.
 async fn rescan(
     ctx: Arc<RequestContext>,
-    catalogs: watch::Sender<Catalog>,
+    catalogs: Arc<watch::Sender<Catalog>>,
     every: std::time::Duration,
     stop: CancellationToken,
 ) {
@@ -652,39 +662,11 @@ async fn rescan(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        let catalog = match ctx.engine.catalog().await {
-            Ok(catalog) => catalog,
-            Err(err) => {
-                warn!(cause = %err, "the model rescan failed; keeping the models as they were");
-                continue;
-            }
-        };
-        let health = &ctx.loader.health;
-        health.retain(|model| catalog.models.contains_key(model));
-        catalogs.send_if_modified(|current| {
-            if *current == catalog {
-                return false;
-            }
-            let added: Vec<&String> = catalog
-                .models
-                .keys()
-                .filter(|m| !current.models.contains_key(*m))
-                .collect();
-            let removed: Vec<&String> = current
-                .models
-                .keys()
-                .filter(|m| !catalog.models.contains_key(*m))
-                .collect();
-            info!(
-                ?added,
-                ?removed,
-                models = catalog.models.len(),
-                "the model directories changed"
-            );
-            *current = catalog.clone();
-            true
-        });
-        for model in health.due(ctx.clock.now()) {
+        if let Err(err) = scan_models(&ctx, &catalogs).await {
+            warn!(cause = %err, "the model rescan failed; keeping the models as they were");
+            continue;
+        }
+        for model in ctx.loader.health.due(ctx.clock.now()) {
             if stop.is_cancelled() {
                 return;
             }
@@ -699,4 +681,41 @@ async fn rescan(
             }
         }
     }
+}
+
+/// Scans the model directories: a change (a model added, deleted or moved) goes to
+/// `catalogs`, which the registrations, the dispatcher and the model groups follow; withdrawn
+/// models no longer on disk are forgotten.
+pub(crate) async fn scan_models(
+    ctx: &RequestContext,
+    catalogs: &watch::Sender<Catalog>,
+) -> Result<(), crate::engine::EngineError> {
+    let catalog = ctx.engine.catalog().await?;
+    ctx.loader
+        .health
+        .retain(|model| catalog.models.contains_key(model));
+    catalogs.send_if_modified(|current| {
+        if *current == catalog {
+            return false;
+        }
+        let added: Vec<&String> = catalog
+            .models
+            .keys()
+            .filter(|m| !current.models.contains_key(*m))
+            .collect();
+        let removed: Vec<&String> = current
+            .models
+            .keys()
+            .filter(|m| !catalog.models.contains_key(*m))
+            .collect();
+        info!(
+            ?added,
+            ?removed,
+            models = catalog.models.len(),
+            "the model directories changed"
+        );
+        *current = catalog.clone();
+        true
+    });
+    Ok(())
 }

@@ -117,7 +117,7 @@ fn target(config: &WorkerConfig, args: &InferArgs) -> anyhow::Result<Target> {
 }
 
 /// A transport connected under `infer`'s own name, its link up.
-async fn connect(config: &WorkerConfig) -> anyhow::Result<NatsTransport> {
+pub(crate) async fn connect(config: &WorkerConfig) -> anyhow::Result<NatsTransport> {
     let nats = config.nats.for_command("infer", &identity::hostname());
     let transport = NatsTransport::connect(&nats).await?;
     let mut connection = transport.connection();

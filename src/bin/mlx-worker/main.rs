@@ -53,8 +53,9 @@ enum Command {
     Watch(WatchArgs),
     /// Print the detected hardware profile and concurrency recommendations as JSON.
     Probe(Flags),
-    /// List the models in the model directories as JSON.
-    Models(Flags),
+    /// List the models in the model directories as JSON; with an action and `--worker`, list,
+    /// load, unload, pin or unpin a running worker's models, or have it rescan.
+    Models(models::ModelsArgs),
     /// Configuration commands.
     Config {
         #[command(subcommand)]
@@ -86,7 +87,7 @@ fn main() -> ExitCode {
             Command::Infer(args) => infer::infer(args).await,
             Command::Watch(args) => watch::watch(args).await,
             Command::Probe(flags) => probe::probe(flags).await,
-            Command::Models(flags) => models::list(flags).await,
+            Command::Models(args) => models::models(args).await,
             Command::Config {
                 command: ConfigCommand::Check(flags),
             } => check::check(flags),
