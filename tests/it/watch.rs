@@ -108,3 +108,59 @@ async fn a_spent_restart_budget_deregisters_the_worker_and_exits_70() {
         .unwrap();
     assert_eq!(status.code(), Some(70));
 }
+
+/// The runtime's pid among the worker's children, other than `not`, once there is one.
+async fn new_runtime_pid(worker: u32, not: u32) -> u32 {
+    within("a new runtime process", async {
+        loop {
+            if let Some(pid) = crate::engine::child_pids(worker).into_iter().find(|pid| {
+                *pid != not
+                    && std::fs::read_to_string(format!("/proc/{pid}/cmdline"))
+                        .is_ok_and(|cmd| cmd.contains("mlx_runtime"))
+            }) {
+                return pid;
+            }
+            // A process start has no event to wait for: look again shortly.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runtime_killed_during_its_start_up_is_started_again_within_two_seconds() {
+    let server = NatsServer::start().await;
+    let client = Controller::connect(&server.url()).await;
+    let binary = WorkerProcess::serving_tiny(&worker_binary!(), &server.url(), "restarting");
+    client
+        .heartbeat_where("restarting", |hb| {
+            hb.metrics.models_loaded.contains(&TINY.to_owned())
+        })
+        .await;
+    let first = runtime_child_pid(binary.pid());
+    send_signal(first, "KILL");
+    // Its replacement, killed as soon as it exists: while it imports MLX, before it is ready.
+    let second = new_runtime_pid(binary.pid(), first).await;
+    send_signal(second, "KILL");
+    let clock = SystemClock;
+    let killed = clock.now();
+    let third = new_runtime_pid(binary.pid(), second).await;
+    let after = clock.now().saturating_duration_since(killed);
+    eprintln!("the runtime killed during its start-up was started again after {after:?}");
+    assert!(
+        after < Duration::from_secs(2),
+        "started again after {after:?}"
+    );
+    assert_ne!(third, first);
+    client
+        .heartbeat_where("restarting", |hb| hb.status == WorkerStatus::Online)
+        .await;
+    let after = client
+        .infer(
+            "restarting",
+            json!({"requestId": "after-restarts", "modelId": TINY, "prompt": "Hello", "maxTokens": 4}),
+        )
+        .await;
+    assert_done(&after);
+    assert_eq!(binary.terminate().await, 0);
+}
