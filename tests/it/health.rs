@@ -7,9 +7,11 @@
 // rescanning every 300 ms on a real nats-server; registrations and heartbeats awaited.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use mlx_worker::engine::Engine;
+use mlx_worker::engine::mlx::MlxEngine;
 use mlx_worker::protocol::{WorkerRegistration, WorkerStatus};
 use mlx_worker::transport::Subscription;
 use serde_json::json;
@@ -28,6 +30,21 @@ fn copy_model(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
         }
     }
+}
+
+/// A model directory of the tiny model and a "model" whose weights are not safetensors, the
+/// tiny model's own directory, and a runtime serving the first.
+async fn tiny_and_broken() -> (tempfile::TempDir, std::path::PathBuf, Arc<MlxEngine>) {
+    let models = tempfile::tempdir().unwrap();
+    let mut config = engine_config();
+    let tiny = config.model_dirs[0].join(TINY);
+    copy_model(&tiny, &models.path().join(TINY));
+    let broken = models.path().join(BROKEN);
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(tiny.join("config.json"), broken.join("config.json")).unwrap();
+    std::fs::write(broken.join("model.safetensors"), b"these are not weights").unwrap();
+    config.model_dirs = vec![models.path().to_owned()];
+    (models, tiny, started(config).await)
 }
 
 /// The next registration of the worker for which `pred` holds.
@@ -54,16 +71,8 @@ fn request(id: &str, model: &str) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_model_is_withdrawn_while_the_worker_serves_and_added_models_appear() {
-    let models = tempfile::tempdir().unwrap();
-    let mut config = engine_config();
-    let tiny = config.model_dirs[0].join(TINY);
-    copy_model(&tiny, &models.path().join(TINY));
+    let (models, tiny, engine) = tiny_and_broken().await;
     let broken = models.path().join(BROKEN);
-    std::fs::create_dir_all(&broken).unwrap();
-    std::fs::copy(tiny.join("config.json"), broken.join("config.json")).unwrap();
-    std::fs::write(broken.join("model.safetensors"), b"these are not weights").unwrap();
-    config.model_dirs = vec![models.path().to_owned()];
-    let engine = started(config).await;
     let server = NatsServer::start().await;
     let client = Controller::connect(&server.url()).await;
     let mut registrations = client.subscribe("worker.register").await;
@@ -137,6 +146,33 @@ async fn a_broken_model_is_withdrawn_while_the_worker_serves_and_added_models_ap
     assert_eq!(reg.skills.available_models, [TINY]);
     let refused = client.infer("health", request("a-2", ADDED)).await;
     assert_eq!(error_code(&refused), "MODEL_NOT_FOUND");
+    worker.stop().await;
+    engine.shutdown(std::time::Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_preload_leaves_its_model_unadvertised() {
+    let (_models, _, engine) = tiny_and_broken().await;
+    let server = NatsServer::start().await;
+    let client = Controller::connect(&server.url()).await;
+    let mut registrations = client.subscribe("worker.register").await;
+    let worker = RunningWorker::start(
+        "health",
+        &test_config(&server.url(), ""),
+        engine.clone(),
+        vec![BROKEN.to_owned(), TINY.to_owned()],
+    )
+    .await;
+    within("the preload's end", worker.observer.preload_ended()).await;
+    let reg = next_registration(
+        &mut registrations,
+        "a registration after the preload",
+        |r| !r.skills.available_models.iter().any(|m| m == BROKEN),
+    )
+    .await;
+    assert_eq!(reg.skills.available_models, [TINY]);
+    assert_eq!(reg.status, WorkerStatus::Online);
+    assert!(worker.observer.is_ready(), "the failed preload ended too");
     worker.stop().await;
     engine.shutdown(std::time::Duration::from_secs(5)).await;
 }
