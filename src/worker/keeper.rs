@@ -106,6 +106,15 @@ impl Keeper {
         }
     }
 
+    /// Records that `model` loaded at `now`: its keep-alive runs from here when no request
+    /// holds it (a load on the control subject, a retry).
+    pub(crate) fn loaded_at(&self, model: &str, now: Instant) {
+        self.uses().entry(model.to_owned()).or_insert(Use {
+            holders: 0,
+            last: now,
+        });
+    }
+
     /// Requests using `model` now.
     pub(crate) fn holders(&self, model: &str) -> usize {
         self.uses().get(model).map_or(0, |u| u.holders)
@@ -164,21 +173,25 @@ impl Keeper {
 
     /// Makes room for loading `model`: unloads idle models, least recently used first, until
     /// the loaded models and it fit the budget; refuses when they cannot. A model loaded
-    /// already needs no room. Hold the returned guard until the load has ended.
+    /// already needs no room, and does not wait for another model's load: `None` then.
+    /// Otherwise hold the returned guard until the load has ended.
     pub(crate) async fn make_room(
         &self,
         engine: &Arc<dyn Engine>,
         model: &str,
-    ) -> Result<tokio::sync::MutexGuard<'_, ()>, EngineError> {
+    ) -> Result<Option<tokio::sync::MutexGuard<'_, ()>>, EngineError> {
+        if loaded(engine).contains(model) {
+            return Ok(None);
+        }
         let guard = self.making_room.lock().await;
         let loaded = loaded(engine);
         if loaded.contains(model) {
-            return Ok(guard);
+            return Ok(Some(guard));
         }
         let needed = self.size(model);
         let mut held: u64 = loaded.iter().map(|m| self.size(m)).sum();
         if held.saturating_add(needed) <= self.budget {
-            return Ok(guard);
+            return Ok(Some(guard));
         }
         // Least recently used first; a model loaded but never held (its request went away
         // during the load) before any.
@@ -212,7 +225,7 @@ impl Keeper {
             }
         }
         if held.saturating_add(needed) <= self.budget {
-            return Ok(guard);
+            return Ok(Some(guard));
         }
         let busy: Vec<String> = loaded
             .into_iter()

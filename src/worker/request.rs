@@ -118,7 +118,10 @@ impl Loader {
             Err(err) => Err(err),
         };
         match &result {
-            Ok(_) => self.health.loaded(model),
+            Ok(_) => {
+                self.health.loaded(model);
+                self.keeper.loaded_at(model, clock.now());
+            }
             Err(EngineError::LoadFailed { reason, .. }) => {
                 warn!(%model, %reason, "the model failed to load; it is withdrawn until its retry");
                 self.health

@@ -1,5 +1,6 @@
 // Goal: models stay loaded only while they earn it: a model unused for its keep-alive is
-// unloaded (counted in /metrics) and loaded again by the next request; a load that would pass
+// unloaded (counted in /metrics) and loaded again by the next request (one loaded on the
+// control subject, with no request, goes idle too); a load that would pass
 // the model memory budget unloads the least recently used idle model first, and is refused
 // with `RESOURCE_LIMIT_EXCEEDED`, naming the figures, when every loaded model is in use.
 // Method: a real runtime over two copies of the tiny model; in-process workers on a real
@@ -9,6 +10,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use mlx_worker::engine::mlx::MlxEngine;
 use mlx_worker::engine::{Engine, EngineHealth};
 use mlx_worker::protocol::StreamMessage;
@@ -85,6 +87,27 @@ async fn an_idle_model_is_unloaded_after_its_keep_alive_and_loaded_again_when_as
         format!("mlx_worker_model_unloads_total{{model=\"{COPY}\",reason=\"idle\"}} 1")
     );
     assert_complete(&client.infer("keep", request("k-2", COPY, 4)).await, 4);
+    within(
+        "the reloaded model's unload",
+        health.wait_for(|h| loaded(h).is_empty()),
+    )
+    .await
+    .unwrap();
+    // A model loaded on the control subject, with no request at all, goes idle the same way.
+    let answer = client.nats.request(
+        "worker.keep.models",
+        Bytes::from(json!({"op": "load", "modelId": TINY}).to_string()),
+    );
+    let answer = within("the control reply", answer).await.unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&answer.payload).unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    assert_eq!(loaded(&health.borrow_and_update()), [TINY]);
+    within(
+        "the controlled model's unload",
+        health.wait_for(|h| loaded(h).is_empty()),
+    )
+    .await
+    .unwrap();
     worker.stop().await;
     engine.shutdown(std::time::Duration::from_secs(5)).await;
 }
