@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use super::health::Withdrawal;
 use super::keeper::loaded;
 use super::request::RequestContext;
 use super::scan_models;
@@ -19,7 +20,6 @@ use crate::engine::{Catalog, EngineError};
 use crate::protocol::control::{
     CONTROL_REQUEST_BYTES_MAX, ControlModel, ControlReply, ControlRequest, ModelState,
 };
-use crate::protocol::service::WithdrawnModel;
 use crate::protocol::{ErrorCode, subject};
 
 /// The control task's parts.
@@ -150,12 +150,7 @@ impl Control {
             .models
             .iter()
             .map(|(id, entry)| {
-                let withdrawal = withdrawn.get(id).map(|w| WithdrawnModel {
-                    reason: w.reason.clone(),
-                    failed_at: w.failed_at,
-                    failures: w.failures,
-                    retry_at: w.retry_at,
-                });
+                let withdrawal = withdrawn.get(id).map(Withdrawal::shown);
                 let state = if engine_loaded.contains(id) {
                     ModelState::Loaded
                 } else if withdrawal.is_some() {

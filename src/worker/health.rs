@@ -13,6 +13,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::protocol::service::WithdrawnModel;
+
 /// Wait after a model's first failed load before it is retried.
 const RETRY_AFTER_MIN: Duration = Duration::from_secs(30);
 /// Longest wait between retries.
@@ -32,6 +34,18 @@ pub(crate) struct Withdrawal {
     /// When it is retried, Unix milliseconds.
     pub(crate) retry_at: u64,
     retry_due: Instant,
+}
+
+impl Withdrawal {
+    /// The withdrawal as `$SRV.INFO` and the control subject show it.
+    pub(crate) fn shown(&self) -> WithdrawnModel {
+        WithdrawnModel {
+            reason: self.reason.clone(),
+            failed_at: self.failed_at,
+            failures: self.failures,
+            retry_at: self.retry_at,
+        }
+    }
 }
 
 /// Every withdrawn model; a change is announced on [`ModelHealth::changes`].

@@ -227,10 +227,8 @@ impl Keeper {
         if held.saturating_add(needed) <= self.budget {
             return Ok(Some(guard));
         }
-        let busy: Vec<String> = loaded
-            .into_iter()
-            .filter(|m| engine_still_has(engine, m))
-            .collect();
+        // What is still loaded after the unloads that went through.
+        let busy: Vec<String> = self::loaded(engine).into_iter().collect();
         Err(EngineError::ResourceLimit {
             reason: format!(
                 "model {model:?} needs {needed} bytes; the loaded models ({}) hold {held} of \
@@ -308,8 +306,4 @@ pub(crate) fn loaded(engine: &Arc<dyn Engine>) -> BTreeSet<String> {
         EngineHealth::Up { loaded } => loaded.iter().cloned().collect(),
         _ => BTreeSet::new(),
     }
-}
-
-fn engine_still_has(engine: &Arc<dyn Engine>, model: &str) -> bool {
-    loaded(engine).contains(model)
 }

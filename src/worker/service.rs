@@ -22,7 +22,7 @@ use crate::metrics::models::ModelRates;
 use crate::metrics::telemetry::{self, Telemetry};
 use crate::protocol::service::{
     EndpointInfo, EndpointStats, InfoResponse, PingResponse, SERVICE_NAME, ServiceHeader,
-    StatsResponse, WithdrawnModel, rfc3339, subjects,
+    StatsResponse, rfc3339, subjects,
 };
 use crate::protocol::{self, subject};
 use crate::transport::{Subscription, Transport};
@@ -112,15 +112,7 @@ impl Service {
                 .health
                 .withdrawn()
                 .into_iter()
-                .map(|(model, w)| {
-                    let shown = WithdrawnModel {
-                        reason: w.reason,
-                        failed_at: w.failed_at,
-                        failures: w.failures,
-                        retry_at: w.retry_at,
-                    };
-                    (model, shown)
-                })
+                .map(|(model, w)| (model, w.shown()))
                 .collect(),
         }
     }
