@@ -123,6 +123,18 @@ pub const METRICS_WINDOW_REQUESTS: usize = 1000;
 /// Shortest heartbeat interval the configuration accepts.
 pub const HEARTBEAT_INTERVAL_MIN: Duration = Duration::from_millis(50);
 
+/// The most messages a work-queue stream may be configured to hold.
+pub const WORK_QUEUE_MESSAGES_MAX: u64 = 10_000_000;
+/// The most bytes a work-queue stream may be configured to hold.
+pub const WORK_QUEUE_BYTES_MAX: u64 = 64 << 30;
+/// How long one pull of a work queue waits for messages at most; a draining worker is done
+/// with its pulls within this.
+pub const WORK_QUEUE_PULL_WAIT: Duration = Duration::from_secs(1);
+/// How long a worker waits for the work queue to confirm a request's start.
+pub const WORK_QUEUE_ACK_WAIT: Duration = Duration::from_secs(5);
+/// The longest pause between two failed pulls of a work queue.
+pub const WORK_QUEUE_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// Longest any single request may run, whatever the configuration or the request says.
 pub const REQUEST_TIMEOUT_MAX: Duration = Duration::from_secs(3600);
 

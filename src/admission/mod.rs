@@ -56,6 +56,9 @@ pub struct Arrival<T> {
     pub timeout: Option<Duration>,
     /// Whether a model queue group routed it here (those are taken even while draining).
     pub from_group: bool,
+    /// How long it waited before it reached the worker (in a work queue): its deadline is
+    /// that much nearer, and one that waited past it ends `TIMEOUT` at once.
+    pub waited: Duration,
     /// What the caller needs to run it, handed back in [`Action::Start`] and [`Action::Cancel`].
     pub payload: T,
 }
@@ -287,6 +290,11 @@ impl<T: Clone> Admission<T> {
         self.requests.len()
     }
 
+    /// Whether `id` is accepted: waiting or running.
+    pub fn is_accepted(&self, id: &str) -> bool {
+        self.requests.contains_key(id)
+    }
+
     /// Whether `id` is running.
     pub fn is_running(&self, id: &str) -> bool {
         self.requests.get(id).is_some_and(|e| e.running)
@@ -305,6 +313,17 @@ impl<T: Clone> Admission<T> {
     /// Requests running and waiting, by model, for the models with any.
     pub fn by_model(&self) -> BTreeMap<String, ModelCount> {
         self.scheduler.by_model()
+    }
+
+    /// How many more requests of `model` could start now (0 for a model not served, and
+    /// while draining).
+    pub fn free_slots(&self, model: &str) -> usize {
+        if self.draining {
+            return 0;
+        }
+        self.models
+            .get(model)
+            .map_or(0, |&tier| self.scheduler.free_slots(tier, model))
     }
 
     /// The scheduler's bounds.
@@ -334,6 +353,7 @@ impl<T: Clone> Admission<T> {
             priority,
             timeout,
             from_group,
+            waited,
             payload,
         } = request;
         if self.requests.contains_key(&id) {
@@ -341,8 +361,18 @@ impl<T: Clone> Admission<T> {
             return;
         }
         let limit = self.request_timeout;
-        let deadline = now + timeout.map_or(limit, |t| t.min(limit));
+        let allowed = timeout.map_or(limit, |t| t.min(limit));
+        let deadline = now + allowed.saturating_sub(waited);
         let refuse = |code, text| refusal(&id, &model, code, text, now, deadline);
+        if waited >= allowed {
+            let text = format!(
+                "waited {} ms in the work queue, past its deadline of {} ms",
+                millis(waited),
+                millis(allowed)
+            );
+            out.push(refuse(ErrorCode::Timeout, text));
+            return;
+        }
         if self.draining && !from_group {
             let text = "the worker is draining and takes no new requests".to_owned();
             out.push(refuse(ErrorCode::WorkerShutdown, text));

@@ -73,6 +73,7 @@ fn arrival(id: &str, model: &str, priority: Priority) -> Arrival<u32> {
         priority,
         timeout: None,
         from_group: false,
+        waited: Duration::ZERO,
         payload: 7,
     }
 }
@@ -379,6 +380,7 @@ fn the_drain_refuses_new_requests_except_those_the_groups_route_here() {
     let routed = a.handle(Event::Arrived {
         request: Arrival {
             from_group: true,
+            waited: Duration::ZERO,
             ..arrival("routed", "tiny", Medium)
         },
         now: t0,
@@ -814,6 +816,7 @@ fn step(op: Op, now: &mut Instant, book: &mut Book) -> Option<Step> {
                 priority,
                 timeout,
                 from_group,
+                waited: Duration::ZERO,
                 payload: 7,
             };
             let event = Event::Arrived {
@@ -963,4 +966,35 @@ proptest! {
             prop_assert!(false, "{}", broken);
         }
     }
+}
+
+#[test]
+fn a_request_that_waited_in_a_work_queue_has_that_much_less_time_or_ends_timeout() {
+    let t0 = SystemClock.now();
+    let mut a = admission();
+    let mut late = arrival("late", "tiny", Medium);
+    late.timeout = Some(Duration::from_secs(2));
+    late.waited = Duration::from_secs(2);
+    let actions = a.handle(Event::Arrived {
+        request: late,
+        now: t0,
+    });
+    check(&actions, &["refuse late TIMEOUT"]);
+    let mut waited = arrival("waited", "tiny", Medium);
+    waited.timeout = Some(Duration::from_secs(2));
+    waited.waited = Duration::from_millis(500);
+    let actions = a.handle(Event::Arrived {
+        request: waited,
+        now: t0,
+    });
+    match actions.as_slice() {
+        [Action::Start { deadline, .. }] => {
+            assert_eq!(*deadline, t0 + Duration::from_millis(1500));
+        }
+        other => panic!("expected a start, got {:?}", names(other)),
+    }
+    assert_eq!(a.free_slots("tiny"), 1, "the tiny tier runs 2, one runs");
+    a.handle(Event::DrainStarted);
+    assert_eq!(a.free_slots("tiny"), 0, "a draining worker pulls nothing");
+    assert_eq!(a.free_slots("unknown"), 0);
 }

@@ -23,6 +23,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use crate::clock::{Clock, millis};
+use crate::config::ModelSubjects;
 use crate::limits::STREAM_MESSAGES_MAX;
 use crate::protocol::subject::{self, TokenError};
 use crate::protocol::{InferenceRequest, StreamMessage, encode};
@@ -235,6 +236,14 @@ pub enum ClientError {
         /// What the transport said.
         cause: TransportError,
     },
+    /// The work-queue stream did not store the request.
+    #[error("the work queue did not take the request on {subject}: {reason}")]
+    NotQueued {
+        /// The subject.
+        subject: String,
+        /// The stream's words, or why there was none.
+        reason: String,
+    },
     /// The request could not be published.
     #[error("cannot publish on {subject}: {cause}")]
     Publish {
@@ -305,12 +314,27 @@ pub struct Client {
     transport: Arc<dyn Transport>,
     /// Stamps every arrival and the moment a request is sent.
     clock: Arc<dyn Clock>,
+    /// Whether requests to a model go into a work-queue stream (published with the stream's
+    /// acknowledgement) rather than to a queue group.
+    work_queue: bool,
 }
 
 impl Client {
-    /// A client over `transport`, reading time from `clock`.
+    /// A client over `transport`, reading time from `clock`, sending model-addressed requests
+    /// to the model queue groups.
     pub fn new(transport: Arc<dyn Transport>, clock: Arc<dyn Clock>) -> Client {
-        Client { transport, clock }
+        Client {
+            transport,
+            clock,
+            work_queue: false,
+        }
+    }
+
+    /// The same client, sending model-addressed requests as the workers take them: into the
+    /// work-queue stream (`mode` [`ModelSubjects::JetStream`]) or to the queue groups.
+    pub fn with_model_subjects(mut self, mode: &ModelSubjects) -> Client {
+        self.work_queue = matches!(mode, ModelSubjects::JetStream(_));
+        self
     }
 
     /// Sends `request` to `target`: subscribes to its response subject first, then publishes.
@@ -334,13 +358,11 @@ impl Client {
         request_id: &str,
         payload: Bytes,
     ) -> Result<ResponseStream, ClientError> {
-        let subject = target.subject()?;
+        // A target that cannot be a subject is refused before anything is sent.
+        target.subject()?;
         let mut stream = self.subscribe(request_id).await?;
         stream.sent_at = self.clock.now();
-        self.transport
-            .publish(subject.clone(), payload)
-            .await
-            .map_err(|cause| ClientError::Publish { subject, cause })?;
+        self.publish(target, payload).await?;
         Ok(stream)
     }
 
@@ -365,14 +387,76 @@ impl Client {
         })
     }
 
-    /// Publishes `payload` on `target`'s subject, with no response stream.
+    /// Publishes `payload` on `target`'s subject, with no response stream. Into a work queue,
+    /// it returns once the stream has stored the request, and refuses when the stream does
+    /// not (it is full, or no stream takes the subject).
     pub async fn publish(&self, target: &Target, payload: Bytes) -> Result<(), ClientError> {
         let subject = target.subject()?;
+        if self.work_queue && matches!(target, Target::Model(_)) {
+            return self.enqueue(subject, payload).await;
+        }
         self.transport
             .publish(subject.clone(), payload)
             .await
             .map_err(|cause| ClientError::Publish { subject, cause })
     }
+
+    /// Publishes into a work-queue stream and reads the stream's acknowledgement.
+    async fn enqueue(&self, subject: String, payload: Bytes) -> Result<(), ClientError> {
+        let answer = self
+            .transport
+            .request(subject.clone(), payload, WORK_QUEUE_PUBLISH_WAIT)
+            .await
+            .map_err(|cause| match cause {
+                TransportError::Refused { .. } => ClientError::NotQueued {
+                    subject: subject.clone(),
+                    reason: format!(
+                        "no stream takes it ({cause}); is modelSubjects.mode jetstream on the \
+                         workers, and has one of them started?"
+                    ),
+                },
+                cause => ClientError::Publish {
+                    subject: subject.clone(),
+                    cause,
+                },
+            })?;
+        match serde_json::from_slice::<PublishAck>(&answer) {
+            Ok(PublishAck {
+                error: Some(error), ..
+            }) => Err(ClientError::NotQueued {
+                subject,
+                reason: format!("{} (code {})", error.description, error.err_code),
+            }),
+            Ok(PublishAck {
+                stream: Some(_), ..
+            }) => Ok(()),
+            _ => Err(ClientError::NotQueued {
+                subject,
+                reason: format!(
+                    "unexpected answer {:?}",
+                    String::from_utf8_lossy(&answer[..answer.len().min(200)])
+                ),
+            }),
+        }
+    }
+}
+
+/// How long a publish into a work queue waits for the stream's acknowledgement.
+const WORK_QUEUE_PUBLISH_WAIT: Duration = Duration::from_secs(5);
+
+/// A stream's answer to a publish: where it stored it, or why not.
+#[derive(serde::Deserialize)]
+struct PublishAck {
+    stream: Option<String>,
+    error: Option<PublishAckError>,
+}
+
+#[derive(serde::Deserialize)]
+struct PublishAckError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
 }
 
 /// One message of a stream, as it arrived.

@@ -283,7 +283,58 @@ pub struct NodeConfig {
     pub generation_defaults: GenerationDefaults,
     /// Share of failed requests in the recent window above which the worker reports degraded.
     pub degraded_error_ratio: f64,
+    /// How requests addressed to a model reach the worker (`modelSubjects`).
+    pub model_subjects: ModelSubjects,
 }
+
+/// How requests addressed to a model (`inference.{model}`) reach the workers that serve it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum ModelSubjects {
+    /// One core-NATS queue group per model subject: at most once, blind to capacity, on any
+    /// server. The default, as it needs nothing of the server and is what clients of the
+    /// existing cluster publish to.
+    #[default]
+    QueueGroup,
+    /// A JetStream work-queue stream: requests wait in the stream and each worker pulls as
+    /// many as it has free run slots.
+    JetStream(WorkQueueConfig),
+}
+
+/// The JetStream work queue of the model subjects (`modelSubjects.*`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkQueueConfig {
+    /// The stream's name (`modelSubjects.stream`).
+    pub stream: String,
+    /// The subjects the stream captures (`modelSubjects.subjects`).
+    pub subjects: Vec<String>,
+    /// Copies a cluster keeps (`modelSubjects.replicas`).
+    pub replicas: usize,
+    /// Messages the stream holds at most (`modelSubjects.maxMessages`).
+    pub max_messages: u64,
+    /// Bytes the stream holds at most (`modelSubjects.maxBytes`).
+    pub max_bytes: u64,
+    /// How long a message is kept at most (`modelSubjects.maxAgeMs`; default the request
+    /// timeout and a minute, so a worker can still answer an expired one with `TIMEOUT`).
+    pub max_age: Duration,
+    /// How long a pulled, not started request stays with its worker before another may take
+    /// it (`modelSubjects.ackWaitMs`).
+    pub ack_wait: Duration,
+    /// Deliveries of one message at most (`modelSubjects.maxDeliver`).
+    pub max_deliver: u64,
+}
+
+/// Default work-queue stream name.
+pub const DEFAULT_WORK_QUEUE_STREAM: &str = "MLX_INFERENCE";
+/// Default subjects of the work-queue stream.
+pub const DEFAULT_WORK_QUEUE_SUBJECT: &str = "inference.>";
+/// Default bound of the work-queue stream's messages.
+pub const DEFAULT_WORK_QUEUE_MESSAGES: u64 = 10_000;
+/// Default bound of the work-queue stream's bytes.
+pub const DEFAULT_WORK_QUEUE_BYTES: u64 = 256 << 20;
+/// Default ack wait: how long a worker may hold a pulled request before starting it.
+pub const DEFAULT_WORK_QUEUE_ACK_WAIT: Duration = Duration::from_secs(30);
+/// Default deliveries of one work-queue message at most.
+pub const DEFAULT_WORK_QUEUE_MAX_DELIVER: u64 = 5;
 
 impl NodeConfig {
     /// What the plan takes of this configuration: the admission bounds and tier overrides.

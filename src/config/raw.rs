@@ -21,6 +21,8 @@ pub(super) struct RawConfig {
     pub(super) discovery: RawDiscovery,
     pub(super) runtime: RawRuntime,
     pub(super) logging: RawLogging,
+    #[serde(alias = "model_subjects")]
+    pub(super) model_subjects: RawModelSubjects,
     // Sections only the controller reads; of `controller`, the worker reads what tells whether
     // the two would bind one port on this host.
     pub(super) controller: Option<Foreign<RawController>>,
@@ -75,6 +77,34 @@ pub(super) enum RawMode {
     Controller,
     Worker,
     Both,
+}
+
+/// How requests addressed to a model (`inference.{model}`) reach the workers.
+#[derive(Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
+pub(super) struct RawModelSubjects {
+    pub(super) mode: Option<RawModelSubjectsMode>,
+    pub(super) stream: Option<String>,
+    pub(super) subjects: Option<Vec<String>>,
+    pub(super) replicas: Option<usize>,
+    #[serde(alias = "max_messages")]
+    pub(super) max_messages: Option<u64>,
+    #[serde(alias = "max_bytes")]
+    pub(super) max_bytes: Option<u64>,
+    #[serde(alias = "max_age_ms")]
+    pub(super) max_age_ms: Option<u64>,
+    #[serde(alias = "ack_wait_ms")]
+    pub(super) ack_wait_ms: Option<u64>,
+    #[serde(alias = "max_deliver")]
+    pub(super) max_deliver: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(super) enum RawModelSubjectsMode {
+    QueueGroup,
+    #[serde(alias = "jetStream")]
+    Jetstream,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]

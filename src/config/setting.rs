@@ -13,7 +13,9 @@ use std::str::FromStr;
 
 use serde::de::{DeserializeOwned, IntoDeserializer};
 
-use super::raw::{RawConfig, RawLogFormat, RawModelDirs, RawNatsMode, RawPreWarmModel};
+use super::raw::{
+    RawConfig, RawLogFormat, RawModelDirs, RawModelSubjectsMode, RawNatsMode, RawPreWarmModel,
+};
 use super::resolve::comma_list;
 
 /// The kind of value a setting takes: how its text is read, and what it is called in
@@ -107,6 +109,11 @@ const TOKENS: Kind<usize> = Kind::plain("TOKENS", "a number of tokens", parse_tr
 const BYTES: Kind<u64> = Kind::plain("BYTES", "a number of bytes", parse_trimmed);
 const NATS_MODE: Kind<RawNatsMode> =
     Kind::plain("embedded|external", "embedded or external", parse_choice);
+const MODEL_SUBJECTS_MODE: Kind<RawModelSubjectsMode> = Kind::plain(
+    "queue-group|jetstream",
+    "queue-group or jetstream",
+    parse_choice,
+);
 const LOG_FORMAT: Kind<RawLogFormat> = Kind::plain("text|json", "json or text", parse_choice);
 
 /// A number or an address (anything `FromStr` reads), trimmed.
@@ -363,6 +370,24 @@ settings! {
         kind: MILLIS,
         help: "Time a drain gives running and queued requests, milliseconds",
         set: |c, v| c.worker.drain_timeout_ms = Some(v),
+    },
+    ModelSubjectsMode {
+        key: "modelSubjects.mode",
+        env: "MODEL_SUBJECTS",
+        flag: Some("--model-subjects"),
+        kind: MODEL_SUBJECTS_MODE,
+        help: "How requests to inference.{model} arrive: queue-group (core NATS) or jetstream \
+               (a work-queue stream, pulled by free capacity)",
+        set: |c, v| c.model_subjects.mode = Some(v),
+    },
+    ModelSubjectsAckWaitMs {
+        key: "modelSubjects.ackWaitMs",
+        env: "MODEL_SUBJECTS_ACK_WAIT_MS",
+        flag: None,
+        kind: MILLIS,
+        help: "jetstream: how long a pulled request not yet started stays with a worker before \
+               another may take it, milliseconds",
+        set: |c, v| c.model_subjects.ack_wait_ms = Some(v),
     },
     KeepAliveMs {
         key: "worker.keepAliveMs",

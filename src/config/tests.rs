@@ -39,6 +39,25 @@ fn resolved_defaults_are_pinned() {
 }
 
 #[test]
+fn the_work_queue_mode_takes_its_defaults_and_ties_the_maximum_age_to_the_request_timeout() {
+    let c =
+        yaml("worker:\n  requestTimeoutMs: 20000\nmodelSubjects:\n  mode: jetstream\n").unwrap();
+    insta::assert_debug_snapshot!("work_queue_defaults", c.node.model_subjects);
+    let ModelSubjects::JetStream(queue) = c.node.model_subjects else {
+        panic!("jetstream mode");
+    };
+    assert_eq!(
+        queue.max_age,
+        Duration::from_secs(80),
+        "the request timeout and a minute"
+    );
+    let c = yaml("modelSubjects:\n  mode: queue-group\n").unwrap();
+    assert_eq!(c.node.model_subjects, ModelSubjects::QueueGroup);
+    let e = yaml("modelSubjects:\n  mode: queue-group\n  replicas: 3\n").unwrap_err();
+    assert!(e.to_string().contains("modelSubjects.replicas"), "{e}");
+}
+
+#[test]
 fn the_shipped_example_loads_and_matches_the_defaults() {
     let example = load(Some(&repo("config/cluster.yaml")), &[], &[]).unwrap();
     // The example documents the defaults; it must not drift from them.
@@ -118,6 +137,11 @@ fn invalid_values_name_their_key() {
         "nats:\n  mode: sideways\n",
         "worker:\n  port: 70000\n",
         "worker:\n  httpBindAddress: localhost\n",
+        "modelSubjects:\n  mode: jetstream\n  stream: a.b\n",
+        "modelSubjects:\n  mode: jetstream\n  replicas: 0\n",
+        "modelSubjects:\n  mode: jetstream\n  subjects: ['orders.>']\n",
+        "modelSubjects:\n  mode: jetstream\n  ackWaitMs: 10\n",
+        "modelSubjects:\n  mode: fifo\n",
         "runtime:\n  batchSize: 0\n",
         "runtime:\n  batchSize: 1025\n",
         "runtime:\n  prefillStepSize: 15\n",

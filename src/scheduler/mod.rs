@@ -174,6 +174,19 @@ impl Scheduler {
         self.limits.models.get(model).copied().unwrap_or(usize::MAX)
     }
 
+    /// How many more requests of `model`, of `tier`, could start now: the least room of the
+    /// in-flight limit, the tier's and the model's.
+    pub fn free_slots(&self, tier: ModelTier, model: &str) -> usize {
+        let (Some(limit), Some(state)) = (self.limits.tiers.get(&tier), self.tiers.get(&tier))
+        else {
+            return 0;
+        };
+        let model_running = state.lanes.get(model).map_or(0, |lane| lane.running);
+        (self.limits.inflight_max.saturating_sub(self.running))
+            .min(limit.max_concurrent.saturating_sub(state.running))
+            .min(self.model_max(model).saturating_sub(model_running))
+    }
+
     fn can_start(&self, tier: ModelTier, model: &str) -> bool {
         let (Some(limit), Some(state)) = (self.limits.tiers.get(&tier), self.tiers.get(&tier))
         else {

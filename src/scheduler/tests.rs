@@ -251,6 +251,29 @@ fn running_of(s: &Scheduler, tier: ModelTier, model: &str) -> usize {
         .map_or(0, |lane| lane.running)
 }
 
+#[test]
+fn free_slots_are_the_least_room_of_the_inflight_tier_and_model_bounds() {
+    let mut s = Scheduler::new(with_models(
+        limits(3, 10, &[(Huge, 1, 2), (Tiny, 2, 4)]),
+        &[("narrow", 1)],
+    ));
+    assert_eq!(s.free_slots(Tiny, "narrow"), 1, "the model's bound");
+    assert_eq!(s.free_slots(Tiny, "wide"), 2, "the tier's bound");
+    assert_eq!(
+        s.admit("n1".into(), Tiny, "narrow", Medium),
+        Admission::Start
+    );
+    assert_eq!(s.free_slots(Tiny, "narrow"), 0);
+    assert_eq!(s.free_slots(Tiny, "wide"), 1);
+    assert_eq!(s.admit("h1".into(), Huge, "big", Medium), Admission::Start);
+    assert_eq!(s.free_slots(Huge, "big"), 0);
+    assert_eq!(s.admit("w1".into(), Tiny, "wide", Medium), Admission::Start);
+    assert_eq!(s.free_slots(Tiny, "wide"), 0, "the in-flight bound: 3 run");
+    s.finish(Huge, "big");
+    assert_eq!(s.free_slots(Tiny, "wide"), 0, "the tier is still full");
+    assert_eq!(s.free_slots(Huge, "big"), 1);
+}
+
 proptest! {
     #[test]
     fn random_sequences_never_break_a_bound(ops in proptest::collection::vec(
@@ -271,7 +294,14 @@ proptest! {
                     let (model, tier) = MODELS[usize::from(m)];
                     let priority = [High, Medium, Low][usize::from(p)];
                     next += 1;
-                    s.admit(next.to_string(), tier, model, priority);
+                    // The free slots a work queue pulls for: a request starts exactly when
+                    // there is one, and takes one.
+                    let free = s.free_slots(tier, model);
+                    let decision = s.admit(next.to_string(), tier, model, priority);
+                    prop_assert_eq!(decision == Admission::Start, free > 0);
+                    if decision == Admission::Start {
+                        prop_assert_eq!(s.free_slots(tier, model), free - 1);
+                    }
                 }
                 Op::Finish(m) => {
                     let (model, tier) = MODELS[usize::from(m)];

@@ -9,6 +9,7 @@
 
 pub mod embedded;
 pub mod nats;
+pub mod work_queue;
 
 use std::fmt;
 use std::pin::Pin;
@@ -169,6 +170,20 @@ pub trait Transport: Send + Sync + 'static {
         let _ = (subject, payload, patience);
         Err(TransportError::Refused {
             reason: "this transport has no request/reply".to_owned(),
+        })
+    }
+
+    /// Creates the work-queue stream `stream` and its consumer `consumer` if they do not exist
+    /// yet (both idempotently; neither is ever deleted here), and returns the consumer, ready to
+    /// pull. A transport without work queues refuses.
+    async fn work_queue(
+        &self,
+        stream: &work_queue::WorkQueueSpec,
+        consumer: &work_queue::ConsumerSpec,
+    ) -> Result<std::sync::Arc<dyn work_queue::WorkQueue>, TransportError> {
+        let _ = (stream, consumer);
+        Err(TransportError::Refused {
+            reason: "this transport has no work queues".to_owned(),
         })
     }
 

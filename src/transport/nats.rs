@@ -18,6 +18,8 @@
 #[cfg(test)]
 mod tests;
 
+mod jetstream;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -556,6 +558,14 @@ impl Transport for NatsTransport {
             .ok_or_else(|| TransportError::Refused {
                 reason: "nobody answers on that subject".to_owned(),
             })
+    }
+
+    async fn work_queue(
+        &self,
+        stream: &super::work_queue::WorkQueueSpec,
+        consumer: &super::work_queue::ConsumerSpec,
+    ) -> Result<Arc<dyn super::work_queue::WorkQueue>, TransportError> {
+        jetstream::open(&self.client, stream, consumer).await
     }
 
     fn connection(&self) -> watch::Receiver<ConnectionState> {

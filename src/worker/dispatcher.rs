@@ -8,7 +8,7 @@
 //! request task or — for requests refused or ended while waiting — by a short responder task
 //! here.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +31,7 @@ use crate::plan::model_size::planned_tier;
 use crate::protocol::request::{RequestLimits, ValidRequest, decode_cancel, decode_request};
 use crate::protocol::{self, ErrorCode, ErrorMessage};
 use crate::transport::InboundMessage;
+use crate::transport::work_queue::{Settle, WorkItem};
 
 /// What admission keeps of each accepted request for the dispatcher: what its task generates,
 /// and the abort that stops the task.
@@ -38,6 +39,14 @@ use crate::transport::InboundMessage;
 pub(crate) struct Work {
     generate: GenerateRequest,
     abort: Arc<Abort>,
+}
+
+/// How long a work-queue message waited before it reached this worker: from when the server
+/// stored it to `now_unix_ms` (0 when the server did not say, or the clocks disagree).
+pub(crate) fn waited(published_unix_ms: Option<u64>, now_unix_ms: u64) -> Duration {
+    published_unix_ms.map_or(Duration::ZERO, |at| {
+        Duration::from_millis(now_unix_ms.saturating_sub(at))
+    })
 }
 
 /// The dispatcher's state.
@@ -63,6 +72,9 @@ pub(crate) struct Dispatcher {
     tasks: TaskTracker,
     /// Bounds the responder tasks of refusals.
     refusals: Arc<Semaphore>,
+    /// The work-queue messages of accepted requests not started yet, by request id: each is
+    /// acknowledged as its request starts or ends without running.
+    taken: HashMap<String, Box<dyn Settle>>,
 }
 
 /// What the figures change with, besides the metrics collector's records.
@@ -107,9 +119,15 @@ impl Dispatcher {
             ctx,
             tasks: TaskTracker::new(),
             refusals: Arc::new(Semaphore::new(REFUSAL_TASKS_MAX)),
+            taken: HashMap::new(),
         };
         dispatcher.publish();
         dispatcher
+    }
+
+    /// How many more requests of `model` could start now: what a work queue is pulled for.
+    pub(crate) fn free_slots(&self, model: &str) -> usize {
+        self.admission.free_slots(model)
     }
 
     /// Whether every accepted request has its terminal message.
@@ -126,10 +144,43 @@ impl Dispatcher {
     /// (`from_group`): those were routed here before the worker left its groups, so they are
     /// served even while draining.
     pub(crate) fn on_request(&mut self, msg: InboundMessage, from_group: bool) {
+        self.on_message(msg, from_group, Duration::ZERO, None);
+    }
+
+    /// Handles one message taken from the model work queue; `waited` is how long it waited
+    /// there. Whatever becomes of it, the queue hears of it once: acknowledged as its request
+    /// starts, or as it ends without running (refused, invalid, a duplicate, unreadable).
+    pub(crate) fn on_work_item(&mut self, item: WorkItem, waited: Duration) {
+        self.on_message(item.message, true, waited, Some(item.settle));
+    }
+
+    fn on_message(
+        &mut self,
+        msg: InboundMessage,
+        from_group: bool,
+        waited: Duration,
+        mut taken: Option<Box<dyn Settle>>,
+    ) {
         let now = self.ctx.clock.now();
-        let event = match decode_request(&msg.payload, &self.request_limits) {
+        let decoded = decode_request(&msg.payload, &self.request_limits);
+        let id = match &decoded {
+            Ok(request) => Some(request.request_id.clone()),
+            Err(rejection) => rejection.request_id.clone(),
+        };
+        // A second delivery of a request this worker holds is answered as a duplicate; its
+        // message is settled at once, the first one's stays with its request.
+        if let Some(id) = &id
+            && let Some(settle) = taken.take()
+        {
+            if self.taken.contains_key(id) || self.admission.is_accepted(id) {
+                self.settle_now(settle);
+            } else {
+                self.taken.insert(id.clone(), settle);
+            }
+        }
+        let event = match decoded {
             Ok(request) => Event::Arrived {
-                request: self.arrival(request, from_group),
+                request: self.arrival(request, from_group, waited),
                 now,
             },
             Err(rejection) => match rejection.request_id {
@@ -146,6 +197,9 @@ impl Dispatcher {
                         bytes = msg.payload.len(),
                         "request without a readable id dropped"
                     );
+                    if let Some(settle) = taken {
+                        self.settle_now(settle);
+                    }
                     if let Some(reply) = msg.reply {
                         let text = rejection.error.to_string();
                         let message = ErrorMessage::anonymous(rejection.error.code(), &text);
@@ -158,8 +212,27 @@ impl Dispatcher {
         self.feed(event, msg.reply);
     }
 
+    /// Runs `task` among the dispatcher's own, which a stop waits for.
+    pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
+    }
+
+    /// Acknowledges a work-queue message that will not run here, in the background.
+    fn settle_now(&self, settle: Box<dyn Settle>) {
+        self.tasks.spawn(async move {
+            if let Err(err) = settle.ack().await {
+                debug!(cause = %err, "work-queue message not acknowledged");
+            }
+        });
+    }
+
     /// The request as admission sees it, with the work its task will do.
-    fn arrival(&self, request: ValidRequest, from_group: bool) -> Arrival<Arc<Work>> {
+    fn arrival(
+        &self,
+        request: ValidRequest,
+        from_group: bool,
+        waited: Duration,
+    ) -> Arrival<Arc<Work>> {
         let defaults = &self.defaults;
         let generate = GenerateRequest {
             stream_id: request.request_id.clone(),
@@ -176,6 +249,7 @@ impl Dispatcher {
             priority: request.priority,
             timeout: request.timeout,
             from_group,
+            waited,
             payload: Arc::new(Work {
                 generate,
                 abort: Arc::new(Abort::default()),
@@ -194,16 +268,23 @@ impl Dispatcher {
                     received_at,
                     deadline,
                 } => {
+                    let taken = self.taken.remove(&id);
                     let job = Job {
                         request_id: id,
                         generate: payload.generate.clone(),
                         received_at,
                         deadline,
                         abort: payload.abort.clone(),
+                        taken,
                     };
                     self.tasks.spawn(request::run(self.ctx.clone(), job));
                 }
-                Action::Refuse(ending) | Action::EndWaiting(ending) => self.refuse(ending),
+                Action::Refuse(ending) | Action::EndWaiting(ending) => {
+                    if let Some(settle) = self.taken.remove(&ending.id) {
+                        self.settle_now(settle);
+                    }
+                    self.refuse(ending);
+                }
                 Action::Duplicate { id } => self.duplicate(&id, reply.take()),
                 Action::Cancel { code, payload, .. } => payload.abort.fire(code),
             }

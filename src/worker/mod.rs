@@ -25,6 +25,7 @@ mod keeper;
 mod observer;
 mod phase;
 mod presence;
+mod pull;
 mod request;
 mod responder;
 mod service;
@@ -45,7 +46,7 @@ pub use observer::Observer;
 
 use crate::admission::{Admission, AdmissionLimits};
 use crate::clock::Clock;
-use crate::config::NodeConfig;
+use crate::config::{ModelSubjects, NodeConfig};
 use crate::engine::{Catalog, Engine};
 use crate::hardware::{HardwareProbe, HostProfile};
 use crate::identity::Identity;
@@ -63,9 +64,11 @@ use crate::transport::{Subscription, Transport, TransportError};
 use dispatcher::Dispatcher;
 use figures::Figures;
 use group::ModelGroups;
+use health::ModelHealth;
 use keeper::Keeper;
 use phase::Phase;
 use presence::{Announcement, Presence};
+use pull::{ModelQueues, Pulled};
 use request::{Finished, Loader, RequestContext};
 
 /// The worker's four seams.
@@ -89,6 +92,14 @@ pub enum WorkerError {
     Subscribe {
         /// The subject.
         subject: String,
+        /// The transport's error.
+        source: TransportError,
+    },
+    /// The model work queue (`modelSubjects.mode: jetstream`) could not be created or found.
+    #[error("cannot use the model work queue (stream {stream}): {source}")]
+    WorkQueue {
+        /// The stream's name.
+        stream: String,
         /// The transport's error.
         source: TransportError,
     },
@@ -202,6 +213,23 @@ impl Worker {
             }
         };
         let (profile, catalog, plan) = self.plan().await;
+        // The work queue's stream and consumers before anything announces the worker: a server
+        // or account without JetStream is a configuration error, said at once.
+        let queues = match &self.config.model_subjects {
+            ModelSubjects::QueueGroup => None,
+            ModelSubjects::JetStream(config) => {
+                let mut queues = ModelQueues::new(config, catalog.models.keys());
+                if let Err(source) = queues.open(&self.deps.transport).await {
+                    self.lifecycle.advance(Lifecycle::Draining);
+                    self.lifecycle.advance(Lifecycle::Stopped);
+                    return Err(WorkerError::WorkQueue {
+                        stream: config.stream.clone(),
+                        source,
+                    });
+                }
+                Some(queues)
+            }
+        };
         let catalogs = watch::Sender::new(catalog.clone());
         let (finished_tx, finished) = mpsc::channel::<Finished>(INFLIGHT_REQUESTS_MAX);
         let ctx = Arc::new(RequestContext {
@@ -219,15 +247,23 @@ impl Worker {
         let capacities = ctx.loader.capacities();
         let mut dispatcher = self.dispatcher(&plan, ctx.clone());
         let models = catalogs.subscribe();
+        let health = ctx.loader.health.clone();
         let background = self.start_background(&profile, &plan, ctx, catalogs);
-        let mut intake = Intake {
-            inference,
-            cancel,
-            groups: ModelGroups::new(catalog.models.keys()),
-            finished,
-            capacities,
-            models,
-        };
+        let mut intake =
+            Intake {
+                inference,
+                cancel,
+                // In the work-queue mode the stream takes the model subjects' messages; a queue group
+                // beside it would receive them a second time.
+                groups: ModelGroups::new(catalog.models.keys().filter(|_| {
+                    !matches!(self.config.model_subjects, ModelSubjects::JetStream(_))
+                })),
+                queues,
+                finished,
+                capacities,
+                models,
+                health,
+            };
         intake.groups.join(&self.deps.transport).await;
         self.serve(&mut dispatcher, &mut intake, shutdown).await;
         Ok(self.stop(dispatcher, intake, background).await)
@@ -433,9 +469,23 @@ impl Worker {
         let mut phase = Phase::Serving;
         let mut inference_open = true;
         loop {
+            if !phase.is_draining()
+                && let Some(queues) = intake.queues.as_mut()
+            {
+                let withdrawn = intake.health.withdrawn();
+                let free = |model: &str| {
+                    if withdrawn.contains_key(model) {
+                        0
+                    } else {
+                        dispatcher.free_slots(model)
+                    }
+                };
+                queues.refill(&self.deps.transport, free, clock.now()).await;
+            }
             dispatcher.publish();
             let idle = dispatcher.is_idle();
-            if phase.may_leave(idle, intake.groups.is_empty(), clock.now())
+            let pulls_open = intake.queues.as_ref().is_some_and(|q| !q.is_idle());
+            if phase.may_leave(idle && !pulls_open, intake.groups.is_empty(), clock.now())
                 || (phase.is_draining() && self.mutations.has(Mutation::DrainWithoutWaiting))
             {
                 return;
@@ -443,6 +493,7 @@ impl Worker {
             let serving = !phase.is_draining();
             let (drain_deadline, group_quiet_at) = phase.timers();
             let queued_deadline = dispatcher.next_queued_deadline();
+            let pull_retry = intake.queues.as_ref().and_then(ModelQueues::next_retry);
             let fault_aging = dispatcher.next_fault_aging();
             tokio::select! {
                 () = &mut shutdown, if serving => phase = self.begin_drain(dispatcher).await,
@@ -450,6 +501,16 @@ impl Worker {
                     phase.group_active(clock.now());
                     dispatcher.on_request(msg, true);
                 }
+                pulled = next_pulled(&mut intake.queues, || clock.now()) => match pulled {
+                    Pulled::Item { item, .. } if serving => {
+                        let waited = dispatcher::waited(item.published_unix_ms, clock.unix_millis());
+                        dispatcher.on_work_item(item, waited);
+                    }
+                    // The last pulls of a draining worker: back to the queue, for another.
+                    Pulled::Item { item, .. } => dispatcher.spawn(ModelQueues::release(item)),
+                    Pulled::Ended { .. } => {}
+                },
+                () = sleep_until_opt(pull_retry) => {}
                 msg = intake.inference.next(), if inference_open => match msg {
                     Some(msg) => dispatcher.on_request(msg, false),
                     None => {
@@ -470,7 +531,12 @@ impl Worker {
                     let catalog = intake.models.borrow_and_update().clone();
                     dispatcher.on_models(&catalog);
                     if serving {
-                        intake.groups.add(&self.deps.transport, catalog.models.keys()).await;
+                        match intake.queues.as_mut() {
+                            Some(queues) => queues.add(catalog.models.keys()),
+                            None => {
+                                intake.groups.add(&self.deps.transport, catalog.models.keys()).await;
+                            }
+                        }
                     }
                 }
                 () = sleep_until_opt(queued_deadline) => dispatcher.expire_queued(),
@@ -599,6 +665,10 @@ struct Intake {
     cancel: Subscription,
     /// `inference.{model}` in the model queue groups.
     groups: ModelGroups,
+    /// `inference.{model}` pulled from the work queue, in that mode.
+    queues: Option<ModelQueues>,
+    /// Which models are withdrawn (none is pulled for).
+    health: Arc<ModelHealth>,
     /// Ends reported by the request tasks.
     finished: mpsc::Receiver<Finished>,
     /// What the engine's loads said of each model's capacity (the loader sends it).
@@ -613,6 +683,14 @@ struct Background {
     tasks: TaskTracker,
     /// Tells them to stop, once the requests have ended.
     stop: CancellationToken,
+}
+
+/// The next message or end of the work queue's pulls; never, without a work queue.
+async fn next_pulled(queues: &mut Option<ModelQueues>, now: impl Fn() -> Instant) -> Pulled {
+    match queues {
+        Some(queues) => queues.next(now).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

@@ -29,11 +29,12 @@ use super::keeper::Keeper;
 use super::responder::{Failure, Responder, Sent, Window};
 use crate::clock::{Clock, millis};
 use crate::engine::{Engine, EngineError, GenerateRequest, LoadedModel, PromptUsage, TokenEvent};
-use crate::limits::TOKENS_PUBLISHED_TOGETHER_MAX;
+use crate::limits::{TOKENS_PUBLISHED_TOGETHER_MAX, WORK_QUEUE_ACK_WAIT};
 use crate::metrics::telemetry::Telemetry;
 use crate::metrics::{Outcome, RequestRecord};
 use crate::mutation::{Mutation, Mutations};
 use crate::protocol::{DoneMessage, ErrorCode, ErrorMessage, TokenMessage};
+use crate::transport::work_queue::Settle;
 use crate::transport::{Transport, TransportError};
 
 /// Stops a request from outside, with the reason its terminal message will give.
@@ -209,6 +210,8 @@ pub(crate) struct Job {
     pub(crate) received_at: Instant,
     pub(crate) deadline: Instant,
     pub(crate) abort: Arc<Abort>,
+    /// The work-queue message it came in, to acknowledge as it starts.
+    pub(crate) taken: Option<Box<dyn Settle>>,
 }
 
 /// A request's end, as reported to the dispatcher.
@@ -233,6 +236,29 @@ enum End {
 pub(crate) async fn run(ctx: Arc<RequestContext>, job: Job) {
     let span = info_span!("request", request_id = %job.request_id, model = %job.generate.model_id);
     async move {
+        if let Some(taken) = &job.taken
+            && let Err(cause) = confirm_start(taken.as_ref()).await
+        {
+            // Not run here, and nothing published: the queue delivers it again, to a worker
+            // that can confirm it. Running it unconfirmed could run it twice.
+            warn!(%cause, "the work queue did not confirm the start; left to the queue");
+            let record = RequestRecord {
+                model: job.generate.model_id.clone(),
+                outcome: Outcome::Failed(ErrorCode::WorkerShutdown),
+                latency: ctx.clock.now().saturating_duration_since(job.received_at),
+                time_to_first_token: None,
+                tokens: 0,
+                finished_at: ctx.clock.now(),
+            };
+            let finished = Finished {
+                request_id: job.request_id.clone(),
+                record,
+            };
+            if ctx.finished.send(finished).await.is_err() {
+                debug!("dispatcher gone before the request finished");
+            }
+            return;
+        }
         let window = Window {
             not_before: job.received_at + ctx.late_subscriber_min_delay,
             listener_wait: ctx.late_subscriber_wait,
@@ -283,6 +309,15 @@ pub(crate) async fn run(ctx: Arc<RequestContext>, job: Job) {
     }
     .instrument(span)
     .await
+}
+
+/// Acknowledges a work-queue message as its request starts, within [`WORK_QUEUE_ACK_WAIT`].
+async fn confirm_start(taken: &dyn Settle) -> Result<(), TransportError> {
+    tokio::time::timeout(WORK_QUEUE_ACK_WAIT, taken.ack())
+        .await
+        .unwrap_or(Err(TransportError::TimedOut {
+            millis: millis(WORK_QUEUE_ACK_WAIT),
+        }))
 }
 
 fn abort_message(code: ErrorCode) -> String {

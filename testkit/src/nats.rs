@@ -43,6 +43,8 @@ pub struct NatsOptions {
     pub config_file: Option<PathBuf>,
     /// The HTTP monitoring port (`-m`: `/connz`, `/varz`, …).
     pub monitor_port: Option<u16>,
+    /// JetStream enabled, storing in this directory (`-js -sd`).
+    pub jetstream: Option<PathBuf>,
 }
 
 impl NatsOptions {
@@ -81,6 +83,12 @@ impl NatsOptions {
         self
     }
 
+    /// Enables JetStream, storing in `dir`.
+    pub fn jetstream(mut self, dir: &std::path::Path) -> NatsOptions {
+        self.jetstream = Some(dir.to_owned());
+        self
+    }
+
     /// The command-line arguments these options stand for (after the address and port).
     pub fn args(&self) -> Vec<OsString> {
         let mut args: Vec<OsString> = Vec::new();
@@ -111,6 +119,9 @@ impl NatsOptions {
         }
         if let Some(port) = self.monitor_port {
             args.extend(["-m".into(), port.to_string().into()]);
+        }
+        if let Some(dir) = &self.jetstream {
+            args.extend(["-js".into(), "-sd".into(), dir.clone().into()]);
         }
         args
     }

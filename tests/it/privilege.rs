@@ -21,6 +21,15 @@ use testkit::*;
 /// A nats-server with the shipped account file, passwords `worker-pw` and `controller-pw`
 /// filled in; the directory holds the filled-in file while the server runs.
 pub(crate) async fn least_privilege_server() -> (NatsServer, tempfile::TempDir) {
+    least_privilege_server_with(false).await
+}
+
+/// [`least_privilege_server`] with JetStream enabled (stored in the returned directory).
+pub(crate) async fn least_privilege_server_with_jetstream() -> (NatsServer, tempfile::TempDir) {
+    least_privilege_server_with(true).await
+}
+
+async fn least_privilege_server_with(jetstream: bool) -> (NatsServer, tempfile::TempDir) {
     let shipped = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/nats-worker-account.conf"),
     )
@@ -34,7 +43,11 @@ pub(crate) async fn least_privilege_server() -> (NatsServer, tempfile::TempDir) 
             .replace("$CONTROLLER_PASSWORD", "controller-pw"),
     )
     .unwrap();
-    let server = NatsServer::start_with(NatsOptions::new().config_file(&conf)).await;
+    let mut options = NatsOptions::new().config_file(&conf);
+    if jetstream {
+        options = options.jetstream(&dir.path().join("store"));
+    }
+    let server = NatsServer::start_with(options).await;
     (server, dir)
 }
 

@@ -28,8 +28,8 @@ pub(crate) struct InferArgs {
     /// Prompt text.
     #[arg(long, short = 'p')]
     prompt: String,
-    /// Worker to send to (default: the id kept in the state directory; without one, the
-    /// model's subject, where any worker serving the model may take it).
+    /// Worker to send to (default: the model's subject, where any worker serving the model
+    /// may take it, through the queue group or the work queue as `modelSubjects.mode` says).
     #[arg(long, short = 'w')]
     worker: Option<String>,
     /// Tokens to generate at most.
@@ -65,8 +65,9 @@ pub(crate) async fn infer(args: InferArgs) -> ExitCode {
 }
 
 async fn infer_inner(config: &WorkerConfig, args: &InferArgs) -> anyhow::Result<ExitCode> {
-    let target = target(config, args)?;
-    let client = Client::new(Arc::new(connect(config).await?), Arc::new(SystemClock));
+    let target = target(args);
+    let client = Client::new(Arc::new(connect(config).await?), Arc::new(SystemClock))
+        .with_model_subjects(&config.node.model_subjects);
     let request = InferenceRequest {
         request_id: uuid::Uuid::new_v4().to_string(),
         model_id: args.model.clone(),
@@ -88,32 +89,12 @@ async fn infer_inner(config: &WorkerConfig, args: &InferArgs) -> anyhow::Result<
     print_stream(&mut stream, args, &from).await
 }
 
-/// Where the request goes: `--worker`, else the id kept in the state directory, else the
-/// model's subject (said on stderr).
-fn target(config: &WorkerConfig, args: &InferArgs) -> anyhow::Result<Target> {
-    if let Some(worker) = &args.worker {
-        return Ok(Target::Worker(worker.clone()));
+/// Where the request goes: `--worker`, else the model's subject.
+fn target(args: &InferArgs) -> Target {
+    match &args.worker {
+        Some(worker) => Target::Worker(worker.clone()),
+        None => Target::Model(args.model.clone()),
     }
-    let path = config.node.state_dir.join(identity::WORKER_ID_FILE);
-    let kept = match std::fs::read_to_string(&path) {
-        Ok(id) => id.trim().to_owned(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => {
-            return Err(e)
-                .with_context(|| format!("cannot read the worker id in {}", path.display()));
-        }
-    };
-    if !kept.is_empty() {
-        return Ok(Target::Worker(kept));
-    }
-    let target = Target::Model(args.model.clone());
-    eprintln!(
-        "mlx-worker infer: no --worker given and no worker id in {}: sending to {}, where any worker serving {} may take it",
-        config.node.state_dir.display(),
-        target.subject()?,
-        args.model
-    );
-    Ok(target)
 }
 
 /// A transport connected under `infer`'s own name, its link up.

@@ -22,7 +22,12 @@ impl RawConfig {
             ));
         }
         let nats = nats::resolve_nats(self.nats)?;
-        let node = node::resolve_node(&self.worker, &self.discovery, &self.runtime)?;
+        let node = node::resolve_node(
+            &self.worker,
+            &self.discovery,
+            &self.runtime,
+            &self.model_subjects,
+        )?;
         controller::check_shared_host(self.mode.as_ref(), self.controller.as_ref(), &node)?;
         Ok(WorkerConfig {
             nats,

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use super::{bounded, invalid, millis, millis_or};
 use crate::config::raw::{
-    RawDefaults, RawDiscovery, RawLimits, RawRuntime, RawTierLimit, RawWorker,
+    RawDefaults, RawDiscovery, RawLimits, RawModelSubjects, RawModelSubjectsMode, RawRuntime,
+    RawTierLimit, RawWorker,
 };
 use crate::config::setting::IP_ADDR;
 use crate::config::{
@@ -17,13 +18,16 @@ use crate::config::{
     DEFAULT_HTTP_BIND_ADDRESS, DEFAULT_KEEP_ALIVE, DEFAULT_LATE_SUBSCRIBER_WAIT,
     DEFAULT_MAX_TOKENS, DEFAULT_MODEL_RESCAN, DEFAULT_PORT, DEFAULT_PRIORITY, DEFAULT_QUEUE_DEPTH,
     DEFAULT_REQUEST_TIMEOUT, DEFAULT_REREGISTER_EVERY_HEARTBEATS, DEFAULT_STATE_DIR,
-    DEFAULT_TEMPERATURE, DEFAULT_TOP_P, GenerationDefaults, NodeConfig,
+    DEFAULT_TEMPERATURE, DEFAULT_TOP_P, DEFAULT_WORK_QUEUE_ACK_WAIT, DEFAULT_WORK_QUEUE_BYTES,
+    DEFAULT_WORK_QUEUE_MAX_DELIVER, DEFAULT_WORK_QUEUE_MESSAGES, DEFAULT_WORK_QUEUE_STREAM,
+    DEFAULT_WORK_QUEUE_SUBJECT, GenerationDefaults, ModelSubjects, NodeConfig, WorkQueueConfig,
 };
 use crate::limits::{
     DRAIN_TIMEOUT_MAX, HEARTBEAT_INTERVAL_MIN, INFLIGHT_REQUESTS_MAX, KEEP_ALIVE_MAX,
     LATE_SUBSCRIBER_MIN_DELAY_MAX, LATE_SUBSCRIBER_WAIT_MAX, MAX_TOKENS_MAX,
     MODEL_MEMORY_BYTES_MAX, MODEL_RESCAN_MAX, NATS_PAYLOAD_BYTES_MAX, PROMPT_BYTES_MAX,
-    QUEUE_DEPTH_MAX, REQUEST_TIMEOUT_MAX, TAG_BYTES_MAX, TAGS_MAX,
+    QUEUE_DEPTH_MAX, REQUEST_TIMEOUT_MAX, TAG_BYTES_MAX, TAGS_MAX, WORK_QUEUE_BYTES_MAX,
+    WORK_QUEUE_MESSAGES_MAX,
 };
 use crate::plan::{ModelTier, TierLimit, UnknownTier};
 use crate::protocol::request::RequestLimits;
@@ -33,6 +37,7 @@ pub(super) fn resolve_node(
     w: &RawWorker,
     d: &RawDiscovery,
     r: &RawRuntime,
+    m: &RawModelSubjects,
 ) -> Result<NodeConfig, ConfigError> {
     if let Some(id) = &w.worker_id {
         check_token(id).map_err(|e| invalid("worker.workerId", format!("{id:?} {e}")))?;
@@ -44,6 +49,14 @@ pub(super) fn resolve_node(
     let generation_defaults = generation_defaults(&w.defaults, &request_limits)?;
     let degraded_error_ratio = degraded_error_ratio(w)?;
     let reregister_every = reregister_every(w)?;
+    let request_timeout = millis_or(
+        "worker.requestTimeoutMs",
+        w.request_timeout_ms,
+        DEFAULT_REQUEST_TIMEOUT,
+        Duration::from_millis(1),
+        REQUEST_TIMEOUT_MAX,
+    )?;
+    let model_subjects = model_subjects(m, request_timeout)?;
     Ok(NodeConfig {
         worker_id: w.worker_id.clone(),
         state_dir: w
@@ -56,13 +69,7 @@ pub(super) fn resolve_node(
         priority,
         heartbeat_interval: heartbeat_interval(d)?,
         reregister_every,
-        request_timeout: millis_or(
-            "worker.requestTimeoutMs",
-            w.request_timeout_ms,
-            DEFAULT_REQUEST_TIMEOUT,
-            Duration::from_millis(1),
-            REQUEST_TIMEOUT_MAX,
-        )?,
+        request_timeout,
         drain_timeout: millis_or(
             "worker.drainTimeoutMs",
             w.drain_timeout_ms,
@@ -118,7 +125,109 @@ pub(super) fn resolve_node(
         request_limits,
         generation_defaults,
         degraded_error_ratio,
+        model_subjects,
     })
+}
+
+/// The model subjects' mode and, for `jetstream`, its stream and consumers.
+fn model_subjects(
+    m: &RawModelSubjects,
+    request_timeout: Duration,
+) -> Result<ModelSubjects, ConfigError> {
+    if m.mode != Some(RawModelSubjectsMode::Jetstream) {
+        // A work-queue setting would have no effect: say so rather than ignore it.
+        let set = [
+            ("stream", m.stream.is_some()),
+            ("subjects", m.subjects.is_some()),
+            ("replicas", m.replicas.is_some()),
+            ("maxMessages", m.max_messages.is_some()),
+            ("maxBytes", m.max_bytes.is_some()),
+            ("maxAgeMs", m.max_age_ms.is_some()),
+            ("ackWaitMs", m.ack_wait_ms.is_some()),
+            ("maxDeliver", m.max_deliver.is_some()),
+        ];
+        if let Some((key, _)) = set.iter().find(|(_, set)| *set) {
+            return Err(invalid(
+                &format!("modelSubjects.{key}"),
+                "is a setting of the work queue, which only modelSubjects.mode: jetstream uses",
+            ));
+        }
+        return Ok(ModelSubjects::QueueGroup);
+    }
+    let stream = m
+        .stream
+        .clone()
+        .unwrap_or_else(|| DEFAULT_WORK_QUEUE_STREAM.to_owned());
+    if stream.is_empty()
+        || stream.len() > 64
+        || !stream
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(invalid(
+            "modelSubjects.stream",
+            format!("{stream:?} must be 1 to 64 letters, digits, '-' or '_'"),
+        ));
+    }
+    let subjects = m
+        .subjects
+        .clone()
+        .unwrap_or_else(|| vec![DEFAULT_WORK_QUEUE_SUBJECT.to_owned()]);
+    if subjects.is_empty() || subjects.len() > 16 {
+        return Err(invalid(
+            "modelSubjects.subjects",
+            format!("has {} subjects, must have 1 to 16", subjects.len()),
+        ));
+    }
+    for subject in &subjects {
+        if !subject.starts_with("inference.")
+            || subject.split('.').any(str::is_empty)
+            || subject.contains(char::is_whitespace)
+        {
+            return Err(invalid(
+                "modelSubjects.subjects",
+                format!("{subject:?} is not a subject under inference."),
+            ));
+        }
+    }
+    let max_age_default = request_timeout + Duration::from_secs(60);
+    Ok(ModelSubjects::JetStream(WorkQueueConfig {
+        stream,
+        subjects,
+        replicas: bounded("modelSubjects.replicas", m.replicas.unwrap_or(1), 1, 5)?,
+        max_messages: bounded(
+            "modelSubjects.maxMessages",
+            m.max_messages.unwrap_or(DEFAULT_WORK_QUEUE_MESSAGES),
+            1,
+            WORK_QUEUE_MESSAGES_MAX,
+        )?,
+        max_bytes: bounded(
+            "modelSubjects.maxBytes",
+            m.max_bytes.unwrap_or(DEFAULT_WORK_QUEUE_BYTES),
+            1 << 20,
+            WORK_QUEUE_BYTES_MAX,
+        )?,
+        max_age: millis_or(
+            "modelSubjects.maxAgeMs",
+            m.max_age_ms,
+            max_age_default,
+            Duration::from_secs(1),
+            REQUEST_TIMEOUT_MAX + Duration::from_secs(60),
+        )?,
+        ack_wait: millis_or(
+            "modelSubjects.ackWaitMs",
+            m.ack_wait_ms,
+            DEFAULT_WORK_QUEUE_ACK_WAIT,
+            Duration::from_millis(500),
+            Duration::from_secs(600),
+        )?,
+        max_deliver: bounded(
+            "modelSubjects.maxDeliver",
+            m.max_deliver.unwrap_or(DEFAULT_WORK_QUEUE_MAX_DELIVER),
+            1,
+            100,
+        )?,
+    }))
 }
 
 /// The address the HTTP port listens on, read as the environment's and the flags' are.

@@ -28,6 +28,7 @@ fn example(value_name: &str) -> &'static str {
         "true|false" => "false",
         "TOKENS" => "256",
         "BYTES" => "1048576",
+        "queue-group|jetstream" => "jetstream",
         other => panic!("no example for values of kind {other}: add one here"),
     }
 }
