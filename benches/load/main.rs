@@ -18,12 +18,15 @@
 //!   tiny model and on a larger random model generated for it;
 //! - **sessions**: four-turn conversations built as the controller builds its prompts, each turn
 //!   on a worker with the prefix cache and on one without, on the tiny model and a mid-sized
-//!   random model: prefill tokens avoided and the time to each turn's first token.
+//!   random model: prefill tokens avoided and the time to each turn's first token;
+//! - **model subjects**: requests to `inference.{model}` through the JetStream work queue
+//!   against the queue group, on a JetStream-enabled server of its own: send → done p50/p99 and
+//!   requests per second.
 //!
 //! Run: `cargo bench --bench load` (needs nats-server on PATH; `ci/setup.sh` installs it).
-//! Writes `docs/benchmarks/load.md`, `load.svg`, `batching.md`, `batching.svg`, `sessions.md`
-//! and `sessions.svg`; with `-- --only batching` or `-- --only sessions`, only that part and its
-//! two files. With `-- --test` (as
+//! Writes `docs/benchmarks/load.md`, `load.svg`, `batching.md`, `batching.svg`, `sessions.md`,
+//! `sessions.svg`, `warmup.md` and `fleet.md`; with `-- --only batching`, `sessions`, `warmup`
+//! or `fleet`, only that part and its files. With `-- --test` (as
 //! `cargo bench -- --test` passes), or without `--bench` (as `cargo test --benches` runs it), it runs
 //! every part at a tiny size and writes nothing.
 //! Each throughput figure is the median of several rounds, floor and worker alternating.
@@ -37,6 +40,7 @@
 
 mod anchor;
 mod batching;
+mod fleet;
 mod harness;
 mod measurement;
 mod models;
@@ -107,6 +111,11 @@ fn main() {
         write_sessions(&s, quick, "cargo bench --bench load -- --only sessions");
         return;
     }
+    if option("--only") == Some("fleet") {
+        let f = rt.block_on(fleet_within(quick));
+        write_fleet(&f, quick, "cargo bench --bench load -- --only fleet");
+        return;
+    }
     if option("--only") == Some("warmup") {
         let w = rt.block_on(warm_up_within(&url, quick));
         write_warm_up(&w, quick, "cargo bench --bench load -- --only warmup");
@@ -131,6 +140,23 @@ fn main() {
     write_sessions(&s, quick, command);
     let w = rt.block_on(warm_up_within(&url, quick));
     write_warm_up(&w, quick, command);
+    let f = rt.block_on(fleet_within(quick));
+    write_fleet(&f, quick, command);
+}
+
+/// The model-subjects part, bounded.
+async fn fleet_within(quick: bool) -> fleet::Fleet {
+    eprintln!("load bench: model subjects (JetStream against the queue group)");
+    tokio::time::timeout(Duration::from_secs(900), fleet::fleet(quick))
+        .await
+        .expect("the model-subjects part finished in time")
+}
+
+/// Prints the model-subjects report and, unless `quick`, writes it.
+fn write_fleet(f: &fleet::Fleet, quick: bool, command: &str) {
+    let md = fleet::markdown(report::header(command, quick), f);
+    eprintln!("{md}");
+    write_md(quick, "fleet", &md);
 }
 
 /// Writes `docs/benchmarks/{name}.md` and `.svg`, unless `quick`: then the report, made all

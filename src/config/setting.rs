@@ -389,6 +389,14 @@ settings! {
                another may take it, milliseconds",
         set: |c, v| c.model_subjects.ack_wait_ms = Some(v),
     },
+    ModelSubjectsReplicas {
+        key: "modelSubjects.replicas",
+        env: "MODEL_SUBJECTS_REPLICAS",
+        flag: None,
+        kind: COUNT,
+        help: "jetstream: copies of the work-queue stream a cluster keeps (1 to 5)",
+        set: |c, v| c.model_subjects.replicas = Some(v),
+    },
     KeepAliveMs {
         key: "worker.keepAliveMs",
         env: "KEEP_ALIVE_MS",

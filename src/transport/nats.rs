@@ -22,7 +22,7 @@ mod jetstream;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use async_nats::{ClientError, ConnectErrorKind, ConnectOptions, Event, StatusCode, rustls};
@@ -110,7 +110,10 @@ impl NatsTransport {
         let events = Events {
             state_tx,
             gave_up: gave_up.clone(),
+            client: Arc::default(),
+            move_on_lame_duck: config.servers.len() > 1,
         };
+        let connected_client = events.client.clone();
         let attempt = tokio::time::timeout(
             NATS_CONNECT_TIMEOUT,
             options(config, events.clone())
@@ -147,6 +150,7 @@ impl NatsTransport {
             },
             Err(_) => retry_in_background(config, events, &servers, "timed out").await?,
         };
+        let _ = connected_client.set(client.clone());
         let inbox = client.new_inbox();
         let pending: Pending = Arc::default();
         let inbox_sub =
@@ -301,6 +305,10 @@ struct Events {
     state_tx: Arc<watch::Sender<ConnectionState>>,
     /// Set once the client gives up reconnecting.
     gave_up: Arc<AtomicBool>,
+    /// The client, once connected: a server in lame duck mode makes it move to another.
+    client: Arc<OnceLock<async_nats::Client>>,
+    /// Whether there are other servers to move to (more than one configured).
+    move_on_lame_duck: bool,
 }
 
 async fn options(config: &NatsConfig, events: Events) -> Result<ConnectOptions, ConnectError> {
@@ -406,7 +414,24 @@ fn on_event(events: &Events, ever_connected: &AtomicBool, event: Event) {
             state_tx.send_modify(|s| s.connected = false);
             info!("connection to the message server closed");
         }
-        Event::LameDuckMode => warn!("message server entered lame duck mode"),
+        Event::LameDuckMode => match events.client.get() {
+            // Leave before the server closes the connection: another server of the cluster
+            // takes it (the one going away accepts no new clients), and the worker's
+            // subscriptions, pulls and registration follow as after any reconnect.
+            Some(client) if events.move_on_lame_duck => {
+                warn!("message server entered lame duck mode; moving to another server");
+                let client = client.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = client.force_reconnect().await {
+                        warn!(cause = %err, "cannot move off the server in lame duck mode");
+                    }
+                });
+            }
+            _ => warn!(
+                "message server entered lame duck mode; staying until it closes the \
+                 connection (no other server is configured)"
+            ),
+        },
         Event::SlowConsumer(sid) => warn!(sid, "slow consumer: a subscription dropped messages"),
         Event::ServerError(err) => warn!(cause = %err, "message server error"),
         Event::ClientError(ClientError::MaxReconnects) => {

@@ -28,7 +28,7 @@ pub use controller::{
     Controller, Streams, assert_complete, assert_done, collect_stream, error_code, stream_text,
     try_collect_stream,
 };
-pub use nats::{NatsOptions, NatsServer, ServerTls};
+pub use nats::{LAME_DUCK_GRACE, NatsCluster, NatsOptions, NatsServer, ServerTls};
 pub use worker::{
     Exited, RunningWorker, SERVING_TINY, WorkerBinary, WorkerProcess, connected, run_until_exit,
     send_signal, test_config, wait_connected,

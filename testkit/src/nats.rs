@@ -240,6 +240,18 @@ impl NatsServer {
         format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|child| matches!(child.try_wait(), Ok(None)))
+    }
+
     /// Kills the server (SIGKILL) and waits for it to be gone.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -258,5 +270,64 @@ impl NatsServer {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("nats-server did not restart on port {}", self.port);
+    }
+}
+
+/// How long a cluster node in lame duck mode waits before it closes client connections.
+pub const LAME_DUCK_GRACE: Duration = Duration::from_secs(10);
+
+/// A JetStream cluster of `nats-server` processes on 127.0.0.1, each with its own store,
+/// monitoring port, and a lame duck mode that waits [`LAME_DUCK_GRACE`] before it closes
+/// any client's connection (so a client that leaves earlier left by itself).
+pub struct NatsCluster {
+    /// The nodes, by index.
+    pub nodes: Vec<NatsServer>,
+    /// Each node's monitoring port (`/connz`, `/jsz`).
+    pub monitor_ports: Vec<u16>,
+    /// The configuration files and stores.
+    _dir: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes routed to each other, with JetStream, and waits until each accepts
+    /// clients (not until JetStream has elected its leader: see [`NatsCluster::urls`]).
+    pub async fn start(size: usize) -> NatsCluster {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let monitor_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes: Vec<String> = route_ports
+            .iter()
+            .map(|p| format!("\"nats://127.0.0.1:{p}\""))
+            .collect();
+        let mut starting = Vec::new();
+        for (n, route_port) in route_ports.iter().enumerate() {
+            let store = dir.path().join(format!("n{n}"));
+            let conf = dir.path().join(format!("n{n}.conf"));
+            let text = format!(
+                "server_name: \"n{n}\"\n\
+                 jetstream {{ store_dir: \"{}\" }}\n\
+                 lame_duck_duration: \"30s\"\n\
+                 lame_duck_grace_period: \"10s\"\n\
+                 cluster {{\n  name: \"c\"\n  listen: \"127.0.0.1:{route_port}\"\n  routes: [{}]\n}}\n",
+                store.display(),
+                routes.join(", ")
+            );
+            std::fs::write(&conf, text).expect("write a node's configuration");
+            let options = NatsOptions::new()
+                .config_file(&conf)
+                .monitor_port(monitor_ports[n]);
+            starting.push(NatsServer::start_with(options));
+        }
+        let nodes = futures::future::join_all(starting).await;
+        NatsCluster {
+            nodes,
+            monitor_ports,
+            _dir: dir,
+        }
+    }
+
+    /// Every node's client URL.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(NatsServer::url).collect()
     }
 }

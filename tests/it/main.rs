@@ -10,6 +10,7 @@ mod batching;
 mod bodies;
 mod capacity;
 mod cli;
+mod cluster;
 mod control;
 mod creds;
 mod discovery;
