@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use mlx_worker::client::{Arrival, Client, ClientError, ResponseStream, Target};
 use mlx_worker::clock::SystemClock;
-use mlx_worker::config::{Flags, WorkerConfig};
+use mlx_worker::config::{Flags, ModelSubjects, WorkerConfig};
 use mlx_worker::identity;
 use mlx_worker::protocol::{InferenceRequest, StreamMessage};
 use mlx_worker::transport::Transport;
@@ -66,6 +66,17 @@ pub(crate) async fn infer(args: InferArgs) -> ExitCode {
 
 async fn infer_inner(config: &WorkerConfig, args: &InferArgs) -> anyhow::Result<ExitCode> {
     let target = target(args);
+    if let Target::Model(model) = &target {
+        let through = match config.node.model_subjects {
+            ModelSubjects::QueueGroup => "its queue group",
+            ModelSubjects::JetStream(_) => "the work queue",
+        };
+        eprintln!(
+            "mlx-worker infer: sending to {}, where any worker serving {model} may take it \
+             (through {through}; --worker sends to one worker)",
+            target.subject()?
+        );
+    }
     let client = Client::new(Arc::new(connect(config).await?), Arc::new(SystemClock))
         .with_model_subjects(&config.node.model_subjects);
     let request = InferenceRequest {
