@@ -280,3 +280,223 @@ fn tagged(model: String, batch: WorkBatch, asked: usize) -> impl Stream<Item = P
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    // Goal: the consumers ask for exactly the free slots beyond what open pulls still bring,
+    // never more; a pull's end gives back what did not come; a refused pull or consumer is
+    // retried after its pause, not before.
+    // Method: a transport whose work queue records every pull and hands out batches the test
+    // feeds and ends, driven with a paused clock.
+
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use futures::StreamExt;
+    use futures::channel::mpsc;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::clock::{Clock, SystemClock};
+    use crate::config::{DEFAULT_WORK_QUEUE_STREAM, WorkQueueConfig};
+    use crate::transport::work_queue::Settle;
+    use crate::transport::{ConnectionState, InboundMessage, Subscription};
+
+    /// Each pull: what it asked for, and the sender that feeds its batch (dropped: it ends).
+    type Pulls = Arc<
+        Mutex<
+            Vec<(
+                usize,
+                mpsc::UnboundedSender<Result<WorkItem, TransportError>>,
+            )>,
+        >,
+    >;
+
+    struct FakeQueue {
+        pulls: Pulls,
+        refuse: Arc<Mutex<bool>>,
+    }
+
+    #[async_trait]
+    impl WorkQueue for FakeQueue {
+        async fn pull(&self, max: usize, _wait: Duration) -> Result<WorkBatch, TransportError> {
+            if *self.refuse.lock().unwrap() {
+                return Err(TransportError::Disconnected);
+            }
+            let (tx, rx) = mpsc::unbounded();
+            self.pulls.lock().unwrap().push((max, tx));
+            Ok(Box::pin(rx))
+        }
+    }
+
+    struct FakeTransport {
+        queue: Arc<FakeQueue>,
+        state: watch::Sender<ConnectionState>,
+    }
+
+    #[async_trait]
+    impl Transport for FakeTransport {
+        async fn publish(&self, _: String, _: Bytes) -> Result<(), TransportError> {
+            Err(TransportError::Closed)
+        }
+        async fn publish_if_listened(&self, _: String, _: Bytes) -> Result<bool, TransportError> {
+            Err(TransportError::Closed)
+        }
+        async fn subscribe(
+            &self,
+            _: String,
+            _: Option<String>,
+        ) -> Result<Subscription, TransportError> {
+            Err(TransportError::Closed)
+        }
+        async fn flush(&self) -> Result<(), TransportError> {
+            Ok(())
+        }
+        async fn work_queue(
+            &self,
+            _: &WorkQueueSpec,
+            _: &ConsumerSpec,
+        ) -> Result<Arc<dyn WorkQueue>, TransportError> {
+            Ok(self.queue.clone())
+        }
+        fn connection(&self) -> watch::Receiver<ConnectionState> {
+            self.state.subscribe()
+        }
+    }
+
+    #[derive(Debug)]
+    struct Noop;
+
+    #[async_trait]
+    impl Settle for Noop {
+        async fn ack(&self) -> Result<(), TransportError> {
+            Ok(())
+        }
+        async fn release(&self) -> Result<(), TransportError> {
+            Ok(())
+        }
+    }
+
+    fn item() -> WorkItem {
+        WorkItem {
+            message: InboundMessage {
+                subject: "inference.m".into(),
+                reply: None,
+                payload: Bytes::from_static(b"{}"),
+            },
+            published_unix_ms: None,
+            deliveries: 1,
+            settle: Box::new(Noop),
+        }
+    }
+
+    fn config() -> WorkQueueConfig {
+        WorkQueueConfig {
+            stream: DEFAULT_WORK_QUEUE_STREAM.into(),
+            subjects: vec!["inference.>".into()],
+            replicas: 1,
+            max_messages: 10,
+            max_bytes: 1 << 20,
+            max_age: Duration::from_secs(60),
+            ack_wait: Duration::from_secs(1),
+            max_deliver: 2,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pulls_ask_for_the_free_slots_beyond_what_open_pulls_bring() {
+        let pulls: Pulls = Arc::default();
+        let refuse = Arc::new(Mutex::new(false));
+        let queue = Arc::new(FakeQueue {
+            pulls: pulls.clone(),
+            refuse: refuse.clone(),
+        });
+        let transport: Arc<dyn Transport> = Arc::new(FakeTransport {
+            queue,
+            state: watch::Sender::new(ConnectionState {
+                connected: true,
+                reconnects: 0,
+            }),
+        });
+        let model = "m".to_owned();
+        let mut queues = ModelQueues::new(&config(), [&model]);
+        queues.open(&transport).await.unwrap();
+        let asked = |pulls: &Pulls| {
+            pulls
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|p| p.0)
+                .collect::<Vec<_>>()
+        };
+        let clock = SystemClock;
+        let now = || clock.now();
+
+        queues.refill(&transport, |_| 3, now()).await;
+        assert_eq!(asked(&pulls), [3]);
+        // Three are on their way: three free slots ask for nothing more, four for one.
+        queues.refill(&transport, |_| 3, now()).await;
+        assert_eq!(asked(&pulls), [3]);
+        queues.refill(&transport, |_| 4, now()).await;
+        assert_eq!(asked(&pulls), [3, 1]);
+        assert!(!queues.is_idle());
+
+        // The first pull brings one, then ends: two of its three did not come.
+        let first = pulls.lock().unwrap().remove(0).1;
+        first.unbounded_send(Ok(item())).unwrap();
+        drop(first);
+        assert!(matches!(queues.next(now).await, Pulled::Item { .. }));
+        assert!(matches!(
+            queues.next(now).await,
+            Pulled::Ended {
+                left: 2,
+                error: None,
+                ..
+            }
+        ));
+        // One still on its way (the second pull); the one that came now runs.
+        queues.refill(&transport, |_| 2, now()).await;
+        assert_eq!(asked(&pulls), [1, 1]);
+
+        // A broken pull: given back, and the consumer pauses before it pulls again.
+        let second = pulls.lock().unwrap().remove(0).1;
+        second
+            .unbounded_send(Err(TransportError::Disconnected))
+            .unwrap();
+        assert!(matches!(
+            queues.next(now).await,
+            Pulled::Ended {
+                left: 1,
+                error: Some(_),
+                ..
+            }
+        ));
+        let retry = queues.next_retry().expect("a retry after a broken pull");
+        queues.refill(&transport, |_| 5, now()).await;
+        assert_eq!(asked(&pulls), [1], "nothing before the retry is due");
+        tokio::time::sleep_until(retry).await;
+        queues.refill(&transport, |_| 5, now()).await;
+        assert_eq!(asked(&pulls), [1, 4], "five free, one on its way");
+        assert_eq!(queues.next_retry(), None);
+
+        // A refused pull pauses too; the pause grows with the failures in a row.
+        *refuse.lock().unwrap() = true;
+        let before = pulls.lock().unwrap().len();
+        queues.refill(&transport, |_| 9, now()).await;
+        let first_pause = queues.next_retry().unwrap() - now();
+        tokio::time::sleep(first_pause).await;
+        queues.refill(&transport, |_| 9, now()).await;
+        let second_pause = queues.next_retry().unwrap() - now();
+        assert!(
+            second_pause > first_pause,
+            "{second_pause:?} after {first_pause:?}"
+        );
+        assert_eq!(pulls.lock().unwrap().len(), before);
+        // Every open pull ended: idle.
+        pulls.lock().unwrap().clear();
+        while !queues.is_idle() {
+            let _ = queues.pulls.next().await;
+        }
+    }
+}
