@@ -315,6 +315,11 @@ impl<T: Clone> Admission<T> {
         self.scheduler.by_model()
     }
 
+    /// Whether requests for `model` are taken (it is among the models served).
+    pub fn serves(&self, model: &str) -> bool {
+        self.models.contains_key(model)
+    }
+
     /// How many more requests of `model` could start now (0 for a model not served, and
     /// while draining).
     pub fn free_slots(&self, model: &str) -> usize {

@@ -50,6 +50,8 @@ pub struct MetricsView {
     pub duplicates: u64,
     /// Unreadable cancel messages.
     pub bad_cancels: u64,
+    /// Work-queue messages handed back for want of a free slot.
+    pub handed_back: u64,
     /// Reconnects to the message server.
     pub reconnects: u64,
     /// Heartbeats published.
@@ -240,6 +242,12 @@ fn encode_presence(v: &MetricsView, e: &mut DescriptorEncoder) -> Result<(), std
         "engine_restarts",
         "Times the engine restarted after a failure.",
         counter(v.engine_restarts),
+    )?;
+    single(
+        e,
+        "work_queue_handed_back",
+        "Work-queue requests handed back to the queue because no slot was free when they came.",
+        counter(v.handed_back),
     )?;
     Ok(())
 }

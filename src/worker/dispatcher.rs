@@ -167,6 +167,25 @@ impl Dispatcher {
             Ok(request) => Some(request.request_id.clone()),
             Err(rejection) => rejection.request_id.clone(),
         };
+        // A work-queue request that could not start now (the worker's own subject took the
+        // slot it was pulled for) goes back to the queue rather than wait here, where its ack
+        // wait would run out and another worker would run it too.
+        if let (Some(_), Ok(request)) = (&taken, &decoded)
+            && !self.taken.contains_key(&request.request_id)
+            && !self.admission.is_accepted(&request.request_id)
+            && self.admission.serves(&request.model_id)
+            && self.admission.free_slots(&request.model_id) == 0
+            && let Some(settle) = taken.take()
+        {
+            debug!(request_id = %request.request_id, "no free slot now; handed back to the work queue");
+            self.counters.handed_back += 1;
+            self.tasks.spawn(async move {
+                if let Err(err) = settle.release().await {
+                    debug!(cause = %err, "work-queue message not handed back");
+                }
+            });
+            return;
+        }
         // A second delivery of a request this worker holds is answered as a duplicate; its
         // message is settled at once, the first one's stays with its request.
         if let Some(id) = &id

@@ -30,6 +30,8 @@ pub struct IntakeCounters {
     pub bad_cancels: u64,
     /// Refusals published without waiting for a listener, because too many were pending.
     pub refusals_unprotected: u64,
+    /// Work-queue messages handed back because no slot was free when they arrived.
+    pub handed_back: u64,
 }
 
 /// Everything the dispatcher tells about itself.

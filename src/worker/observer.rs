@@ -77,6 +77,7 @@ impl Observer {
             unreadable: dispatch.intake.unreadable,
             duplicates: dispatch.intake.duplicates,
             bad_cancels: dispatch.intake.bad_cancels,
+            handed_back: dispatch.intake.handed_back,
             reconnects: self.connection.borrow().reconnects,
             heartbeats_sent: telemetry::read(&t.heartbeats_sent),
             registrations_sent: telemetry::read(&t.registrations_sent),

@@ -235,3 +235,77 @@ async fn the_least_privilege_account_grants_what_the_work_queue_needs() {
     );
     worker.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pulled_request_whose_slot_was_taken_goes_back_to_the_queue_rather_than_wait() {
+    let store = tempfile::tempdir().unwrap();
+    let server = NatsServer::start_with(NatsOptions::new().jetstream(store.path())).await;
+    let url = server.url();
+    let config = test_config(
+        &url,
+        "  maxConcurrent: 1\nmodelSubjects:\n  mode: jetstream\n  ackWaitMs: 1000\n",
+    );
+    // A request of 40 tokens at 25 ms each holds the one slot past the ack wait.
+    let engine = Arc::new(SimEngine::new(SimEngineConfig {
+        token_latency: Duration::from_millis(25),
+        ..SimEngineConfig::default()
+    }));
+    let mut worker = RunningWorker::start("w-js-slot", &config, engine, vec![]).await;
+    worker.ready().await;
+    let client = client(&config).await;
+    // The idle worker has a pull open for its one slot: the worker's own subject takes the
+    // slot, then a model-addressed request arrives on that pull.
+    let own = json!({"requestId": "own", "modelId": MODEL, "prompt": "x", "maxTokens": 40});
+    let mut own_stream = client
+        .send_payload(
+            &Target::Worker("w-js-slot".into()),
+            "own",
+            Bytes::from(own.to_string()),
+        )
+        .await
+        .unwrap();
+    own_stream.next(PATIENCE).await.unwrap();
+    let queued = json!({"requestId": "pulled", "modelId": MODEL, "prompt": "x", "maxTokens": 2});
+    let mut pulled_stream = client
+        .send_payload(
+            &Target::Model(MODEL.to_owned()),
+            "pulled",
+            Bytes::from(queued.to_string()),
+        )
+        .await
+        .unwrap();
+    // Delivered, and handed back at once, not queued on the worker.
+    within("the pulled request handed back", async {
+        while worker.observer.metrics().handed_back == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(worker.observer.metrics().queued, 0);
+    // ...while the slot was still taken: what has arrived of the first stream holds no end.
+    let mut own = Vec::new();
+    while let Ok(arrival) = own_stream.next(Duration::ZERO).await {
+        own.push(arrival.message);
+    }
+    assert!(
+        !own.iter()
+            .any(|m| matches!(m, StreamMessage::Done { .. } | StreamMessage::Error { .. })),
+        "the first request had ended: {own:?}"
+    );
+    // Each runs once: the pulled one once the slot is free.
+    let own = own_stream.collect(PATIENCE, QUIET).await.unwrap();
+    assert!(matches!(own.last(), Some(StreamMessage::Done { .. })));
+    let pulled = pulled_stream.collect(PATIENCE, QUIET).await.unwrap();
+    assert!(
+        matches!(
+            pulled.last(),
+            Some(StreamMessage::Done {
+                total_tokens: 2,
+                ..
+            })
+        ),
+        "{pulled:?}"
+    );
+    settled(&url).await;
+    worker.stop().await;
+}
