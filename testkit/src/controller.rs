@@ -37,11 +37,10 @@ pub struct Controller {
 impl Controller {
     /// Connects to `url` with no credentials.
     pub async fn connect(url: &str) -> Controller {
-        Controller::connect_with(
-            &test_config(url, "").nats,
-            async_nats::ConnectOptions::new(),
-        )
-        .await
+        // Named apart from the workers, whose connections tests count by name.
+        let mut config = test_config(url, "").nats;
+        config.name = "test-controller".to_owned();
+        Controller::connect_with(&config, async_nats::ConnectOptions::new()).await
     }
 
     /// Connects the transport with `config` and the plain connection with `raw` (the same

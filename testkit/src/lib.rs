@@ -49,6 +49,22 @@ pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) ->
     }
 }
 
+/// How long a fleet of worker processes (each with its MLX runtime) may take to start and load
+/// its model, on a loaded two-core machine.
+pub const FLEET_START_PATIENCE: Duration = Duration::from_secs(180);
+
+/// Waits for `fut`, failing the test with `what` if it takes longer than `limit`.
+pub async fn within_for<T>(
+    what: &str,
+    limit: Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
+}
+
 /// Sends the worker's logs to the test's captured output (shown when a test fails); the
 /// filter is `RUST_LOG`, else `mlx_worker=debug`. Later calls do nothing.
 pub fn init_logs() {

@@ -105,7 +105,7 @@ async fn a_cluster_node_killed_or_in_lame_duck_mode_loses_no_waiting_request() {
             WorkerProcess::spawn_with_env(&binary, &args, &envs)
         })
         .collect();
-    within("both workers connected", async {
+    within_for("both workers connected", FLEET_START_PATIENCE, async {
         while placement(&cluster).await.iter().sum::<usize>() < WORKERS {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -127,7 +127,7 @@ async fn a_cluster_node_killed_or_in_lame_duck_mode_loses_no_waiting_request() {
     let controller = Controller::connect_with(&observer, async_nats::ConnectOptions::new()).await;
     let mut heartbeats = controller.subscribe("worker.heartbeat").await;
     let mut loaded = std::collections::BTreeSet::new();
-    within("both workers' model loaded", async {
+    within_for("both workers' model loaded", FLEET_START_PATIENCE, async {
         while loaded.len() < WORKERS {
             let msg = heartbeats.next().await.unwrap();
             let beat: mlx_worker::protocol::WorkerHeartbeat =
