@@ -43,7 +43,7 @@ pub(crate) struct Work {
 
 /// How long a work-queue message waited before it reached this worker: from when the server
 /// stored it to `now_unix_ms` (0 when the server did not say, or the clocks disagree).
-pub(crate) fn waited(published_unix_ms: Option<u64>, now_unix_ms: u64) -> Duration {
+fn waited(published_unix_ms: Option<u64>, now_unix_ms: u64) -> Duration {
     published_unix_ms.map_or(Duration::ZERO, |at| {
         Duration::from_millis(now_unix_ms.saturating_sub(at))
     })
@@ -147,10 +147,11 @@ impl Dispatcher {
         self.on_message(msg, from_group, Duration::ZERO, None);
     }
 
-    /// Handles one message taken from the model work queue; `waited` is how long it waited
-    /// there. Whatever becomes of it, the queue hears of it once: acknowledged as its request
-    /// starts, or as it ends without running (refused, invalid, a duplicate, unreadable).
-    pub(crate) fn on_work_item(&mut self, item: WorkItem, waited: Duration) {
+    /// Handles one message taken from the model work queue. Whatever becomes of it, the queue
+    /// hears of it once: acknowledged as its request starts, or as it ends without running
+    /// (refused, invalid, a duplicate, unreadable), or handed back when no slot is free.
+    pub(crate) fn on_work_item(&mut self, item: WorkItem) {
+        let waited = waited(item.published_unix_ms, self.ctx.clock.unix_millis());
         self.on_message(item.message, true, waited, Some(item.settle));
     }
 
@@ -159,7 +160,7 @@ impl Dispatcher {
         msg: InboundMessage,
         from_group: bool,
         waited: Duration,
-        mut taken: Option<Box<dyn Settle>>,
+        taken: Option<Box<dyn Settle>>,
     ) {
         let now = self.ctx.clock.now();
         let decoded = decode_request(&msg.payload, &self.request_limits);
@@ -167,34 +168,31 @@ impl Dispatcher {
             Ok(request) => Some(request.request_id.clone()),
             Err(rejection) => rejection.request_id.clone(),
         };
-        // A work-queue request that could not start now (the worker's own subject took the
-        // slot it was pulled for) goes back to the queue rather than wait here, where its ack
-        // wait would run out and another worker would run it too.
-        if let (Some(_), Ok(request)) = (&taken, &decoded)
-            && !self.taken.contains_key(&request.request_id)
-            && !self.admission.is_accepted(&request.request_id)
-            && self.admission.serves(&request.model_id)
-            && self.admission.free_slots(&request.model_id) == 0
-            && let Some(settle) = taken.take()
-        {
-            debug!(request_id = %request.request_id, "no free slot now; handed back to the work queue");
-            self.counters.handed_back += 1;
-            self.tasks.spawn(async move {
-                if let Err(err) = settle.release().await {
-                    debug!(cause = %err, "work-queue message not handed back");
+        if let Some(settle) = taken {
+            let held = id
+                .as_ref()
+                .is_some_and(|id| self.taken.contains_key(id) || self.admission.is_accepted(id));
+            match (&decoded, &id) {
+                // A second delivery of a request this worker holds is answered as a duplicate;
+                // its message is settled at once, the first one's stays with its request.
+                _ if held => self.settle_now(settle),
+                // One that could not start now (the worker's own subject took the slot it was
+                // pulled for) goes back to the queue rather than wait here, where its ack wait
+                // would run out and another worker would run it too.
+                (Ok(request), _)
+                    if self.admission.serves(&request.model_id)
+                        && self.admission.free_slots(&request.model_id) == 0 =>
+                {
+                    debug!(request_id = %request.request_id, "no free slot now; handed back to the work queue");
+                    self.counters.handed_back += 1;
+                    self.hand_back(settle);
+                    return;
                 }
-            });
-            return;
-        }
-        // A second delivery of a request this worker holds is answered as a duplicate; its
-        // message is settled at once, the first one's stays with its request.
-        if let Some(id) = &id
-            && let Some(settle) = taken.take()
-        {
-            if self.taken.contains_key(id) || self.admission.is_accepted(id) {
-                self.settle_now(settle);
-            } else {
-                self.taken.insert(id.clone(), settle);
+                (_, Some(id)) => {
+                    self.taken.insert(id.clone(), settle);
+                }
+                // Unreadable: dropped below, settled here.
+                (_, None) => self.settle_now(settle),
             }
         }
         let event = match decoded {
@@ -216,9 +214,6 @@ impl Dispatcher {
                         bytes = msg.payload.len(),
                         "request without a readable id dropped"
                     );
-                    if let Some(settle) = taken {
-                        self.settle_now(settle);
-                    }
                     if let Some(reply) = msg.reply {
                         let text = rejection.error.to_string();
                         let message = ErrorMessage::anonymous(rejection.error.code(), &text);
@@ -231,9 +226,14 @@ impl Dispatcher {
         self.feed(event, msg.reply);
     }
 
-    /// Runs `task` among the dispatcher's own, which a stop waits for.
-    pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
-        self.tasks.spawn(task);
+    /// Hands a work-queue message back to the queue at once, for any worker, in the
+    /// background (a draining worker's last pulls, a request with no free slot).
+    pub(crate) fn hand_back(&self, settle: Box<dyn Settle>) {
+        self.tasks.spawn(async move {
+            if let Err(err) = settle.release().await {
+                debug!(cause = %err, "work-queue message not handed back; redelivered after the ack wait");
+            }
+        });
     }
 
     /// Acknowledges a work-queue message that will not run here, in the background.

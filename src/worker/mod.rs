@@ -502,12 +502,9 @@ impl Worker {
                     dispatcher.on_request(msg, true);
                 }
                 pulled = next_pulled(&mut intake.queues, || clock.now()) => match pulled {
-                    Pulled::Item { item, .. } if serving => {
-                        let waited = dispatcher::waited(item.published_unix_ms, clock.unix_millis());
-                        dispatcher.on_work_item(item, waited);
-                    }
+                    Pulled::Item { item, .. } if serving => dispatcher.on_work_item(item),
                     // The last pulls of a draining worker: back to the queue, for another.
-                    Pulled::Item { item, .. } => dispatcher.spawn(ModelQueues::release(item)),
+                    Pulled::Item { item, .. } => dispatcher.hand_back(item.settle),
                     Pulled::Ended { .. } => {}
                 },
                 () = sleep_until_opt(pull_retry) => {}

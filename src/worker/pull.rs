@@ -8,7 +8,7 @@
 //! acknowledged when its request starts (or ends without running: see the dispatcher), so a
 //! worker that dies loses only what it was running; what it had taken and not started goes to
 //! another worker after the ack wait. A draining worker pulls no more, and hands back at once
-//! whatever its last pulls still bring ([`ModelQueues::release`]).
+//! whatever its last pulls still bring.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use futures::stream::{SelectAll, Stream, StreamExt};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::config::WorkQueueConfig;
 use crate::limits::{WORK_QUEUE_PULL_WAIT, WORK_QUEUE_RETRY_MAX};
@@ -229,13 +229,6 @@ impl ModelQueues {
             }
         }
         pulled
-    }
-
-    /// Hands a message back to the queue at once (a draining worker's last pulls).
-    pub(crate) async fn release(item: WorkItem) {
-        if let Err(err) = item.settle.release().await {
-            debug!(cause = %err, "work-queue message not handed back; redelivered after the ack wait");
-        }
     }
 }
 

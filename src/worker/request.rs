@@ -236,57 +236,16 @@ enum End {
 pub(crate) async fn run(ctx: Arc<RequestContext>, job: Job) {
     let span = info_span!("request", request_id = %job.request_id, model = %job.generate.model_id);
     async move {
-        if let Some(taken) = &job.taken
-            && let Err(cause) = confirm_start(taken.as_ref()).await
-        {
-            // Not run here, and nothing published: the queue delivers it again, to a worker
-            // that can confirm it. Running it unconfirmed could run it twice.
-            warn!(%cause, "the work queue did not confirm the start; left to the queue");
-            let record = RequestRecord {
-                model: job.generate.model_id.clone(),
-                outcome: Outcome::Failed(ErrorCode::WorkerShutdown),
-                latency: ctx.clock.now().saturating_duration_since(job.received_at),
-                time_to_first_token: None,
-                tokens: 0,
-                finished_at: ctx.clock.now(),
-            };
-            let finished = Finished {
-                request_id: job.request_id.clone(),
-                record,
-            };
-            if ctx.finished.send(finished).await.is_err() {
-                debug!("dispatcher gone before the request finished");
-            }
-            return;
-        }
-        let window = Window {
-            not_before: job.received_at + ctx.late_subscriber_min_delay,
-            listener_wait: ctx.late_subscriber_wait,
-            deadline: job.deadline,
-        };
-        let mut responder = Responder::new(
-            ctx.transport.clone(),
-            ctx.clock.clone(),
-            &job.request_id,
-            window,
-            ctx.mutations,
-        );
         let mut progress = Progress::default();
-        let end = tokio::select! {
-            end = stream(&ctx, &job, &mut responder, &mut progress) => end,
-            () = job.abort.token.cancelled() => {
-                let code = job.abort.reason();
-                End::Failed(code, abort_message(code))
+        let outcome = match &job.taken {
+            Some(taken) if let Err(cause) = confirm_start(taken.as_ref()).await => {
+                // Not run here, and nothing published: the queue delivers it again, to a
+                // worker that can confirm it. Running it unconfirmed could run it twice.
+                warn!(%cause, "the work queue did not confirm the start; left to the queue");
+                Outcome::Failed(ErrorCode::WorkerShutdown)
             }
-            () = tokio::time::sleep_until(job.deadline) => End::Failed(
-                ErrorCode::Timeout,
-                format!(
-                    "request ran past its deadline of {} ms",
-                    millis(job.deadline.saturating_duration_since(job.received_at))
-                ),
-            ),
+            _ => generate(&ctx, &job, &mut progress).await,
         };
-        let outcome = finish(&ctx, &job, &mut responder, &progress, end).await;
         let record = RequestRecord {
             model: job.generate.model_id.clone(),
             outcome,
@@ -309,6 +268,37 @@ pub(crate) async fn run(ctx: Arc<RequestContext>, job: Job) {
     }
     .instrument(span)
     .await
+}
+
+/// Generates `job`'s answer and sends its terminal message; how it ended.
+async fn generate(ctx: &Arc<RequestContext>, job: &Job, progress: &mut Progress) -> Outcome {
+    let window = Window {
+        not_before: job.received_at + ctx.late_subscriber_min_delay,
+        listener_wait: ctx.late_subscriber_wait,
+        deadline: job.deadline,
+    };
+    let mut responder = Responder::new(
+        ctx.transport.clone(),
+        ctx.clock.clone(),
+        &job.request_id,
+        window,
+        ctx.mutations,
+    );
+    let end = tokio::select! {
+        end = stream(ctx, job, &mut responder, progress) => end,
+        () = job.abort.token.cancelled() => {
+            let code = job.abort.reason();
+            End::Failed(code, abort_message(code))
+        }
+        () = tokio::time::sleep_until(job.deadline) => End::Failed(
+            ErrorCode::Timeout,
+            format!(
+                "request ran past its deadline of {} ms",
+                millis(job.deadline.saturating_duration_since(job.received_at))
+            ),
+        ),
+    };
+    finish(ctx, job, &mut responder, progress, end).await
 }
 
 /// Acknowledges a work-queue message as its request starts, within [`WORK_QUEUE_ACK_WAIT`].

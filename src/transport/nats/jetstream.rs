@@ -35,7 +35,7 @@ pub(super) async fn open(
         duplicate_window: spec.max_age.min(Duration::from_secs(120)),
         ..Default::default()
     };
-    let mut stream = context
+    let stream = context
         .get_or_create_stream(config)
         .await
         .map_err(|err| stream_error(&spec.stream, &err))?;
@@ -74,10 +74,6 @@ pub(super) async fn open(
                 consumer.name, spec.stream, consumer.filter_subject
             ),
         })?;
-    // The stream's settings as the server keeps them (a refresh also proves it is reachable).
-    if let Err(err) = stream.info().await {
-        warn!(stream = %spec.stream, cause = %err, "cannot read the stream's settings");
-    }
     info!(
         stream = %spec.stream,
         consumer = %consumer.name,
